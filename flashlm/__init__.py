@@ -1,0 +1,28 @@
+"""flashlm: an on-device LLM runtime that runs models larger than the memory it is given.
+
+Public API (imported lazily, so `flashlm --help` stays fast):
+    load(path=None, **LoadOptions) -> Model
+    Model.generate / stream / chat / tokenize / detokenize / logits
+    LoadOptions, SamplingOptions, GenerationOptions; errors in flashlm.errors
+"""
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load": "flashlm.model", "Model": "flashlm.model",
+    "LoadOptions": "flashlm.options", "SamplingOptions": "flashlm.options", "GenerationOptions": "flashlm.options",
+    "GenerationResponse": "flashlm.runtime.generate", "Timings": "flashlm.runtime.generate",
+    "FlashLMError": "flashlm.errors", "ModelFileError": "flashlm.errors", "UnsupportedModelError": "flashlm.errors",
+    "ContextLengthError": "flashlm.errors", "InvalidOptionError": "flashlm.errors",
+    "ChatTemplateError": "flashlm.errors",
+}
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flashlm' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

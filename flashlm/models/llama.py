@@ -1,0 +1,195 @@
+"""The Llama family: grouped-query attention, RoPE, RMSNorm, SwiGLU, tied or separate output matrix.
+
+Also serves GGUF architectures with the same tensors and math (ARCHITECTURES below). One file per family, as in
+mlx-lm: ModelArgs from the file's metadata only, the tensor-name table, weight loading and the compute graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ModelFileError
+from ..loaders.gguf_reader import GGUFFile
+from ..loaders.weights import EmbeddingTable, linear, vector
+from ..quant.kernels import Linear, emit_linears
+from ..runtime.onnx_graph import MS_DOMAIN, GraphBuilder
+from .base import Metadata, RopeConfig
+
+# GGUF architecture -> RoPE pairing (llama.cpp's rope type: NORM rotates adjacent pairs, NEOX halves).
+ARCHITECTURES = {"llama": {"rope_interleaved": True}}
+
+# Tensor-name table: one place that knows GGUF's names for this family.
+TENSORS = {
+    "embed": "token_embd.weight",
+    "output_norm": "output_norm.weight",
+    "output": "output.weight",  # absent when tied to the embedding
+    "rope_freqs": "rope_freqs.weight",  # optional llama3-style frequency factors
+}
+LAYER_TENSORS = {
+    "attn_norm": "blk.{i}.attn_norm.weight",
+    "q": "blk.{i}.attn_q.weight", "k": "blk.{i}.attn_k.weight", "v": "blk.{i}.attn_v.weight",
+    "q_bias": "blk.{i}.attn_q.bias", "k_bias": "blk.{i}.attn_k.bias", "v_bias": "blk.{i}.attn_v.bias",
+    "o": "blk.{i}.attn_output.weight",
+    "ffn_norm": "blk.{i}.ffn_norm.weight",
+    "gate": "blk.{i}.ffn_gate.weight", "up": "blk.{i}.ffn_up.weight", "down": "blk.{i}.ffn_down.weight",
+}
+
+
+def layer_name(key: str, i: int) -> str:
+    return LAYER_TENSORS[key].format(i=i)
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    arch: str
+    n_layers: int
+    d_model: int
+    n_ff: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    n_ctx_train: int
+    norm_eps: float
+    rope: RopeConfig
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile) -> "ModelArgs":
+        meta = Metadata(f)
+        d_model = meta.int("embedding_length")
+        n_heads = meta.int("attention.head_count")
+        n_kv_heads = meta.int("attention.head_count_kv", n_heads)
+        if n_heads % n_kv_heads:
+            raise ModelFileError(f"{f.path}: {n_heads} attention heads are not a multiple of {n_kv_heads} KV heads")
+        head_dim = meta.int("attention.key_length", d_model // n_heads)
+        if meta.int("attention.value_length", head_dim) != head_dim:
+            raise ModelFileError(f"{f.path}: key and value head sizes differ")
+        embed = f.tensors.get(TENSORS["embed"])
+        if embed is None:
+            raise ModelFileError(f"{f.path}: missing tensor {TENSORS['embed']!r}")
+        return cls(
+            arch=meta.arch,
+            n_layers=meta.int("block_count"),
+            d_model=d_model,
+            n_ff=meta.int("feed_forward_length"),
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            head_dim=head_dim,
+            vocab_size=embed.shape[0],
+            n_ctx_train=meta.int("context_length", 4096),
+            norm_eps=meta.float("attention.layer_norm_rms_epsilon", 1e-5),
+            rope=RopeConfig.from_metadata(meta, head_dim, ARCHITECTURES[meta.arch]["rope_interleaved"]),
+        )
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: np.ndarray
+    qkv: list[Linear]
+    o: list[Linear]
+    ffn_norm: np.ndarray
+    gate_up: list[Linear]
+    down: list[Linear]
+
+
+@dataclass
+class Weights:
+    embed: EmbeddingTable
+    layers: list[LayerWeights]
+    output_norm: np.ndarray
+    output: list[Linear]
+    rope_freqs: np.ndarray | None
+
+    @property
+    def matrix_bytes(self) -> int:
+        mats = [m for lw in self.layers for part in (lw.qkv, lw.o, lw.gate_up, lw.down) for m in part] + self.output
+        return sum(m.nbytes for m in mats)
+
+
+def load_weights(f: GGUFFile, a: ModelArgs, on_layer=None) -> Weights:
+    d, q_out, kv_out = a.d_model, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    layers = []
+    for i in range(a.n_layers):
+        has_bias = layer_name("q_bias", i) in f.tensors
+        layers.append(LayerWeights(
+            attn_norm=vector(f, layer_name("attn_norm", i), d),
+            qkv=linear(f, [layer_name(k, i) for k in ("q", "k", "v")], d, [q_out, kv_out, kv_out],
+                       [layer_name(k, i) for k in ("q_bias", "k_bias", "v_bias")] if has_bias else None),
+            o=linear(f, [layer_name("o", i)], q_out, [d]),
+            ffn_norm=vector(f, layer_name("ffn_norm", i), d),
+            gate_up=linear(f, [layer_name("gate", i), layer_name("up", i)], d, [a.n_ff, a.n_ff]),
+            down=linear(f, [layer_name("down", i)], a.n_ff, [d]),
+        ))
+        if on_layer:
+            on_layer(i)
+    output_name = TENSORS["output"] if TENSORS["output"] in f.tensors else TENSORS["embed"]
+    rope_freqs = None
+    if TENSORS["rope_freqs"] in f.tensors:
+        rope_freqs = vector(f, TENSORS["rope_freqs"], a.head_dim // 2)
+    return Weights(
+        embed=EmbeddingTable(f, TENSORS["embed"], d),
+        layers=layers,
+        output_norm=vector(f, TENSORS["output_norm"], d),
+        output=linear(f, [output_name], d, [a.vocab_size]),
+        rope_freqs=rope_freqs,
+    )
+
+
+def _rms_norm(gb: GraphBuilder, x: str, weight: np.ndarray, eps: float, residual: str | None = None):
+    """RMSNorm(x [+ residual]); with a residual, returns (normed, x + residual) from one fused op."""
+    gamma = gb.const("norm", weight)
+    if residual is None:
+        return gb.op("SimplifiedLayerNormalization", [x, gamma], axis=-1, epsilon=eps, stash_type=1), x
+    normed, total = gb.fresh("normed"), gb.fresh("resid")
+    gb.op("SkipSimplifiedLayerNormalization", [x, residual, gamma], domain=MS_DOMAIN,
+          out=[normed, "", "", total], epsilon=eps)
+    return normed, total
+
+
+def _attention(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, x: str, i: int, cos: str, sin: str) -> str:
+    qkv = emit_linears(gb, x, lw.qkv, f"l{i}_qkv")  # packed (1, S, (n_heads + 2 n_kv) head_dim)
+    out = gb.fresh("attn")
+    gb.op("GroupQueryAttention",
+          [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_len", cos, sin],
+          domain=MS_DOMAIN, out=[out, f"present_key_{i}", f"present_value_{i}"],
+          num_heads=a.n_heads, kv_num_heads=a.n_kv_heads, do_rotary=1,
+          rotary_interleaved=int(a.rope.interleaved), scale=float(a.head_dim ** -0.5))
+    return emit_linears(gb, out, lw.o, f"l{i}_o")
+
+
+def _swiglu(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, x: str, i: int) -> str:
+    gate_up = emit_linears(gb, x, lw.gate_up, f"l{i}_gate_up")
+    gate, up = gb.op("Split", [gate_up, gb.const("split", np.array([a.n_ff, a.n_ff], np.int64))], n_out=2, axis=-1)
+    act = gb.op("Mul", [gb.op("Mul", [gate, gb.op("Sigmoid", [gate])]), up])
+    return emit_linears(gb, act, lw.down, f"l{i}_down")
+
+
+def build_graph(gb: GraphBuilder, a: ModelArgs, w: Weights, n_positions: int) -> None:
+    """The whole decoder as one graph (interface in models/base.py)."""
+    f32 = np.float32
+    h = gb.input("hidden", f32, [1, "S", a.d_model])
+    gb.input("seqlens_k", np.int32, [1])
+    gb.input("total_len", np.int32, [])
+    gb.input("logit_rows", np.int64, ["R"])
+    cos_t, sin_t = a.rope.tables(n_positions, w.rope_freqs)
+    cos, sin = gb.const("rope_cos", cos_t), gb.const("rope_sin", sin_t)
+    kv_shape = [1, a.n_kv_heads, "capacity", a.head_dim]
+    for i in range(a.n_layers):
+        gb.input(f"past_key_{i}", f32, kv_shape)
+        gb.input(f"past_value_{i}", f32, kv_shape)
+    residual, delta = None, h
+    for i, lw in enumerate(w.layers):
+        x, residual = _rms_norm(gb, delta, lw.attn_norm, a.norm_eps, residual)
+        delta = _attention(gb, a, lw, x, i, cos, sin)
+        x, residual = _rms_norm(gb, delta, lw.ffn_norm, a.norm_eps, residual)
+        delta = _swiglu(gb, a, lw, x, i)
+    x, _ = _rms_norm(gb, delta, w.output_norm, a.norm_eps, residual)
+    rows = gb.op("Gather", [x, "logit_rows"], axis=1)  # (1, R, d)
+    logits = emit_linears(gb, rows, w.output, "output")
+    gb.op("Squeeze", [logits, gb.const("axis0", np.array([0], np.int64))], out=["logits"])
+    gb.output("logits", f32, ["R", a.vocab_size])
+    for i in range(a.n_layers):
+        gb.output(f"present_key_{i}", f32, kv_shape)
+        gb.output(f"present_value_{i}", f32, kv_shape)

@@ -1,0 +1,91 @@
+"""Options grouped in dataclasses: one set of defaults, shared by the CLI and the Python API.
+
+Defaults follow llama.cpp's (common/common.h) where flashlm has the same knob.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields, replace
+
+from .errors import InvalidOptionError
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise InvalidOptionError(message)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    threads: int = 0  # 0: the number of physical cores available to this process
+    ctx_size: int = 4096  # 0: the model's training context
+    batch_size: int = 512  # prompt tokens evaluated per graph call
+    verbose: bool = False
+
+    def validate(self) -> "LoadOptions":
+        _check(isinstance(self.threads, int) and self.threads >= 0, f"threads must be >= 0, got {self.threads!r}")
+        _check(isinstance(self.ctx_size, int) and self.ctx_size >= 0, f"ctx_size must be >= 0, got {self.ctx_size!r}")
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
+               f"batch_size must be >= 1, got {self.batch_size!r}")
+        return self
+
+    def resolved_threads(self) -> int:
+        if self.threads:
+            return self.threads
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int = -1  # -1: a fresh random seed
+
+    def validate(self) -> "SamplingOptions":
+        _check(math.isfinite(self.temperature) and self.temperature >= 0,
+               f"temperature must be >= 0, got {self.temperature!r}")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be >= 0, got {self.top_k!r}")
+        _check(0.0 <= self.top_p <= 1.0, f"top_p must be in [0, 1], got {self.top_p!r}")
+        _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p!r}")
+        _check(math.isfinite(self.repeat_penalty) and self.repeat_penalty > 0,
+               f"repeat_penalty must be > 0, got {self.repeat_penalty!r}")
+        _check(isinstance(self.repeat_last_n, int) and self.repeat_last_n >= -1,
+               f"repeat_last_n must be >= -1, got {self.repeat_last_n!r}")
+        _check(isinstance(self.seed, int) and self.seed >= -1, f"seed must be >= -1, got {self.seed!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_tokens: int = 256  # -1: until EOS or the context is full
+    stop: tuple[str, ...] = ()
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+
+    def validate(self) -> "GenerationOptions":
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= -1,
+               f"max_tokens must be >= -1, got {self.max_tokens!r}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        self.sampling.validate()
+        return self
+
+
+_SAMPLING_KEYS = {f.name for f in fields(SamplingOptions)}
+
+
+def generation_options(base: GenerationOptions | None = None, **overrides) -> GenerationOptions:
+    """Build GenerationOptions from keyword overrides (sampling keys accepted at the top level)."""
+    opts = base or GenerationOptions()
+    sampling = {k: overrides.pop(k) for k in list(overrides) if k in _SAMPLING_KEYS}
+    unknown = set(overrides) - {f.name for f in fields(GenerationOptions)}
+    _check(not unknown, f"unknown option(s): {', '.join(sorted(unknown))}")
+    if "stop" in overrides:
+        stop = overrides["stop"]
+        overrides["stop"] = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    opts = replace(opts, sampling=replace(opts.sampling, **sampling), **overrides)
+    return opts.validate()

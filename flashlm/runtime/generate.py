@@ -1,0 +1,126 @@
+"""The generation loop: a generator of typed responses (mlx-lm's generate_step / stream_generate pattern).
+
+prompt ids -> Engine.prefill (reusing the cached prefix) -> sample -> Engine.step ... until an end-of-generation
+token, a stop string, max_tokens, or a full context. Text is streamed through StreamDecoder (whole UTF-8 characters
+only) and held back while it could still be the start of a stop string.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from ..errors import ContextLengthError
+from ..loaders.tokenizer import StreamDecoder, Tokenizer
+from ..options import GenerationOptions
+from .executor import Engine
+from .sampler import make_sampler
+
+
+@dataclass
+class Timings:
+    prompt_tokens: int = 0  # tokens evaluated (after prefix reuse)
+    prompt_ms: float = 0.0
+    eval_tokens: int = 0  # tokens generated
+    eval_ms: float = 0.0
+    cached_tokens: int = 0  # prompt tokens reused from the KV cache
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_ms * 1e3 if self.prompt_ms > 0 else 0.0
+
+    @property
+    def eval_tps(self) -> float:
+        return self.eval_tokens / self.eval_ms * 1e3 if self.eval_ms > 0 else 0.0
+
+
+@dataclass
+class GenerationResponse:
+    """One step of a stream: the new text (may be empty), the token, and on the last step the finish reason."""
+
+    text: str
+    token: int | None
+    finish_reason: str | None  # None while running, then "stop" (EOG or stop string) or "length"
+    timings: Timings = field(default_factory=Timings)
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class _StopFilter:
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops, self.pending, self.stopped = stops, "", False
+
+    def feed(self, text: str) -> str:
+        if not self.stops:
+            return text
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending, self.stopped = self.pending[:min(hits)], "", True
+            return out
+        keep = _held_back(self.pending, self.stops)
+        out = self.pending[:len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def check_prompt(n_prompt: int, n_ctx: int) -> None:
+    if n_prompt == 0:
+        raise ContextLengthError("the prompt is empty (no tokens to start from)")
+    if n_prompt >= n_ctx:
+        raise ContextLengthError(f"the prompt is {n_prompt} tokens, which does not fit the context of {n_ctx} "
+                                 "tokens (raise -c/--ctx-size or shorten the prompt)")
+
+
+def stream_generate(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int],
+                    opts: GenerationOptions) -> Iterator[GenerationResponse]:
+    opts.validate()
+    check_prompt(len(prompt_ids), engine.n_ctx)
+    sample = make_sampler(opts.sampling)
+    timings = Timings()
+    t0 = time.perf_counter()
+    logits = engine.prefill(prompt_ids)
+    timings.prompt_ms = (time.perf_counter() - t0) * 1e3
+    timings.prompt_tokens = engine.last_prompt_tokens
+    timings.cached_tokens = len(prompt_ids) - engine.last_prompt_tokens
+    decoder, stops = StreamDecoder(tokenizer), _StopFilter(opts.stop)
+    history = list(prompt_ids)
+    limit = opts.max_tokens if opts.max_tokens >= 0 else engine.n_ctx
+    if limit == 0:
+        yield GenerationResponse("", None, "length", timings)
+        return
+    while True:
+        t = time.perf_counter()
+        token = sample(logits, history)
+        timings.eval_ms += (time.perf_counter() - t) * 1e3
+        if tokenizer.is_eog(token):
+            yield GenerationResponse(stops.feed(decoder.flush()) + stops.flush(), token, "stop", timings)
+            return
+        history.append(token)
+        text = stops.feed(decoder.add(token))
+        timings.eval_tokens += 1
+        if stops.stopped:
+            yield GenerationResponse(text, token, "stop", timings)
+            return
+        # max_tokens reached, or no room left in the context to evaluate this token
+        if timings.eval_tokens >= limit or len(engine.tokens) >= engine.n_ctx:
+            yield GenerationResponse(text + stops.feed(decoder.flush()) + stops.flush(), token, "length", timings)
+            return
+        yield GenerationResponse(text, token, None, timings)
+        t = time.perf_counter()
+        logits = engine.step(token)
+        timings.eval_ms += (time.perf_counter() - t) * 1e3

@@ -1,0 +1,93 @@
+"""Building onnxruntime sessions whose large weights never pass through protobuf.
+
+Weights are declared as external initializers and handed to onnxruntime as OrtValues over our numpy buffers
+(`SessionOptions.add_external_initializers`): no serialization copy, the 2 GB protobuf limit does not apply, and
+MatMulNBits still sees them as constants and prepacks them (a weight fed as a graph input instead runs ~60x slower,
+../shared/MACHINE.md). onnxruntime keeps its own (packed) copy, so our buffers can be dropped once the session exists.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+OPSET = 21
+MS_DOMAIN = "com.microsoft"
+IR_VERSION = 10  # this onnxruntime refuses newer IR versions for hand-built models
+_INLINE_LIMIT = 4096  # bytes; smaller constants go inline in the proto
+
+
+class GraphBuilder:
+    """Accumulates nodes, inputs, outputs and constants; `session()` turns them into an InferenceSession."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes: list[onnx.NodeProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.external: dict[str, np.ndarray] = {}
+        self._ids = itertools.count()
+        self.memo: dict[tuple, str] = {}  # shared sub-results, e.g. per-block sums of one input
+
+    def fresh(self, hint: str) -> str:
+        return f"{hint}_{next(self._ids)}"
+
+    def input(self, name: str, dtype: np.dtype, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
+        return name
+
+    def output(self, name: str, dtype: np.dtype, shape: list) -> str:
+        self.outputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
+        return name
+
+    def const(self, hint: str, array: np.ndarray) -> str:
+        name = self.fresh(hint)
+        array = np.ascontiguousarray(array)
+        if array.nbytes <= _INLINE_LIMIT:
+            self.initializers.append(onnx.numpy_helper.from_array(array, name))
+            return name
+        t = TensorProto()
+        t.name = name
+        t.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        t.dims.extend(array.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", "flashlm-memory"), ("offset", "0"), ("length", str(array.nbytes))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        self.initializers.append(t)
+        self.external[name] = array
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", out: list[str] | None = None,
+           **attrs) -> str | list[str]:
+        outputs = out or [self.fresh(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, domain=domain or None, **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def model_bytes(self) -> bytes:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        model = helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[
+            helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
+        return model.SerializeToString()
+
+    def session(self, threads: int):
+        """Create the session, then release our copies of the weights (onnxruntime holds its own)."""
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        # Several sessions on few cores fight over threads when idle workers spin (MACHINE.md).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        names = list(self.external)
+        values = [ort.OrtValue.ortvalue_from_numpy(self.external[n]) for n in names]
+        if names:
+            opts.add_external_initializers(names, values)
+        sess = ort.InferenceSession(self.model_bytes(), opts, providers=["CPUExecutionProvider"])
+        self.external.clear()
+        return sess

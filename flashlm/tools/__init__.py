@@ -1,0 +1,1 @@
+"""Tools around the runtime: benchmarks, default model lookup, evaluation helpers."""

@@ -1,0 +1,151 @@
+"""`flashlm bench`: flashlm and llama.cpp side by side on the same GGUF, prompt and thread count.
+
+Each engine runs in its own fresh process (so its peak memory is its own), does a warm-up, then `repetitions` timed
+runs of: evaluate an n_prompt-token prompt, then n_gen greedy decode steps driven from Python in the same way for
+both engines. Medians and spreads are reported, with ratios flashlm / llama.cpp (the llama-bench pattern).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+FALLBACK_TEXT = ("The quick brown fox jumps over the lazy dog. Language models predict the next token from the ones "
+                 "before it, and a runtime's job is to do that quickly within the memory it is given. ")
+
+
+def prompt_text() -> str:
+    path = "/usr/share/common-licenses/GPL-3"
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    return FALLBACK_TEXT * 200
+
+
+class _FlashLM:
+    def __init__(self, path, threads, ctx):
+        from ..model import load
+
+        self.model = load(path, threads=threads, ctx_size=ctx)
+        self.engine = self.model.engine
+
+    def tokenize(self, text):
+        return self.model.tokenize(text)
+
+    def prompt(self, ids):
+        self.engine.reset()
+        return int(np.argmax(self.engine.prefill(ids)))
+
+    def step(self, tok):
+        return int(np.argmax(self.engine.step(tok)))
+
+
+class _LlamaCpp:
+    def __init__(self, path, threads, ctx):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=path, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                         verbose=False)
+
+    def tokenize(self, text):
+        return self.llm.tokenize(text.encode(), add_bos=True, special=True)
+
+    def _next(self):
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def prompt(self, ids):
+        self.llm.reset()
+        self.llm.eval(ids)
+        return self._next()
+
+    def step(self, tok):
+        self.llm.eval([tok])
+        return self._next()
+
+
+ENGINES = {"flashlm": _FlashLM, "llama.cpp": _LlamaCpp}
+
+
+def worker(engine: str, path: str, n_prompt: int, n_gen: int, threads: int, reps: int, ctx: int) -> dict:
+    """Runs in the child process; returns the measurements as a dict."""
+    t0 = time.perf_counter()
+    e = ENGINES[engine](path, threads, ctx)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    ids = e.tokenize(prompt_text())[:n_prompt]
+    tok = e.prompt(ids[:16])  # warm-up
+    for _ in range(4):
+        tok = e.step(tok)
+    prompt_tps, decode_tps, tokens = [], [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        tok = e.prompt(ids)
+        prompt_tps.append(len(ids) / (time.perf_counter() - t))
+        out = [tok]
+        t = time.perf_counter()
+        for _ in range(n_gen - 1):
+            tok = e.step(tok)
+            out.append(tok)
+        decode_tps.append((n_gen - 1) / (time.perf_counter() - t))
+        tokens = out
+    return {"engine": engine, "load_ms": load_ms, "prompt_tokens": len(ids), "gen_tokens": n_gen,
+            "prompt_tps": statistics.median(prompt_tps), "prompt_tps_all": prompt_tps,
+            "decode_tps": statistics.median(decode_tps), "decode_tps_all": decode_tps,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens": tokens}
+
+
+def _spread(values: list[float]) -> str:
+    return f"±{(max(values) - min(values)) / 2:.1f}" if len(values) > 1 else ""
+
+
+def run_bench(path: str, n_prompt: int, n_gen: int, threads: int, reps: int, ctx: int, engines: list[str],
+              as_json: bool) -> dict:
+    from ..errors import InvalidOptionError
+
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        raise InvalidOptionError(f"unknown engine(s) {', '.join(unknown)} (known: {', '.join(ENGINES)})")
+    if min(n_prompt, n_gen, threads, reps) < 1 or n_prompt + n_gen > ctx:
+        raise InvalidOptionError("bench needs n_prompt, n_gen, threads, repetitions >= 1 and n_prompt + n_gen <= ctx")
+    results = {}
+    for engine in engines:
+        cmd = [sys.executable, "-m", "flashlm.tools.bench", engine, path, str(n_prompt), str(n_gen), str(threads),
+               str(reps), str(ctx)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{engine} benchmark failed:\n{proc.stderr[-2000:]}")
+        results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = {"model": path, "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen, "repetitions": reps,
+              "engines": results}
+    if "flashlm" in results and "llama.cpp" in results:
+        a, b = results["flashlm"], results["llama.cpp"]
+        same = sum(x == y for x, y in zip(a["tokens"], b["tokens"]))
+        report["ratios"] = {"prompt": a["prompt_tps"] / b["prompt_tps"], "decode": a["decode_tps"] / b["decode_tps"],
+                            "peak_memory": a["peak_rss_mib"] / b["peak_rss_mib"]}
+        report["greedy_tokens_equal"] = f"{same}/{len(a['tokens'])}"
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"model {os.path.basename(path)}, {threads} threads, prompt {n_prompt} tokens, {n_gen} generated, "
+              f"median of {reps}")
+        print(f"{'engine':<10} {'prompt tok/s':>16} {'decode tok/s':>16} {'peak MiB':>9} {'load ms':>8}")
+        for r in results.values():
+            print(f"{r['engine']:<10} {r['prompt_tps']:>9.1f} {_spread(r['prompt_tps_all']):>6} "
+                  f"{r['decode_tps']:>9.1f} {_spread(r['decode_tps_all']):>6} {r['peak_rss_mib']:>9.1f} "
+                  f"{r['load_ms']:>8.0f}")
+        if "ratios" in report:
+            q = report["ratios"]
+            print(f"ratio flashlm/llama.cpp: prompt {q['prompt']:.2f}x, decode {q['decode']:.2f}x, "
+                  f"peak memory {q['peak_memory']:.2f}x; greedy tokens equal {report['greedy_tokens_equal']}")
+    return report
+
+
+if __name__ == "__main__":
+    engine, path, n_prompt, n_gen, threads, reps, ctx = sys.argv[1:8]
+    print(json.dumps(worker(engine, path, int(n_prompt), int(n_gen), int(threads), int(reps), int(ctx))))

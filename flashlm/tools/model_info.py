@@ -1,0 +1,49 @@
+"""`flashlm info`: what a GGUF holds, read from its header only (no weights are loaded)."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+from ..loaders.model_loader import read_model
+
+# Tensor groups by name: the first pattern that matches names the group.
+GROUPS = [
+    ("token embedding", r"^token_embd\."),
+    ("output matrix", r"^output\."),
+    ("attention", r"^blk\.\d+\.attn_(q|k|v|output|qkv)\."),
+    ("feed-forward", r"^blk\.\d+\.ffn_(gate|up|down)"),
+    ("norms", r"norm"),
+    ("other", r""),
+]
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:9.1f} MB"
+
+
+def describe(path: str) -> str:
+    f, family, args = read_model(path)
+    try:
+        sizes, types = defaultdict(int), defaultdict(set)
+        for t in f.tensors.values():
+            group = next(g for g, pat in GROUPS if re.search(pat, t.name))
+            sizes[group] += t.nbytes
+            types[group].add(t.type_name)
+        lines = [f"file          {path} (GGUF v{f.version}, {f.file_size / 1e6:.1f} MB, {len(f.tensors)} tensors)",
+                 f"name          {f.get('general.name', '?')}",
+                 f"architecture  {args.arch} (family {family.__name__.rsplit('.', 1)[-1]})"]
+        for key, value in vars(args).items():
+            if key != "arch":
+                lines.append(f"  {key:<12}{value}")
+        tied = "output.weight" not in f.tensors
+        lines.append(f"output        {'tied to the token embedding' if tied else 'separate matrix'}")
+        lines.append("tensor groups")
+        for group, _ in GROUPS:
+            if sizes[group]:
+                lines.append(f"  {group:<16}{_mb(sizes[group])}  {', '.join(sorted(types[group]))}")
+        has_template = isinstance(f.get("tokenizer.chat_template"), str)
+        lines.append(f"chat template {'yes' if has_template else 'no'}")
+        return "\n".join(lines)
+    finally:
+        f.close()

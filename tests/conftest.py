@@ -1,0 +1,41 @@
+"""Shared fixtures: the real SmolLM2 file, one flashlm model and one llama.cpp reference per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+GPL3 = "/usr/share/common-licenses/GPL-3"
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> str:
+    from flashlm.tools.default_model import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def model(smollm_path):
+    import flashlm
+
+    m = flashlm.load(smollm_path, threads=2, ctx_size=2048)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="session")
+def reference(smollm_path):
+    """llama.cpp (llama-cpp-python) on the same file, with logits for every position."""
+    from llama_cpp import Llama
+
+    return Llama(model_path=smollm_path, n_ctx=1024, n_batch=512, logits_all=True, n_threads=2, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def gpl_text() -> str:
+    if not os.path.exists(GPL3):
+        pytest.skip(f"{GPL3} is not present")
+    with open(GPL3, encoding="utf-8") as f:
+        return f.read()
