@@ -39,7 +39,12 @@ def _quantize(a: np.ndarray, qtype: QT) -> np.ndarray:
         return a.astype(np.float32)
     if qtype == QT.F16:
         return a.astype(np.float16)
-    return gguf.quants.quantize(a.astype(np.float32), qtype)
+    try:
+        return gguf.quants.quantize(a.astype(np.float32), qtype)
+    except NotImplementedError:  # gguf-py cannot quantize to this type: random bytes of the right size will do
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        rows = np.random.default_rng(0).integers(0, 256, (a.shape[0], a.shape[1] // block * size), dtype=np.uint8)
+        return rows
 
 
 def write_tiny_llama(path, vocab_src: str, qtype: QT = QT.Q8_0, arch: str = "llama", n_layers: int = 2,

@@ -11,11 +11,13 @@ import ctypes
 import ctypes.util
 import mmap
 import time
+
+import numpy as np
 from dataclasses import dataclass
 from types import ModuleType
 
 from ..models import family_for
-from ..models.base import Metadata
+from ..models.base import Metadata, declare_segment_io
 from ..options import LoadOptions
 from ..runtime.executor import Engine, Executor
 from ..runtime.kv_cache import KVCache
@@ -56,25 +58,64 @@ def read_model(path: str) -> tuple[GGUFFile, ModuleType, object]:
         raise
 
 
+HEAD_SLICE_BYTES = 8 << 20  # the output matrix is compiled in vocabulary slices of about this size
+LAYERS_PER_SEGMENT = 6  # each onnxruntime session costs ~1 MB; fewer, larger ones cost a larger load transient
+
+
+def _segments(n_layers: int) -> list[range]:
+    return [range(s, min(s + LAYERS_PER_SEGMENT, n_layers)) for s in range(0, n_layers, LAYERS_PER_SEGMENT)]
+
+
+def _build_segment(gb: GraphBuilder, family: ModuleType, args, layers: range, weights: list) -> None:
+    declare_segment_io(gb, layers, args.d_model, args.n_kv_heads, args.head_dim)
+    hidden = "hidden"
+    for i, lw in zip(layers, weights):
+        hidden = family.build_layer(gb, args, lw, i, hidden)
+    gb.op("Identity", [hidden], out=["hidden_out"])
+
+
+def _head_slices(f: GGUFFile, args) -> list[tuple[int, int]]:
+    info = f.tensors.get("output.weight") or f.tensors.get("token_embd.weight")
+    n = max(1, -(-info.nbytes // HEAD_SLICE_BYTES))
+    bounds = [int(b) for b in np.linspace(0, args.vocab_size, n + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def load_model(path: str, opts: LoadOptions) -> LoadedModel:
+    """Piece by piece: repack one layer (or one slice of the output matrix), compile its session, release the
+    transients, go on. Peak memory stays near the final footprint plus one piece, instead of holding every
+    repacked buffer and onnxruntime's copy of it at once."""
     t0 = time.perf_counter()
     opts.validate()
     f, family, args = read_model(path)
+
+    def compile_piece(load, build, name):
+        weights = load()
+        f._mmap.madvise(mmap.MADV_DONTNEED)  # the file pages just read are not ours to keep
+        gb = GraphBuilder(name)
+        build(gb, weights)
+        del weights
+        return gb.session(threads), gb.resident_bytes
+
     try:
         n_ctx = opts.ctx_size or args.n_ctx_train
         threads = opts.resolved_threads()
-        weights = family.load_weights(f, args)
-        resident = weights.matrix_bytes
-        gb = GraphBuilder(args.arch)
-        family.build_graph(gb, args, weights, n_ctx)
-        session = gb.session(threads)
-        embed = weights.embed
-        del weights, gb
-        f._mmap.madvise(mmap.MADV_DONTNEED)
+        segments = _segments(args.n_layers)
+        pieces = [compile_piece(lambda seg=seg: [family.load_layer(f, args, i) for i in seg],
+                                lambda gb, w, seg=seg: _build_segment(gb, family, args, seg, w), f"layers{seg[0]}")
+                  for seg in segments]
+        head = [compile_piece(lambda r=r: family.load_head(f, args, *r),
+                              lambda gb, w: family.build_head(gb, args, w), f"head{r[0]}")
+                for r in _head_slices(f, args)]
+        cos, sin = family.rope_tables(f, args, n_ctx)
+        embed = family.load_embedding(f, args)
         _release_heap()
     except Exception:
         f.close()
         raise
     kv = KVCache(args.n_layers, args.n_kv_heads, args.head_dim, n_ctx)
-    engine = Engine(Executor(session, embed, kv, args.vocab_size), n_ctx, opts.batch_size)
+    executor = Executor([(s, seg) for (s, _), seg in zip(pieces, segments)], [s for s, _ in head], embed, kv,
+                        args.vocab_size, cos, sin)
+    engine = Engine(executor, n_ctx, opts.batch_size)
+    resident = sum(b for _, b in pieces + head)
     return LoadedModel(path, f, family, args, engine, n_ctx, threads, (time.perf_counter() - t0) * 1e3, resident)

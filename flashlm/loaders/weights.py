@@ -29,10 +29,11 @@ def vector(f: GGUFFile, name: str, length: int) -> np.ndarray:
 
 
 def linear(f: GGUFFile, names: list[str], n_in: int, n_outs: list[int],
-           bias_names: list[str] | None = None) -> list[Linear]:
+           bias_names: list[str] | None = None, rows: tuple[int, int] | None = None) -> list[Linear]:
     """Matrices sharing one input, fused along the output dimension (q|k|v, gate|up) where their formats agree.
 
-    Returns one Linear per run of same-format tensors; the graph concatenates their outputs.
+    Returns one Linear per run of same-format tensors; the graph concatenates their outputs. `rows` takes a
+    slice of the output dimension of a single matrix (the output matrix is compiled in vocabulary slices).
     """
     infos = [require(f, n) for n in names]
     for info, n_out in zip(infos, n_outs):
@@ -52,6 +53,9 @@ def linear(f: GGUFFile, names: list[str], n_in: int, n_outs: list[int],
         raw = np.concatenate([f.tensor_bytes(names[i]) for i in g]) if len(g) > 1 else f.tensor_bytes(names[g[0]])
         bias = None if bias_names is None else np.concatenate([biases[i] for i in g])
         n_out = sum(n_outs[i] for i in g)
+        if rows is not None:
+            raw, n_out = raw[rows[0]:rows[1]], rows[1] - rows[0]
+            bias = None if bias is None else bias[rows[0]:rows[1]]
         nb = to_nbits(raw, qtype, n_in, names[g[0]])
         if nb is not None:
             out.append(Linear(n_out, n_in, nbits=nb, bias=bias))

@@ -1,10 +1,14 @@
-"""What every architecture file shares: typed metadata access, RoPE tables, and the graph's I/O names.
+"""What every architecture file shares: typed metadata access, RoPE tables, and the graphs' I/O names.
 
-The executor drives every model through the same graph interface:
-  inputs   hidden (1, S, d) float32, seqlens_k (1,) int32 = past + S - 1, total_len () int32 = past + S,
-           logit_rows (R,) int64, past_key_{i} / past_value_{i} (1, n_kv, capacity, head_dim) float32
-  outputs  logits (R, vocab) float32, present_key_{i} / present_value_{i} bound to the same buffers as the past
-           (onnxruntime's GroupQueryAttention then appends the new keys in place).
+A model runs as a chain of graphs: segments of consecutive decoder layers, then the head (in vocabulary slices),
+so the loader can compile piece by piece and a layer's weights can be streamed between two calls. Interfaces:
+  segment  inputs   hidden (1, S, d) float32, seqlens_k (1,) int32 = past + S - 1, total_len () int32 = past + S,
+                    rope_cos / rope_sin (positions, rot_dim/2) float32,
+                    past_key_{i} / past_value_{i} (1, n_kv, capacity, hd) for each layer i of the segment
+           outputs  hidden_out (1, S, d); present_key_{i} / present_value_{i} bound to the same buffers as the
+                    past (onnxruntime's GroupQueryAttention then appends the new keys in place)
+  head     inputs   hidden (1, S, d), logit_rows (R,) int64      outputs  logits (R, vocab slice)
+A family's build_layer(gb, args, weights, i, hidden) -> hidden adds one layer to a segment graph.
 """
 
 from __future__ import annotations
@@ -92,3 +96,24 @@ class RopeConfig:
             pos = pos / self.factor
         angles = np.outer(pos, inv_freq)
         return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def declare_segment_io(gb, layers: range, d_model: int, n_kv_heads: int, head_dim: int) -> None:
+    f32 = np.float32
+    gb.input("hidden", f32, [1, "S", d_model])
+    gb.input("seqlens_k", np.int32, [1])
+    gb.input("total_len", np.int32, [])
+    gb.input("rope_cos", f32, ["positions", "half_rot"])
+    gb.input("rope_sin", f32, ["positions", "half_rot"])
+    kv_shape = [1, n_kv_heads, "capacity", head_dim]
+    gb.output("hidden_out", f32, [1, "S", d_model])
+    for i in layers:
+        for kind in ("key", "value"):
+            gb.input(f"past_{kind}_{i}", f32, kv_shape)
+            gb.output(f"present_{kind}_{i}", f32, kv_shape)
+
+
+def declare_head_io(gb, d_model: int, vocab_size: int) -> None:
+    gb.input("hidden", np.float32, [1, "S", d_model])
+    gb.input("logit_rows", np.int64, ["R"])
+    gb.output("logits", np.float32, ["R", vocab_size])

@@ -15,7 +15,7 @@ from ..loaders.gguf_reader import GGUFFile
 from ..loaders.weights import EmbeddingTable, linear, vector
 from ..quant.kernels import Linear, emit_linears
 from ..runtime.onnx_graph import MS_DOMAIN, GraphBuilder
-from .base import Metadata, RopeConfig
+from .base import Metadata, RopeConfig, declare_head_io
 
 # GGUF architecture -> RoPE pairing (llama.cpp's rope type: NORM rotates adjacent pairs, NEOX halves).
 ARCHITECTURES = {"llama": {"rope_interleaved": True}}
@@ -93,48 +93,52 @@ class LayerWeights:
     gate_up: list[Linear]
     down: list[Linear]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for part in (self.qkv, self.o, self.gate_up, self.down) for m in part)
+
 
 @dataclass
-class Weights:
-    embed: EmbeddingTable
-    layers: list[LayerWeights]
+class HeadWeights:
+    """Final norm and a slice [start, stop) of the output matrix's rows (vocabulary entries)."""
+
     output_norm: np.ndarray
     output: list[Linear]
-    rope_freqs: np.ndarray | None
+    start: int
+    stop: int
 
     @property
-    def matrix_bytes(self) -> int:
-        mats = [m for lw in self.layers for part in (lw.qkv, lw.o, lw.gate_up, lw.down) for m in part] + self.output
-        return sum(m.nbytes for m in mats)
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.output)
 
 
-def load_weights(f: GGUFFile, a: ModelArgs, on_layer=None) -> Weights:
+def load_layer(f: GGUFFile, a: ModelArgs, i: int) -> LayerWeights:
     d, q_out, kv_out = a.d_model, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    layers = []
-    for i in range(a.n_layers):
-        has_bias = layer_name("q_bias", i) in f.tensors
-        layers.append(LayerWeights(
-            attn_norm=vector(f, layer_name("attn_norm", i), d),
-            qkv=linear(f, [layer_name(k, i) for k in ("q", "k", "v")], d, [q_out, kv_out, kv_out],
-                       [layer_name(k, i) for k in ("q_bias", "k_bias", "v_bias")] if has_bias else None),
-            o=linear(f, [layer_name("o", i)], q_out, [d]),
-            ffn_norm=vector(f, layer_name("ffn_norm", i), d),
-            gate_up=linear(f, [layer_name("gate", i), layer_name("up", i)], d, [a.n_ff, a.n_ff]),
-            down=linear(f, [layer_name("down", i)], a.n_ff, [d]),
-        ))
-        if on_layer:
-            on_layer(i)
-    output_name = TENSORS["output"] if TENSORS["output"] in f.tensors else TENSORS["embed"]
-    rope_freqs = None
-    if TENSORS["rope_freqs"] in f.tensors:
-        rope_freqs = vector(f, TENSORS["rope_freqs"], a.head_dim // 2)
-    return Weights(
-        embed=EmbeddingTable(f, TENSORS["embed"], d),
-        layers=layers,
-        output_norm=vector(f, TENSORS["output_norm"], d),
-        output=linear(f, [output_name], d, [a.vocab_size]),
-        rope_freqs=rope_freqs,
+    has_bias = layer_name("q_bias", i) in f.tensors
+    return LayerWeights(
+        attn_norm=vector(f, layer_name("attn_norm", i), d),
+        qkv=linear(f, [layer_name(k, i) for k in ("q", "k", "v")], d, [q_out, kv_out, kv_out],
+                   [layer_name(k, i) for k in ("q_bias", "k_bias", "v_bias")] if has_bias else None),
+        o=linear(f, [layer_name("o", i)], q_out, [d]),
+        ffn_norm=vector(f, layer_name("ffn_norm", i), d),
+        gate_up=linear(f, [layer_name("gate", i), layer_name("up", i)], d, [a.n_ff, a.n_ff]),
+        down=linear(f, [layer_name("down", i)], a.n_ff, [d]),
     )
+
+
+def load_head(f: GGUFFile, a: ModelArgs, start: int, stop: int) -> HeadWeights:
+    output_name = TENSORS["output"] if TENSORS["output"] in f.tensors else TENSORS["embed"]
+    return HeadWeights(vector(f, TENSORS["output_norm"], a.d_model),
+                       linear(f, [output_name], a.d_model, [a.vocab_size], rows=(start, stop)), start, stop)
+
+
+def load_embedding(f: GGUFFile, a: ModelArgs) -> EmbeddingTable:
+    return EmbeddingTable(f, TENSORS["embed"], a.d_model)
+
+
+def rope_tables(f: GGUFFile, a: ModelArgs, n_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    freqs = vector(f, TENSORS["rope_freqs"], a.head_dim // 2) if TENSORS["rope_freqs"] in f.tensors else None
+    return a.rope.tables(n_positions, freqs)
 
 
 def _rms_norm(gb: GraphBuilder, x: str, weight: np.ndarray, eps: float, residual: str | None = None):
@@ -148,11 +152,11 @@ def _rms_norm(gb: GraphBuilder, x: str, weight: np.ndarray, eps: float, residual
     return normed, total
 
 
-def _attention(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, x: str, i: int, cos: str, sin: str) -> str:
+def _attention(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, x: str, i: int) -> str:
     qkv = emit_linears(gb, x, lw.qkv, f"l{i}_qkv")  # packed (1, S, (n_heads + 2 n_kv) head_dim)
     out = gb.fresh("attn")
     gb.op("GroupQueryAttention",
-          [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_len", cos, sin],
+          [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_len", "rope_cos", "rope_sin"],
           domain=MS_DOMAIN, out=[out, f"present_key_{i}", f"present_value_{i}"],
           num_heads=a.n_heads, kv_num_heads=a.n_kv_heads, do_rotary=1,
           rotary_interleaved=int(a.rope.interleaved), scale=float(a.head_dim ** -0.5))
@@ -166,30 +170,18 @@ def _swiglu(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, x: str, i: int) ->
     return emit_linears(gb, act, lw.down, f"l{i}_down")
 
 
-def build_graph(gb: GraphBuilder, a: ModelArgs, w: Weights, n_positions: int) -> None:
-    """The whole decoder as one graph (interface in models/base.py)."""
-    f32 = np.float32
-    h = gb.input("hidden", f32, [1, "S", a.d_model])
-    gb.input("seqlens_k", np.int32, [1])
-    gb.input("total_len", np.int32, [])
-    gb.input("logit_rows", np.int64, ["R"])
-    cos_t, sin_t = a.rope.tables(n_positions, w.rope_freqs)
-    cos, sin = gb.const("rope_cos", cos_t), gb.const("rope_sin", sin_t)
-    kv_shape = [1, a.n_kv_heads, "capacity", a.head_dim]
-    for i in range(a.n_layers):
-        gb.input(f"past_key_{i}", f32, kv_shape)
-        gb.input(f"past_value_{i}", f32, kv_shape)
-    residual, delta = None, h
-    for i, lw in enumerate(w.layers):
-        x, residual = _rms_norm(gb, delta, lw.attn_norm, a.norm_eps, residual)
-        delta = _attention(gb, a, lw, x, i, cos, sin)
-        x, residual = _rms_norm(gb, delta, lw.ffn_norm, a.norm_eps, residual)
-        delta = _swiglu(gb, a, lw, x, i)
-    x, _ = _rms_norm(gb, delta, w.output_norm, a.norm_eps, residual)
-    rows = gb.op("Gather", [x, "logit_rows"], axis=1)  # (1, R, d)
-    logits = emit_linears(gb, rows, w.output, "output")
+def build_layer(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, i: int, hidden: str) -> str:
+    """Decoder layer i on the residual stream `hidden`, appending to its KV cache; returns the new stream."""
+    x, _ = _rms_norm(gb, hidden, lw.attn_norm, a.norm_eps)
+    attn = _attention(gb, a, lw, x, i)
+    x, residual = _rms_norm(gb, attn, lw.ffn_norm, a.norm_eps, residual=hidden)
+    return gb.op("Add", [_swiglu(gb, a, lw, x, i), residual])
+
+
+def build_head(gb: GraphBuilder, a: ModelArgs, w: HeadWeights) -> None:
+    """Final norm and a slice of the output matrix for the positions asked for: hidden, logit_rows -> logits."""
+    declare_head_io(gb, a.d_model, w.stop - w.start)
+    rows = gb.op("Gather", ["hidden", "logit_rows"], axis=1)  # (1, R, d)
+    x, _ = _rms_norm(gb, rows, w.output_norm, a.norm_eps)
+    logits = emit_linears(gb, x, w.output, "output")
     gb.op("Squeeze", [logits, gb.const("axis0", np.array([0], np.int64))], out=["logits"])
-    gb.output("logits", f32, ["R", a.vocab_size])
-    for i in range(a.n_layers):
-        gb.output(f"present_key_{i}", f32, kv_shape)
-        gb.output(f"present_value_{i}", f32, kv_shape)

@@ -1,13 +1,12 @@
-"""The executor: runs the model graph over the KV cache, and the token history that makes prefix reuse work.
+"""The executor: runs the layer graphs in turn over the KV cache, then the head; and the Engine that tracks which
+tokens the cache holds, so a new prompt reuses the shared prefix.
 
-Decode is one onnxruntime call per token through an IOBinding whose KV and logits buffers stay bound between
-calls; only the new token's embedding and two position scalars are rebound. The forward pass never touches files:
-embeddings come from the loader's table, everything else lives in the session.
+Per token: one onnxruntime call per layer plus one for the head, through IOBindings that stay bound between calls
+(KV buffers, RoPE tables, position scalars updated in place); only the hidden-state ping-pong buffers are rebound.
+The forward pass never touches files: embeddings come from the loader's table, weights live in the sessions.
 """
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 
@@ -16,25 +15,50 @@ from .kv_cache import KVCache
 
 
 class Executor:
-    def __init__(self, session, embed: EmbeddingTable, kv: KVCache, vocab_size: int):
+    def __init__(self, segments: list[tuple[object, range]], head: list, embed: EmbeddingTable, kv: KVCache, vocab_size: int,
+                 rope_cos: np.ndarray, rope_sin: np.ndarray):
         import onnxruntime as ort
 
-        self._ort = ort
-        self.session, self.embed, self.kv, self.vocab_size = session, embed, kv, vocab_size
-        self.io = session.io_binding()
-        self._bound_generation = -1
+        self._ortvalue = ort.OrtValue.ortvalue_from_numpy
+        self.segments, self.head, self.embed, self.kv, self.vocab_size = segments, head, embed, kv, vocab_size
+        self.d_model = embed.d_model
+        self._seqlens = np.zeros(1, np.int32)
+        self._total = np.zeros((), np.int32)
+        self._rows = np.zeros(1, np.int64)
         self._last_logits = np.empty((1, vocab_size), np.float32)
-        self._last_logits_value = ort.OrtValue.ortvalue_from_numpy(self._last_logits)
-        self._last_row = np.zeros(1, np.int64)
+        shared = {"seqlens_k": self._ortvalue(self._seqlens), "total_len": self._ortvalue(self._total),
+                  "rope_cos": self._ortvalue(rope_cos), "rope_sin": self._ortvalue(rope_sin)}
+        self._rope = (rope_cos, rope_sin)  # the OrtValues above point into these
+        self.segment_io = []
+        for sess, _ in segments:
+            io = sess.io_binding()
+            for name, value in shared.items():
+                io.bind_ortvalue_input(name, value)
+            self.segment_io.append(io)
+        # The head is compiled in vocabulary slices; each writes its columns of the logits.
+        self.head_io = [sess.io_binding() for sess in head]
+        widths = [sess.get_outputs()[0].shape[1] for sess in head]
+        self._head_bounds = np.cumsum([0] + widths)
+        assert self._head_bounds[-1] == vocab_size
+        self._bound_generation = -1
+        self._hidden: dict[int, tuple] = {}  # S -> (arrays, OrtValues) ping-pong buffers
 
     def _bind_cache(self) -> None:
-        ov = self._ort.OrtValue.ortvalue_from_numpy
-        for i in range(self.kv.n_layers):
-            for kind, buffers in (("key", self.kv.keys), ("value", self.kv.values)):
-                value = ov(buffers[i])
-                self.io.bind_ortvalue_input(f"past_{kind}_{i}", value)
-                self.io.bind_ortvalue_output(f"present_{kind}_{i}", value)
+        for (_, layers), io in zip(self.segments, self.segment_io):
+            for i in layers:
+                for kind, buffers in (("key", self.kv.keys), ("value", self.kv.values)):
+                    value = self._ortvalue(buffers[i])
+                    io.bind_ortvalue_input(f"past_{kind}_{i}", value)
+                    io.bind_ortvalue_output(f"present_{kind}_{i}", value)
         self._bound_generation = self.kv.generation
+
+    def _hidden_buffers(self, n: int):
+        if n not in self._hidden:
+            if len(self._hidden) > 4:
+                self._hidden.clear()
+            arrays = [np.empty((1, n, self.d_model), np.float32) for _ in range(2)]
+            self._hidden[n] = (arrays, [self._ortvalue(a) for a in arrays])
+        return self._hidden[n]
 
     def forward(self, ids: np.ndarray, all_logits: bool = False) -> np.ndarray:
         """Append ids (S,) at position kv.n_past; return logits for every new position (S, V) or the last (1, V)."""
@@ -43,21 +67,27 @@ class Executor:
         self.kv.reserve(total)
         if self.kv.generation != self._bound_generation:
             self._bind_cache()
-        io = self.io
-        io.bind_cpu_input("hidden", self.embed.lookup(ids)[None])
-        io.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
-        io.bind_cpu_input("total_len", np.array(total, np.int32))
-        if all_logits:
-            out = np.empty((n, self.vocab_size), np.float32)
-            io.bind_cpu_input("logit_rows", np.arange(n, dtype=np.int64))
-            io.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(out))
-        else:
-            self._last_row[0] = n - 1
-            io.bind_cpu_input("logit_rows", self._last_row)
-            io.bind_ortvalue_output("logits", self._last_logits_value)
-        self.session.run_with_iobinding(io)
+        self._seqlens[0], self._total[()] = total - 1, total
+        arrays, values = self._hidden_buffers(n)
+        arrays[0][0] = self.embed.lookup(ids)
+        for k, ((sess, _), io) in enumerate(zip(self.segments, self.segment_io)):
+            io.bind_ortvalue_input("hidden", values[k % 2])
+            io.bind_ortvalue_output("hidden_out", values[(k + 1) % 2])
+            sess.run_with_iobinding(io)
+        hidden = values[len(self.segments) % 2]
+        out = np.empty((n, self.vocab_size), np.float32) if all_logits else self._last_logits
+        self._rows[0] = n - 1
+        rows = np.arange(n, dtype=np.int64) if all_logits else self._rows
+        for sess, io, lo, hi in zip(self.head, self.head_io, self._head_bounds[:-1], self._head_bounds[1:]):
+            io.bind_ortvalue_input("hidden", hidden)
+            io.bind_cpu_input("logit_rows", rows)
+            part = np.empty((n, hi - lo), np.float32) if all_logits else out[:, lo:hi]
+            io.bind_ortvalue_output("logits", self._ortvalue(part))
+            sess.run_with_iobinding(io)
+            if all_logits:
+                out[:, lo:hi] = part
         self.kv.n_past = total
-        return out if all_logits else self._last_logits.copy()
+        return out if all_logits else out.copy()
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -116,7 +146,3 @@ class Engine:
         """Teacher-forced logits (len(ids), V) from an empty context."""
         self.reset()
         return self._eval(ids, all_logits=True)
-
-
-def now_ms() -> float:
-    return time.perf_counter() * 1e3

@@ -30,6 +30,7 @@ class GraphBuilder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.external: dict[str, np.ndarray] = {}
+        self.resident_bytes = 0  # bytes of large constants (weights) handed to onnxruntime
         self._ids = itertools.count()
         self.memo: dict[tuple, str] = {}  # shared sub-results, e.g. per-block sums of one input
 
@@ -60,6 +61,7 @@ class GraphBuilder:
             entry.key, entry.value = key, value
         self.initializers.append(t)
         self.external[name] = array
+        self.resident_bytes += array.nbytes
         return name
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", out: list[str] | None = None,
@@ -82,6 +84,10 @@ class GraphBuilder:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        # No arena or memory patterns: with one session per layer, each would keep its own high-water mark of
+        # activation buffers (~10 MB each after a 128-token prompt); plain malloc/free hands them back.
+        opts.enable_cpu_mem_arena = False
+        opts.enable_mem_pattern = False
         # Several sessions on few cores fight over threads when idle workers spin (MACHINE.md).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         names = list(self.external)

@@ -1,0 +1,95 @@
+"""Generation on the real SmolLM2 file: golden greedy continuation, determinism, seeds, stops, prefix reuse."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "smollm2_greedy.json")
+
+
+def _golden():
+    with open(GOLDEN, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _ids(model, prompt, **kw):
+    return [r.token for r in model.stream(prompt, **kw) if r.token is not None]
+
+
+@pytest.mark.parametrize("case", _golden()["cases"], ids=lambda c: c["prompt"][:20])
+def test_greedy_equals_golden(model, case):
+    responses = list(model.stream(case["prompt"], max_tokens=case["max_tokens"], temperature=0.0))
+    assert [r.token for r in responses if r.token is not None and r.finish_reason != "stop"] == case["tokens"]
+    assert "".join(r.text for r in responses) == case["text"]
+
+
+def test_greedy_is_deterministic(model):
+    prompt = "Once upon a time, in a small village,"
+    a = _ids(model, prompt, max_tokens=24, temperature=0.0)
+    model.engine.reset()  # a cold cache must give the same tokens as a warm one
+    b = _ids(model, prompt, max_tokens=24, temperature=0.0)
+    assert a == b and len(a) == 24
+
+
+def test_seeded_sampling_is_reproducible(model):
+    kw = dict(max_tokens=24, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    a = model.generate("My favourite food is", seed=42, **kw)
+    b = model.generate("My favourite food is", seed=42, **kw)
+    c = model.generate("My favourite food is", seed=7, **kw)
+    assert a == b
+    assert a != c
+
+
+def test_max_tokens_and_finish_reasons(model):
+    responses = list(model.stream("Count: one, two, three,", max_tokens=5, temperature=0.0))
+    assert sum(r.token is not None for r in responses) == 5
+    assert responses[-1].finish_reason == "length"
+    assert all(r.finish_reason is None for r in responses[:-1])
+    t = responses[-1].timings
+    assert t.eval_tokens == 5 and t.prompt_tokens > 0 and t.eval_ms > 0
+
+
+def test_stops_at_end_of_generation_token(model):
+    responses = list(model.chat([{"role": "user", "content": "Say hello."}], stream=True, max_tokens=200,
+                                temperature=0.0))
+    assert responses[-1].finish_reason == "stop"
+    assert model.tokenizer.is_eog(responses[-1].token)
+    assert "<|im_end|>" not in "".join(r.text for r in responses)
+
+
+def test_stop_string_truncates_output(model):
+    prompt = "Count: one, two, three,"
+    full = model.generate(prompt, max_tokens=20, temperature=0.0)
+    word = full.strip().split()[1]  # a word that does occur in the greedy continuation
+    out = model.generate(prompt, max_tokens=20, temperature=0.0, stop=[word])
+    assert out == full[:full.index(word)]
+    assert word not in out
+
+
+def test_chat_reuses_the_shared_prefix(model):
+    messages = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Name a colour."}]
+    first = list(model.chat(messages, stream=True, max_tokens=16, temperature=0.0))
+    answer = "".join(r.text for r in first)
+    messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Another one?"}]
+    second = list(model.chat(messages, stream=True, max_tokens=16, temperature=0.0))
+    t = second[-1].timings
+    n_prompt = len(model.chat_prompt_ids(messages))
+    assert t.cached_tokens > 0 and t.prompt_tokens + t.cached_tokens == n_prompt
+    assert t.prompt_tokens < n_prompt // 2  # only the new turn is evaluated
+    # and reusing the cache changes nothing: a cold run gives the same answer
+    model.engine.reset()
+    cold = model.chat(messages, max_tokens=16, temperature=0.0)
+    assert cold == "".join(r.text for r in second)
+
+
+def test_context_full_ends_with_length(smollm_path):
+    import flashlm
+
+    m = flashlm.load(smollm_path, threads=2, ctx_size=24)
+    responses = list(m.stream("The list of numbers: 1, 2, 3,", max_tokens=-1, temperature=0.0))
+    assert responses[-1].finish_reason in ("length", "stop")
+    assert len(m.engine.tokens) <= 24
+    m.close()
