@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "smollm2_greedy.json")
@@ -13,6 +14,11 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "smollm2_greedy.json"
 def _golden():
     with open(GOLDEN, encoding="utf-8") as f:
         return json.load(f)
+
+
+def _softmax(x):
+    e = np.exp(x.astype(np.float64) - x.max())
+    return e / e.sum()
 
 
 def _ids(model, prompt, **kw):
@@ -79,10 +85,15 @@ def test_chat_reuses_the_shared_prefix(model):
     n_prompt = len(model.chat_prompt_ids(messages))
     assert t.cached_tokens > 0 and t.prompt_tokens + t.cached_tokens == n_prompt
     assert t.prompt_tokens < n_prompt // 2  # only the new turn is evaluated
-    # and reusing the cache changes nothing: a cold run gives the same answer
-    model.engine.reset()
-    cold = model.chat(messages, max_tokens=16, temperature=0.0)
-    assert cold == "".join(r.text for r in second)
+    # the reused cache holds the right state: the next-token logits match a cold evaluation of the whole prompt
+    ids = model.chat_prompt_ids(messages)
+    warm = model.engine.prefill(ids)  # the same prompt again: served from the cache
+    cold = model.logits(ids)[-1:]
+    p, q = _softmax(cold[0]), _softmax(warm[0])
+    kl = float((p * (np.log(p) - np.log(q))).sum())
+    print(f"KL(cold || warm) = {kl:.5f}")
+    assert kl < 0.05  # int8 activation rounding alone gives ~0.01; a wrong cache state gives far more
+    assert np.abs(warm - cold).max() < 0.05 * np.abs(cold).max()
 
 
 def test_context_full_ends_with_length(smollm_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -92,7 +93,10 @@ class GGUFFile:
         except OSError as e:
             raise ModelFileError(f"{self.path}: cannot open: {e.strerror}") from None
         try:
-            self.file_size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise ModelFileError(f"{self.path}: is a directory, not a GGUF file")
+            self.file_size = st.st_size
             if self.file_size < 24:
                 raise ModelFileError(f"{self.path}: not a GGUF file (only {self.file_size} bytes)")
             self._mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)

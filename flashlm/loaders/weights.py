@@ -6,16 +6,21 @@ import numpy as np
 
 from gguf.constants import GGMLQuantizationType as QT
 
-from ..errors import ModelFileError
+from ..errors import ModelFileError, UnsupportedModelError
 from ..quant.formats import codec_for, dequantize, to_nbits
 from ..quant.kernels import Linear
 from .gguf_reader import GGUFFile
 
 
 def require(f: GGUFFile, name: str):
+    """The tensor's info, checked to exist and to have a format flashlm computes with."""
     info = f.tensors.get(name)
     if info is None:
         raise ModelFileError(f"{f.path}: missing tensor {name!r}")
+    try:
+        codec_for(info.ggml_type, name)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{f.path}: {e}") from None
     return info
 
 
@@ -24,7 +29,6 @@ def vector(f: GGUFFile, name: str, length: int) -> np.ndarray:
     info = require(f, name)
     if info.shape != (length,):
         raise ModelFileError(f"{f.path}: tensor {name!r} has shape {info.shape}, expected ({length},)")
-    codec_for(info.ggml_type, name)
     return dequantize(f.tensor_bytes(name), info.ggml_type).reshape(length)
 
 
@@ -39,7 +43,6 @@ def linear(f: GGUFFile, names: list[str], n_in: int, n_outs: list[int],
     for info, n_out in zip(infos, n_outs):
         if info.shape != (n_out, n_in):
             raise ModelFileError(f"{f.path}: tensor {info.name!r} has shape {info.shape}, expected {(n_out, n_in)}")
-        codec_for(info.ggml_type, info.name)
     biases = [None] * len(names) if bias_names is None else [vector(f, b, n) for b, n in zip(bias_names, n_outs)]
     groups: list[list[int]] = []
     for i, info in enumerate(infos):
@@ -71,7 +74,6 @@ class EmbeddingTable:
         info = require(f, name)
         if len(info.shape) != 2 or info.shape[1] != d_model:
             raise ModelFileError(f"{f.path}: tensor {name!r} has shape {info.shape}, expected (vocab, {d_model})")
-        codec_for(info.ggml_type, name)
         self.qtype: QT = info.ggml_type
         self.rows = f.tensor_bytes(name)  # (vocab, row_bytes) view of the mapped file
         self.vocab_size, self.d_model = info.shape

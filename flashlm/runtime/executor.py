@@ -109,9 +109,14 @@ class Engine:
         self.executor, self.n_ctx, self.n_batch = executor, n_ctx, n_batch
         self.tokens: list[int] = []
         self.last_prompt_tokens = 0  # tokens actually evaluated by the last prefill (after prefix reuse)
+        # The last prefill's prompt and logits: the same prompt again gets these back, so identical calls give
+        # identical results (evaluating its last token alone would differ in the last bits, and int8 kernels
+        # can turn that into a different sampled token).
+        self._prefill_memo: tuple[list[int], np.ndarray] | None = None
 
     def reset(self) -> None:
         self.tokens = []
+        self._prefill_memo = None
         self.executor.kv.truncate(0)
 
     def _rewind(self, n: int) -> None:
@@ -133,11 +138,17 @@ class Engine:
     def prefill(self, ids: list[int]) -> np.ndarray:
         """Make the cache hold exactly `ids`; return the logits after the last one (1, V)."""
         keep = common_prefix(self.tokens, ids)
+        if keep == len(ids) and self._prefill_memo is not None and self._prefill_memo[0] == ids:
+            self._rewind(keep)
+            self.last_prompt_tokens = 0
+            return self._prefill_memo[1].copy()
         if keep == len(ids):
             keep -= 1  # the last token must be evaluated again to get its logits
         self._rewind(keep)
         self.last_prompt_tokens = len(ids) - keep
-        return self._eval(ids[keep:], all_logits=False)
+        logits = self._eval(ids[keep:], all_logits=False)
+        self._prefill_memo = (list(ids), logits.copy())
+        return logits
 
     def step(self, token: int) -> np.ndarray:
         return self._eval([token], all_logits=False)
