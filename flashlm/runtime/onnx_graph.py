@@ -11,8 +11,8 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper
+
+from . import onnx_proto as proto
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
@@ -25,10 +25,10 @@ class GraphBuilder:
 
     def __init__(self, name: str):
         self.name = name
-        self.nodes: list[onnx.NodeProto] = []
-        self.inputs: list[onnx.ValueInfoProto] = []
-        self.outputs: list[onnx.ValueInfoProto] = []
-        self.initializers: list[onnx.TensorProto] = []
+        self.nodes: list[bytes] = []
+        self.inputs: list[bytes] = []
+        self.outputs: list[bytes] = []
+        self.initializers: list[bytes] = []
         self.external: dict[str, np.ndarray] = {}
         self.resident_bytes = 0  # bytes of large constants (weights) handed to onnxruntime
         self._ids = itertools.count()
@@ -37,45 +37,34 @@ class GraphBuilder:
     def fresh(self, hint: str) -> str:
         return f"{hint}_{next(self._ids)}"
 
-    def input(self, name: str, dtype: np.dtype, shape: list) -> str:
-        self.inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
+    def input(self, name: str, dtype, shape: list) -> str:
+        self.inputs.append(proto.value_info(name, dtype, shape))
         return name
 
-    def output(self, name: str, dtype: np.dtype, shape: list) -> str:
-        self.outputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
+    def output(self, name: str, dtype, shape: list | None) -> str:
+        self.outputs.append(proto.value_info(name, dtype, shape))
         return name
 
     def const(self, hint: str, array: np.ndarray) -> str:
         name = self.fresh(hint)
         array = np.ascontiguousarray(array)
         if array.nbytes <= _INLINE_LIMIT:
-            self.initializers.append(onnx.numpy_helper.from_array(array, name))
-            return name
-        t = TensorProto()
-        t.name = name
-        t.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
-        t.dims.extend(array.shape)
-        t.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", "flashlm-memory"), ("offset", "0"), ("length", str(array.nbytes))):
-            entry = t.external_data.add()
-            entry.key, entry.value = key, value
-        self.initializers.append(t)
-        self.external[name] = array
-        self.resident_bytes += array.nbytes
+            self.initializers.append(proto.tensor(name, array))
+        else:
+            self.initializers.append(proto.external_tensor(name, array.dtype, array.shape, array.nbytes))
+            self.external[name] = array
+            self.resident_bytes += array.nbytes
         return name
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", out: list[str] | None = None,
            **attrs) -> str | list[str]:
         outputs = out or [self.fresh(op_type.lower()) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outputs, domain=domain or None, **attrs))
+        self.nodes.append(proto.node(op_type, inputs, outputs, domain=domain, **attrs))
         return outputs[0] if len(outputs) == 1 else outputs
 
     def model_bytes(self) -> bytes:
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
-        model = helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[
-            helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
-        return model.SerializeToString()
-
+        return proto.model(self.name, self.nodes, self.inputs, self.outputs, self.initializers,
+                           {"": OPSET, MS_DOMAIN: 1}, IR_VERSION)
     def session(self, threads: int):
         """Create the session, then release our copies of the weights (onnxruntime holds its own)."""
         import onnxruntime as ort
