@@ -58,7 +58,11 @@ class _LlamaCpp:
         return self.llm.tokenize(text.encode(), add_bos=True, special=True)
 
     def _next(self):
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        # Without logits_all, llama-cpp-python does not copy logits into .scores: read llama.cpp's last row.
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),))))
 
     def prompt(self, ids):
         self.llm.reset()
