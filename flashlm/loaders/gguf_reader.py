@@ -175,13 +175,17 @@ class GGUFFile:
             raise ModelFileError(f"{self.path}: truncated or corrupt GGUF (header claims {n_kv} keys and "
                                  f"{n_tensors} tensors in a {self.file_size}-byte file)")
         self.metadata: dict[str, object] = {}
+        self.value_types: dict[str, tuple[int, int | None]] = {}  # key -> (GGUF value type, array item type)
         for i in range(n_kv):
             key, pos = self._read_string(pos, f"key #{i}")
             (vtype,), pos = self._read("<I", pos, f"type of {key!r}")
+            item_type = struct.unpack_from("<I", self._buf, pos)[0] if vtype == _ARRAY and pos + 4 <= self.file_size \
+                else None
             value, pos = self._read_value(vtype, pos, f"value of {key!r}")
             if key in self.metadata:
                 raise ModelFileError(f"{self.path}: duplicate metadata key {key!r}")
             self.metadata[key] = value
+            self.value_types[key] = (vtype, item_type)
         alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise ModelFileError(f"{self.path}: general.alignment {alignment!r} is not a power of two")

@@ -80,12 +80,14 @@ def _segments(n_layers: int) -> list[range]:
     return [range(s, min(s + LAYERS_PER_SEGMENT, n_layers)) for s in range(0, n_layers, LAYERS_PER_SEGMENT)]
 
 
-def _build_segment(gb: GraphBuilder, family: ModuleType, args, layers: range, weights: list) -> None:
+def _build_segment(gb: GraphBuilder, family: ModuleType, args, layers: range, weights: list,
+                   taps: tuple[str, ...]) -> None:
     declare_segment_io(gb, layers, args.d_model, args.n_kv_heads, args.head_dim)
     hidden = "hidden"
     for i, lw in zip(layers, weights):
         hidden = family.build_layer(gb, args, lw, i, hidden)
     gb.op("Identity", [hidden], out=["hidden_out"])
+    gb.expose_taps(taps)
 
 
 def _head_slices(f: GGUFFile, args) -> list[tuple[int, int]]:
@@ -95,10 +97,11 @@ def _head_slices(f: GGUFFile, args) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def load_model(path: str, opts: LoadOptions) -> LoadedModel:
+def load_model(path: str, opts: LoadOptions, taps: tuple[str, ...] = ()) -> LoadedModel:
     """Piece by piece: repack one layer (or one slice of the output matrix), compile its session, release the
     transients, go on. Peak memory stays near the final footprint plus one piece, instead of holding every
-    repacked buffer and onnxruntime's copy of it at once."""
+    repacked buffer and onnxruntime's copy of it at once. `taps` names intermediates (e.g. "ffn_act") the
+    executor should hand back after each forward (calibration)."""
     t0 = time.perf_counter()
     opts.validate()
     _fixed_mmap_threshold()
@@ -117,7 +120,7 @@ def load_model(path: str, opts: LoadOptions) -> LoadedModel:
         threads = opts.resolved_threads()
         segments = _segments(args.n_layers)
         pieces = [compile_piece(lambda seg=seg: [family.load_layer(f, args, i) for i in seg],
-                                lambda gb, w, seg=seg: _build_segment(gb, family, args, seg, w), f"layers{seg[0]}")
+                                lambda gb, w, seg=seg: _build_segment(gb, family, args, seg, w, taps), f"layers{seg[0]}")
                   for seg in segments]
         head = [compile_piece(lambda r=r: family.load_head(f, args, *r),
                               lambda gb, w: family.build_head(gb, args, w), f"head{r[0]}")

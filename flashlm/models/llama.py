@@ -167,6 +167,7 @@ def _swiglu(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, x: str, i: int) ->
     gate_up = emit_linears(gb, x, lw.gate_up, f"l{i}_gate_up")
     gate, up = gb.op("Split", [gate_up, gb.const("split", np.array([a.n_ff, a.n_ff], np.int64))], n_out=2, axis=-1)
     act = gb.op("Mul", [gb.op("Mul", [gate, gb.op("Sigmoid", [gate])]), up])
+    gb.taps[("ffn_act", i)] = act  # (1, S, n_ff): what calibration and sparsity prediction look at
     return emit_linears(gb, act, lw.down, f"l{i}_down")
 
 

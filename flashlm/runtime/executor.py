@@ -42,6 +42,10 @@ class Executor:
         assert self._head_bounds[-1] == vocab_size
         self._bound_generation = -1
         self._hidden: dict[int, tuple] = {}  # S -> (arrays, OrtValues) ping-pong buffers
+        # Extra outputs a caller asked for at load (name -> last dimension); filled by each forward.
+        self.taps = [{o.name: o.shape[-1] for o in sess.get_outputs()[1:] if not o.name.startswith("present_")}
+                     for sess, _ in segments]
+        self.tap_values: dict[str, np.ndarray] = {}
 
     def _bind_cache(self) -> None:
         for (_, layers), io in zip(self.segments, self.segment_io):
@@ -73,6 +77,9 @@ class Executor:
         for k, ((sess, _), io) in enumerate(zip(self.segments, self.segment_io)):
             io.bind_ortvalue_input("hidden", values[k % 2])
             io.bind_ortvalue_output("hidden_out", values[(k + 1) % 2])
+            for name, dim in self.taps[k].items():
+                self.tap_values[name] = np.empty((1, n, dim), np.float32)
+                io.bind_ortvalue_output(name, self._ortvalue(self.tap_values[name]))
             sess.run_with_iobinding(io)
         hidden = values[len(self.segments) % 2]
         out = np.empty((n, self.vocab_size), np.float32) if all_logits else self._last_logits

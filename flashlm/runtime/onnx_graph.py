@@ -33,6 +33,7 @@ class GraphBuilder:
         self.resident_bytes = 0  # bytes of large constants (weights) handed to onnxruntime
         self._ids = itertools.count()
         self.memo: dict[tuple, str] = {}  # shared sub-results, e.g. per-block sums of one input
+        self.taps: dict[tuple[str, int], str] = {}  # (kind, layer) -> intermediate a caller may ask to see
 
     def fresh(self, hint: str) -> str:
         return f"{hint}_{next(self._ids)}"
@@ -61,6 +62,17 @@ class GraphBuilder:
         outputs = out or [self.fresh(op_type.lower()) for _ in range(n_out)]
         self.nodes.append(proto.node(op_type, inputs, outputs, domain=domain, **attrs))
         return outputs[0] if len(outputs) == 1 else outputs
+
+    def expose_taps(self, kinds: tuple[str, ...]) -> list[str]:
+        """Make the recorded intermediates of these kinds graph outputs named `{kind}_{layer}`."""
+        names = []
+        for (kind, layer), value in self.taps.items():
+            if kind in kinds:
+                name = f"{kind}_{layer}"
+                self.op("Identity", [value], out=[name])
+                self.output(name, np.float32, [1, "S", f"{kind}_dim"])
+                names.append(name)
+        return names
 
     def model_bytes(self) -> bytes:
         return proto.model(self.name, self.nodes, self.inputs, self.outputs, self.initializers,

@@ -1,0 +1,88 @@
+"""The .flash file: a GGUF container (so gguf tools and llama.cpp's vocabulary loader read it) holding
+
+  - every tensor the model needs each token (embeddings, attention, norms, output) unchanged, in its source
+    quantization: 4-bit weights are not quantized a second time;
+  - per layer one tensor `blk.{i}.ffn_bundle` of n_ff records, one per neuron (row-column bundling, the paper's
+    Sec. 3.2): gate row i and up row i in their source block format, then down column i, which GGUF stores strided
+    across rows and is therefore transposed and requantized (to DOWN_TYPE, chosen by measured error);
+  - neurons of each layer ordered hot first by activation frequency on calibration text, so a hot set is one
+    contiguous range; `flashlm.layer.{i}.neuron_order` maps stored position -> original neuron index;
+  - records padded to RECORD_ALIGN bytes, tensor data aligned to DATA_ALIGN (general.alignment) for direct I/O;
+  - a CRC32 per section (the resident tensors, and each layer's bundle) under flashlm.*;
+  - all source metadata (architecture, tokenizer, chat template) carried over, so the file is self-contained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+
+FORMAT_VERSION = 1
+DATA_ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffers aligned to the logical block size (<= 4096)
+RECORD_ALIGN = 64  # records start on cache-line boundaries; runs of records are read as aligned supersets
+DOWN_TYPE = QT.Q8_0  # measured: an 8-bit down column keeps the loss near zero (see README)
+BUNDLE_TYPE = QT.I8  # the bundle tensor's GGUF type: raw bytes
+
+KEY_VERSION = "flashlm.format_version"
+KEY_SOURCE = "flashlm.source"
+KEY_CALIBRATION = "flashlm.calibration"
+KEY_RESIDENT_CRC = "flashlm.checksum.resident"
+FFN_KEYS = ("ffn_gate", "ffn_up", "ffn_down")
+
+
+def bundle_name(i: int) -> str:
+    return f"blk.{i}.ffn_bundle"
+
+
+def layer_key(i: int, what: str) -> str:
+    return f"flashlm.layer.{i}.{what}"  # neuron_order, frequency, crc32
+
+
+def row_bytes(qtype: QT, n: int) -> int:
+    block, size = GGML_QUANT_SIZES[qtype]
+    return n // block * size
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """Byte layout of one neuron's record: [gate row | up row | down column | padding]."""
+
+    d_model: int
+    gate_type: QT
+    up_type: QT
+    down_type: QT
+
+    @property
+    def gate_bytes(self) -> int:
+        return row_bytes(self.gate_type, self.d_model)
+
+    @property
+    def up_bytes(self) -> int:
+        return row_bytes(self.up_type, self.d_model)
+
+    @property
+    def down_bytes(self) -> int:
+        return row_bytes(self.down_type, self.d_model)
+
+    @property
+    def used_bytes(self) -> int:
+        return self.gate_bytes + self.up_bytes + self.down_bytes
+
+    @property
+    def record_bytes(self) -> int:
+        return -(-self.used_bytes // RECORD_ALIGN) * RECORD_ALIGN
+
+    def slices(self) -> tuple[slice, slice, slice]:
+        g, u, d = self.gate_bytes, self.up_bytes, self.down_bytes
+        return slice(0, g), slice(g, g + u), slice(g + u, g + u + d)
+
+    def to_metadata(self) -> dict[str, int]:
+        return {"flashlm.bundle.d_model": self.d_model, "flashlm.bundle.gate_type": int(self.gate_type),
+                "flashlm.bundle.up_type": int(self.up_type), "flashlm.bundle.down_type": int(self.down_type),
+                "flashlm.bundle.record_bytes": self.record_bytes}
+
+    @classmethod
+    def from_metadata(cls, get) -> "RecordLayout":
+        return cls(int(get("flashlm.bundle.d_model")), QT(int(get("flashlm.bundle.gate_type"))),
+                   QT(int(get("flashlm.bundle.up_type"))), QT(int(get("flashlm.bundle.down_type"))))

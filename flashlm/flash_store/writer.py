@@ -1,0 +1,163 @@
+"""`flashlm convert`: GGUF -> .flash (layout in format.py). Row-column bundling lives here.
+
+Two passes over the FFN: the first builds each layer's bundle to checksum it (checksums go in the header, which
+is written before the data), the second builds it again and writes it, so memory holds one layer at a time. The
+output goes to a temporary file beside the target and is renamed into place only when complete: an interrupted or
+failed conversion leaves no output file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import gguf
+from gguf.constants import GGMLQuantizationType as QT
+
+from ..errors import FlashLMError, UnsupportedModelError
+from ..loaders.gguf_reader import GGUFFile, StringArray
+from ..loaders.model_loader import read_model
+from ..quant.formats import codec_for, dequantize
+from . import format as fmt
+from .calibrate import Calibration, calibrate
+
+
+@dataclass
+class ConvertReport:
+    path: str
+    n_layers: int
+    record_bytes: int
+    resident_bytes: int
+    bundle_bytes: int
+    down_rel_rms_error: float  # RMS error of the requantized down columns over RMS of the source weights
+    calibration: str
+
+
+def _ffn_name(i: int, key: str) -> str:
+    return f"blk.{i}.{key}.weight"
+
+
+def _layout(f: GGUFFile, n_layers: int, d_model: int) -> fmt.RecordLayout:
+    types = {(f.tensors[_ffn_name(i, "ffn_gate")].ggml_type, f.tensors[_ffn_name(i, "ffn_up")].ggml_type)
+             for i in range(n_layers)}
+    if len(types) != 1:
+        raise UnsupportedModelError(f"{f.path}: FFN gate/up formats differ between layers; not supported yet")
+    gate_type, up_type = types.pop()
+    for qt, name in ((gate_type, "ffn_gate"), (up_type, "ffn_up")):
+        codec_for(qt, name)
+    return fmt.RecordLayout(d_model, gate_type, up_type, fmt.DOWN_TYPE)
+
+
+def build_bundle(f: GGUFFile, i: int, layout: fmt.RecordLayout, order: np.ndarray) -> tuple[np.ndarray, float]:
+    """(n_ff, record_bytes) uint8 records in `order`, and the relative RMS error of the down requantization."""
+    gate = f.tensor_bytes(_ffn_name(i, "ffn_gate"))  # (n_ff, gate_bytes)
+    up = f.tensor_bytes(_ffn_name(i, "ffn_up"))
+    down_info = f.tensors[_ffn_name(i, "ffn_down")]
+    down_t = dequantize(f.tensor_bytes(down_info.name), down_info.ggml_type).T  # (n_ff, d_model), column i = row i
+    down_q = gguf.quants.quantize(np.ascontiguousarray(down_t, dtype=np.float32), layout.down_type)
+    err = dequantize(down_q, layout.down_type) - down_t
+    rel_err = float(np.sqrt((err ** 2).mean() / max((down_t ** 2).mean(), 1e-30)))
+    records = np.zeros((len(order), layout.record_bytes), np.uint8)
+    g, u, d = layout.slices()
+    records[:, g] = gate[order]
+    records[:, u] = up[order]
+    records[:, d] = down_q[order]
+    return records, rel_err
+
+
+def _copy_metadata(w: gguf.GGUFWriter, f: GGUFFile) -> None:
+    for key, value in f.metadata.items():
+        if key in ("general.architecture", "general.alignment") or key.startswith("flashlm."):
+            continue
+        vtype, item_type = f.value_types[key]
+        if isinstance(value, StringArray):
+            value = list(value)
+        elif isinstance(value, np.ndarray):
+            value = value.tolist()
+        w.add_key_value(key, value, gguf.GGUFValueType(vtype),
+                        None if item_type is None else gguf.GGUFValueType(item_type))
+
+
+def _progress(done: int, total: int, what: str) -> None:
+    if sys.stderr.isatty() or os.environ.get("FLASHLM_PROGRESS"):
+        bar = "#" * int(30 * done / total)
+        print(f"\r{what:<12} [{bar:<30}] {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+
+
+def convert(src: str, dst: str, calibration_text: str | None = None, force: bool = False,
+            calibration: Calibration | None = None) -> ConvertReport:
+    if os.path.exists(dst) and not force:
+        raise FlashLMError(f"{dst}: already exists (use --force to overwrite)")
+    if os.path.isdir(dst):
+        raise FlashLMError(f"{dst}: is a directory")
+    f, family, args = read_model(src)
+    try:
+        if any(_ffn_name(i, k) not in f.tensors for i in range(args.n_layers) for k in fmt.FFN_KEYS):
+            raise UnsupportedModelError(f"{src}: not a gated FFN model with ffn_gate/ffn_up/ffn_down per layer")
+        layout = _layout(f, args.n_layers, args.d_model)
+        if calibration is None:
+            calibration = calibrate(src, calibration_text, progress=lambda d, t: _progress(d, t, "calibrating"))
+        orders = [calibration.order(i) for i in range(args.n_layers)]
+        return _write(f, args, layout, orders, calibration, src, dst)
+    finally:
+        f.close()
+
+
+def _write(f, args, layout, orders, calibration, src, dst) -> ConvertReport:
+    ffn = {_ffn_name(i, k) for i in range(args.n_layers) for k in fmt.FFN_KEYS}
+    resident = [t for name, t in f.tensors.items() if name not in ffn]
+    crcs, errors = [], []
+    for i in range(args.n_layers):  # pass 1: checksums
+        records, err = build_bundle(f, i, layout, orders[i])
+        crcs.append(zlib.crc32(records))
+        errors.append(err)
+        _progress(i + 1, args.n_layers, "bundling")
+    resident_crc = 0
+    for t in resident:
+        resident_crc = zlib.crc32(f.tensor_bytes(t.name), resident_crc)
+
+    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.tmp-{os.getpid()}")
+    try:
+        w = gguf.GGUFWriter(tmp, args.arch)
+        w.data_alignment = fmt.DATA_ALIGN
+        w.add_custom_alignment(fmt.DATA_ALIGN)
+        _copy_metadata(w, f)
+        w.add_uint32(fmt.KEY_VERSION, fmt.FORMAT_VERSION)
+        w.add_string(fmt.KEY_SOURCE, os.path.basename(src))
+        w.add_string(fmt.KEY_CALIBRATION, calibration.description)
+        w.add_uint32(fmt.KEY_RESIDENT_CRC, resident_crc)
+        for key, value in layout.to_metadata().items():
+            w.add_uint32(key, value)
+        for i in range(args.n_layers):
+            w.add_array(fmt.layer_key(i, "neuron_order"), orders[i].tolist())
+            w.add_array(fmt.layer_key(i, "frequency"), calibration.frequency[i][orders[i]].tolist())
+            w.add_uint32(fmt.layer_key(i, "crc32"), crcs[i])
+        for t in resident:
+            w.add_tensor_info(t.name, f.tensor_bytes(t.name).shape, np.dtype(np.uint8), t.nbytes, t.ggml_type)
+        n_ff = len(orders[0])
+        for i in range(args.n_layers):
+            w.add_tensor_info(fmt.bundle_name(i), (n_ff, layout.record_bytes), np.dtype(np.int8),
+                              n_ff * layout.record_bytes, fmt.BUNDLE_TYPE)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t in resident:
+            w.write_tensor_data(f.tensor_bytes(t.name))
+        for i in range(args.n_layers):  # pass 2: write
+            records, _ = build_bundle(f, i, layout, orders[i])
+            w.write_tensor_data(records.view(np.int8))
+            _progress(i + 1, args.n_layers, "writing")
+        w.fout[0].flush()
+        os.fsync(w.fout[0].fileno())
+        w.close()
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return ConvertReport(dst, args.n_layers, layout.record_bytes, sum(t.nbytes for t in resident),
+                         args.n_layers * len(orders[0]) * layout.record_bytes, float(np.sqrt(np.mean(np.square(errors)))),
+                         calibration.description)
