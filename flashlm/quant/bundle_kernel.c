@@ -1,0 +1,216 @@
+/* The bundle FFN kernel: a gated FFN computed straight from row-column bundled records.
+ *
+ * A record holds one neuron: gate row and up row (GGML Q4_0 / Q4_1 / Q8_0 blocks along d_model) and the down
+ * column (Q8_0 blocks along d_model). For tokens x (S, d):
+ *     a[s, i] = act(gate_i . x_s) * (up_i . x_s)        y[s, :] += a[s, i] * down_i
+ * Each record is read once per call, whatever S is; activations stay float32 (no int8 rounding), so the result
+ * depends only on which records are passed, not on where they came from (RAM cache or flash). onnxruntime has no
+ * fast kernel for quantized weights that change between calls (MatMulNBits with non-constant weights: 4 ms for a
+ * 576x3072 product here, against 0.2 ms for int8 MatMulInteger), hence this file. Built at first use by
+ * bundle_kernel.py with the system C compiler; a numpy reference implementation stands in when none is found.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8 };  /* GGML type ids */
+enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
+
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline float f16_to_f32(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+#else
+static inline float f16_to_f32(const uint8_t *p) {
+    uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(mant & 0x400)) { mant <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((mant & 0x3FF) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7F800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+#endif
+
+/* One quantized row (d values, 32-wide blocks) -> float. Plain loops: -O3 -march=native vectorizes them. */
+static void dequant_row(const uint8_t *restrict row, int type, float *restrict out, int d) {
+    int nb = d / 32;
+    for (int b = 0; b < nb; b++) {
+        float *o = out + 32 * b;
+        if (type == T_Q8_0) {
+            const uint8_t *blk = row + 34 * b;
+            const int8_t *q = (const int8_t *)(blk + 2);
+            float dd = f16_to_f32(blk);
+            for (int j = 0; j < 32; j++) o[j] = dd * (float)q[j];
+        } else {
+            int q41 = type == T_Q4_1;
+            const uint8_t *blk = row + (q41 ? 20 : 18) * b;
+            const uint8_t *qs = blk + (q41 ? 4 : 2);
+            float dd = f16_to_f32(blk), m = q41 ? f16_to_f32(blk + 2) : -8.0f * dd;
+            for (int j = 0; j < 16; j++) o[j] = dd * (float)(qs[j] & 15) + m;  /* two loops: each vectorizes */
+            for (int j = 0; j < 16; j++) o[j + 16] = dd * (float)(qs[j] >> 4) + m;
+        }
+    }
+}
+
+static inline float dot(const float *a, const float *b, int d) {
+    float s = 0.0f;
+    for (int j = 0; j < d; j++) s += a[j] * b[j];
+    return s;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* Fused single-token path: dot products and the down update straight from the quantized blocks. */
+static inline __m256 cvt8(__m128i bytes_u8) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes_u8)); }
+static inline __m256 cvt8s(__m128i bytes_i8) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes_i8)); }
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static float row_dot_avx2(const uint8_t *row, int type, const float *x, const float *xsum, int d) {
+    __m256 acc = _mm256_setzero_ps();
+    float offset = 0.0f;
+    const __m128i mask = _mm_set1_epi8(15);
+    for (int b = 0; b < d / 32; b++) {
+        const float *xb = x + 32 * b;
+        __m256 blk_acc;
+        float dd;
+        if (type == T_Q8_0) {
+            const uint8_t *blk = row + 34 * b;
+            __m128i q0 = _mm_loadu_si128((const __m128i *)(blk + 2)), q1 = _mm_loadu_si128((const __m128i *)(blk + 18));
+            dd = f16_to_f32(blk);
+            blk_acc = _mm256_mul_ps(cvt8s(q0), _mm256_loadu_ps(xb));
+            blk_acc = _mm256_fmadd_ps(cvt8s(_mm_srli_si128(q0, 8)), _mm256_loadu_ps(xb + 8), blk_acc);
+            blk_acc = _mm256_fmadd_ps(cvt8s(q1), _mm256_loadu_ps(xb + 16), blk_acc);
+            blk_acc = _mm256_fmadd_ps(cvt8s(_mm_srli_si128(q1, 8)), _mm256_loadu_ps(xb + 24), blk_acc);
+        } else {
+            int q41 = type == T_Q4_1;
+            const uint8_t *blk = row + (q41 ? 20 : 18) * b;
+            __m128i q = _mm_loadu_si128((const __m128i *)(blk + (q41 ? 4 : 2)));
+            __m128i lo = _mm_and_si128(q, mask), hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+            dd = f16_to_f32(blk);
+            offset += (q41 ? f16_to_f32(blk + 2) : -8.0f * dd) * xsum[b];
+            blk_acc = _mm256_mul_ps(cvt8(lo), _mm256_loadu_ps(xb));
+            blk_acc = _mm256_fmadd_ps(cvt8(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xb + 8), blk_acc);
+            blk_acc = _mm256_fmadd_ps(cvt8(hi), _mm256_loadu_ps(xb + 16), blk_acc);
+            blk_acc = _mm256_fmadd_ps(cvt8(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xb + 24), blk_acc);
+        }
+        acc = _mm256_fmadd_ps(blk_acc, _mm256_set1_ps(dd), acc);
+    }
+    return hsum(acc) + offset;
+}
+
+static void down_axpy_avx2(const uint8_t *down, float a, float *y, int d) {
+    for (int b = 0; b < d / 32; b++) {
+        const uint8_t *blk = down + 34 * b;
+        __m256 c = _mm256_set1_ps(a * f16_to_f32(blk));
+        __m128i q0 = _mm_loadu_si128((const __m128i *)(blk + 2)), q1 = _mm_loadu_si128((const __m128i *)(blk + 18));
+        float *yb = y + 32 * b;
+        _mm256_storeu_ps(yb, _mm256_fmadd_ps(c, cvt8s(q0), _mm256_loadu_ps(yb)));
+        _mm256_storeu_ps(yb + 8, _mm256_fmadd_ps(c, cvt8s(_mm_srli_si128(q0, 8)), _mm256_loadu_ps(yb + 8)));
+        _mm256_storeu_ps(yb + 16, _mm256_fmadd_ps(c, cvt8s(q1), _mm256_loadu_ps(yb + 16)));
+        _mm256_storeu_ps(yb + 24, _mm256_fmadd_ps(c, cvt8s(_mm_srli_si128(q1, 8)), _mm256_loadu_ps(yb + 24)));
+    }
+}
+#define HAVE_FUSED 1
+#endif
+
+static inline float activate(float g, int act) {
+    if (act == ACT_GELU_TANH) return 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g)));
+    return g / (1.0f + expf(-g));
+}
+
+/* rows: n pointers to records, in the order their contributions are summed (callers pass neuron-id order, so the
+ * result does not depend on where each record sits); gate at offset 0, up at up_offset, down at down_offset.
+ * x: (S, d), y: (S, d) accumulated into (not cleared), act_out: (S, n) or NULL. Deterministic for a given n_threads:
+ * static partition of the rows, per-thread partial sums added in thread order. */
+int bundle_ffn(const uint8_t *const *rows, int64_t n, int d, int gate_type, int up_type, int64_t up_offset,
+               int64_t down_offset, int act, const float *x, int S, float *y, float *act_out, int n_threads) {
+    if (d % 32 || (gate_type != T_Q4_0 && gate_type != T_Q4_1 && gate_type != T_Q8_0) ||
+        (up_type != T_Q4_0 && up_type != T_Q4_1 && up_type != T_Q8_0))
+        return -1;
+    if (n_threads < 1) n_threads = 1;
+#ifndef _OPENMP
+    n_threads = 1;
+#endif
+    size_t sd = (size_t)S * d;
+    int nb = d / 32;
+    float *xsum = malloc(sizeof(float) * (size_t)S * nb);
+    if (!xsum) return -2;
+    for (int s = 0; s < S; s++)
+        for (int b = 0; b < nb; b++) {
+            float t = 0.0f;
+            for (int j = 0; j < 32; j++) t += x[(size_t)s * d + 32 * b + j];
+            xsum[(size_t)s * nb + b] = t;
+        }
+    float *partial = calloc((size_t)n_threads * sd, sizeof(float));
+    float *scratch = malloc(sizeof(float) * (size_t)n_threads * 3 * d);
+    if (!partial || !scratch) {
+        free(partial); free(scratch); free(xsum);
+        return -2;
+    }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(n_threads)
+#endif
+    {
+        int tid = 0, nt = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        int64_t lo = n * tid / nt, hi = n * (tid + 1) / nt;
+        float *ylocal = partial + (size_t)tid * sd;
+        float *gf = scratch + (size_t)tid * 3 * d, *uf = gf + d, *df = uf + d;
+#ifdef HAVE_FUSED
+        if (S == 1) {  /* decode: no intermediate buffers */
+            for (int64_t i = lo; i < hi; i++) {
+                const uint8_t *rec = rows[i];
+                float a = activate(row_dot_avx2(rec, gate_type, x, xsum, d), act) *
+                          row_dot_avx2(rec + up_offset, up_type, x, xsum, d);
+                if (act_out) act_out[i] = a;
+                down_axpy_avx2(rec + down_offset, a, ylocal, d);
+            }
+            lo = hi;
+        }
+#endif
+        for (int64_t i = lo; i < hi; i++) {
+            const uint8_t *rec = rows[i];
+            dequant_row(rec, gate_type, gf, d);
+            dequant_row(rec + up_offset, up_type, uf, d);
+            dequant_row(rec + down_offset, T_Q8_0, df, d);
+            for (int s = 0; s < S; s++) {
+                const float *xs = x + (size_t)s * d;
+                float a = activate(dot(gf, xs, d), act) * dot(uf, xs, d);
+                if (act_out) act_out[(size_t)s * n + i] = a;
+                float *ys = ylocal + (size_t)s * d;
+                for (int j = 0; j < d; j++) ys[j] += a * df[j];
+            }
+        }
+    }
+    for (int t = 0; t < n_threads; t++)
+        for (size_t k = 0; k < sd; k++) y[k] += partial[(size_t)t * sd + k];
+    free(partial); free(scratch); free(xsum);
+    return 0;
+}

@@ -1,0 +1,122 @@
+"""Python side of the bundle FFN kernel (bundle_kernel.c): build it once per machine, call it through ctypes.
+
+The shared library is compiled at first use with the system C compiler (-O3 -march=native -fopenmp) into the
+user's cache directory, keyed by the source, the compiler and the CPU's feature flags, so a cache shared between
+machines never runs code built for another CPU. Without a compiler the numpy reference below is used (slow, same
+math) and `BundleKernel.native` is False.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+
+from gguf.constants import GGMLQuantizationType as QT
+
+from ..quant.formats import dequantize
+
+SOURCE = os.path.join(os.path.dirname(__file__), "bundle_kernel.c")
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
+SUPPORTED_ROW_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q8_0)
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "flashlm")
+
+
+def build_library() -> str | None:
+    """Path of the compiled kernel, building it if needed; None when no C compiler is available."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    # -ffast-math lets the float reductions vectorize (a fixed reassociation, chosen at compile time: results stay
+    # deterministic); -fno-finite-math-only keeps inf/nan semantics.
+    flags = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-shared", "-fPIC"]
+    with open(SOURCE, "rb") as f:
+        key = hashlib.sha256(f.read() + " ".join([cc, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
+    path = os.path.join(_cache_dir(), f"bundle_kernel-{key}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(_cache_dir(), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
+    os.close(fd)
+    try:
+        subprocess.run([cc, *flags, "-o", tmp, SOURCE, "-lm"], check=True, capture_output=True)
+        os.replace(tmp, path)
+    except (OSError, subprocess.CalledProcessError):
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        return None
+    return path
+
+
+def reference_ffn(records: np.ndarray, layout, x: np.ndarray, activation: str = "silu") -> tuple[np.ndarray, np.ndarray]:
+    """numpy reference: records (n, record_bytes) uint8, x (S, d) -> (y (S, d), act (S, n)); float64 inside."""
+    g, u, dn = layout.slices()
+    n, d = len(records), layout.d_model
+    gate = dequantize(records[:, g], layout.gate_type).reshape(n, d).astype(np.float64)
+    up = dequantize(records[:, u], layout.up_type).reshape(n, d).astype(np.float64)
+    down = dequantize(records[:, dn], layout.down_type).reshape(n, d).astype(np.float64)
+    xg, xu = x.astype(np.float64) @ gate.T, x.astype(np.float64) @ up.T
+    if activation == "silu":
+        act = xg / (1.0 + np.exp(-xg)) * xu
+    else:
+        act = 0.5 * xg * (1.0 + np.tanh(0.7978845608 * (xg + 0.044715 * xg ** 3))) * xu
+    return (act @ down).astype(np.float32), act.astype(np.float32)
+
+
+class BundleKernel:
+    """y += FFN(x) over the given records (addresses), in the given order."""
+
+    def __init__(self, layout, activation: str = "silu", threads: int = 1):
+        for t in (layout.gate_type, layout.up_type):
+            if t not in SUPPORTED_ROW_TYPES:
+                raise ValueError(f"bundle kernel: unsupported row type {t.name}")
+        if layout.down_type != QT.Q8_0:
+            raise ValueError("bundle kernel: down columns must be Q8_0")
+        self.layout, self.activation, self.threads = layout, activation, threads
+        path = build_library()
+        self.native = path is not None
+        if self.native:
+            lib = ctypes.CDLL(path)
+            fn = lib.bundle_ffn
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                           ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                           ctypes.c_void_p, ctypes.c_int]
+            self._fn, self._lib = fn, lib
+        g, u, dn = layout.slices()
+        self._up_offset, self._down_offset = u.start, dn.start
+
+    def run(self, row_addresses: np.ndarray, x: np.ndarray, y: np.ndarray, act_out: np.ndarray | None = None,
+            rows: np.ndarray | None = None) -> None:
+        """row_addresses: (n,) uint64 addresses of records; x, y: (S, d) float32 C-contiguous (y accumulated).
+        `rows` (n, record_bytes) is needed only by the numpy fallback."""
+        n, S = len(row_addresses), x.shape[0]
+        if not self.native:
+            dy, act = reference_ffn(rows, self.layout, x, self.activation)
+            y += dy
+            if act_out is not None:
+                act_out[...] = act
+            return
+        status = self._fn(row_addresses.ctypes.data, n, self.layout.d_model, int(self.layout.gate_type),
+                          int(self.layout.up_type), self._up_offset, self._down_offset,
+                          ACTIVATIONS[self.activation], x.ctypes.data, S, y.ctypes.data,
+                          None if act_out is None else act_out.ctypes.data, self.threads)
+        if status != 0:
+            raise RuntimeError(f"bundle kernel failed ({status})")
