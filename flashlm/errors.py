@@ -23,3 +23,7 @@ class InvalidOptionError(FlashLMError, ValueError):
 
 class ChatTemplateError(FlashLMError):
     """The model's chat template is missing or failed to render."""
+
+
+class BudgetError(FlashLMError):
+    """The memory budget cannot hold what the model needs resident (the message names the smallest workable one)."""

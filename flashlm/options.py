@@ -22,6 +22,8 @@ class LoadOptions:
     threads: int = 0  # 0: the number of physical cores available to this process
     ctx_size: int = 4096  # 0: the model's training context
     batch_size: int = 512  # prompt tokens evaluated per graph call
+    memory_budget: int | str | None = None  # cap on the whole process's memory: bytes or "150MB"; None: no cap
+    io_threads: int = 4  # reader threads for flash-store streaming
     verbose: bool = False
 
     def validate(self) -> "LoadOptions":
@@ -29,6 +31,17 @@ class LoadOptions:
         _check(isinstance(self.ctx_size, int) and self.ctx_size >= 0, f"ctx_size must be >= 0, got {self.ctx_size!r}")
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
                f"batch_size must be >= 1, got {self.batch_size!r}")
+        _check(isinstance(self.io_threads, int) and self.io_threads >= 1,
+               f"io_threads must be >= 1, got {self.io_threads!r}")
+        if isinstance(self.memory_budget, str):
+            from .flash_store.planner import parse_size
+
+            try:
+                object.__setattr__(self, "memory_budget", parse_size(self.memory_budget))
+            except ValueError as e:
+                raise InvalidOptionError(str(e)) from None
+        _check(self.memory_budget is None or (isinstance(self.memory_budget, int) and self.memory_budget > 0),
+               f"memory_budget must be a positive size, got {self.memory_budget!r}")
         return self
 
     def resolved_threads(self) -> int:

@@ -10,18 +10,22 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+import os
 import time
 
 import numpy as np
 from dataclasses import dataclass
 from types import ModuleType
 
+from ..errors import BudgetError
+from ..flash_store.reader import is_flash_store
 from ..models import family_for
 from ..models.base import Metadata, declare_segment_io
 from ..options import LoadOptions
 from ..runtime.executor import Engine, Executor
 from ..runtime.kv_cache import KVCache
 from ..runtime.onnx_graph import GraphBuilder
+from .flash_loader import load_flash_parts
 from .gguf_reader import GGUFFile
 
 
@@ -36,6 +40,7 @@ class LoadedModel:
     threads: int
     load_ms: float
     resident_bytes: int  # weights handed to the compute graph, in our (packed) layout
+    plan: object = None  # FlashPlan when running a flash store
 
 
 def _libc():
@@ -118,22 +123,41 @@ def load_model(path: str, opts: LoadOptions, taps: tuple[str, ...] = ()) -> Load
     try:
         n_ctx = opts.ctx_size or args.n_ctx_train
         threads = opts.resolved_threads()
-        segments = _segments(args.n_layers)
-        pieces = [compile_piece(lambda seg=seg: [family.load_layer(f, args, i) for i in seg],
-                                lambda gb, w, seg=seg: _build_segment(gb, family, args, seg, w, taps), f"layers{seg[0]}")
-                  for seg in segments]
+        head_slices = _head_slices(f, args)
+        plan = ffn = None
+        if is_flash_store(f):
+            segments, plan, ffn = load_flash_parts(path, f, family, args, opts, n_ctx, threads, compile_piece,
+                                                   head_slices)
+        else:
+            if opts.memory_budget is not None:
+                _check_gguf_fits(f, opts.memory_budget)
+            segments = [(compile_piece(lambda seg=seg: [family.load_layer(f, args, i) for i in seg],
+                                       lambda gb, w, seg=seg: _build_segment(gb, family, args, seg, w, taps),
+                                       f"layers{seg[0]}"), seg) for seg in _segments(args.n_layers)]
         head = [compile_piece(lambda r=r: family.load_head(f, args, *r),
-                              lambda gb, w: family.build_head(gb, args, w), f"head{r[0]}")
-                for r in _head_slices(f, args)]
+                              lambda gb, w: family.build_head(gb, args, w), f"head{r[0]}") for r in head_slices]
         cos, sin = family.rope_tables(f, args, n_ctx)
         embed = family.load_embedding(f, args)
+        f._mmap.madvise(mmap.MADV_DONTNEED)
         _release_heap()
     except Exception:
         f.close()
         raise
     kv = KVCache(args.n_layers, args.n_kv_heads, args.head_dim, n_ctx)
-    executor = Executor([(s, seg) for (s, _), seg in zip(pieces, segments)], [s for s, _ in head], embed, kv,
-                        args.vocab_size, cos, sin)
-    engine = Engine(executor, n_ctx, opts.batch_size)
-    resident = sum(b for _, b in pieces + head)
-    return LoadedModel(path, f, family, args, engine, n_ctx, threads, (time.perf_counter() - t0) * 1e3, resident)
+    executor = Executor([(s, seg) for (s, _), seg in segments], [s for s, _ in head], embed, kv,
+                        args.vocab_size, cos, sin, ffn=ffn)
+    engine = Engine(executor, n_ctx, plan.batch_size if plan else opts.batch_size)
+    resident = sum(b for (_, b), _ in segments) + sum(b for _, b in head)
+    return LoadedModel(path, f, family, args, engine, n_ctx, threads, (time.perf_counter() - t0) * 1e3, resident,
+                       plan)
+
+
+def _check_gguf_fits(f: GGUFFile, budget: int) -> None:
+    """A GGUF runs fully resident; under a budget it must fit, or be converted to a flash store first."""
+    import psutil
+
+    need = psutil.Process().memory_info().rss + int(sum(t.nbytes for t in f.tensors.values()) * 1.7)
+    if need > budget:
+        raise BudgetError(f"{f.path}: a GGUF runs fully resident and needs about {need / 1e6:.0f} MB; for a budget "
+                          f"of {budget / 1e6:.0f} MB convert it first (flashlm convert {os.path.basename(f.path)} "
+                          f"-o MODEL.flash) and run the .flash file")

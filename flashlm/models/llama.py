@@ -90,12 +90,12 @@ class LayerWeights:
     qkv: list[Linear]
     o: list[Linear]
     ffn_norm: np.ndarray
-    gate_up: list[Linear]
-    down: list[Linear]
+    gate_up: list[Linear] | None  # None when the FFN is streamed from a flash store
+    down: list[Linear] | None
 
     @property
     def nbytes(self) -> int:
-        return sum(m.nbytes for part in (self.qkv, self.o, self.gate_up, self.down) for m in part)
+        return sum(m.nbytes for part in (self.qkv, self.o, self.gate_up, self.down) if part for m in part)
 
 
 @dataclass
@@ -112,7 +112,7 @@ class HeadWeights:
         return sum(m.nbytes for m in self.output)
 
 
-def load_layer(f: GGUFFile, a: ModelArgs, i: int) -> LayerWeights:
+def load_layer(f: GGUFFile, a: ModelArgs, i: int, ffn: bool = True) -> LayerWeights:
     d, q_out, kv_out = a.d_model, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
     has_bias = layer_name("q_bias", i) in f.tensors
     return LayerWeights(
@@ -121,8 +121,8 @@ def load_layer(f: GGUFFile, a: ModelArgs, i: int) -> LayerWeights:
                    [layer_name(k, i) for k in ("q_bias", "k_bias", "v_bias")] if has_bias else None),
         o=linear(f, [layer_name("o", i)], q_out, [d]),
         ffn_norm=vector(f, layer_name("ffn_norm", i), d),
-        gate_up=linear(f, [layer_name("gate", i), layer_name("up", i)], d, [a.n_ff, a.n_ff]),
-        down=linear(f, [layer_name("down", i)], a.n_ff, [d]),
+        gate_up=linear(f, [layer_name("gate", i), layer_name("up", i)], d, [a.n_ff, a.n_ff]) if ffn else None,
+        down=linear(f, [layer_name("down", i)], a.n_ff, [d]) if ffn else None,
     )
 
 
@@ -171,12 +171,20 @@ def _swiglu(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, x: str, i: int) ->
     return emit_linears(gb, act, lw.down, f"l{i}_down")
 
 
-def build_layer(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, i: int, hidden: str) -> str:
-    """Decoder layer i on the residual stream `hidden`, appending to its KV cache; returns the new stream."""
+def build_attention(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, i: int, hidden: str) -> tuple[str, str]:
+    """The attention half of layer i: returns (normed FFN input, residual stream after attention)."""
     x, _ = _rms_norm(gb, hidden, lw.attn_norm, a.norm_eps)
     attn = _attention(gb, a, lw, x, i)
-    x, residual = _rms_norm(gb, attn, lw.ffn_norm, a.norm_eps, residual=hidden)
+    return _rms_norm(gb, attn, lw.ffn_norm, a.norm_eps, residual=hidden)
+
+
+def build_layer(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, i: int, hidden: str) -> str:
+    """Decoder layer i on the residual stream `hidden`, appending to its KV cache; returns the new stream."""
+    x, residual = build_attention(gb, a, lw, i, hidden)
     return gb.op("Add", [_swiglu(gb, a, lw, x, i), residual])
+
+
+FFN_ACTIVATION = "silu"  # what the bundle kernel applies to the gate when the FFN is streamed
 
 
 def build_head(gb: GraphBuilder, a: ModelArgs, w: HeadWeights) -> None:

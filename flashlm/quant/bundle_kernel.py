@@ -109,6 +109,10 @@ class BundleKernel:
         `rows` (n, record_bytes) is needed only by the numpy fallback."""
         n, S = len(row_addresses), x.shape[0]
         if not self.native:
+            if rows is None:
+                rb = self.layout.record_bytes
+                rows = np.stack([np.frombuffer((ctypes.c_uint8 * rb).from_address(int(a)), np.uint8)
+                                 for a in row_addresses])
             dy, act = reference_ffn(rows, self.layout, x, self.activation)
             y += dy
             if act_out is not None:

@@ -1,0 +1,139 @@
+"""The flash-aware I/O engine: positional reads, O_DIRECT where the filesystem allows, a pool of reader threads,
+adjacent records coalesced into one read, reads issued ahead (the next layer's while this one computes).
+
+O_DIRECT keeps the model out of the page cache, so memory use is what the planner budgets and nothing silently
+grows beside it; where O_DIRECT is refused (tmpfs, some network filesystems) reads are buffered and followed by
+posix_fadvise(DONTNEED). Reads land in page-aligned buffers (anonymous mmap), as O_DIRECT requires.
+Measured here (../shared/MACHINE.md): 4 KiB random reads ~0.3-0.6 GB/s, 64 KiB ~2.0-2.5 GB/s, 256 KiB+ 2.4-4.5 GB/s:
+so each read is at least `min_read_bytes` and a large range is split across threads in chunks of `chunk_bytes`.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ModelFileError
+
+ALIGN = 4096
+
+
+def aligned_buffer(nbytes: int) -> np.ndarray:
+    """A page-aligned uint8 buffer (anonymous mmap): valid for O_DIRECT reads."""
+    size = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+    return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
+
+
+@dataclass
+class IOStats:
+    bytes_read: int = 0  # bytes requested by callers (what the model needed)
+    bytes_transferred: int = 0  # bytes actually read from storage (aligned supersets)
+    reads: int = 0  # positional read calls issued
+    read_s: float = 0.0  # summed time inside read calls (across threads)
+
+    def snapshot(self) -> "IOStats":
+        return IOStats(self.bytes_read, self.bytes_transferred, self.reads, self.read_s)
+
+    def since(self, before: "IOStats") -> "IOStats":
+        return IOStats(self.bytes_read - before.bytes_read, self.bytes_transferred - before.bytes_transferred,
+                       self.reads - before.reads, self.read_s - before.read_s)
+
+
+class FlashReader:
+    def __init__(self, path: str, threads: int = 4, chunk_bytes: int = 1 << 20, direct: bool = True):
+        self.path, self.chunk_bytes = path, chunk_bytes
+        self.direct = False
+        fd = -1
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                self.direct = True
+            except OSError:
+                fd = -1
+        if fd < 0:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise ModelFileError(f"{path}: cannot open for reading: {e.strerror}") from None
+        self.fd = fd
+        self.file_size = os.fstat(fd).st_size
+        self.stats = IOStats()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="flashlm-io")
+
+    def _read_chunk(self, buf: memoryview, file_offset: int) -> int:
+        t = time.perf_counter()
+        total = 0
+        while total < len(buf):
+            try:
+                n = os.preadv(self.fd, [buf[total:]], file_offset + total)
+            except OSError as e:
+                raise ModelFileError(f"{self.path}: read failed at byte {file_offset + total}: {e.strerror}") \
+                    from None
+            if n == 0:
+                raise ModelFileError(f"{self.path}: unexpected end of file at byte {file_offset + total} "
+                                     "(file truncated?)")
+            total += n
+        if not self.direct and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, file_offset, total, os.POSIX_FADV_DONTNEED)
+        with self._lock:
+            self.stats.reads += 1
+            self.stats.bytes_transferred += total
+            self.stats.read_s += time.perf_counter() - t
+        return total
+
+    def read(self, file_offset: int, nbytes: int, out: np.ndarray | None = None) -> Future:
+        """Read [file_offset, file_offset + nbytes) in parallel chunks. The future's result is a uint8 view of
+        exactly those bytes (inside `out`, an aligned buffer of at least nbytes + 2*ALIGN, if given)."""
+        if file_offset < 0 or file_offset + nbytes > self.file_size:
+            raise ModelFileError(f"{self.path}: read of bytes {file_offset}..{file_offset + nbytes} is past the end "
+                                 f"of the file ({self.file_size} bytes; truncated?)")
+        start = file_offset // ALIGN * ALIGN
+        stop = min(-(-(file_offset + nbytes) // ALIGN) * ALIGN, -(-self.file_size // ALIGN) * ALIGN)
+        span = stop - start
+        if out is None:
+            out = aligned_buffer(span)
+        elif out.nbytes < span:
+            raise ValueError("read buffer too small")
+        view = memoryview(out)
+        with self._lock:
+            self.stats.bytes_read += nbytes
+        tail = self.file_size - start  # O_DIRECT may return a short last block at the end of the file
+        futures = []
+        for off in range(0, span, self.chunk_bytes):
+            length = min(self.chunk_bytes, span - off, max(tail - off, 0))
+            if length > 0:
+                futures.append(self._pool.submit(self._read_chunk, view[off:off + length], start + off))
+        result: Future = Future()
+        lead = file_offset - start
+        remaining = [len(futures)]
+        lock = threading.Lock()
+
+        def done(_):
+            with lock:
+                remaining[0] -= 1
+                if remaining[0]:
+                    return
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            if errors:
+                result.set_exception(errors[0])
+            else:
+                result.set_result(out[lead:lead + nbytes])
+
+        for f in futures:
+            f.add_done_callback(done)
+        if not futures:
+            result.set_result(out[lead:lead + nbytes])
+        return result
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

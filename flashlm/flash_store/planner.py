@@ -1,0 +1,124 @@
+"""Planning under a memory budget: what stays resident, how many hot neurons each layer keeps, what streams.
+
+The budget caps the whole process (interpreter and libraries included). What is left after the measured baseline
+pays, in order: the resident graphs (attention and output matrix, onnxruntime's packed form), the KV cache for the
+full context, activation scratch for a prompt batch, two I/O buffers for the streamed part of a layer's FFN (one
+being read while the other is computed), and then as many hot neurons per layer as fit, pinned in each layer's
+neuron cache. Streaming whole attention layers and the output matrix is not implemented yet: a budget that cannot
+hold them fails before loading, naming the smallest workable budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import BudgetError
+
+MB = 1_000_000
+# onnxruntime's resident footprint per byte of GGUF weights (int8-activation prepacked layout, plus graph state),
+# measured on SmolLM2: attention Q4_1 weights 16.6 MB -> 30 MB in 30 one-layer sessions; Q8_0 output 30.1 -> 39 MB.
+ATTENTION_FACTOR = 1.8
+HEAD_FACTOR = 1.3
+SESSION_BYTES = 400_000
+SCRATCH_BYTES = 12 * MB  # activations, onnxruntime scratch, Python objects created per token
+HOT_ALIGN = 64  # hot-set sizes are multiples of this, so cold ranges start on aligned record boundaries
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'150MB', '1.5GB', '800MiB', '123456' -> bytes."""
+    if text is None or isinstance(text, int):
+        return text
+    s = str(text).strip().upper().replace(" ", "")
+    units = {"KIB": 1024, "MIB": 1024 ** 2, "GIB": 1024 ** 3, "KB": 1000, "MB": MB, "GB": 1000 * MB,
+             "K": 1000, "M": MB, "G": 1000 * MB, "B": 1}
+    for unit, factor in units.items():
+        if s.endswith(unit):
+            number = s[: -len(unit)]
+            break
+    else:
+        number, factor = s, 1
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a size (examples: 150MB, 1.5GB, 800MiB)") from None
+    if value <= 0:
+        raise ValueError(f"memory budget must be positive, got {text!r}")
+    return int(value * factor)
+
+
+@dataclass
+class FlashPlan:
+    budget_bytes: int | None
+    baseline_bytes: int
+    resident_bytes: int  # estimated: attention and output graphs
+    kv_bytes: int
+    scratch_bytes: int
+    io_buffer_bytes: int  # both buffers together
+    hot_neurons: int  # per layer
+    n_ff: int
+    n_layers: int
+    record_bytes: int
+    batch_size: int
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.hot_neurons * self.record_bytes * self.n_layers
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.baseline_bytes + self.resident_bytes + self.kv_bytes + self.scratch_bytes
+                + self.io_buffer_bytes + self.cache_bytes)
+
+    @property
+    def streamed_fraction(self) -> float:
+        return 1.0 - self.hot_neurons / self.n_ff
+
+    def describe(self) -> str:
+        mb = lambda n: f"{n / MB:.1f} MB"  # noqa: E731
+        lines = [f"memory plan for a budget of {mb(self.budget_bytes) if self.budget_bytes else 'unlimited'}:",
+                 f"  baseline (interpreter, libraries, tokenizer)  {mb(self.baseline_bytes)}",
+                 f"  resident attention + output matrix (est.)     {mb(self.resident_bytes)}",
+                 f"  KV cache (full context)                       {mb(self.kv_bytes)}",
+                 f"  activation scratch (batch {self.batch_size})              {mb(self.scratch_bytes)}",
+                 f"  FFN hot neurons {self.hot_neurons}/{self.n_ff} per layer            {mb(self.cache_bytes)}",
+                 f"  I/O buffers                                   {mb(self.io_buffer_bytes)}",
+                 f"  total                                         {mb(self.total_bytes)}",
+                 f"  streamed per token: {self.streamed_fraction:.0%} of the FFN "
+                 f"({mb((self.n_ff - self.hot_neurons) * self.record_bytes * self.n_layers)})"]
+        return "\n".join(lines)
+
+
+def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_bytes: int, n_head_slices: int,
+               n_layers: int, n_ff: int, record_bytes: int, kv_bytes_per_token: int, n_ctx: int, batch_size: int,
+               n_heads: int) -> FlashPlan:
+    resident = int(attention_bytes * ATTENTION_FACTOR + head_bytes * HEAD_FACTOR
+                   + SESSION_BYTES * (n_layers + n_head_slices))
+    kv = kv_bytes_per_token * n_ctx
+    batch = batch_size
+    if budget is not None:  # attention scores for a prompt batch are (heads, batch, context) floats
+        while batch > 16 and batch * n_ctx * n_heads * 4 > 8 * MB:
+            batch //= 2
+    scratch = SCRATCH_BYTES + batch * n_ctx * n_heads * 4
+    fixed = baseline + resident + kv + scratch
+    layer_bytes = n_ff * record_bytes
+
+    def plan(hot: int) -> FlashPlan:
+        io = 0 if hot >= n_ff else 2 * ((n_ff - hot) * record_bytes + 2 * 4096)
+        return FlashPlan(budget, baseline, resident, kv, scratch, io, hot, n_ff, n_layers, record_bytes, batch)
+
+    if budget is None:
+        return plan(n_ff)
+    smallest = plan(0)
+    if smallest.total_bytes > budget:
+        raise BudgetError(f"a memory budget of {budget / MB:.0f} MB cannot hold this model: the smallest workable "
+                          f"budget is {smallest.total_bytes / MB:.0f} MB at a context of {n_ctx} tokens "
+                          f"(baseline {baseline / MB:.0f} MB, resident {resident / MB:.0f} MB, KV cache "
+                          f"{kv / MB:.0f} MB; a smaller -c lowers it)")
+    if plan(n_ff).total_bytes <= budget:
+        return plan(n_ff)
+    spare = budget - fixed - 2 * (layer_bytes + 2 * 4096)
+    hot = max(0, spare // (record_bytes * max(1, n_layers - 2)))
+    hot = min(n_ff, hot // HOT_ALIGN * HOT_ALIGN)
+    while hot > 0 and plan(hot).total_bytes > budget:
+        hot -= HOT_ALIGN
+    return plan(max(0, hot))

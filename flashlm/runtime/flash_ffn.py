@@ -1,0 +1,125 @@
+"""The streamed FFN stage: per layer, hot neurons from the neuron cache, the rest read from flash each call.
+
+Until a sparsity source exists every neuron is needed for every token, so each layer's cache holds its planned
+hot prefix (pinned) and the cold suffix, one contiguous range of records, is read in large parallel chunks into
+one of two aligned buffers; layer i+1's range is read while layer i computes. The bundle kernel is given record
+addresses in stored-neuron order, so the sum it computes does not depend on which records were cached: a budget
+run gives exactly the fully resident output.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..flash_store.io_engine import ALIGN, FlashReader, IOStats, aligned_buffer
+from ..flash_store.planner import FlashPlan
+from ..flash_store.reader import FlashStore
+from ..loaders.neuron_cache import NeuronWindowCache
+from ..quant.bundle_kernel import BundleKernel
+
+
+@dataclass
+class FFNStats:
+    calls: int = 0
+    io_wait_s: float = 0.0  # time compute waited for reads
+    compute_s: float = 0.0  # bundle kernel time
+    manage_s: float = 0.0  # cache bookkeeping and read issue
+    neurons_used: int = 0
+    neurons_from_cache: int = 0
+    io: IOStats = field(default_factory=IOStats)
+
+    def copy(self) -> "FFNStats":
+        return FFNStats(self.calls, self.io_wait_s, self.compute_s, self.manage_s, self.neurons_used,
+                        self.neurons_from_cache, self.io.snapshot())
+
+    def since(self, before: "FFNStats") -> "FFNStats":
+        return FFNStats(self.calls - before.calls, self.io_wait_s - before.io_wait_s,
+                        self.compute_s - before.compute_s, self.manage_s - before.manage_s,
+                        self.neurons_used - before.neurons_used, self.neurons_from_cache - before.neurons_from_cache,
+                        self.io.since(before.io))
+
+
+class StreamedFFN:
+    def __init__(self, store: FlashStore, reader: FlashReader, plan: FlashPlan, kernel: BundleKernel):
+        self.store, self.reader, self.plan, self.kernel = store, reader, plan, kernel
+        n_ff, rb, hot = plan.n_ff, store.record_bytes, plan.hot_neurons
+        self.hot, self.n_ff, self.record_bytes = hot, n_ff, rb
+        self.stats = FFNStats()
+        self.caches: list[NeuronWindowCache] = []
+        self._load_hot_sets()
+        cold = n_ff - hot
+        self.buffers = [aligned_buffer(cold * rb + 2 * ALIGN) for _ in range(2)] if cold else []
+        # Record addresses per layer and buffer parity, in stored order: hot from the cache, cold from the buffer.
+        self.addresses: list[list[np.ndarray]] = []
+        lead = [self._lead(i) for i in range(len(store.layers))]
+        for i, cache in enumerate(self.caches):
+            hot_addr = cache.base_address + np.arange(hot, dtype=np.uint64) * np.uint64(rb)
+            per_parity = []
+            for buf in self.buffers or [None]:
+                if buf is None:
+                    per_parity.append(hot_addr)
+                else:
+                    cold_addr = buf.ctypes.data + lead[i] + np.arange(cold, dtype=np.uint64) * np.uint64(rb)
+                    per_parity.append(np.concatenate([hot_addr, cold_addr.astype(np.uint64)]))
+            self.addresses.append(per_parity)
+        self._pending: dict[int, object] = {}
+        self.n_layers = len(store.layers)
+
+    def _lead(self, i: int) -> int:
+        start = self.store.layers[i].offset + self.hot * self.record_bytes
+        return start - start // ALIGN * ALIGN
+
+    def _load_hot_sets(self) -> None:
+        """Read each layer's bundle once (checking its CRC) and keep the hot prefix in the layer's cache."""
+        rb, n_ff, hot = self.record_bytes, self.plan.n_ff, self.hot
+        scratch = aligned_buffer(n_ff * rb + 2 * ALIGN)
+        for i, layer in enumerate(self.store.layers):
+            records = self.reader.read(layer.offset, n_ff * rb, scratch).result()
+            self.store.check_layer(i, records)
+            cache = NeuronWindowCache(hot, rb, n_ff, window=1 << 30)
+            if hot:
+                cache.insert(np.arange(hot), records[: hot * rb].reshape(hot, rb), step=0, pin=True)
+            self.caches.append(cache)
+        self.reader.stats = IOStats()  # load-time reads are not per-token traffic
+        del scratch
+
+    def _issue(self, i: int) -> None:
+        if self.hot < self.n_ff and i < self.n_layers and i not in self._pending:
+            start = self.store.layers[i].offset + self.hot * self.record_bytes
+            self._pending[i] = self.reader.read(start, (self.n_ff - self.hot) * self.record_bytes,
+                                                self.buffers[i % 2])
+
+    def begin(self) -> None:
+        """A forward pass starts: get layer 0's cold range coming."""
+        self._issue(0)
+
+    def run(self, i: int, x: np.ndarray, y: np.ndarray) -> None:
+        """y (S, d) += FFN_i(x (S, d)); both float32 C-contiguous."""
+        st = self.stats
+        t0 = time.perf_counter()
+        if i in self._pending:
+            self._pending.pop(i).result()
+        t1 = time.perf_counter()
+        self._issue(i + 1)
+        t2 = time.perf_counter()
+        self.kernel.run(self.addresses[i][i % 2 if self.buffers else 0], x, y)
+        t3 = time.perf_counter()
+        st.calls += 1
+        st.io_wait_s += t1 - t0
+        st.manage_s += t2 - t1
+        st.compute_s += t3 - t2
+        st.neurons_used += self.n_ff
+        st.neurons_from_cache += self.hot
+        st.io = self.reader.stats
+
+    def close(self) -> None:
+        for fut in self._pending.values():
+            try:
+                fut.result()
+            except Exception:
+                pass
+        self._pending.clear()
+        self.reader.close()
