@@ -16,9 +16,9 @@ from ..errors import BudgetError
 
 MB = 1_000_000
 # onnxruntime's resident footprint per byte of GGUF weights (int8-activation prepacked layout, plus graph state),
-# measured on SmolLM2: attention Q4_1 weights 16.6 MB -> 30 MB in 30 one-layer sessions; Q8_0 output 30.1 -> 39 MB.
+# measured on SmolLM2: attention Q4_1 weights 16.6 MB -> 30 MB in 30 one-layer sessions. The output matrix of a
+# flash store runs on the bundle kernel from its raw rows (its own bytes when resident).
 ATTENTION_FACTOR = 1.8
-HEAD_FACTOR = 1.3
 SESSION_BYTES = 400_000
 SCRATCH_BYTES = 12 * MB  # activations, onnxruntime scratch, Python objects created per token
 HOT_ALIGN = 64  # hot-set sizes are multiples of this, so cold ranges start on aligned record boundaries
@@ -55,6 +55,7 @@ class FlashPlan:
     scratch_bytes: int
     io_buffer_bytes: int  # both buffers together
     hot_neurons: int  # per layer
+    head_resident: bool  # False: the output matrix is streamed from flash each token
     n_ff: int
     n_layers: int
     record_bytes: int
@@ -77,48 +78,48 @@ class FlashPlan:
         mb = lambda n: f"{n / MB:.1f} MB"  # noqa: E731
         lines = [f"memory plan for a budget of {mb(self.budget_bytes) if self.budget_bytes else 'unlimited'}:",
                  f"  baseline (interpreter, libraries, tokenizer)  {mb(self.baseline_bytes)}",
-                 f"  resident attention + output matrix (est.)     {mb(self.resident_bytes)}",
+                 f"  resident attention{' + output matrix' if self.head_resident else ''} (est.)"
+                 f"{'     ' if self.head_resident else '                   '}{mb(self.resident_bytes)}",
                  f"  KV cache (full context)                       {mb(self.kv_bytes)}",
                  f"  activation scratch (batch {self.batch_size})              {mb(self.scratch_bytes)}",
                  f"  FFN hot neurons {self.hot_neurons}/{self.n_ff} per layer            {mb(self.cache_bytes)}",
                  f"  I/O buffers                                   {mb(self.io_buffer_bytes)}",
                  f"  total                                         {mb(self.total_bytes)}",
                  f"  streamed per token: {self.streamed_fraction:.0%} of the FFN "
-                 f"({mb((self.n_ff - self.hot_neurons) * self.record_bytes * self.n_layers)})"]
+                 f"({mb((self.n_ff - self.hot_neurons) * self.record_bytes * self.n_layers)})"
+                 + ("" if self.head_resident else " and the output matrix")]
         return "\n".join(lines)
 
 
-def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_bytes: int, n_head_slices: int,
+def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_bytes: int,
                n_layers: int, n_ff: int, record_bytes: int, kv_bytes_per_token: int, n_ctx: int, batch_size: int,
-               n_heads: int) -> FlashPlan:
-    resident = int(attention_bytes * ATTENTION_FACTOR + head_bytes * HEAD_FACTOR
-                   + SESSION_BYTES * (n_layers + n_head_slices))
+               n_heads: int, head_stream_bytes: int) -> FlashPlan:
+    """FFN neurons stream first; only if even a fully streamed FFN does not fit, the output matrix streams too."""
     kv = kv_bytes_per_token * n_ctx
     batch = batch_size
     if budget is not None:  # attention scores for a prompt batch are (heads, batch, context) floats
         while batch > 16 and batch * n_ctx * n_heads * 4 > 8 * MB:
             batch //= 2
     scratch = SCRATCH_BYTES + batch * n_ctx * n_heads * 4
-    fixed = baseline + resident + kv + scratch
-    layer_bytes = n_ff * record_bytes
+    attention = int(attention_bytes * ATTENTION_FACTOR + SESSION_BYTES * n_layers)
 
-    def plan(hot: int) -> FlashPlan:
+    def plan(hot: int, head_resident: bool) -> FlashPlan:
         io = 0 if hot >= n_ff else 2 * ((n_ff - hot) * record_bytes + 2 * 4096)
-        return FlashPlan(budget, baseline, resident, kv, scratch, io, hot, n_ff, n_layers, record_bytes, batch)
+        resident = attention + (head_bytes if head_resident else head_stream_bytes)
+        return FlashPlan(budget, baseline, resident, kv, scratch, io, hot, head_resident, n_ff, n_layers,
+                         record_bytes, batch)
 
-    if budget is None:
-        return plan(n_ff)
-    smallest = plan(0)
-    if smallest.total_bytes > budget:
+    if budget is None or plan(n_ff, True).total_bytes <= budget:
+        return plan(n_ff, True)
+    head_resident = plan(0, True).total_bytes <= budget
+    if not head_resident and plan(0, False).total_bytes > budget:
+        smallest = plan(0, False)
         raise BudgetError(f"a memory budget of {budget / MB:.0f} MB cannot hold this model: the smallest workable "
                           f"budget is {smallest.total_bytes / MB:.0f} MB at a context of {n_ctx} tokens "
-                          f"(baseline {baseline / MB:.0f} MB, resident {resident / MB:.0f} MB, KV cache "
-                          f"{kv / MB:.0f} MB; a smaller -c lowers it)")
-    if plan(n_ff).total_bytes <= budget:
-        return plan(n_ff)
-    spare = budget - fixed - 2 * (layer_bytes + 2 * 4096)
-    hot = max(0, spare // (record_bytes * max(1, n_layers - 2)))
-    hot = min(n_ff, hot // HOT_ALIGN * HOT_ALIGN)
-    while hot > 0 and plan(hot).total_bytes > budget:
+                          f"(baseline {baseline / MB:.0f} MB, resident {smallest.resident_bytes / MB:.0f} MB, "
+                          f"KV cache {kv / MB:.0f} MB; a smaller -c lowers it)")
+    spare = budget - plan(0, head_resident).total_bytes + 2 * n_ff * record_bytes
+    hot = min(n_ff, max(0, spare // (record_bytes * max(1, n_layers - 2))) // HOT_ALIGN * HOT_ALIGN)
+    while hot > 0 and plan(hot, head_resident).total_bytes > budget:
         hot -= HOT_ALIGN
-    return plan(max(0, hot))
+    return plan(max(0, hot), head_resident)

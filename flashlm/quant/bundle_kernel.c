@@ -214,3 +214,42 @@ int bundle_ffn(const uint8_t *const *rows, int64_t n, int d, int gate_type, int 
     free(partial); free(scratch); free(xsum);
     return 0;
 }
+
+/* out[s * out_stride + r] = row_r . x_s for n contiguous rows of row_bytes (GGML Q4_0 / Q4_1 / Q8_0 blocks):
+ * a streamed output matrix, computed slice by slice as its rows arrive from flash. */
+int rows_matvec(const uint8_t *rows, int64_t n, int64_t row_bytes, int type, int d, const float *x, int S,
+                float *out, int64_t out_stride, int n_threads) {
+    if (d % 32 || (type != T_Q4_0 && type != T_Q4_1 && type != T_Q8_0)) return -1;
+    if (n_threads < 1) n_threads = 1;
+    int nb = d / 32;
+    float *xsum = malloc(sizeof(float) * (size_t)S * nb);
+    float *buf = malloc(sizeof(float) * (size_t)n_threads * d);
+    if (!xsum || !buf) { free(xsum); free(buf); return -2; }
+    for (int s = 0; s < S; s++)
+        for (int b = 0; b < nb; b++) {
+            float t = 0.0f;
+            for (int j = 0; j < 32; j++) t += x[(size_t)s * d + 32 * b + j];
+            xsum[(size_t)s * nb + b] = t;
+        }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+#endif
+    for (int64_t r = 0; r < n; r++) {
+        const uint8_t *row = rows + r * row_bytes;
+#ifdef HAVE_FUSED
+        if (S == 1) {
+            out[r] = row_dot_avx2(row, type, x, xsum, d);
+            continue;
+        }
+#endif
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        float *w = buf + (size_t)tid * d;
+        dequant_row(row, type, w, d);
+        for (int s = 0; s < S; s++) out[(size_t)s * out_stride + r] = dot(w, x + (size_t)s * d, d);
+    }
+    free(xsum); free(buf);
+    return 0;
+}

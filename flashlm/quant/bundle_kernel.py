@@ -100,6 +100,11 @@ class BundleKernel:
                            ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                            ctypes.c_void_p, ctypes.c_int]
             self._fn, self._lib = fn, lib
+            mv = lib.rows_matvec
+            mv.restype = ctypes.c_int
+            mv.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                           ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+            self._matvec = mv
         g, u, dn = layout.slices()
         self._up_offset, self._down_offset = u.start, dn.start
 
@@ -124,3 +129,15 @@ class BundleKernel:
                           None if act_out is None else act_out.ctypes.data, self.threads)
         if status != 0:
             raise RuntimeError(f"bundle kernel failed ({status})")
+
+
+def rows_matvec(kernel: "BundleKernel", rows: np.ndarray, qtype: QT, x: np.ndarray, out: np.ndarray) -> None:
+    """out (S, n) = x (S, d) @ W.T for W given as n quantized rows (n, row_bytes); out may be a column slice."""
+    n, d, S = rows.shape[0], x.shape[1], x.shape[0]
+    if not kernel.native:
+        out[...] = x @ dequantize(rows, qtype).reshape(n, d).T
+        return
+    status = kernel._matvec(rows.ctypes.data, n, rows.shape[1], int(qtype), d, x.ctypes.data, S, out.ctypes.data,
+                            out.strides[0] // 4, kernel.threads)
+    if status != 0:
+        raise RuntimeError(f"rows_matvec failed ({status})")

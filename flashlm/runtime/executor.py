@@ -16,14 +16,14 @@ from .kv_cache import KVCache
 
 class Executor:
     def __init__(self, segments: list[tuple[object, range]], head: list, embed: EmbeddingTable, kv: KVCache,
-                 vocab_size: int, rope_cos: np.ndarray, rope_sin: np.ndarray, ffn=None):
+                 vocab_size: int, rope_cos: np.ndarray, rope_sin: np.ndarray, ffn=None, head_stream=None):
         """ffn: when the FFN is streamed (flash store), each segment is one layer's attention, with an extra output
         `ffn_in`; `ffn.run(layer, ffn_in, hidden)` then adds the FFN's output to the hidden state in place."""
         import onnxruntime as ort
 
         self._ortvalue = ort.OrtValue.ortvalue_from_numpy
         self.segments, self.head, self.embed, self.kv, self.vocab_size = segments, head, embed, kv, vocab_size
-        self.ffn = ffn
+        self.ffn, self.head_stream = ffn, head_stream
         self.d_model = embed.d_model
         self._seqlens = np.zeros(1, np.int32)
         self._total = np.zeros((), np.int32)
@@ -42,7 +42,6 @@ class Executor:
         self.head_io = [sess.io_binding() for sess in head]
         widths = [sess.get_outputs()[0].shape[1] for sess in head]
         self._head_bounds = np.cumsum([0] + widths)
-        assert self._head_bounds[-1] == vocab_size
         self._bound_generation = -1
         self._hidden: dict[int, tuple] = {}  # S -> (arrays, OrtValues) ping-pong buffers
         # Extra outputs a caller asked for at load (name -> last dimension); filled by each forward.
@@ -94,6 +93,8 @@ class Executor:
         out = np.empty((n, self.vocab_size), np.float32) if all_logits else self._last_logits
         self._rows[0] = n - 1
         rows = np.arange(n, dtype=np.int64) if all_logits else self._rows
+        if self.head_stream is not None:
+            self.head_stream.run(arrays[len(self.segments) % 2][0], rows, out)
         for sess, io, lo, hi in zip(self.head, self.head_io, self._head_bounds[:-1], self._head_bounds[1:]):
             io.bind_ortvalue_input("hidden", hidden)
             io.bind_cpu_input("logit_rows", rows)

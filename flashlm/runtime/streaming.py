@@ -18,7 +18,7 @@ from ..flash_store.io_engine import ALIGN, FlashReader, IOStats, aligned_buffer
 from ..flash_store.planner import FlashPlan
 from ..flash_store.reader import FlashStore
 from ..loaders.neuron_cache import NeuronWindowCache
-from ..quant.bundle_kernel import BundleKernel
+from ..quant.bundle_kernel import BundleKernel, rows_matvec
 
 
 @dataclass
@@ -123,3 +123,48 @@ class StreamedFFN:
                 pass
         self._pending.clear()
         self.reader.close()
+
+
+class StreamedHead:
+    """The output matrix of a flash store, computed by the bundle kernel from its quantized rows: final RMSNorm,
+    then rows x normed hidden. `resident=True` keeps the rows in memory (read once at load); otherwise they are
+    read in slices each call, double-buffered, and multiplied as they arrive. Either way the arithmetic is the
+    same, so streaming the head does not change the logits."""
+
+    def __init__(self, reader: FlashReader, kernel: BundleKernel, offset: int, n_rows: int, row_bytes: int, qtype,
+                 norm_weight: np.ndarray, eps: float, resident: bool, slice_rows: int = 4096):
+        self.reader, self.kernel, self.offset = reader, kernel, offset
+        self.n_rows, self.row_bytes, self.qtype = n_rows, row_bytes, qtype
+        self.norm_weight, self.eps = norm_weight.astype(np.float32), eps
+        self.bounds = list(range(0, n_rows, slice_rows)) + [n_rows]
+        self.io_wait_s = 0.0
+        self.resident = resident
+        if resident:
+            before = reader.stats.snapshot()
+            self.rows = reader.read(offset, n_rows * row_bytes).result().reshape(n_rows, row_bytes)
+            reader.stats = IOStats(*vars(before).values())  # load-time reads are not per-token traffic
+            self.buffers = []
+        else:
+            self.buffers = [aligned_buffer(slice_rows * row_bytes + 2 * ALIGN) for _ in range(2)]
+
+    def _issue(self, k: int):
+        lo, hi = self.bounds[k], self.bounds[k + 1]
+        return self.reader.read(self.offset + lo * self.row_bytes, (hi - lo) * self.row_bytes, self.buffers[k % 2])
+
+    def run(self, hidden: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+        """hidden (S, d), rows (R,) positions to produce, out (R, n_rows) float32."""
+        h = hidden[rows].astype(np.float32)
+        x = h / np.sqrt((h * h).mean(-1, keepdims=True) + self.eps) * self.norm_weight
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        pending = None if self.resident else self._issue(0)
+        for k in range(len(self.bounds) - 1):
+            lo, hi = self.bounds[k], self.bounds[k + 1]
+            if self.resident:
+                data = self.rows[lo:hi]
+            else:
+                t = time.perf_counter()
+                data = pending.result().reshape(hi - lo, self.row_bytes)
+                self.io_wait_s += time.perf_counter() - t
+                if k + 2 < len(self.bounds):
+                    pending = self._issue(k + 1)
+            rows_matvec(self.kernel, data, self.qtype, x, out[:, lo:hi])
