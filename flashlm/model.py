@@ -26,12 +26,15 @@ class Model:
 
     def __init__(self, path: str, options: LoadOptions):
         self.options = options.validate()
+        # The tokenizer first: a memory plan measures the baseline it must fit around, the tokenizer included.
+        self.tokenizer = Tokenizer(path, verbose=options.verbose) if _readable(path) else None
         self._loaded = load_model(path, options)
+        if self.tokenizer is None:
+            self.tokenizer = Tokenizer(path, verbose=options.verbose)
         self.path = path
         self.args = self._loaded.args
         self.engine = self._loaded.engine
         self.n_ctx = self._loaded.n_ctx
-        self.tokenizer = Tokenizer(path, verbose=options.verbose)
         self.load_ms = self._loaded.load_ms
         self._chat_template: ChatTemplate | None = None
 
@@ -68,7 +71,19 @@ class Model:
         opts = generation_options(options, **overrides)
         ids = self._prompt_ids(prompt)
         check_prompt(len(ids), self.n_ctx)  # raise here, not at the first next()
-        return stream_generate(self.engine, self.tokenizer, ids, opts)
+        responses = stream_generate(self.engine, self.tokenizer, ids, opts)
+        return responses if self.engine.executor.ffn is None else self._with_flash_stats(responses)
+
+    def _with_flash_stats(self, responses: Iterator[GenerationResponse]) -> Iterator[GenerationResponse]:
+        from .runtime.streaming import flash_timings
+
+        ex = self.engine.executor
+        before, head_wait = ex.ffn.stats.copy(), ex.head_stream.io_wait_s if ex.head_stream else 0.0
+        for r in responses:
+            if r.finish_reason is not None:
+                r.timings.flash = flash_timings(ex.ffn, ex.head_stream, before, head_wait,
+                                                r.timings.prompt_ms + r.timings.eval_ms)
+            yield r
 
     def generate(self, prompt: str | list[int], options: GenerationOptions | None = None, **overrides) -> str:
         return "".join(r.text for r in self.stream(prompt, options, **overrides))
@@ -109,6 +124,17 @@ class Model:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _readable(path: str) -> bool:
+    """Worth handing to llama.cpp's vocabulary loader before our own checks have run."""
+    from .loaders.gguf_reader import GGUFFile
+
+    try:
+        GGUFFile(path).close()
+        return True
+    except Exception:
+        return False
 
 
 def load(path: str | None = None, options: LoadOptions | None = None, **overrides) -> Model:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import zlib
 from dataclasses import dataclass
 
@@ -64,6 +65,7 @@ class FlashStore:
         for name, info in self.file.tensors.items():
             if name not in self.bundle_names:
                 crc = zlib.crc32(self.file.tensor_bytes(name), crc)
+        self.file._mmap.madvise(mmap.MADV_DONTNEED)  # checking is no reason to keep those pages resident
         if crc != self.file.get(fmt.KEY_RESIDENT_CRC):
             raise ModelFileError(f"{self.file.path}: checksum mismatch in the resident section (file is corrupt)")
 

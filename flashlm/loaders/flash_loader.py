@@ -45,6 +45,8 @@ def plan_for(f: GGUFFile, args, store: FlashStore, opts: LoadOptions, n_ctx: int
     head = info.nbytes
     head_stream = 2 * (HEAD_SLICE_ROWS * (info.nbytes // info.shape[0]) + 2 * 4096)
     kv_per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 4
+    import onnxruntime  # noqa: F401  (the baseline must include the libraries the run will load)
+
     return plan_flash(budget=opts.memory_budget, baseline=baseline or psutil.Process().memory_info().rss,
                       attention_bytes=attention, head_bytes=head,
                       n_layers=args.n_layers, n_ff=args.n_ff, record_bytes=store.record_bytes,

@@ -25,6 +25,7 @@ class Timings:
     eval_tokens: int = 0  # tokens generated
     eval_ms: float = 0.0
     cached_tokens: int = 0  # prompt tokens reused from the KV cache
+    flash: object = None  # streaming.FlashTimings when the model streams from a flash store (last response only)
 
     @property
     def prompt_tps(self) -> float:

@@ -168,3 +168,31 @@ class StreamedHead:
                 if k + 2 < len(self.bounds):
                     pending = self._issue(k + 1)
             rows_matvec(self.kernel, data, self.qtype, x, out[:, lo:hi])
+
+
+@dataclass
+class FlashTimings:
+    """Streaming figures for one generation (the paper's Table 3 split), attached to its last response."""
+
+    tokens: int  # forward passes counted (prompt batches count once, as their reads are shared)
+    bytes_read: int
+    reads: int
+    io_s: float  # summed time inside read calls
+    io_wait_ms: float
+    manage_ms: float
+    compute_ms: float  # FFN (bundle kernel)
+    other_ms: float  # everything else in the forward passes (attention, head, Python)
+    hit_rate: float
+    hot_neurons: int
+
+
+def flash_timings(ffn: StreamedFFN, head: StreamedHead | None, before: FFNStats, head_wait_before: float,
+                  forward_ms: float) -> FlashTimings:
+    d = ffn.stats.since(before)
+    head_wait = (head.io_wait_s - head_wait_before) if head is not None else 0.0
+    tokens = d.calls // max(1, ffn.n_layers)
+    io_wait_ms = (d.io_wait_s + head_wait) * 1e3
+    accounted = io_wait_ms + d.manage_s * 1e3 + d.compute_s * 1e3
+    return FlashTimings(tokens, d.io.bytes_read, d.io.reads, d.io.read_s, io_wait_ms, d.manage_s * 1e3,
+                        d.compute_s * 1e3, max(0.0, forward_ms - accounted),
+                        d.neurons_from_cache / d.neurons_used if d.neurons_used else 0.0, ffn.hot)

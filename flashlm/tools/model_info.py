@@ -12,7 +12,7 @@ GROUPS = [
     ("token embedding", r"^token_embd\."),
     ("output matrix", r"^output\."),
     ("attention", r"^blk\.\d+\.attn_(q|k|v|output|qkv)\."),
-    ("feed-forward", r"^blk\.\d+\.ffn_(gate|up|down)"),
+    ("feed-forward", r"^blk\.\d+\.ffn_(gate|up|down|bundle)"),
     ("norms", r"norm"),
     ("other", r""),
 ]
@@ -22,7 +22,23 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:9.1f} MB"
 
 
-def describe(path: str) -> str:
+def _plan_lines(path, f, args, budget, ctx_size) -> list[str]:
+    from ..flash_store.reader import FlashStore, is_flash_store
+    from ..loaders.flash_loader import plan_for
+    from ..loaders.tokenizer import Tokenizer
+    from ..options import LoadOptions
+
+    if not is_flash_store(f):
+        return ["memory plan   a GGUF runs fully resident; convert it (flashlm convert) to stream under a budget"]
+    store = FlashStore(f, args.n_layers, args.n_ff, args.d_model, verify=False)
+    Tokenizer(path)  # the plan's baseline includes the tokenizer, as a real load does
+    opts = LoadOptions(memory_budget=budget, ctx_size=ctx_size).validate()
+    plan = plan_for(f, args, store, opts, ctx_size or args.n_ctx_train)
+    return [f"flash store   {f.get('flashlm.bundle.record_bytes')}-byte records, calibrated on "
+            f"{f.get('flashlm.calibration')}", *plan.describe().splitlines()]
+
+
+def describe(path: str, budget: str | None = None, ctx_size: int = 4096) -> str:
     f, family, args = read_model(path)
     try:
         sizes, types = defaultdict(int), defaultdict(set)
@@ -44,6 +60,7 @@ def describe(path: str) -> str:
                 lines.append(f"  {group:<16}{_mb(sizes[group])}  {', '.join(sorted(types[group]))}")
         has_template = isinstance(f.get("tokenizer.chat_template"), str)
         lines.append(f"chat template {'yes' if has_template else 'no'}")
+        lines += _plan_lines(path, f, args, budget, ctx_size)
         return "\n".join(lines)
     finally:
         f.close()
