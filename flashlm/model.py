@@ -72,7 +72,7 @@ class Model:
         ids = self._prompt_ids(prompt)
         check_prompt(len(ids), self.n_ctx)  # raise here, not at the first next()
         responses = stream_generate(self.engine, self.tokenizer, ids, opts)
-        return responses if self.engine.executor.ffn is None else self._with_flash_stats(responses)
+        return responses if getattr(self.engine.executor, "ffn", None) is None else self._with_flash_stats(responses)
 
     def _with_flash_stats(self, responses: Iterator[GenerationResponse]) -> Iterator[GenerationResponse]:
         from .runtime.streaming import flash_timings

@@ -1,7 +1,7 @@
 """Planning under a memory budget: what stays resident, how many hot neurons each layer keeps, what streams.
 
 The budget caps the whole process (interpreter and libraries included). What is left after the measured baseline
-pays, in order: the resident graphs (attention and output matrix, onnxruntime's packed form), the KV cache for the
+pays, in order: the resident attention matrices (their GGUF bytes), the KV cache for the
 full context, activation scratch for a prompt batch, two I/O buffers for the streamed part of a layer's FFN (one
 being read while the other is computed), and then as many hot neurons per layer as fit, pinned in each layer's
 neuron cache. Streaming whole attention layers and the output matrix is not implemented yet: a budget that cannot
@@ -15,11 +15,7 @@ from dataclasses import dataclass
 from ..errors import BudgetError
 
 MB = 1_000_000
-# onnxruntime's resident footprint per byte of GGUF weights (int8-activation prepacked layout, plus graph state),
-# measured on SmolLM2: attention Q4_1 weights 16.6 MB -> 30 MB in 30 one-layer sessions. The output matrix of a
-# flash store runs on the bundle kernel from its raw rows (its own bytes when resident).
-ATTENTION_FACTOR = 1.8
-SESSION_BYTES = 400_000
+# A flash store runs on the bundle kernel: attention and output matrices are held as their own GGUF bytes.
 SCRATCH_BYTES = 12 * MB  # activations, onnxruntime scratch, Python objects created per token
 HOT_ALIGN = 64  # hot-set sizes are multiples of this, so cold ranges start on aligned record boundaries
 
@@ -101,7 +97,7 @@ def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_
         while batch > 16 and batch * n_ctx * n_heads * 4 > 8 * MB:
             batch //= 2
     scratch = SCRATCH_BYTES + batch * n_ctx * n_heads * 4
-    attention = int(attention_bytes * ATTENTION_FACTOR + SESSION_BYTES * n_layers)
+    attention = attention_bytes
 
     def plan(hot: int, head_resident: bool) -> FlashPlan:
         io = 0 if hot >= n_ff else 2 * ((n_ff - hot) * record_bytes + 2 * 4096)

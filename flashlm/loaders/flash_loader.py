@@ -1,7 +1,7 @@
-"""Loading a .flash store under a memory budget: plan -> compile the resident graphs -> set up the streamed FFN.
+"""Loading a .flash store under a memory budget: plan -> resident attention rows -> streamed FFN and head.
 
-The attention half of every layer and the output matrix are compiled as with a GGUF (one session per layer, since
-the FFN runs between two of them); the FFN runs from the bundles through the neuron caches and the I/O engine.
+Everything runs on the bundle kernel (runtime/kernel_executor.py): attention matrices stay in their GGUF bytes,
+the FFN streams through the neuron caches, the output matrix is resident or streamed as the plan says.
 """
 
 from __future__ import annotations
@@ -15,21 +15,13 @@ import psutil
 from ..flash_store.io_engine import FlashReader
 from ..flash_store.planner import FlashPlan, plan_flash
 from ..flash_store.reader import FlashStore
-from ..models.base import declare_segment_io
 from ..options import LoadOptions
-from ..quant.bundle_kernel import BundleKernel
+from ..quant.bundle_kernel import SUPPORTED_ROW_TYPES, BundleKernel
+from ..runtime.kernel_executor import AttentionWeights, KernelExecutor, RowMatrix
+from ..runtime.kv_cache import KVCache
 from ..runtime.streaming import StreamedFFN, StreamedHead
-from ..runtime.onnx_graph import GraphBuilder
 from .gguf_reader import GGUFFile
-
-
-def _attention_segment(gb: GraphBuilder, family: ModuleType, args, i: int, lw) -> None:
-    declare_segment_io(gb, range(i, i + 1), args.d_model, args.n_kv_heads, args.head_dim)
-    gb.output("ffn_in", np.float32, [1, "S", args.d_model])
-    x, residual = family.build_attention(gb, args, lw, i, "hidden")
-    gb.op("Identity", [residual], out=["hidden_out"])
-    gb.op("Identity", [x], out=["ffn_in"])
-
+from .weights import require, vector
 
 HEAD_SLICE_ROWS = 4096
 
@@ -38,37 +30,62 @@ def _head_info(f: GGUFFile):
     return f.tensors.get("output.weight") or f.tensors["token_embd.weight"]
 
 
-def plan_for(f: GGUFFile, args, store: FlashStore, opts: LoadOptions, n_ctx: int,
+def _attention_names(family: ModuleType, i: int) -> list[str]:
+    return [family.layer_name(k, i) for k in ("q", "k", "v", "o")]
+
+
+def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: LoadOptions, n_ctx: int,
              baseline: int | None = None) -> FlashPlan:
-    attention = sum(t.nbytes for name, t in f.tensors.items() if name.startswith("blk.") and "ffn" not in name)
+    attention = sum(f.tensors[n].nbytes for i in range(args.n_layers) for n in _attention_names(family, i))
     info = _head_info(f)
-    head = info.nbytes
     head_stream = 2 * (HEAD_SLICE_ROWS * (info.nbytes // info.shape[0]) + 2 * 4096)
     kv_per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 4
-    import onnxruntime  # noqa: F401  (the baseline must include the libraries the run will load)
-
     return plan_flash(budget=opts.memory_budget, baseline=baseline or psutil.Process().memory_info().rss,
-                      attention_bytes=attention, head_bytes=head,
-                      n_layers=args.n_layers, n_ff=args.n_ff, record_bytes=store.record_bytes,
-                      kv_bytes_per_token=kv_per_token, n_ctx=n_ctx, batch_size=opts.batch_size,
-                      n_heads=args.n_heads, head_stream_bytes=head_stream)
+                      attention_bytes=attention, head_bytes=info.nbytes, n_layers=args.n_layers, n_ff=args.n_ff,
+                      record_bytes=store.record_bytes, kv_bytes_per_token=kv_per_token, n_ctx=n_ctx,
+                      batch_size=opts.batch_size, n_heads=args.n_heads, head_stream_bytes=head_stream)
 
 
-def load_flash_parts(path: str, f: GGUFFile, family: ModuleType, args, opts: LoadOptions, n_ctx: int,
-                     threads: int, compile_piece) -> tuple[list, FlashPlan, StreamedFFN, object]:
-    """Returns (attention segments, plan, streamed FFN, streamed head or None); raises BudgetError before
-    compiling anything."""
+def _row_matrix(f: GGUFFile, name: str, bias_name: str | None) -> RowMatrix:
+    info = require(f, name)
+    bias = vector(f, bias_name, info.shape[0]) if bias_name and bias_name in f.tensors else None
+    if info.ggml_type in SUPPORTED_ROW_TYPES:
+        return RowMatrix(np.array(f.tensor_bytes(name)), info.ggml_type, bias)
+    from ..quant.formats import dequantize
+    from gguf.constants import GGMLQuantizationType as QT
+
+    # float matrices (F32/F16/BF16): stored as F32 rows; rows_matvec's numpy path handles them
+    return RowMatrix(dequantize(f.tensor_bytes(name), info.ggml_type).reshape(info.shape), QT.F32, bias)
+
+
+def load_attention(f: GGUFFile, family: ModuleType, args, i: int) -> AttentionWeights:
+    q, k, v, o = _attention_names(family, i)
+    return AttentionWeights(vector(f, family.layer_name("attn_norm", i), args.d_model),
+                            _row_matrix(f, q, family.layer_name("q_bias", i)),
+                            _row_matrix(f, k, family.layer_name("k_bias", i)),
+                            _row_matrix(f, v, family.layer_name("v_bias", i)),
+                            _row_matrix(f, o, None),
+                            vector(f, family.layer_name("ffn_norm", i), args.d_model))
+
+
+def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: LoadOptions, n_ctx: int,
+                        threads: int) -> tuple[KernelExecutor, FlashPlan]:
+    """Raises BudgetError before reading any weight if the budget cannot hold the model."""
     store = FlashStore(f, args.n_layers, args.n_ff, args.d_model)
-    plan = plan_for(f, args, store, opts, n_ctx)
-    segments = [(compile_piece(lambda i=i: family.load_layer(f, args, i, ffn=False),
-                               lambda gb, w, i=i: _attention_segment(gb, family, args, i, w), f"attn{i}"),
-                 range(i, i + 1)) for i in range(args.n_layers)]
-    f._mmap.madvise(mmap.MADV_DONTNEED)
-    reader = FlashReader(path, threads=opts.io_threads)
+    plan = plan_for(f, family, args, store, opts, n_ctx)
     kernel = BundleKernel(store.layout, family.FFN_ACTIVATION, threads)
-    # The head always runs on the kernel for a flash store, resident or not, so a budget never changes the logits.
+    layers = []
+    for i in range(args.n_layers):
+        layers.append(load_attention(f, family, args, i))
+        f._mmap.madvise(mmap.MADV_DONTNEED)  # the copies are ours; the file's pages need not stay
+    reader = FlashReader(path, threads=opts.io_threads)
     info = _head_info(f)
-    norm = family.load_head(f, args, 0, 1).output_norm
+    norm = vector(f, family.TENSORS["output_norm"], args.d_model)
     head = StreamedHead(reader, kernel, info.offset, info.shape[0], info.nbytes // info.shape[0], info.ggml_type,
                         norm, args.norm_eps, plan.head_resident, HEAD_SLICE_ROWS)
-    return segments, plan, StreamedFFN(store, reader, plan, kernel), head
+    ffn = StreamedFFN(store, reader, plan, kernel)
+    cos, sin = family.rope_tables(f, args, n_ctx)
+    kv = KVCache(args.n_layers, args.n_kv_heads, args.head_dim, n_ctx)
+    embed = family.load_embedding(f, args)
+    f._mmap.madvise(mmap.MADV_DONTNEED)
+    return KernelExecutor(args, layers, kernel, ffn, head, embed, kv, cos, sin), plan

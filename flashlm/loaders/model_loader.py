@@ -25,7 +25,7 @@ from ..options import LoadOptions
 from ..runtime.executor import Engine, Executor
 from ..runtime.kv_cache import KVCache
 from ..runtime.onnx_graph import GraphBuilder
-from .flash_loader import load_flash_parts
+from .flash_loader import load_flash_executor
 from .gguf_reader import GGUFFile
 
 
@@ -123,34 +123,36 @@ def load_model(path: str, opts: LoadOptions, taps: tuple[str, ...] = ()) -> Load
     try:
         n_ctx = opts.ctx_size or args.n_ctx_train
         threads = opts.resolved_threads()
-        head_slices = _head_slices(f, args)
-        plan = ffn = head_stream = None
         if is_flash_store(f):
-            segments, plan, ffn, head_stream = load_flash_parts(path, f, family, args, opts, n_ctx, threads,
-                                                                compile_piece)
+            executor, plan = load_flash_executor(path, f, family, args, opts, n_ctx, threads)
+            resident = sum(w.nbytes for w in executor.layers)
         else:
+            plan = None
             if opts.memory_budget is not None:
                 _check_gguf_fits(f, opts.memory_budget)
-            segments = [(compile_piece(lambda seg=seg: [family.load_layer(f, args, i) for i in seg],
-                                       lambda gb, w, seg=seg: _build_segment(gb, family, args, seg, w, taps),
-                                       f"layers{seg[0]}"), seg) for seg in _segments(args.n_layers)]
-        head = [] if head_stream else [
-            compile_piece(lambda r=r: family.load_head(f, args, *r), lambda gb, w: family.build_head(gb, args, w),
-                          f"head{r[0]}") for r in head_slices]
-        cos, sin = family.rope_tables(f, args, n_ctx)
-        embed = family.load_embedding(f, args)
-        f._mmap.madvise(mmap.MADV_DONTNEED)
+            executor, resident = _gguf_executor(f, family, args, n_ctx, threads, taps, compile_piece)
         _release_heap()
     except Exception:
         f.close()
         raise
-    kv = KVCache(args.n_layers, args.n_kv_heads, args.head_dim, n_ctx)
-    executor = Executor([(s, seg) for (s, _), seg in segments], [s for s, _ in head], embed, kv,
-                        args.vocab_size, cos, sin, ffn=ffn, head_stream=head_stream)
     engine = Engine(executor, n_ctx, plan.batch_size if plan else opts.batch_size)
-    resident = sum(b for (_, b), _ in segments) + sum(b for _, b in head)
     return LoadedModel(path, f, family, args, engine, n_ctx, threads, (time.perf_counter() - t0) * 1e3, resident,
                        plan)
+
+
+def _gguf_executor(f: GGUFFile, family: ModuleType, args, n_ctx: int, threads: int, taps, compile_piece):
+    segments = [(compile_piece(lambda seg=seg: [family.load_layer(f, args, i) for i in seg],
+                               lambda gb, w, seg=seg: _build_segment(gb, family, args, seg, w, taps),
+                               f"layers{seg[0]}"), seg) for seg in _segments(args.n_layers)]
+    head = [compile_piece(lambda r=r: family.load_head(f, args, *r), lambda gb, w: family.build_head(gb, args, w),
+                          f"head{r[0]}") for r in _head_slices(f, args)]
+    cos, sin = family.rope_tables(f, args, n_ctx)
+    embed = family.load_embedding(f, args)
+    f._mmap.madvise(mmap.MADV_DONTNEED)
+    kv = KVCache(args.n_layers, args.n_kv_heads, args.head_dim, n_ctx)
+    executor = Executor([(s, seg) for (s, _), seg in segments], [s for s, _ in head], embed, kv, args.vocab_size,
+                        cos, sin)
+    return executor, sum(b for (_, b), _ in segments) + sum(b for _, b in head)
 
 
 def _check_gguf_fits(f: GGUFFile, budget: int) -> None:

@@ -16,14 +16,12 @@ from .kv_cache import KVCache
 
 class Executor:
     def __init__(self, segments: list[tuple[object, range]], head: list, embed: EmbeddingTable, kv: KVCache,
-                 vocab_size: int, rope_cos: np.ndarray, rope_sin: np.ndarray, ffn=None, head_stream=None):
-        """ffn: when the FFN is streamed (flash store), each segment is one layer's attention, with an extra output
-        `ffn_in`; `ffn.run(layer, ffn_in, hidden)` then adds the FFN's output to the hidden state in place."""
+                 vocab_size: int, rope_cos: np.ndarray, rope_sin: np.ndarray):
         import onnxruntime as ort
 
         self._ortvalue = ort.OrtValue.ortvalue_from_numpy
         self.segments, self.head, self.embed, self.kv, self.vocab_size = segments, head, embed, kv, vocab_size
-        self.ffn, self.head_stream = ffn, head_stream
+        self.ffn = self.head_stream = None  # only flash stores stream (runtime/kernel_executor.py)
         self.d_model = embed.d_model
         self._seqlens = np.zeros(1, np.int32)
         self._total = np.zeros((), np.int32)
@@ -45,8 +43,8 @@ class Executor:
         self._bound_generation = -1
         self._hidden: dict[int, tuple] = {}  # S -> (arrays, OrtValues) ping-pong buffers
         # Extra outputs a caller asked for at load (name -> last dimension); filled by each forward.
-        self.taps = [{o.name: o.shape[-1] for o in sess.get_outputs()[1:]
-                      if not o.name.startswith("present_") and o.name != "ffn_in"} for sess, _ in segments]
+        self.taps = [{o.name: o.shape[-1] for o in sess.get_outputs()[1:] if not o.name.startswith("present_")}
+                     for sess, _ in segments]
         self.tap_values: dict[str, np.ndarray] = {}
 
     def _bind_cache(self) -> None:
@@ -62,7 +60,7 @@ class Executor:
         if n not in self._hidden:
             if len(self._hidden) > 4:
                 self._hidden.clear()
-            arrays = [np.empty((1, n, self.d_model), np.float32) for _ in range(3)]  # ping, pong, ffn_in
+            arrays = [np.empty((1, n, self.d_model), np.float32) for _ in range(2)]
             self._hidden[n] = (arrays, [self._ortvalue(a) for a in arrays])
         return self._hidden[n]
 
@@ -76,25 +74,17 @@ class Executor:
         self._seqlens[0], self._total[()] = total - 1, total
         arrays, values = self._hidden_buffers(n)
         arrays[0][0] = self.embed.lookup(ids)
-        if self.ffn is not None:
-            self.ffn.begin()
-        for k, ((sess, layers), io) in enumerate(zip(self.segments, self.segment_io)):
+        for k, ((sess, _), io) in enumerate(zip(self.segments, self.segment_io)):
             io.bind_ortvalue_input("hidden", values[k % 2])
             io.bind_ortvalue_output("hidden_out", values[(k + 1) % 2])
             for name, dim in self.taps[k].items():
                 self.tap_values[name] = np.empty((1, n, dim), np.float32)
                 io.bind_ortvalue_output(name, self._ortvalue(self.tap_values[name]))
-            if self.ffn is not None:
-                io.bind_ortvalue_output("ffn_in", values[2])
             sess.run_with_iobinding(io)
-            if self.ffn is not None:
-                self.ffn.run(layers[0], arrays[2][0], arrays[(k + 1) % 2][0])
         hidden = values[len(self.segments) % 2]
         out = np.empty((n, self.vocab_size), np.float32) if all_logits else self._last_logits
         self._rows[0] = n - 1
         rows = np.arange(n, dtype=np.int64) if all_logits else self._rows
-        if self.head_stream is not None:
-            self.head_stream.run(arrays[len(self.segments) % 2][0], rows, out)
         for sess, io, lo, hi in zip(self.head, self.head_io, self._head_bounds[:-1], self._head_bounds[1:]):
             io.bind_ortvalue_input("hidden", hidden)
             io.bind_cpu_input("logit_rows", rows)
