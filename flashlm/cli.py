@@ -6,7 +6,6 @@ shows the traceback instead.
 
 from __future__ import annotations
 
-import resource
 import sys
 
 import click
@@ -22,7 +21,9 @@ def _fail(message: str) -> None:
 
 
 def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from .tools.memory import peak_rss_bytes
+
+    return peak_rss_bytes() / 2 ** 20
 
 
 def _resolve_model(path: str | None) -> str:

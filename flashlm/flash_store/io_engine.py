@@ -68,9 +68,10 @@ class FlashReader:
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="flashlm-io")
 
     def _read_chunk(self, buf: memoryview, file_offset: int) -> int:
+        """Fill buf (aligned length) from file_offset; at the end of the file a short read is expected."""
         t = time.perf_counter()
-        total = 0
-        while total < len(buf):
+        total, needed = 0, min(len(buf), self.file_size - file_offset)
+        while total < needed:
             try:
                 n = os.preadv(self.fd, [buf[total:]], file_offset + total)
             except OSError as e:
@@ -104,12 +105,8 @@ class FlashReader:
         view = memoryview(out)
         with self._lock:
             self.stats.bytes_read += nbytes
-        tail = self.file_size - start  # O_DIRECT may return a short last block at the end of the file
-        futures = []
-        for off in range(0, span, self.chunk_bytes):
-            length = min(self.chunk_bytes, span - off, max(tail - off, 0))
-            if length > 0:
-                futures.append(self._pool.submit(self._read_chunk, view[off:off + length], start + off))
+        futures = [self._pool.submit(self._read_chunk, view[off:off + min(self.chunk_bytes, span - off)], start + off)
+                   for off in range(0, span, self.chunk_bytes)]
         result: Future = Future()
         lead = file_offset - start
         remaining = [len(futures)]

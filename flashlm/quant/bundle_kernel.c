@@ -253,3 +253,31 @@ int rows_matvec(const uint8_t *rows, int64_t n, int64_t row_bytes, int type, int
     free(xsum); free(buf);
     return 0;
 }
+
+/* Dequantize records (gate, up, down of each) into float32 (n, d) matrices: the prompt path, where a BLAS
+ * matrix product over many tokens beats per-token dot products. */
+int dequant_records(const uint8_t *const *rows, int64_t n, int d, int gate_type, int up_type, int64_t up_offset,
+                    int64_t down_offset, float *gate, float *up, float *down, int n_threads) {
+    if (d % 32) return -1;
+    if (n_threads < 1) n_threads = 1;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+#endif
+    for (int64_t i = 0; i < n; i++) {
+        dequant_row(rows[i], gate_type, gate + (size_t)i * d, d);
+        dequant_row(rows[i] + up_offset, up_type, up + (size_t)i * d, d);
+        dequant_row(rows[i] + down_offset, T_Q8_0, down + (size_t)i * d, d);
+    }
+    return 0;
+}
+
+/* n contiguous quantized rows -> float32 (n, d). */
+int dequant_rows(const uint8_t *rows, int64_t n, int64_t row_bytes, int type, int d, float *out, int n_threads) {
+    if (d % 32 || (type != T_Q4_0 && type != T_Q4_1 && type != T_Q8_0)) return -1;
+    if (n_threads < 1) n_threads = 1;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+#endif
+    for (int64_t r = 0; r < n; r++) dequant_row(rows + r * row_bytes, type, out + (size_t)r * d, d);
+    return 0;
+}

@@ -80,6 +80,10 @@ def reference_ffn(records: np.ndarray, layout, x: np.ndarray, activation: str = 
     return (act @ down).astype(np.float32), act.astype(np.float32)
 
 
+BLAS_MIN_TOKENS = 8  # from this many tokens on, dequantize a chunk of records and use a BLAS product
+BLAS_CHUNK_NEURONS = 256  # bounds the float scratch: 3 * 256 * d floats
+
+
 class BundleKernel:
     """y += FFN(x) over the given records (addresses), in the given order."""
 
@@ -105,6 +109,16 @@ class BundleKernel:
             mv.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
                            ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
             self._matvec = mv
+            dr = lib.dequant_records
+            dr.restype = ctypes.c_int
+            dr.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                           ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+            self._dequant_records = dr
+            dq = lib.dequant_rows
+            dq.restype = ctypes.c_int
+            dq.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                           ctypes.c_void_p, ctypes.c_int]
+            self._dequant_rows = dq
         g, u, dn = layout.slices()
         self._up_offset, self._down_offset = u.start, dn.start
 
@@ -113,6 +127,9 @@ class BundleKernel:
         """row_addresses: (n,) uint64 addresses of records; x, y: (S, d) float32 C-contiguous (y accumulated).
         `rows` (n, record_bytes) is needed only by the numpy fallback."""
         n, S = len(row_addresses), x.shape[0]
+        if self.native and S >= BLAS_MIN_TOKENS and act_out is None:
+            self._run_blas(row_addresses, x, y)
+            return
         if not self.native:
             if rows is None:
                 rb = self.layout.record_bytes
@@ -130,12 +147,43 @@ class BundleKernel:
         if status != 0:
             raise RuntimeError(f"bundle kernel failed ({status})")
 
+    def _run_blas(self, row_addresses: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+        """Prompt path: per chunk of records, dequantize (C) then three BLAS products."""
+        d = self.layout.d_model
+        chunk = BLAS_CHUNK_NEURONS
+        gate, up, down = (np.empty((chunk, d), np.float32) for _ in range(3))
+        for lo in range(0, len(row_addresses), chunk):
+            addr = np.ascontiguousarray(row_addresses[lo:lo + chunk])
+            m = len(addr)
+            status = self._dequant_records(addr.ctypes.data, m, d, int(self.layout.gate_type), int(self.layout.up_type),
+                                           self._up_offset, self._down_offset, gate.ctypes.data, up.ctypes.data,
+                                           down.ctypes.data, self.threads)
+            if status != 0:
+                raise RuntimeError(f"dequant_records failed ({status})")
+            act = _silu_or_gelu(x @ gate[:m].T, self.activation) * (x @ up[:m].T)
+            y += act @ down[:m]
+
+
+def _silu_or_gelu(g: np.ndarray, activation: str) -> np.ndarray:
+    if activation == "silu":
+        return g / (1.0 + np.exp(-g))
+    return 0.5 * g * (1.0 + np.tanh(0.7978845608 * (g + 0.044715 * g * g * g)))
+
 
 def rows_matvec(kernel: "BundleKernel", rows: np.ndarray, qtype: QT, x: np.ndarray, out: np.ndarray) -> None:
     """out (S, n) = x (S, d) @ W.T for W given as n quantized rows (n, row_bytes); out may be a column slice."""
     n, d, S = rows.shape[0], x.shape[1], x.shape[0]
     if not kernel.native:
         out[...] = x @ dequantize(rows, qtype).reshape(n, d).T
+        return
+    if S >= BLAS_MIN_TOKENS:
+        w = np.empty((min(n, 4096), d), np.float32)
+        for lo in range(0, n, len(w)):
+            m = min(len(w), n - lo)
+            if kernel._dequant_rows(rows[lo:].ctypes.data, m, rows.shape[1], int(qtype), d, w.ctypes.data,
+                                    kernel.threads) != 0:
+                raise RuntimeError("dequant_rows failed")
+            out[:, lo:lo + m] = x @ w[:m].T
         return
     status = kernel._matvec(rows.ctypes.data, n, rows.shape[1], int(qtype), d, x.ctypes.data, S, out.ctypes.data,
                             out.strides[0] // 4, kernel.threads)

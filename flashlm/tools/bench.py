@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from .memory import peak_rss_bytes
 
 FALLBACK_TEXT = ("The quick brown fox jumps over the lazy dog. Language models predict the next token from the ones "
                  "before it, and a runtime's job is to do that quickly within the memory it is given. ")
@@ -101,7 +102,7 @@ def worker(engine: str, path: str, n_prompt: int, n_gen: int, threads: int, reps
     return {"engine": engine, "load_ms": load_ms, "prompt_tokens": len(ids), "gen_tokens": n_gen,
             "prompt_tps": statistics.median(prompt_tps), "prompt_tps_all": prompt_tps,
             "decode_tps": statistics.median(decode_tps), "decode_tps_all": decode_tps,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens": tokens}
+            "peak_rss_mib": peak_rss_bytes() / 2 ** 20, "tokens": tokens}
 
 
 def _spread(values: list[float]) -> str:

@@ -1,0 +1,43 @@
+"""Run in a fresh process (as a user would): greedy tokens for prompts from a .flash file, optionally under the
+half-model budget, i.e. this process's runtime baseline (interpreter, libraries, tokenizer, KV cache, scratch)
+plus half of the model file. Prints one JSON line.
+
+    python -m tests.flash_budget_run MODEL.flash half|none N PROMPT...
+"""
+
+import json
+import os
+import sys
+
+import flashlm
+from flashlm.flash_store.reader import FlashStore
+from flashlm.loaders.flash_loader import plan_for
+from flashlm.loaders.model_loader import read_model
+from flashlm.loaders.tokenizer import Tokenizer
+from flashlm.options import LoadOptions
+from flashlm.tools.memory import peak_rss_bytes
+
+
+def half_model_budget(path: str, ctx: int) -> int:
+    Tokenizer(path)  # counted in the baseline, as a real load counts it
+    f, family, args = read_model(path)
+    store = FlashStore(f, args.n_layers, args.n_ff, args.d_model, verify=False)
+    p = plan_for(f, family, args, store, LoadOptions(ctx_size=ctx, memory_budget=1 << 40).validate(), ctx)
+    f.close()
+    return p.baseline_bytes + p.kv_bytes + p.scratch_bytes + os.path.getsize(path) // 2
+
+
+def main():
+    path, mode, n, prompts = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+    ctx = 512
+    budget = half_model_budget(path, ctx) if mode == "half" else None
+    m = flashlm.load(path, threads=2, ctx_size=ctx, memory_budget=budget)
+    tokens = [[r.token for r in m.stream(p, max_tokens=n, temperature=0.0) if r.token is not None] for p in prompts]
+    plan = m._loaded.plan
+    print(json.dumps({"budget": budget, "hot": plan.hot_neurons, "n_ff": plan.n_ff,
+                      "head_resident": plan.head_resident, "tokens": tokens,
+                      "peak_bytes": peak_rss_bytes()}))
+
+
+if __name__ == "__main__":
+    main()

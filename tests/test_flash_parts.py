@@ -1,0 +1,78 @@
+"""Unit checks of the flash pieces: the neuron window cache, the I/O engine, the budget parser and planner."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from flashlm.errors import BudgetError
+from flashlm.flash_store.io_engine import FlashReader
+from flashlm.flash_store.planner import parse_size, plan_flash
+from flashlm.loaders.neuron_cache import NeuronWindowCache
+
+
+def _records(ids, width=16):
+    return np.stack([np.full(width, i % 251, np.uint8) for i in ids])
+
+
+def test_window_cache_reads_only_missing_and_deletes_by_moving_last_rows():
+    c = NeuronWindowCache(capacity=8, record_bytes=16, n_neurons=100, window=2)
+    assert list(c.missing(np.array([3, 5, 7]), step=0)) == [3, 5, 7]
+    c.insert(np.array([3, 5, 7]), _records([3, 5, 7]), step=0)
+    c.insert(np.array([50]), _records([50]), step=0, pin=True)
+    assert list(c.missing(np.array([5, 9]), step=1)) == [9]  # 5 is cached: only 9 must be read
+    c.insert(np.array([9]), _records([9]), step=1)
+    assert c.evict(step=2) == 2  # 3 and 7 unused since step 0; 50 is pinned
+    assert c.num_used == 3
+    live = {int(c.id_at[s]) for s in range(c.num_used)}
+    assert live == {5, 9, 50}
+    for s in range(c.num_used):  # every live row still holds its own neuron's record, and the map agrees
+        assert c.records[s, 0] == c.id_at[s] % 251 and c.slot_of[c.id_at[s]] == s
+    assert c.slot_of[3] == c.slot_of[7] == -1
+    with pytest.raises(MemoryError):
+        c.insert(np.arange(60, 66), _records(range(60, 66)), step=3)
+
+
+def test_io_engine_reads_exact_unaligned_ranges(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, 3_000_000, dtype=np.uint8)
+    path = tmp_path / "blob"
+    data.tofile(path)
+    reader = FlashReader(str(path), threads=3, chunk_bytes=256 << 10)
+    for offset, n in [(0, 4096), (123, 1_000_000), (2_999_000, 1000), (4095, 2)]:
+        got = reader.read(offset, n).result()
+        assert np.array_equal(got, data[offset:offset + n])
+    assert reader.stats.bytes_read == 4096 + 1_000_000 + 1000 + 2
+    assert reader.stats.bytes_transferred >= reader.stats.bytes_read
+    with pytest.raises(Exception, match="past the end"):
+        reader.read(2_999_999, 10)
+    reader.close()
+
+
+def test_parse_size():
+    assert parse_size("150MB") == 150_000_000
+    assert parse_size("1.5GB") == 1_500_000_000
+    assert parse_size("800MiB") == 800 * 2 ** 20
+    assert parse_size("123456") == 123456
+    for bad in ("lots", "-5MB", "0"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_planner_streams_ffn_first_then_the_head_and_refuses_the_impossible():
+    common = dict(baseline=80_000_000, attention_bytes=16_000_000, head_bytes=30_000_000, n_layers=30, n_ff=1536,
+                  record_bytes=1344, kv_bytes_per_token=46_080, n_ctx=512, batch_size=512, n_heads=9,
+                  head_stream_bytes=11_000_000)
+    full = plan_flash(budget=None, **common)
+    assert full.hot_neurons == 1536 and full.head_resident
+    roomy = plan_flash(budget=full.total_bytes, **common)
+    assert roomy.hot_neurons == 1536
+    mid = plan_flash(budget=full.total_bytes - 30_000_000, **common)
+    assert 0 < mid.hot_neurons < 1536 and mid.head_resident and mid.total_bytes <= full.total_bytes - 30_000_000
+    streamed_floor = (full.baseline_bytes + 16_000_000 + full.kv_bytes + mid.scratch_bytes
+                      + 2 * (1536 * 1344 + 8192) + 11_000_000)
+    tight = plan_flash(budget=streamed_floor + 1_000_000, **common)
+    assert not tight.head_resident and tight.total_bytes <= tight.budget_bytes
+    with pytest.raises(BudgetError, match="smallest workable budget"):
+        plan_flash(budget=90_000_000, **common)

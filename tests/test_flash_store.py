@@ -1,0 +1,196 @@
+"""The flash store on the real SmolLM2 model: conversion, streaming under a budget, integrity, I/O accounting."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from gguf.constants import GGMLQuantizationType as QT
+
+import flashlm
+from flashlm.errors import BudgetError, FlashLMError, ModelFileError
+from flashlm.flash_store import format as fmt
+from flashlm.flash_store import writer
+from flashlm.flash_store.reader import FlashStore
+from flashlm.loaders.gguf_reader import GGUFFile
+from flashlm.quant.formats import dequantize
+
+from .test_bad_input import assert_one_line_error, run_cli
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+
+@pytest.fixture(scope="module")
+def flash_path(tmp_path_factory, smollm_path):
+    path = str(tmp_path_factory.mktemp("flash") / "smollm2.flash")
+    report = writer.convert(smollm_path, path)
+    print(f"converted: {report}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def resident(flash_path):
+    m = flashlm.load(flash_path, threads=2, ctx_size=512)
+    yield m
+    m.close()
+
+
+def _greedy(model, prompt, n=64):
+    return [r.token for r in model.stream(prompt, max_tokens=n, temperature=0.0) if r.token is not None]
+
+
+def test_bundles_metadata_and_alignment(flash_path, smollm_path):
+    src, f = GGUFFile(smollm_path), GGUFFile(flash_path)
+    for key in ("tokenizer.chat_template", "general.architecture", "llama.block_count", "tokenizer.ggml.eos_token_id"):
+        assert f.get(key) == src.get(key)
+    assert len(f.get("tokenizer.ggml.tokens")) == len(src.get("tokenizer.ggml.tokens"))
+    store = FlashStore(f, 30, 1536, 576)
+    layout = store.layout
+    assert layout.record_bytes % fmt.RECORD_ALIGN == 0 and layout.down_type == QT.Q8_0
+    g, u, d = layout.slices()
+    for i in (0, 17, 29):
+        layer = store.layers[i]
+        assert layer.offset % fmt.DATA_ALIGN == 0
+        records = f.tensor_bytes(fmt.bundle_name(i))
+        gate, up = src.tensor_bytes(f"blk.{i}.ffn_gate.weight"), src.tensor_bytes(f"blk.{i}.ffn_up.weight")
+        down = dequantize(src.tensor_bytes(f"blk.{i}.ffn_down.weight"), QT.Q4_1).reshape(576, 1536)
+        for pos in (0, 1, 700, 1535):
+            n = layer.order[pos]
+            assert np.array_equal(records[pos, g], gate[n]) and np.array_equal(records[pos, u], up[n])
+            col = dequantize(np.ascontiguousarray(records[pos, d]), QT.Q8_0).reshape(-1)
+            assert np.abs(col - down[:, n]).max() <= 0.01 * np.abs(down[:, n]).max()
+        freq = f.get(fmt.layer_key(i, "frequency"))
+        assert np.all(np.diff(freq) <= 0)  # hot first
+        assert freq[0] > freq[-1]
+
+
+def test_flash_perplexity_close_to_source(resident, model, gpl_text):
+    ids = model.tokenize(gpl_text)[:257]
+
+    def ppl(logits):
+        lp = logits[:-1].astype(np.float64)
+        lp = lp - lp.max(-1, keepdims=True)
+        lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+        return float(np.exp(-lp[np.arange(len(ids) - 1), ids[1:]].mean()))
+
+    src, ours = ppl(model.logits(ids)), ppl(resident.logits(ids))
+    print(f"perplexity: source GGUF {src:.4f}, flash store {ours:.4f} ({ours / src - 1:+.2%})")
+    assert abs(ours / src - 1) < 0.01
+
+
+def _run(flash_path, mode, n, prompts) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "tests.flash_budget_run", flash_path, mode, str(n), *prompts],
+                          capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_half_model_budget_output_identical_to_resident(flash_path):
+    """Each run in its own process, as a user runs it: the budget is relative to that process's baseline."""
+    full = _run(flash_path, "none", 64, PROMPTS)
+    half = _run(flash_path, "half", 64, PROMPTS)
+    print(f"half-model budget {half['budget'] / 1e6:.0f} MB: {half['hot']}/{half['n_ff']} hot neurons per layer, "
+          f"output matrix {'resident' if half['head_resident'] else 'streamed'}, peak RSS {half['peak_bytes'] / 1e6:.0f} MB")
+    assert half["hot"] < half["n_ff"]  # the FFN really streams
+    assert half["peak_bytes"] <= half["budget"]
+    assert half["tokens"] == full["tokens"]
+    assert all(len(t) == 64 for t in full["tokens"])
+
+
+def _half_model_budget(resident, flash_path) -> int:
+    """In this (test) process: its baseline plus half of the model file."""
+    p = resident._loaded.plan
+    import psutil
+
+    return psutil.Process().memory_info().rss + p.kv_bytes + p.scratch_bytes + os.path.getsize(flash_path) // 2
+
+
+def test_bytes_read_in_stats_equal_reads_issued(resident, flash_path):
+    budget = _half_model_budget(resident, flash_path)
+    m = flashlm.load(flash_path, threads=2, ctx_size=512, memory_budget=budget)
+    reader = m.engine.executor.ffn.reader
+    issued = []
+    original = reader.read
+    reader.read = lambda offset, nbytes, out=None: (issued.append(nbytes), original(offset, nbytes, out))[1]
+    responses = list(m.stream(PROMPTS[0], max_tokens=16, temperature=0.0))
+    flash = responses[-1].timings.flash
+    assert flash.bytes_read == sum(issued) > 0
+    assert flash.reads >= len(issued)
+    m.close()
+
+
+def test_corrupt_and_truncated_stores_fail_clearly(flash_path, tmp_path):
+    f = GGUFFile(flash_path)
+    bundle5 = f.tensors[fmt.bundle_name(5)].offset + 1000
+    resident_byte = f.tensors["blk.3.attn_q.weight"].offset + 10
+    size = f.file_size
+    f.close()
+    cases = {"bundle": (bundle5, "layer 5"), "resident": (resident_byte, "resident section")}
+    for name, (offset, words) in cases.items():
+        bad = tmp_path / f"{name}.flash"
+        shutil.copy(flash_path, bad)
+        with open(bad, "r+b") as fh:
+            fh.seek(offset)
+            b = fh.read(1)
+            fh.seek(offset)
+            fh.write(bytes([b[0] ^ 0xFF]))
+        with pytest.raises(ModelFileError, match=f"checksum mismatch.*{words}|{words}.*checksum"):
+            flashlm.load(str(bad), ctx_size=256)
+    truncated = tmp_path / "truncated.flash"
+    with open(flash_path, "rb") as src, open(truncated, "wb") as dst:
+        dst.write(src.read(size - 5_000_000))
+    with pytest.raises(ModelFileError, match="truncated"):
+        flashlm.load(str(truncated), ctx_size=256)
+    assert_one_line_error(run_cli("generate", "-m", str(truncated), "-p", "hi"), "truncated")
+
+
+def test_infeasible_budget_fails_before_loading(flash_path):
+    with pytest.raises(BudgetError, match=r"smallest workable budget is \d+ MB"):
+        flashlm.load(flash_path, memory_budget="60MB", ctx_size=512)
+    assert_one_line_error(run_cli("generate", "-m", flash_path, "--memory-budget", "60MB", "-p", "hi"),
+                          "smallest workable budget")
+    assert_one_line_error(run_cli("generate", "-m", flash_path, "--memory-budget", "lots", "-p", "hi"), "lots")
+
+
+def test_interrupted_convert_leaves_no_file(smollm_path, tmp_path, monkeypatch):
+    out = tmp_path / "interrupted.flash"
+    calls = {"n": 0}
+    original = writer.build_bundle
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 40:  # in the writing pass
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "build_bundle", failing)
+    from flashlm.flash_store.calibrate import Calibration
+
+    calibration = Calibration(np.zeros((30, 1536), np.float32), np.zeros((30, 1536), np.float32), "test")
+    with pytest.raises(KeyboardInterrupt):
+        writer.convert(smollm_path, str(out), calibration=calibration)
+    assert os.listdir(tmp_path) == []
+
+
+def test_convert_refuses_to_overwrite(flash_path, smollm_path):
+    with pytest.raises(FlashLMError, match="--force"):
+        writer.convert(smollm_path, flash_path)
+    assert_one_line_error(run_cli("convert", smollm_path, "-o", flash_path), "already exists")
+
+
+def test_cli_generate_under_budget_prints_streaming_stats(resident, flash_path):
+    budget = _half_model_budget(resident, flash_path)
+    proc = run_cli("generate", "-m", flash_path, "-c", "512", "--memory-budget", str(budget), "-p", PROMPTS[0],
+                   "-n", "8", "--temp", "0")
+    assert proc.returncode == 0, proc.stderr
+    for label in ("flash reads", "MB / token", "neuron cache", "hit rate", "I/O wait", "FFN compute", "peak memory"):
+        assert label in proc.stderr
+    info = run_cli("info", flash_path, "--memory-budget", str(budget), "-c", "512")
+    assert info.returncode == 0 and "memory plan" in info.stdout and "hot neurons" in info.stdout
