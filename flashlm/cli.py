@@ -234,6 +234,30 @@ def bench(model, n_prompt, n_gen, threads, repetitions, ctx_size, engines, as_js
               [e.strip() for e in engines.split(",") if e.strip()], as_json)
 
 
+@cli.command("bench-budget")
+@click.option("-m", "--model", "model", type=str, default=None, help="GGUF model (default: SmolLM2).")
+@click.option("--flash", "flash", type=str, required=True, help="The same model converted to .flash.")
+@click.option("--budgets", default="none,220MB,200MB,180MB,165MB,150MB,135MB,120MB,100MB", show_default=True,
+              help="Comma-separated cgroup limits ('none': unlimited).")
+@click.option("-n", "--n-gen", type=int, default=128, show_default=True, help="Greedy tokens generated.")
+@click.option("-t", "--threads", type=int, default=2, show_default=True)
+@click.option("-c", "--ctx-size", type=int, default=512, show_default=True)
+@click.option("--timeout", type=float, default=300, show_default=True, help="Seconds per engine and budget.")
+@click.option("--plot", type=str, default="budget.png", show_default=True, help="PNG plot of tok/s vs budget.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--verbose", is_flag=True)
+def bench_budget(model, flash, budgets, n_gen, threads, ctx_size, timeout, plot, as_json, verbose):
+    """Both engines inside the same cgroup memory limit, caches dropped before each run (needs root)."""
+    from .flash_store.planner import parse_size
+    from .tools.bench_budget import run_budget_bench
+
+    try:
+        limits = [None if b.strip().lower() == "none" else parse_size(b) for b in budgets.split(",") if b.strip()]
+    except ValueError as e:
+        _fail(str(e))
+    run_budget_bench(_resolve_model(model), flash, limits, n_gen, threads, ctx_size, timeout, plot, as_json)
+
+
 def main(argv=None) -> None:
     from .errors import FlashLMError
 
