@@ -192,13 +192,14 @@ def info(model, memory_budget, ctx_size, verbose):
 @click.option("-o", "--output", required=True, help="Output .flash file.")
 @click.option("--calibration-text", type=click.Path(dir_okay=False), default=None,
               help="Text whose activations order each layer's neurons hot first (default: a built-in paragraph).")
+@click.option("--no-calibration", is_flag=True, help="Keep the source neuron order (no calibration run).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def convert(model, output, calibration_text, force, verbose):
+def convert(model, output, calibration_text, no_calibration, force, verbose):
     """Convert a GGUF model into a flash store (row-column bundled FFN, hot neurons first)."""
     from .flash_store.writer import convert as run_convert
 
-    r = run_convert(model, output, calibration_text, force=force)
+    r = run_convert(model, output, "none" if no_calibration else calibration_text, force=force)
     click.echo(f"wrote {r.path}: {r.n_layers} layers, {r.record_bytes}-byte neuron records, resident section "
                f"{r.resident_bytes / 1e6:.1f} MB, FFN bundles {r.bundle_bytes / 1e6:.1f} MB; down columns requantized "
                f"to Q8_0 with {r.down_rel_rms_error:.2%} relative RMS error; calibrated on {r.calibration}")

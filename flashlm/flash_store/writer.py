@@ -98,6 +98,9 @@ def convert(src: str, dst: str, calibration_text: str | None = None, force: bool
         if any(_ffn_name(i, k) not in f.tensors for i in range(args.n_layers) for k in fmt.FFN_KEYS):
             raise UnsupportedModelError(f"{src}: not a gated FFN model with ffn_gate/ffn_up/ffn_down per layer")
         layout = _layout(f, args.n_layers, args.d_model)
+        if calibration is None and calibration_text == "none":
+            zeros = np.zeros((args.n_layers, args.n_ff), np.float32)
+            calibration = Calibration(zeros, zeros, "none (source neuron order)")
         if calibration is None:
             calibration = calibrate(src, calibration_text, progress=lambda d, t: _progress(d, t, "calibrating"))
         orders = [calibration.order(i) for i in range(args.n_layers)]
