@@ -10,29 +10,9 @@ import numpy as np
 import gguf
 from gguf.constants import GGMLQuantizationType as QT
 
-from flashlm.loaders.gguf_reader import GGUFFile, StringArray
-
-TOKENIZER_KEYS = ["tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
-                  "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-                  "tokenizer.ggml.add_bos_token", "tokenizer.chat_template"]
-
-
-def _copy_tokenizer(w: gguf.GGUFWriter, src: GGUFFile) -> None:
-    for key in TOKENIZER_KEYS:
-        v = src.get(key)
-        if v is None:
-            continue
-        if isinstance(v, StringArray):
-            w.add_array(key, list(v))
-        elif isinstance(v, np.ndarray):
-            w.add_array(key, v.tolist())
-        elif isinstance(v, bool):
-            w.add_bool(key, v)
-        elif isinstance(v, int):
-            w.add_uint32(key, v)
-        else:
-            w.add_string(key, v)
-
+from flashlm.flash_store.writer import copy_metadata
+from flashlm.loaders.gguf_reader import GGUFFile
+from flashlm.tools.synthetic_llama import TOKENIZER_KEYS
 
 def _quantize(a: np.ndarray, qtype: QT) -> np.ndarray:
     if qtype == QT.F32:
@@ -63,7 +43,7 @@ def write_tiny_llama(path, vocab_src: str, qtype: QT = QT.Q8_0, arch: str = "lla
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(d_model // n_heads)
-    _copy_tokenizer(w, src)
+    copy_metadata(w, src, TOKENIZER_KEYS)
     src.close()
     hd = d_model // n_heads
 

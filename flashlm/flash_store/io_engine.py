@@ -36,13 +36,18 @@ class IOStats:
     bytes_transferred: int = 0  # bytes actually read from storage (aligned supersets)
     reads: int = 0  # positional read calls issued
     read_s: float = 0.0  # summed time inside read calls (across threads)
+    request_s: float = 0.0  # summed wall time from issuing each request to its last byte (effective throughput)
 
     def snapshot(self) -> "IOStats":
-        return IOStats(self.bytes_read, self.bytes_transferred, self.reads, self.read_s)
+        return IOStats(self.bytes_read, self.bytes_transferred, self.reads, self.read_s, self.request_s)
 
     def since(self, before: "IOStats") -> "IOStats":
         return IOStats(self.bytes_read - before.bytes_read, self.bytes_transferred - before.bytes_transferred,
-                       self.reads - before.reads, self.read_s - before.read_s)
+                       self.reads - before.reads, self.read_s - before.read_s, self.request_s - before.request_s)
+
+    @property
+    def effective_mb_s(self) -> float:
+        return self.bytes_read / self.request_s / 1e6 if self.request_s > 0 else 0.0
 
 
 class FlashReader:
@@ -109,6 +114,7 @@ class FlashReader:
                    for off in range(0, span, self.chunk_bytes)]
         result: Future = Future()
         lead = file_offset - start
+        issued = time.perf_counter()
         remaining = [len(futures)]
         lock = threading.Lock()
 
@@ -117,6 +123,8 @@ class FlashReader:
                 remaining[0] -= 1
                 if remaining[0]:
                     return
+            with self._lock:
+                self.stats.request_s += time.perf_counter() - issued
             errors = [f.exception() for f in futures if f.exception() is not None]
             if errors:
                 result.set_exception(errors[0])

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import gguf
-from gguf.constants import GGMLQuantizationType as QT
 
 from ..errors import FlashLMError, UnsupportedModelError
 from ..loaders.gguf_reader import GGUFFile, StringArray
@@ -68,8 +67,11 @@ def build_bundle(f: GGUFFile, i: int, layout: fmt.RecordLayout, order: np.ndarra
     return records, rel_err
 
 
-def _copy_metadata(w: gguf.GGUFWriter, f: GGUFFile) -> None:
+def copy_metadata(w: gguf.GGUFWriter, f: GGUFFile, keys=None) -> None:
+    """Copy metadata values with their GGUF types (all but architecture, alignment and flashlm.*, or `keys`)."""
     for key, value in f.metadata.items():
+        if keys is not None and key not in keys:
+            continue
         if key in ("general.architecture", "general.alignment") or key.startswith("flashlm."):
             continue
         vtype, item_type = f.value_types[key]
@@ -127,7 +129,7 @@ def _write(f, args, layout, orders, calibration, src, dst) -> ConvertReport:
         w = gguf.GGUFWriter(tmp, args.arch)
         w.data_alignment = fmt.DATA_ALIGN
         w.add_custom_alignment(fmt.DATA_ALIGN)
-        _copy_metadata(w, f)
+        copy_metadata(w, f)
         w.add_uint32(fmt.KEY_VERSION, fmt.FORMAT_VERSION)
         w.add_string(fmt.KEY_SOURCE, os.path.basename(src))
         w.add_string(fmt.KEY_CALIBRATION, calibration.description)

@@ -177,7 +177,7 @@ class FlashTimings:
     tokens: int  # forward passes counted (prompt batches count once, as their reads are shared)
     bytes_read: int
     reads: int
-    io_s: float  # summed time inside read calls
+    io_s: float  # summed wall time of the read requests (issue to last byte)
     io_wait_ms: float
     manage_ms: float
     compute_ms: float  # FFN (bundle kernel)
@@ -193,6 +193,6 @@ def flash_timings(ffn: StreamedFFN, head: StreamedHead | None, before: FFNStats,
     tokens = d.calls // max(1, ffn.n_layers)
     io_wait_ms = (d.io_wait_s + head_wait) * 1e3
     accounted = io_wait_ms + d.manage_s * 1e3 + d.compute_s * 1e3
-    return FlashTimings(tokens, d.io.bytes_read, d.io.reads, d.io.read_s, io_wait_ms, d.manage_s * 1e3,
+    return FlashTimings(tokens, d.io.bytes_read, d.io.reads, d.io.request_s, io_wait_ms, d.manage_s * 1e3,
                         d.compute_s * 1e3, max(0.0, forward_ms - accounted),
                         d.neurons_from_cache / d.neurons_used if d.neurons_used else 0.0, ffn.hot)

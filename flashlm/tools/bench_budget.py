@@ -100,13 +100,22 @@ def worker(engine: str, path: str, n_gen: int, threads: int, ctx: int, budget: i
             holder["logits"] = m.engine.step(tok)
     tok = int(np.argmax(logits()))
     out = [tok]
+    ffn = getattr(m.engine.executor, "ffn", None) if engine == "flashlm" else None
+    before = ffn.stats.copy() if ffn else None
     t = time.perf_counter()
     for _ in range(n_gen - 1):
         step(tok)
         tok = int(np.argmax(logits()))
         out.append(tok)
     dt = time.perf_counter() - t
-    return {"decode_tps": (n_gen - 1) / dt, "tokens": out}
+    result = {"decode_tps": (n_gen - 1) / dt, "tokens": out}
+    if ffn:
+        io = ffn.stats.since(before).io
+        plan = m._loaded.plan
+        result.update(read_mb_per_token=io.bytes_read / (n_gen - 1) / 1e6, reads_per_token=io.reads / (n_gen - 1),
+                      effective_read_mb_s=io.effective_mb_s, hot_neurons=plan.hot_neurons,
+                      head_resident=plan.head_resident)
+    return result
 
 
 def run_budget_bench(gguf: str, flash: str, budgets: list[int | None], n_gen: int, threads: int, ctx: int,
@@ -148,7 +157,9 @@ def run_budget_bench(gguf: str, flash: str, budgets: list[int | None], n_gen: in
 
 def _fmt(r: dict) -> str:
     if r.get("decode_tps"):
-        return f"{r['decode_tps']:7.1f} tok/s, peak {r['peak_bytes'] / 1e6:5.0f} MB"
+        reads = (f", reads {r['read_mb_per_token']:.1f} MB/token at {r['effective_read_mb_s']:.0f} MB/s"
+                 if "read_mb_per_token" in r else "")
+        return f"{r['decode_tps']:7.2f} tok/s, peak {r['peak_bytes'] / 1e6:5.0f} MB{reads}"
     return f"failed ({r.get('error', 'rc ' + str(r.get('returncode')))[:60]})"
 
 

@@ -16,7 +16,8 @@ import numpy as np
 import gguf
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from ..loaders.gguf_reader import GGUFFile, StringArray
+from ..flash_store.writer import copy_metadata
+from ..loaders.gguf_reader import GGUFFile
 
 TOKENIZER_KEYS = ["tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
                   "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
@@ -47,18 +48,7 @@ def write(path: str, vocab_src: str, n_layers: int = 32, d_model: int = 4096, n_
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(d_model // n_heads)
-    for key in TOKENIZER_KEYS:
-        v = src.get(key)
-        if isinstance(v, StringArray):
-            w.add_array(key, list(v))
-        elif isinstance(v, np.ndarray):
-            w.add_array(key, v.tolist())
-        elif isinstance(v, bool):
-            w.add_bool(key, v)
-        elif isinstance(v, int):
-            w.add_uint32(key, v)
-        elif isinstance(v, str):
-            w.add_string(key, v)
+    copy_metadata(w, src, TOKENIZER_KEYS)
     n_vocab = len(src.get("tokenizer.ggml.tokens"))
     src.close()
     q4 = GGML_QUANT_SIZES[QT.Q4_0]
