@@ -26,11 +26,12 @@ class Model:
 
     def __init__(self, path: str, options: LoadOptions):
         self.options = options.validate()
-        # The tokenizer first: a memory plan measures the baseline it must fit around, the tokenizer included.
-        self.tokenizer = Tokenizer(path, verbose=options.verbose) if _readable(path) else None
-        self._loaded = load_model(path, options)
-        if self.tokenizer is None:
+        self.tokenizer: Tokenizer | None = None
+
+        def load_tokenizer():  # before the weights: a memory plan counts the tokenizer in its baseline
             self.tokenizer = Tokenizer(path, verbose=options.verbose)
+
+        self._loaded = load_model(path, options, before_weights=load_tokenizer)
         self.path = path
         self.args = self._loaded.args
         self.engine = self._loaded.engine
@@ -124,17 +125,6 @@ class Model:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _readable(path: str) -> bool:
-    """Worth handing to llama.cpp's vocabulary loader before our own checks have run."""
-    from .loaders.gguf_reader import GGUFFile
-
-    try:
-        GGUFFile(path).close()
-        return True
-    except Exception:
-        return False
 
 
 def load(path: str | None = None, options: LoadOptions | None = None, **overrides) -> Model:

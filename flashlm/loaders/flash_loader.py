@@ -11,11 +11,13 @@ from types import ModuleType
 
 import numpy as np
 import psutil
+from gguf.constants import GGMLQuantizationType as QT
 
 from ..flash_store.io_engine import FlashReader
 from ..flash_store.planner import FlashPlan, plan_flash
 from ..flash_store.reader import FlashStore
 from ..options import LoadOptions
+from ..quant.formats import dequantize
 from ..quant.bundle_kernel import SUPPORTED_ROW_TYPES, BundleKernel
 from ..runtime.kernel_executor import AttentionWeights, KernelExecutor, RowMatrix
 from ..runtime.kv_cache import KVCache
@@ -51,10 +53,7 @@ def _row_matrix(f: GGUFFile, name: str, bias_name: str | None) -> RowMatrix:
     bias = vector(f, bias_name, info.shape[0]) if bias_name and bias_name in f.tensors else None
     if info.ggml_type in SUPPORTED_ROW_TYPES:
         return RowMatrix(np.array(f.tensor_bytes(name)), info.ggml_type, bias)
-    from ..quant.formats import dequantize
-    from gguf.constants import GGMLQuantizationType as QT
-
-    # float matrices (F32/F16/BF16): stored as F32 rows; rows_matvec's numpy path handles them
+    # float matrices (F32/F16/BF16) are kept as float32 and multiplied by numpy
     return RowMatrix(dequantize(f.tensor_bytes(name), info.ggml_type).reshape(info.shape), QT.F32, bias)
 
 

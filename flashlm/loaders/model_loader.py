@@ -102,15 +102,22 @@ def _head_slices(f: GGUFFile, args) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def load_model(path: str, opts: LoadOptions, taps: tuple[str, ...] = ()) -> LoadedModel:
+def load_model(path: str, opts: LoadOptions, taps: tuple[str, ...] = (), before_weights=None) -> LoadedModel:
     """Piece by piece: repack one layer (or one slice of the output matrix), compile its session, release the
     transients, go on. Peak memory stays near the final footprint plus one piece, instead of holding every
     repacked buffer and onnxruntime's copy of it at once. `taps` names intermediates (e.g. "ffn_act") the
-    executor should hand back after each forward (calibration)."""
+    executor should hand back after each forward (calibration). `before_weights()` runs once the file is
+    validated and before any planning (the tokenizer loads there, so a memory plan counts it in its baseline)."""
     t0 = time.perf_counter()
     opts.validate()
     _fixed_mmap_threshold()
     f, family, args = read_model(path)
+    if before_weights is not None:
+        try:
+            before_weights()
+        except Exception:
+            f.close()
+            raise
 
     def compile_piece(load, build, name):
         weights = load()
