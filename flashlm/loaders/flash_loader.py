@@ -26,6 +26,7 @@ from .gguf_reader import GGUFFile
 from .weights import require, vector
 
 HEAD_SLICE_ROWS = 4096
+KV_DTYPE = np.float16  # attention runs in numpy here: a half-size cache, as llama.cpp's default
 
 
 def _head_info(f: GGUFFile):
@@ -41,7 +42,7 @@ def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: Loa
     attention = sum(f.tensors[n].nbytes for i in range(args.n_layers) for n in _attention_names(family, i))
     info = _head_info(f)
     head_stream = 2 * (HEAD_SLICE_ROWS * (info.nbytes // info.shape[0]) + 2 * 4096)
-    kv_per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 4
+    kv_per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * np.dtype(KV_DTYPE).itemsize
     return plan_flash(budget=opts.memory_budget, baseline=baseline or psutil.Process().memory_info().rss,
                       attention_bytes=attention, head_bytes=info.nbytes, n_layers=args.n_layers, n_ff=args.n_ff,
                       record_bytes=store.record_bytes, kv_bytes_per_token=kv_per_token, n_ctx=n_ctx,
@@ -59,12 +60,14 @@ def _row_matrix(f: GGUFFile, name: str, bias_name: str | None) -> RowMatrix:
 
 def load_attention(f: GGUFFile, family: ModuleType, args, i: int) -> AttentionWeights:
     q, k, v, o = _attention_names(family, i)
-    return AttentionWeights(vector(f, family.layer_name("attn_norm", i), args.d_model),
-                            _row_matrix(f, q, family.layer_name("q_bias", i)),
-                            _row_matrix(f, k, family.layer_name("k_bias", i)),
-                            _row_matrix(f, v, family.layer_name("v_bias", i)),
-                            _row_matrix(f, o, None),
-                            vector(f, family.layer_name("ffn_norm", i), args.d_model))
+    parts = [_row_matrix(f, name, family.layer_name(f"{key}_bias", i)) for name, key in ((q, "q"), (k, "k"), (v, "v"))]
+    if len({(p.qtype, p.rows.dtype) for p in parts}) == 1:  # one stacked matrix: one kernel call per layer
+        biases = [p.bias for p in parts]
+        bias = None if all(b is None for b in biases) else np.concatenate(
+            [b if b is not None else np.zeros(p.rows.shape[0], np.float32) for b, p in zip(biases, parts)])
+        parts = [RowMatrix(np.concatenate([p.rows for p in parts]), parts[0].qtype, bias)]
+    return AttentionWeights(vector(f, family.layer_name("attn_norm", i), args.d_model), parts,
+                            _row_matrix(f, o, None), vector(f, family.layer_name("ffn_norm", i), args.d_model))
 
 
 def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: LoadOptions, n_ctx: int,
@@ -84,7 +87,7 @@ def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: 
                         norm, args.norm_eps, plan.head_resident, HEAD_SLICE_ROWS)
     ffn = StreamedFFN(store, reader, plan, kernel)
     cos, sin = family.rope_tables(f, args, n_ctx)
-    kv = KVCache(args.n_layers, args.n_kv_heads, args.head_dim, n_ctx)
+    kv = KVCache(args.n_layers, args.n_kv_heads, args.head_dim, n_ctx, KV_DTYPE)
     embed = family.load_embedding(f, args)
     f._mmap.madvise(mmap.MADV_DONTNEED)
     return KernelExecutor(args, layers, kernel, ffn, head, embed, kv, cos, sin), plan

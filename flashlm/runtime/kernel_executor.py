@@ -39,12 +39,18 @@ class RowMatrix:
 
 
 class AttentionWeights:
-    def __init__(self, attn_norm, q: RowMatrix, k: RowMatrix, v: RowMatrix, o: RowMatrix, ffn_norm):
-        self.attn_norm, self.q, self.k, self.v, self.o, self.ffn_norm = attn_norm, q, k, v, o, ffn_norm
+    """qkv: q, k and v rows stacked in one matrix when their formats agree (one kernel call), else three."""
+
+    def __init__(self, attn_norm, qkv: list[RowMatrix], o: RowMatrix, ffn_norm):
+        self.attn_norm, self.qkv, self.o, self.ffn_norm = attn_norm, qkv, o, ffn_norm
 
     @property
     def nbytes(self) -> int:
-        return sum(m.nbytes for m in (self.q, self.k, self.v, self.o))
+        return sum(m.nbytes for m in (*self.qkv, self.o))
+
+    def project(self, kernel: BundleKernel, x: np.ndarray) -> np.ndarray:
+        outs = [m(kernel, x) for m in self.qkv]
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -79,9 +85,11 @@ class KernelExecutor:
         a, k_ = self.args, self.kernel
         n, total = h.shape[0], start + h.shape[0]
         x = rms_norm(h, w.attn_norm, a.norm_eps)
-        q = w.q(k_, x).reshape(n, a.n_heads, a.head_dim)
-        k = w.k(k_, x).reshape(n, a.n_kv_heads, a.head_dim)
-        v = w.v(k_, x).reshape(n, a.n_kv_heads, a.head_dim)
+        qkv = w.project(k_, x)
+        nq, nkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        q = qkv[:, :nq].reshape(n, a.n_heads, a.head_dim)
+        k = qkv[:, nq:nq + nkv].reshape(n, a.n_kv_heads, a.head_dim)
+        v = qkv[:, nq + nkv:].reshape(n, a.n_kv_heads, a.head_dim)
         cos, sin = self.cos[start:total], self.sin[start:total]
         q = apply_rope(q, cos, sin, a.rope.interleaved)
         k = apply_rope(k, cos, sin, a.rope.interleaved)

@@ -1,6 +1,6 @@
 """The KV cache: per-layer key/value buffers that onnxruntime's GroupQueryAttention appends to in place.
 
-Buffers are (1, n_kv_heads, capacity, head_dim) float32. Capacity grows in steps up to the context size (memory
+Buffers are (1, n_kv_heads, capacity, head_dim). Capacity grows in steps up to the context size (memory
 follows the tokens actually held, not the maximum), and `truncate(n)` forgets everything after position n so a new
 prompt can reuse a shared prefix.
 """
@@ -13,8 +13,11 @@ GROW_STEP = 256
 
 
 class KVCache:
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_tokens: int):
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_tokens: int, dtype=np.float32):
+        """dtype: float32 for onnxruntime's GroupQueryAttention; float16 (as llama.cpp's default) where attention
+        runs in numpy, halving the cache."""
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
+        self.dtype = np.dtype(dtype)
         self.max_tokens = max_tokens
         self.n_past = 0
         self.capacity = 0
@@ -23,7 +26,7 @@ class KVCache:
         self.generation = 0  # bumped whenever the buffers are replaced, so bindings know to refresh
 
     def bytes_per_token(self) -> int:
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 4
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:
@@ -39,7 +42,7 @@ class KVCache:
             old = list(buffers)
             buffers.clear()
             for i in range(self.n_layers):
-                new = np.zeros(shape, np.float32)
+                new = np.zeros(shape, self.dtype)
                 if old:
                     new[:, :, :self.n_past] = old[i][:, :, :self.n_past]
                 buffers.append(new)
