@@ -28,10 +28,10 @@ class Model:
         self.options = options.validate()
         self.tokenizer: Tokenizer | None = None
 
-        def load_tokenizer():  # before the weights: a memory plan counts the tokenizer in its baseline
+        def load_tokenizer():  # load_model decides when: a memory plan counts the tokenizer in its baseline
             self.tokenizer = Tokenizer(path, verbose=options.verbose)
 
-        self._loaded = load_model(path, options, before_weights=load_tokenizer)
+        self._loaded = load_model(path, options, load_tokenizer=load_tokenizer)
         self.path = path
         self.args = self._loaded.args
         self.engine = self._loaded.engine

@@ -64,6 +64,7 @@ def _fixed_mmap_threshold() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-8, 2)  # M_ARENA_MAX: onnxruntime's worker threads would each keep a heap arena
 
 
 def read_model(path: str) -> tuple[GGUFFile, ModuleType, object]:
@@ -102,22 +103,45 @@ def _head_slices(f: GGUFFile, args) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def load_model(path: str, opts: LoadOptions, taps: tuple[str, ...] = (), before_weights=None) -> LoadedModel:
+def load_model(path: str, opts: LoadOptions, taps: tuple[str, ...] = (), load_tokenizer=None) -> LoadedModel:
     """Piece by piece: repack one layer (or one slice of the output matrix), compile its session, release the
     transients, go on. Peak memory stays near the final footprint plus one piece, instead of holding every
     repacked buffer and onnxruntime's copy of it at once. `taps` names intermediates (e.g. "ffn_act") the
-    executor should hand back after each forward (calibration). `before_weights()` runs once the file is
-    validated and before any planning (the tokenizer loads there, so a memory plan counts it in its baseline)."""
+    executor should hand back after each forward (calibration). `load_tokenizer()` runs once the file is
+    validated: before the weights of a flash store (its memory plan counts the tokenizer in the baseline), after
+    those of a GGUF (so its load transients and the tokenizer do not add up in the peak)."""
     t0 = time.perf_counter()
     opts.validate()
     _fixed_mmap_threshold()
     f, family, args = read_model(path)
-    if before_weights is not None:
-        try:
-            before_weights()
-        except Exception:
-            f.close()
-            raise
+    flash = is_flash_store(f)
+
+    try:
+        n_ctx = opts.ctx_size or args.n_ctx_train
+        threads = opts.resolved_threads()
+        if flash and load_tokenizer is not None:
+            load_tokenizer()
+        if flash:
+            executor, plan = load_flash_executor(path, f, family, args, opts, n_ctx, threads)
+            resident = sum(w.nbytes for w in executor.layers)
+        else:
+            plan = None
+            if opts.memory_budget is not None:
+                _check_gguf_fits(f, opts.memory_budget)
+            executor, resident = _gguf_executor(f, family, args, n_ctx, threads, taps)
+        _release_heap()
+        if not flash and load_tokenizer is not None:
+            load_tokenizer()
+    except Exception:
+        f.close()
+        raise
+    engine = Engine(executor, n_ctx, plan.batch_size if plan else opts.batch_size)
+    return LoadedModel(path, f, family, args, engine, n_ctx, threads, (time.perf_counter() - t0) * 1e3, resident,
+                       plan)
+
+
+def _gguf_executor(f: GGUFFile, family: ModuleType, args, n_ctx: int, threads: int, taps) -> tuple[Executor, int]:
+    """onnxruntime sessions compiled piece by piece; returns the executor and the bytes handed to onnxruntime."""
 
     def compile_piece(load, build, name):
         weights = load()
@@ -127,27 +151,6 @@ def load_model(path: str, opts: LoadOptions, taps: tuple[str, ...] = (), before_
         del weights
         return gb.session(threads), gb.resident_bytes
 
-    try:
-        n_ctx = opts.ctx_size or args.n_ctx_train
-        threads = opts.resolved_threads()
-        if is_flash_store(f):
-            executor, plan = load_flash_executor(path, f, family, args, opts, n_ctx, threads)
-            resident = sum(w.nbytes for w in executor.layers)
-        else:
-            plan = None
-            if opts.memory_budget is not None:
-                _check_gguf_fits(f, opts.memory_budget)
-            executor, resident = _gguf_executor(f, family, args, n_ctx, threads, taps, compile_piece)
-        _release_heap()
-    except Exception:
-        f.close()
-        raise
-    engine = Engine(executor, n_ctx, plan.batch_size if plan else opts.batch_size)
-    return LoadedModel(path, f, family, args, engine, n_ctx, threads, (time.perf_counter() - t0) * 1e3, resident,
-                       plan)
-
-
-def _gguf_executor(f: GGUFFile, family: ModuleType, args, n_ctx: int, threads: int, taps, compile_piece):
     segments = [(compile_piece(lambda seg=seg: [family.load_layer(f, args, i) for i in seg],
                                lambda gb, w, seg=seg: _build_segment(gb, family, args, seg, w, taps),
                                f"layers{seg[0]}"), seg) for seg in _segments(args.n_layers)]
