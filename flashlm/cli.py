@@ -235,6 +235,27 @@ def bench(model, n_prompt, n_gen, threads, repetitions, ctx_size, engines, as_js
               [e.strip() for e in engines.split(",") if e.strip()], as_json)
 
 
+@cli.command()
+@model_options
+@click.option("-f", "--file", "text_file", type=click.Path(dir_okay=False), required=True, help="Text to score.")
+@click.option("--chunks", type=int, default=0, help="Score at most this many chunks (0: all).")
+def perplexity(text_file, chunks, **kw):
+    """Perplexity of a text, as llama-perplexity computes it (chunks of -c tokens, second halves scored)."""
+    from .tools.perplexity import perplexity as run
+
+    try:
+        with open(text_file, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as e:
+        _fail(f"{text_file}: cannot read ({getattr(e, 'strerror', None) or e})")
+    n_ctx = kw["ctx_size"] if kw["ctx_size"] else 512
+    kw = {**kw, "ctx_size": n_ctx}
+    m = _load(kw)
+    r = run(m, text, n_ctx, chunks or None,
+            progress=lambda c, n, p: click.echo(f"[{c}/{n}] running PPL {p:.4f}", err=True))
+    click.echo(f"PPL = {r.ppl:.4f} +/- {r.stderr:.4f} ({r.n_chunks} chunks of {n_ctx} tokens, {r.n_scored} scored)")
+
+
 @cli.command("bench-budget")
 @click.option("-m", "--model", "model", type=str, default=None, help="GGUF model (default: SmolLM2).")
 @click.option("--flash", "flash", type=str, required=True, help="The same model converted to .flash.")
