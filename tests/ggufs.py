@@ -10,9 +10,8 @@ import numpy as np
 import gguf
 from gguf.constants import GGMLQuantizationType as QT
 
-from flashlm.flash_store.writer import copy_metadata
 from flashlm.loaders.gguf_reader import GGUFFile
-from flashlm.tools.synthetic_llama import TOKENIZER_KEYS
+from flashlm.tools.synthetic_llama import add_llama_header
 
 def _quantize(a: np.ndarray, qtype: QT) -> np.ndarray:
     if qtype == QT.F32:
@@ -34,16 +33,7 @@ def write_tiny_llama(path, vocab_src: str, qtype: QT = QT.Q8_0, arch: str = "lla
     n_vocab = len(src.get("tokenizer.ggml.tokens"))
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(n_layers)
-    w.add_context_length(512)
-    w.add_embedding_length(d_model)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_heads)
-    w.add_head_count_kv(n_kv_heads)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(d_model // n_heads)
-    copy_metadata(w, src, TOKENIZER_KEYS)
+    add_llama_header(w, src, n_layers, 512, d_model, n_ff, n_heads, n_kv_heads)
     src.close()
     hd = d_model // n_heads
 

@@ -24,6 +24,21 @@ TOKENIZER_KEYS = ["tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.
                   "tokenizer.ggml.add_bos_token", "tokenizer.chat_template"]
 
 
+def add_llama_header(w: gguf.GGUFWriter, vocab_src: GGUFFile, n_layers: int, n_ctx: int, d_model: int, n_ff: int,
+                     n_heads: int, n_kv_heads: int) -> None:
+    """Llama hyperparameters, and the tokenizer of `vocab_src` (so llama.cpp can tokenize for the file)."""
+    w.add_block_count(n_layers)
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(d_model)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(d_model // n_heads)
+    copy_metadata(w, vocab_src, TOKENIZER_KEYS)
+
+
 def random_q4_0(rng: np.random.Generator, rows: int, cols: int, scale: float) -> np.ndarray:
     """(rows, cols/32*18) bytes of valid Q4_0 blocks: f16 scale ~ scale/8, random nibbles."""
     nb = cols // 32
@@ -39,16 +54,7 @@ def write(path: str, vocab_src: str, n_layers: int = 32, d_model: int = 4096, n_
     src = GGUFFile(vocab_src)
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(path, "llama")
-    w.add_block_count(n_layers)
-    w.add_context_length(4096)
-    w.add_embedding_length(d_model)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_heads)
-    w.add_head_count_kv(n_heads)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(d_model // n_heads)
-    copy_metadata(w, src, TOKENIZER_KEYS)
+    add_llama_header(w, src, n_layers, 4096, d_model, n_ff, n_heads, n_heads)
     n_vocab = len(src.get("tokenizer.ggml.tokens"))
     src.close()
     q4 = GGML_QUANT_SIZES[QT.Q4_0]
