@@ -122,16 +122,22 @@ static float row_dot_avx2(const uint8_t *row, int type, const float *x, const fl
     return hsum(acc) + offset;
 }
 
-static void down_axpy_avx2(const uint8_t *down, float a, float *y, int d) {
+/* The down update for a group of neurons at once: each 8-float slice of y is loaded and stored once per group
+ * instead of once per neuron (the per-neuron version spent half the kernel's time moving y). */
+#define DOWN_GROUP 8
+static void down_axpy_group(const uint8_t *const *down, const float *a, int g, float *y, int d) {
     for (int b = 0; b < d / 32; b++) {
-        const uint8_t *blk = down + 34 * b;
-        __m256 c = _mm256_set1_ps(a * f16_to_f32(blk));
-        __m128i q0 = _mm_loadu_si128((const __m128i *)(blk + 2)), q1 = _mm_loadu_si128((const __m128i *)(blk + 18));
-        float *yb = y + 32 * b;
-        _mm256_storeu_ps(yb, _mm256_fmadd_ps(c, cvt8s(q0), _mm256_loadu_ps(yb)));
-        _mm256_storeu_ps(yb + 8, _mm256_fmadd_ps(c, cvt8s(_mm_srli_si128(q0, 8)), _mm256_loadu_ps(yb + 8)));
-        _mm256_storeu_ps(yb + 16, _mm256_fmadd_ps(c, cvt8s(q1), _mm256_loadu_ps(yb + 16)));
-        _mm256_storeu_ps(yb + 24, _mm256_fmadd_ps(c, cvt8s(_mm_srli_si128(q1, 8)), _mm256_loadu_ps(yb + 24)));
+        __m256 c[DOWN_GROUP];
+        for (int k = 0; k < g; k++) c[k] = _mm256_set1_ps(a[k] * f16_to_f32(down[k] + 34 * b));
+        for (int v = 0; v < 4; v++) {
+            float *yv = y + 32 * b + 8 * v;
+            __m256 acc = _mm256_loadu_ps(yv);
+            for (int k = 0; k < g; k++) {
+                __m128i q = _mm_loadl_epi64((const __m128i *)(down[k] + 34 * b + 2 + 8 * v));
+                acc = _mm256_fmadd_ps(c[k], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), acc);
+            }
+            _mm256_storeu_ps(yv, acc);
+        }
     }
 }
 #define HAVE_FUSED 1
@@ -185,12 +191,18 @@ int bundle_ffn(const uint8_t *const *rows, int64_t n, int d, int gate_type, int 
         float *gf = scratch + (size_t)tid * 3 * d, *uf = gf + d, *df = uf + d;
 #ifdef HAVE_FUSED
         if (S == 1) {  /* decode: no intermediate buffers */
-            for (int64_t i = lo; i < hi; i++) {
-                const uint8_t *rec = rows[i];
-                float a = activate(row_dot_avx2(rec, gate_type, x, xsum, d), act) *
-                          row_dot_avx2(rec + up_offset, up_type, x, xsum, d);
-                if (act_out) act_out[i] = a;
-                down_axpy_avx2(rec + down_offset, a, ylocal, d);
+            for (int64_t i = lo; i < hi; i += DOWN_GROUP) {
+                int g = (int)(hi - i < DOWN_GROUP ? hi - i : DOWN_GROUP);
+                float a[DOWN_GROUP];
+                const uint8_t *down[DOWN_GROUP];
+                for (int k = 0; k < g; k++) {
+                    const uint8_t *rec = rows[i + k];
+                    a[k] = activate(row_dot_avx2(rec, gate_type, x, xsum, d), act) *
+                           row_dot_avx2(rec + up_offset, up_type, x, xsum, d);
+                    if (act_out) act_out[i + k] = a[k];
+                    down[k] = rec + down_offset;
+                }
+                down_axpy_group(down, a, g, ylocal, d);
             }
             lo = hi;
         }
