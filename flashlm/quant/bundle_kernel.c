@@ -293,3 +293,63 @@ int dequant_rows(const uint8_t *rows, int64_t n, int64_t row_bytes, int type, in
     for (int64_t r = 0; r < n; r++) dequant_row(rows + r * row_bytes, type, out + (size_t)r * d, d);
     return 0;
 }
+
+#ifdef HAVE_FUSED
+/* One decode step of grouped-query attention over a float16 KV cache, in place:
+ * q (n_heads*hd) and k, v (n_kv*hd) get RoPE (q, k) at position `pos`; k and v are written to the caches
+ * (n_kv, capacity, hd) at `pos`; out (n_heads*hd) = softmax(q K^T * scale) V over positions 0..pos.
+ * cos/sin: (hd/2) for this position; interleaved rotates pairs (2i, 2i+1), else halves. scores: pos+1 floats. */
+static void rope(float *v, const float *cos, const float *sin, int hd, int interleaved) {
+    int half = hd / 2;
+    for (int i = 0; i < half; i++) {
+        int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+        float x0 = v[a], x1 = v[b];
+        v[a] = x0 * cos[i] - x1 * sin[i];
+        v[b] = x0 * sin[i] + x1 * cos[i];
+    }
+}
+
+int attention_decode(float *q, float *k, const float *v, uint16_t *kcache, uint16_t *vcache, int64_t capacity,
+                     int pos, const float *cos, const float *sin, int interleaved, int n_heads, int n_kv, int hd,
+                     float scale, float *out, float *scores) {
+    if (hd % 8) return -1;
+    for (int h = 0; h < n_heads; h++) rope(q + (size_t)h * hd, cos, sin, hd, interleaved);
+    for (int g = 0; g < n_kv; g++) {
+        rope(k + (size_t)g * hd, cos, sin, hd, interleaved);
+        uint16_t *kd = kcache + ((size_t)g * capacity + pos) * hd, *vd = vcache + ((size_t)g * capacity + pos) * hd;
+        for (int j = 0; j < hd; j += 8) {
+            _mm_storeu_si128((__m128i *)(kd + j), _mm256_cvtps_ph(_mm256_loadu_ps(k + (size_t)g * hd + j), 0));
+            _mm_storeu_si128((__m128i *)(vd + j), _mm256_cvtps_ph(_mm256_loadu_ps(v + (size_t)g * hd + j), 0));
+        }
+    }
+    int group = n_heads / n_kv, T = pos + 1;
+    for (int h = 0; h < n_heads; h++) {
+        const float *qh = q + (size_t)h * hd;
+        const uint16_t *K = kcache + (size_t)(h / group) * capacity * hd;
+        const uint16_t *V = vcache + (size_t)(h / group) * capacity * hd;
+        float mx = -INFINITY;
+        for (int t = 0; t < T; t++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int j = 0; j < hd; j += 8)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + j),
+                                      _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(K + (size_t)t * hd + j))), acc);
+            scores[t] = hsum(acc) * scale;
+            if (scores[t] > mx) mx = scores[t];
+        }
+        float sum = 0.0f;
+        for (int t = 0; t < T; t++) {
+            scores[t] = expf(scores[t] - mx);
+            sum += scores[t];
+        }
+        float *oh = out + (size_t)h * hd;
+        for (int j = 0; j < hd; j += 8) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int t = 0; t < T; t++)
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[t]),
+                                      _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(V + (size_t)t * hd + j))), acc);
+            _mm256_storeu_ps(oh + j, _mm256_mul_ps(acc, _mm256_set1_ps(1.0f / sum)));
+        }
+    }
+    return 0;
+}
+#endif

@@ -94,6 +94,7 @@ class BundleKernel:
         if layout.down_type != QT.Q8_0:
             raise ValueError("bundle kernel: down columns must be Q8_0")
         self.layout, self.activation, self.threads = layout, activation, threads
+        self.attention_decode = None
         path = build_library()
         self.native = path is not None
         if self.native:
@@ -119,6 +120,13 @@ class BundleKernel:
             dq.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
                            ctypes.c_void_p, ctypes.c_int]
             self._dequant_rows = dq
+            self.attention_decode = getattr(lib, "attention_decode", None)  # x86 builds only
+            if self.attention_decode is not None:
+                ad = self.attention_decode
+                ad.restype = ctypes.c_int
+                ad.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                                                       ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                                       ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
         g, u, dn = layout.slices()
         self._up_offset, self._down_offset = u.start, dn.start
 

@@ -83,17 +83,42 @@ class KernelExecutor:
 
     def _attention(self, i: int, w: AttentionWeights, h: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
         a, k_ = self.args, self.kernel
-        n, total = h.shape[0], start + h.shape[0]
+        n = h.shape[0]
         x = rms_norm(h, w.attn_norm, a.norm_eps)
         qkv = w.project(k_, x)
         nq, nkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
         q = qkv[:, :nq].reshape(n, a.n_heads, a.head_dim)
         k = qkv[:, nq:nq + nkv].reshape(n, a.n_kv_heads, a.head_dim)
         v = qkv[:, nq + nkv:].reshape(n, a.n_kv_heads, a.head_dim)
+        keys, values = self.kv.keys[i][0], self.kv.values[i][0]  # (n_kv, capacity, hd)
+        if n == 1 and k_.attention_decode is not None and keys.dtype == np.float16:
+            out = self._attention_decode(q, k, v, keys, values, start)
+        else:
+            out = self._attention_numpy(q, k, v, keys, values, start)
+        h1 = h + w.o(k_, np.ascontiguousarray(out, dtype=np.float32))
+        return rms_norm(h1, w.ffn_norm, a.norm_eps), np.ascontiguousarray(h1, dtype=np.float32)
+
+    def _attention_decode(self, q, k, v, keys, values, pos: int) -> np.ndarray:
+        """One token, in C: RoPE, cache write, softmax attention (the numpy path costs ~8 ms per token here)."""
+        a = self.args
+        q, k, v = (np.ascontiguousarray(t, dtype=np.float32) for t in (q, k, v))
+        out = np.empty(a.n_heads * a.head_dim, np.float32)
+        scores = np.empty(pos + 1, np.float32)
+        status = self.kernel.attention_decode(
+            q.ctypes.data, k.ctypes.data, v.ctypes.data, keys.ctypes.data, values.ctypes.data, keys.shape[1], pos,
+            self.cos[pos].ctypes.data, self.sin[pos].ctypes.data, int(a.rope.interleaved), a.n_heads, a.n_kv_heads,
+            a.head_dim, a.head_dim ** -0.5, out.ctypes.data, scores.ctypes.data)
+        if status != 0:
+            raise RuntimeError(f"attention_decode failed ({status})")
+        return out[None]
+
+    def _attention_numpy(self, q, k, v, keys, values, start: int) -> np.ndarray:
+        a = self.args
+        n = q.shape[0]
+        total = start + n
         cos, sin = self.cos[start:total], self.sin[start:total]
         q = apply_rope(q, cos, sin, a.rope.interleaved)
         k = apply_rope(k, cos, sin, a.rope.interleaved)
-        keys, values = self.kv.keys[i][0], self.kv.values[i][0]  # (n_kv, capacity, hd)
         keys[:, start:total] = k.transpose(1, 0, 2)
         values[:, start:total] = v.transpose(1, 0, 2)
         group = a.n_heads // a.n_kv_heads
@@ -105,9 +130,7 @@ class KernelExecutor:
         scores -= scores.max(-1, keepdims=True)
         probs = np.exp(scores, dtype=np.float32)
         probs /= probs.sum(-1, keepdims=True)
-        out = (probs @ values[:, :total]).reshape(a.n_heads, n, a.head_dim).transpose(1, 0, 2).reshape(n, -1)
-        h1 = h + w.o(k_, np.ascontiguousarray(out, dtype=np.float32))
-        return rms_norm(h1, w.ffn_norm, a.norm_eps), np.ascontiguousarray(h1, dtype=np.float32)
+        return (probs @ values[:, :total]).reshape(a.n_heads, n, a.head_dim).transpose(1, 0, 2).reshape(n, -1)
 
     def forward(self, ids: np.ndarray, all_logits: bool = False) -> np.ndarray:
         n = len(ids)
