@@ -74,8 +74,8 @@ class FlashPlan:
         mb = lambda n: f"{n / MB:.1f} MB"  # noqa: E731
         lines = [f"memory plan for a budget of {mb(self.budget_bytes) if self.budget_bytes else 'unlimited'}:",
                  f"  baseline (interpreter, libraries, tokenizer)  {mb(self.baseline_bytes)}",
-                 f"  resident attention{' + output matrix' if self.head_resident else ''} (est.)"
-                 f"{'     ' if self.head_resident else '                   '}{mb(self.resident_bytes)}",
+                 f"  {'resident attention + output matrix' if self.head_resident else 'resident attention':<46}"
+                 f"{mb(self.resident_bytes)}",
                  f"  KV cache (full context)                       {mb(self.kv_bytes)}",
                  f"  activation scratch (batch {self.batch_size})              {mb(self.scratch_bytes)}",
                  f"  FFN hot neurons {self.hot_neurons}/{self.n_ff} per layer            {mb(self.cache_bytes)}",
