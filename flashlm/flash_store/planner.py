@@ -77,8 +77,8 @@ class FlashPlan:
                  f"  {'resident attention + output matrix' if self.head_resident else 'resident attention':<46}"
                  f"{mb(self.resident_bytes)}",
                  f"  KV cache (full context)                       {mb(self.kv_bytes)}",
-                 f"  activation scratch (batch {self.batch_size})              {mb(self.scratch_bytes)}",
-                 f"  FFN hot neurons {self.hot_neurons}/{self.n_ff} per layer            {mb(self.cache_bytes)}",
+                 f"  {f'activation scratch (batch {self.batch_size})':<46}{mb(self.scratch_bytes)}",
+                 f"  {f'FFN hot neurons {self.hot_neurons}/{self.n_ff} per layer':<46}{mb(self.cache_bytes)}",
                  f"  I/O buffers                                   {mb(self.io_buffer_bytes)}",
                  f"  total                                         {mb(self.total_bytes)}",
                  f"  streamed per token: {self.streamed_fraction:.0%} of the FFN "
