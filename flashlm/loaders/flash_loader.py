@@ -29,7 +29,8 @@ HEAD_SLICE_ROWS = 4096
 KV_DTYPE = np.float16  # attention runs in numpy here: a half-size cache, as llama.cpp's default
 
 
-def _head_info(f: GGUFFile):
+def output_matrix(f: GGUFFile):
+    """The output matrix's TensorInfo: its own, or the token embedding when tied."""
     return f.tensors.get("output.weight") or f.tensors["token_embd.weight"]
 
 
@@ -40,7 +41,7 @@ def _attention_names(family: ModuleType, i: int) -> list[str]:
 def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: LoadOptions, n_ctx: int,
              baseline: int | None = None) -> FlashPlan:
     attention = sum(f.tensors[n].nbytes for i in range(args.n_layers) for n in _attention_names(family, i))
-    info = _head_info(f)
+    info = output_matrix(f)
     head_stream = 2 * (HEAD_SLICE_ROWS * (info.nbytes // info.shape[0]) + 2 * 4096)
     kv_per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * np.dtype(KV_DTYPE).itemsize
     return plan_flash(budget=opts.memory_budget, baseline=baseline or psutil.Process().memory_info().rss,
@@ -81,7 +82,7 @@ def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: 
         layers.append(load_attention(f, family, args, i))
         f._mmap.madvise(mmap.MADV_DONTNEED)  # the copies are ours; the file's pages need not stay
     reader = FlashReader(path, threads=opts.io_threads)
-    info = _head_info(f)
+    info = output_matrix(f)
     norm = vector(f, family.TENSORS["output_norm"], args.d_model)
     head = StreamedHead(reader, kernel, info.offset, info.shape[0], info.nbytes // info.shape[0], info.ggml_type,
                         norm, args.norm_eps, plan.head_resident, HEAD_SLICE_ROWS)

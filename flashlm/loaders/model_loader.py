@@ -25,7 +25,7 @@ from ..options import LoadOptions
 from ..runtime.executor import Engine, Executor
 from ..runtime.kv_cache import KVCache
 from ..runtime.onnx_graph import GraphBuilder
-from .flash_loader import load_flash_executor
+from .flash_loader import load_flash_executor, output_matrix
 from .gguf_reader import GGUFFile
 
 
@@ -97,7 +97,7 @@ def _build_segment(gb: GraphBuilder, family: ModuleType, args, layers: range, we
 
 
 def _head_slices(f: GGUFFile, args) -> list[tuple[int, int]]:
-    info = f.tensors.get("output.weight") or f.tensors.get("token_embd.weight")
+    info = output_matrix(f)
     n = max(1, -(-info.nbytes // HEAD_SLICE_BYTES))
     bounds = [int(b) for b in np.linspace(0, args.vocab_size, n + 1)]
     return list(zip(bounds[:-1], bounds[1:]))

@@ -21,7 +21,6 @@ class Executor:
 
         self._ortvalue = ort.OrtValue.ortvalue_from_numpy
         self.segments, self.head, self.embed, self.kv, self.vocab_size = segments, head, embed, kv, vocab_size
-        self.ffn = self.head_stream = None  # only flash stores stream (runtime/kernel_executor.py)
         self.d_model = embed.d_model
         self._seqlens = np.zeros(1, np.int32)
         self._total = np.zeros((), np.int32)

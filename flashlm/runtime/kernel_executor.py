@@ -79,7 +79,6 @@ class KernelExecutor:
         self.args, self.layers, self.kernel, self.ffn, self.head_stream = args, layers, kernel, ffn, head
         self.embed, self.kv, self.vocab_size = embed, kv, args.vocab_size
         self.cos, self.sin = rope_cos, rope_sin
-        self.tap_values: dict[str, np.ndarray] = {}
 
     def _attention(self, i: int, w: AttentionWeights, h: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
         a, k_ = self.args, self.kernel

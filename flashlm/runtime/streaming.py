@@ -50,6 +50,7 @@ class StreamedFFN:
         self.stats = FFNStats()
         self.caches: list[NeuronWindowCache] = []
         self._load_hot_sets()
+        self.stats.io = reader.stats  # the reader's live counters (per-token traffic from here on)
         cold = n_ff - hot
         self.buffers = [aligned_buffer(cold * rb + 2 * ALIGN) for _ in range(2)] if cold else []
         # Record addresses per layer and buffer parity, in stored order: hot from the cache, cold from the buffer.
@@ -113,7 +114,6 @@ class StreamedFFN:
         st.compute_s += t3 - t2
         st.neurons_used += self.n_ff
         st.neurons_from_cache += self.hot
-        st.io = self.reader.stats
 
     def close(self) -> None:
         for fut in self._pending.values():
@@ -142,7 +142,7 @@ class StreamedHead:
         if resident:
             before = reader.stats.snapshot()
             self.rows = reader.read(offset, n_rows * row_bytes).result().reshape(n_rows, row_bytes)
-            reader.stats = IOStats(*vars(before).values())  # load-time reads are not per-token traffic
+            reader.stats = before  # load-time reads are not per-token traffic
             self.buffers = []
         else:
             self.buffers = [aligned_buffer(slice_rows * row_bytes + 2 * ALIGN) for _ in range(2)]
@@ -156,17 +156,17 @@ class StreamedHead:
         h = hidden[rows].astype(np.float32)
         x = h / np.sqrt((h * h).mean(-1, keepdims=True) + self.eps) * self.norm_weight
         x = np.ascontiguousarray(x, dtype=np.float32)
-        pending = None if self.resident else self._issue(0)
+        if self.resident:
+            rows_matvec(self.kernel, self.rows, self.qtype, x, out)
+            return
+        pending = self._issue(0)
         for k in range(len(self.bounds) - 1):
             lo, hi = self.bounds[k], self.bounds[k + 1]
-            if self.resident:
-                data = self.rows[lo:hi]
-            else:
-                t = time.perf_counter()
-                data = pending.result().reshape(hi - lo, self.row_bytes)
-                self.io_wait_s += time.perf_counter() - t
-                if k + 2 < len(self.bounds):
-                    pending = self._issue(k + 1)
+            t = time.perf_counter()
+            data = pending.result().reshape(hi - lo, self.row_bytes)
+            self.io_wait_s += time.perf_counter() - t
+            if k + 2 < len(self.bounds):
+                pending = self._issue(k + 1)
             rows_matvec(self.kernel, data, self.qtype, x, out[:, lo:hi])
 
 
