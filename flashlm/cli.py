@@ -36,7 +36,8 @@ def _resolve_model(path: str | None) -> str:
     return path
 
 
-MODEL_KEYS = ("model", "ctx_size", "threads", "batch_size", "memory_budget", "io_threads", "verbose")
+MODEL_KEYS = ("model", "ctx_size", "threads", "batch_size", "memory_budget", "io_threads", "sparsity", "sparsity_score",
+              "verbose")
 SAMPLING_KEYS = ("n_predict", "temp", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed", "stop")
 
 
@@ -60,6 +61,10 @@ def model_options(f):
                      help="Cap on the whole process's memory, e.g. 150MB (a .flash model streams what does not fit)."),
         click.option("--io-threads", type=int, default=_L.io_threads, show_default=True,
                      help="Reader threads for flash streaming."),
+        click.option("--sparsity", type=str, default="off", show_default=True,
+                     help="FFN neurons skipped per token on a .flash model: off, auto or a fraction (e.g. 0.3)."),
+        click.option("--sparsity-score", type=click.Choice(["exact", "cats"]), default=_L.sparsity_score,
+                     show_default=True, help="How neurons are ranked: exact |act(gate)*up| or CATS |act(gate)|."),
         click.option("--verbose", is_flag=True, help="Show tracebacks and library logs."),
     ])
 
@@ -87,7 +92,7 @@ def _load(kw: dict):
 
     return load(_resolve_model(kw["model"]), ctx_size=kw["ctx_size"], threads=kw["threads"],
                 batch_size=kw["batch_size"], memory_budget=kw["memory_budget"], io_threads=kw["io_threads"],
-                verbose=kw["verbose"])
+                sparsity=kw["sparsity"], sparsity_score=kw["sparsity_score"], verbose=kw["verbose"])
 
 
 def _gen_options(kw: dict) -> GenerationOptions:

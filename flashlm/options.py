@@ -26,6 +26,10 @@ class LoadOptions:
     batch_size: int = 32
     memory_budget: int | str | None = None  # cap on the whole process's memory: bytes or "150MB"; None: no cap
     io_threads: int = 4  # reader threads for flash-store streaming
+    # FFN neurons skipped per token on a flash store: "off", "auto" or a fraction; ranked by sparsity_score
+    # (flash_store/predictor.py: "exact" or "cats").
+    sparsity: float | str = "off"
+    sparsity_score: str = "exact"
     verbose: bool = False
 
     def validate(self) -> "LoadOptions":
@@ -42,6 +46,11 @@ class LoadOptions:
                 object.__setattr__(self, "memory_budget", parse_size(self.memory_budget))
             except ValueError as e:
                 raise InvalidOptionError(str(e)) from None
+        from .flash_store.predictor import SCORES, parse_sparsity
+
+        object.__setattr__(self, "sparsity", parse_sparsity(self.sparsity))
+        _check(self.sparsity_score in SCORES,
+               f"sparsity_score must be one of {', '.join(SCORES)}, got {self.sparsity_score!r}")
         _check(self.memory_budget is None or (isinstance(self.memory_budget, int) and self.memory_budget > 0),
                f"memory_budget must be a positive size, got {self.memory_budget!r}")
         return self

@@ -39,3 +39,23 @@ def gpl_text() -> str:
         pytest.skip(f"{GPL3} is not present")
     with open(GPL3, encoding="utf-8") as f:
         return f.read()
+
+
+@pytest.fixture(scope="session")
+def flash_path(tmp_path_factory, smollm_path):
+    """SmolLM2 converted to a flash store (once per test session)."""
+    from flashlm.flash_store import writer
+
+    path = str(tmp_path_factory.mktemp("flash") / "smollm2.flash")
+    report = writer.convert(smollm_path, path)
+    print(f"converted: {report}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def resident(flash_path):
+    import flashlm
+
+    m = flashlm.load(flash_path, threads=2, ctx_size=512)
+    yield m
+    m.close()

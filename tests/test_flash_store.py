@@ -22,21 +22,6 @@ from .test_bad_input import assert_one_line_error, run_cli
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
 
-@pytest.fixture(scope="module")
-def flash_path(tmp_path_factory, smollm_path):
-    path = str(tmp_path_factory.mktemp("flash") / "smollm2.flash")
-    report = writer.convert(smollm_path, path)
-    print(f"converted: {report}")
-    return path
-
-
-@pytest.fixture(scope="module")
-def resident(flash_path):
-    m = flashlm.load(flash_path, threads=2, ctx_size=512)
-    yield m
-    m.close()
-
-
 def _greedy(model, prompt, n=64):
     return [r.token for r in model.stream(prompt, max_tokens=n, temperature=0.0) if r.token is not None]
 

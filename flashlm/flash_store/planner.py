@@ -46,7 +46,7 @@ def parse_size(text: str | int | None) -> int | None:
 class FlashPlan:
     budget_bytes: int | None
     baseline_bytes: int
-    resident_bytes: int  # estimated: attention and output graphs
+    resident_bytes: int  # attention and output matrices, and the sparsity scorer's rows
     kv_bytes: int
     scratch_bytes: int
     io_buffer_bytes: int  # both buffers together
@@ -89,7 +89,7 @@ class FlashPlan:
 
 def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_bytes: int,
                n_layers: int, n_ff: int, record_bytes: int, kv_bytes_per_token: int, n_ctx: int, batch_size: int,
-               n_heads: int, head_stream_bytes: int) -> FlashPlan:
+               n_heads: int, head_stream_bytes: int, scorer_bytes: int = 0) -> FlashPlan:
     """FFN neurons stream first; only if even a fully streamed FFN does not fit, the output matrix streams too."""
     kv = kv_bytes_per_token * n_ctx
     batch = batch_size
@@ -97,7 +97,7 @@ def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_
         while batch > 16 and batch * n_ctx * n_heads * 4 > 8 * MB:
             batch //= 2
     scratch = SCRATCH_BYTES + batch * n_ctx * n_heads * 4
-    attention = attention_bytes
+    attention = attention_bytes + scorer_bytes
 
     def plan(hot: int, head_resident: bool) -> FlashPlan:
         io = 0 if hot >= n_ff else 2 * ((n_ff - hot) * record_bytes + 2 * 4096)

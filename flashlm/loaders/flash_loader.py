@@ -44,10 +44,14 @@ def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: Loa
     info = output_matrix(f)
     head_stream = 2 * (HEAD_SLICE_ROWS * (info.nbytes // info.shape[0]) + 2 * 4096)
     kv_per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * np.dtype(KV_DTYPE).itemsize
+    lay = store.layout
+    scorer = 0 if not opts.sparsity else args.n_layers * args.n_ff * (
+        lay.gate_bytes + (lay.up_bytes if opts.sparsity_score == "exact" else 0))
     return plan_flash(budget=opts.memory_budget, baseline=baseline or psutil.Process().memory_info().rss,
                       attention_bytes=attention, head_bytes=info.nbytes, n_layers=args.n_layers, n_ff=args.n_ff,
                       record_bytes=store.record_bytes, kv_bytes_per_token=kv_per_token, n_ctx=n_ctx,
-                      batch_size=opts.batch_size, n_heads=args.n_heads, head_stream_bytes=head_stream)
+                      batch_size=opts.batch_size, n_heads=args.n_heads, head_stream_bytes=head_stream,
+                      scorer_bytes=scorer)
 
 
 def _row_matrix(f: GGUFFile, name: str, bias_name: str | None) -> RowMatrix:
@@ -86,7 +90,7 @@ def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: 
     norm = vector(f, family.TENSORS["output_norm"], args.d_model)
     head = StreamedHead(reader, kernel, info.offset, info.shape[0], info.nbytes // info.shape[0], info.ggml_type,
                         norm, args.norm_eps, plan.head_resident, HEAD_SLICE_ROWS)
-    ffn = StreamedFFN(store, reader, plan, kernel)
+    ffn = StreamedFFN(store, reader, plan, kernel, opts.sparsity, opts.sparsity_score)
     cos, sin = family.rope_tables(f, args, n_ctx)
     kv = KVCache(args.n_layers, args.n_kv_heads, args.head_dim, n_ctx, KV_DTYPE)
     embed = family.load_embedding(f, args)

@@ -17,7 +17,7 @@ import numpy as np
 from dataclasses import dataclass
 from types import ModuleType
 
-from ..errors import BudgetError
+from ..errors import InvalidOptionError, BudgetError
 from ..flash_store.reader import is_flash_store
 from ..models import family_for
 from ..models.base import Metadata, declare_segment_io
@@ -126,6 +126,9 @@ def load_model(path: str, opts: LoadOptions, taps: tuple[str, ...] = (), load_to
             resident = sum(w.nbytes for w in executor.layers)
         else:
             plan = None
+            if opts.sparsity:
+                raise InvalidOptionError(f"{path}: --sparsity needs a .flash store (flashlm convert MODEL.gguf -o "
+                                         "MODEL.flash); a GGUF runs dense")
             if opts.memory_budget is not None:
                 _check_gguf_fits(f, opts.memory_budget)
             executor, resident = _gguf_executor(f, family, args, n_ctx, threads, taps)

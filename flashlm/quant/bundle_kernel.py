@@ -65,7 +65,8 @@ def build_library() -> str | None:
     return path
 
 
-def reference_ffn(records: np.ndarray, layout, x: np.ndarray, activation: str = "silu") -> tuple[np.ndarray, np.ndarray]:
+def reference_ffn(records: np.ndarray, layout, x: np.ndarray, activation: str = "silu",
+                  mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """numpy reference: records (n, record_bytes) uint8, x (S, d) -> (y (S, d), act (S, n)); float64 inside."""
     g, u, dn = layout.slices()
     n, d = len(records), layout.d_model
@@ -77,6 +78,8 @@ def reference_ffn(records: np.ndarray, layout, x: np.ndarray, activation: str = 
         act = xg / (1.0 + np.exp(-xg)) * xu
     else:
         act = 0.5 * xg * (1.0 + np.tanh(0.7978845608 * (xg + 0.044715 * xg ** 3))) * xu
+    if mask is not None:
+        act = act * mask
     return (act @ down).astype(np.float32), act.astype(np.float32)
 
 
@@ -131,19 +134,20 @@ class BundleKernel:
         self._up_offset, self._down_offset = u.start, dn.start
 
     def run(self, row_addresses: np.ndarray, x: np.ndarray, y: np.ndarray, act_out: np.ndarray | None = None,
-            rows: np.ndarray | None = None) -> None:
+            rows: np.ndarray | None = None, mask: np.ndarray | None = None) -> None:
         """row_addresses: (n,) uint64 addresses of records; x, y: (S, d) float32 C-contiguous (y accumulated).
-        `rows` (n, record_bytes) is needed only by the numpy fallback."""
+        `rows` (n, record_bytes) is needed only by the numpy fallback. mask (S, n) bool: per token, the neurons
+        that count (sparsity over a prompt batch)."""
         n, S = len(row_addresses), x.shape[0]
-        if self.native and S >= BLAS_MIN_TOKENS and act_out is None:
-            self._run_blas(row_addresses, x, y)
+        if self.native and (S >= BLAS_MIN_TOKENS or mask is not None) and act_out is None:
+            self._run_blas(row_addresses, x, y, mask)
             return
         if not self.native:
             if rows is None:
                 rb = self.layout.record_bytes
                 rows = np.stack([np.frombuffer((ctypes.c_uint8 * rb).from_address(int(a)), np.uint8)
                                  for a in row_addresses])
-            dy, act = reference_ffn(rows, self.layout, x, self.activation)
+            dy, act = reference_ffn(rows, self.layout, x, self.activation, mask)
             y += dy
             if act_out is not None:
                 act_out[...] = act
@@ -155,7 +159,7 @@ class BundleKernel:
         if status != 0:
             raise RuntimeError(f"bundle kernel failed ({status})")
 
-    def _run_blas(self, row_addresses: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    def _run_blas(self, row_addresses: np.ndarray, x: np.ndarray, y: np.ndarray, mask=None) -> None:
         """Prompt path: per chunk of records, dequantize (C) then three BLAS products."""
         d = self.layout.d_model
         chunk = BLAS_CHUNK_NEURONS
@@ -169,6 +173,8 @@ class BundleKernel:
             if status != 0:
                 raise RuntimeError(f"dequant_records failed ({status})")
             act = _silu_or_gelu(x @ gate[:m].T, self.activation) * (x @ up[:m].T)
+            if mask is not None:
+                act *= mask[:, lo:lo + m]
             y += act @ down[:m]
 
 

@@ -136,7 +136,7 @@ class KernelExecutor:
         start = self.kv.n_past
         self.kv.reserve(start + n)
         h = self.embed.lookup(ids).astype(np.float32)
-        self.ffn.begin()
+        self.ffn.begin(n)
         for i, w in enumerate(self.layers):
             x, h = self._attention(i, w, h, start)
             self.ffn.run(i, x, h)  # h += FFN(x), in place

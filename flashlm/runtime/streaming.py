@@ -16,9 +16,10 @@ import numpy as np
 
 from ..flash_store.io_engine import ALIGN, FlashReader, IOStats, aligned_buffer
 from ..flash_store.planner import FlashPlan
+from ..flash_store.predictor import PAGE, NeuronScorer, keep_count, page_runs, select, topk_mask
 from ..flash_store.reader import FlashStore
 from ..loaders.neuron_cache import NeuronWindowCache
-from ..quant.bundle_kernel import BundleKernel, rows_matvec
+from ..quant.bundle_kernel import BLAS_MIN_TOKENS, BundleKernel, rows_matvec
 
 
 @dataclass
@@ -41,15 +42,37 @@ class FFNStats:
                         self.neurons_used - before.neurons_used, self.neurons_from_cache - before.neurons_from_cache,
                         self.io.since(before.io))
 
+SPARSE_READ_MAX_COVERAGE = 0.75
+
 
 class StreamedFFN:
-    def __init__(self, store: FlashStore, reader: FlashReader, plan: FlashPlan, kernel: BundleKernel):
+    """sparsity: fraction of neurons skipped per token (0: dense); score: how they are ranked (predictor.py).
+    With sparsity, a decoded token reads only the pages holding its selected cold records (no prefetch: the
+    selection needs this layer's input); prompt batches read densely and mask each token's skipped neurons, so
+    both compute the same sum."""
+
+    def __init__(self, store: FlashStore, reader: FlashReader, plan: FlashPlan, kernel: BundleKernel,
+                 sparsity: float = 0.0, score: str = "exact"):
         self.store, self.reader, self.plan, self.kernel = store, reader, plan, kernel
         n_ff, rb, hot = plan.n_ff, store.record_bytes, plan.hot_neurons
         self.hot, self.n_ff, self.record_bytes = hot, n_ff, rb
+        self.sparsity, self.keep = sparsity, keep_count(n_ff, sparsity)
         self.stats = FFNStats()
         self.caches: list[NeuronWindowCache] = []
+        self._gate_rows: list[np.ndarray] = []
+        self._up_rows: list[np.ndarray] = []
+        self._score = score
         self._load_hot_sets()
+        # Reads have page granularity (O_DIRECT): a token's selection touches a page unless all of the page's
+        # records are skipped. Expected share of the cold range's pages touched, records assumed independent:
+        self.page_coverage = 1.0 - sparsity ** max(1.0, PAGE / rb)
+        # Reading only those pages gives up the next layer's prefetch (the selection needs this layer's input),
+        # so it is done only where it saves a quarter of the bytes or more (7B-sized records: ~2 pages each);
+        # otherwise the cold range streams as when dense and the skipped neurons save compute only.
+        self.read_selected = sparsity > 0 and self.page_coverage <= SPARSE_READ_MAX_COVERAGE
+        self.scorer = NeuronScorer(score, self._gate_rows, self._up_rows if score == "exact" else None,
+                                   store.layout.gate_type, store.layout.up_type, kernel.activation) \
+            if sparsity > 0 else None
         self.stats.io = reader.stats  # the reader's live counters (per-token traffic from here on)
         cold = n_ff - hot
         self.buffers = [aligned_buffer(cold * rb + 2 * ALIGN) for _ in range(2)] if cold else []
@@ -67,6 +90,7 @@ class StreamedFFN:
                     per_parity.append(np.concatenate([hot_addr, cold_addr.astype(np.uint64)]))
             self.addresses.append(per_parity)
         self._pending: dict[int, object] = {}
+        self._token_wise = False
         self.n_layers = len(store.layers)
 
     def _lead(self, i: int) -> int:
@@ -80,6 +104,11 @@ class StreamedFFN:
         for i, layer in enumerate(self.store.layers):
             records = self.reader.read(layer.offset, n_ff * rb, scratch).result()
             self.store.check_layer(i, records)
+            if self.sparsity > 0:  # the scorer's resident rows, in stored order
+                g, u, _ = self.store.layout.slices()
+                self._gate_rows.append(np.ascontiguousarray(records.reshape(n_ff, rb)[:, g]))
+                if self._score == "exact":
+                    self._up_rows.append(np.ascontiguousarray(records.reshape(n_ff, rb)[:, u]))
             cache = NeuronWindowCache(hot, rb, n_ff, window=1 << 30)
             if hot:
                 cache.insert(np.arange(hot), records[: hot * rb].reshape(hot, rb), step=0, pin=True)
@@ -93,27 +122,78 @@ class StreamedFFN:
             self._pending[i] = self.reader.read(start, (self.n_ff - self.hot) * self.record_bytes,
                                                 self.buffers[i % 2])
 
-    def begin(self) -> None:
-        """A forward pass starts: get layer 0's cold range coming."""
-        self._issue(0)
+    def begin(self, n_tokens: int = 1) -> None:
+        """A forward pass starts: get layer 0's cold range coming, unless this pass goes token by token sparsely
+        (decode, short prompts): a sparse step reads after selecting."""
+        self._token_wise = self.read_selected and n_tokens < BLAS_MIN_TOKENS
+        if not self._token_wise:
+            self._issue(0)
 
     def run(self, i: int, x: np.ndarray, y: np.ndarray) -> None:
         """y (S, d) += FFN_i(x (S, d)); both float32 C-contiguous."""
+        if self._token_wise:
+            for s in range(x.shape[0]):
+                self._run_sparse(i, x[s:s + 1], y[s:s + 1])
+            return
         st = self.stats
         t0 = time.perf_counter()
         if i in self._pending:
             self._pending.pop(i).result()
         t1 = time.perf_counter()
         self._issue(i + 1)
+        addresses = self.addresses[i][i % 2 if self.buffers else 0]
+        used, cached = self.n_ff, self.hot
+        if self.sparsity > 0:
+            scores = self.scorer.scores(self.kernel, i, x)
+            if x.shape[0] < BLAS_MIN_TOKENS:  # token by token over each one's selection
+                picks = [select(row, self.keep) for row in scores]
+                used = sum(len(p) for p in picks) // len(picks)
+                cached = sum(int(np.searchsorted(p, self.hot)) for p in picks) // len(picks)
+            else:
+                mask = topk_mask(scores, self.keep)
         t2 = time.perf_counter()
-        self.kernel.run(self.addresses[i][i % 2 if self.buffers else 0], x, y)
+        if self.sparsity > 0 and x.shape[0] < BLAS_MIN_TOKENS:
+            for s, pick in enumerate(picks):
+                self.kernel.run(addresses[pick], x[s:s + 1], y[s:s + 1])
+        else:
+            self.kernel.run(addresses, x, y, mask=mask if self.sparsity > 0 else None)
         t3 = time.perf_counter()
         st.calls += 1
         st.io_wait_s += t1 - t0
         st.manage_s += t2 - t1
         st.compute_s += t3 - t2
-        st.neurons_used += self.n_ff
-        st.neurons_from_cache += self.hot
+        st.neurons_used += used
+        st.neurons_from_cache += cached
+
+    def _run_sparse(self, i: int, x: np.ndarray, y: np.ndarray) -> None:
+        """One token: score, select, read the pages holding the selected cold records, compute those only."""
+        st, hot, rb = self.stats, self.hot, self.record_bytes
+        t0 = time.perf_counter()
+        idx = select(self.scorer.scores(self.kernel, i, x)[0], self.keep)
+        n_hot = int(np.searchsorted(idx, hot))
+        addresses = self.addresses[i][0]
+        if n_hot < len(idx):
+            buf, lead = self.buffers[0], self._lead(i)
+            rel = lead + (idx[n_hot:] - hot) * rb  # byte positions in the buffer, as in a full cold-range read
+            base = self.store.layers[i].offset + hot * rb - lead  # aligned file offset of buffer byte 0
+            size = self.reader.file_size
+            t1 = time.perf_counter()
+            futures = [self.reader.read(base + a, min(b, size - base) - a, buf[a:b]) for a, b in page_runs(rel, rb)]
+            for fut in futures:
+                fut.result()
+            addresses = np.concatenate([addresses[idx[:n_hot]], (buf.ctypes.data + rel).astype(np.uint64)])
+        else:
+            t1 = time.perf_counter()
+            addresses = addresses[idx]
+        t2 = time.perf_counter()
+        self.kernel.run(addresses, x, y)
+        t3 = time.perf_counter()
+        st.calls += 1
+        st.manage_s += t1 - t0
+        st.io_wait_s += t2 - t1
+        st.compute_s += t3 - t2
+        st.neurons_used += len(idx)
+        st.neurons_from_cache += n_hot
 
     def close(self) -> None:
         for fut in self._pending.values():
