@@ -99,3 +99,15 @@ def test_sparsity_on_gguf_and_bad_values_fail_clearly(smollm_path, flash_path):
     assert_one_line_error(r, "needs a .flash store")
     r = run_cli("generate", "-m", flash_path, "-p", "hi", "-n", "2", "--sparsity", "2")
     assert_one_line_error(r, "sparsity must be")
+
+
+def test_window_table_counts_new_and_cached_neurons():
+    from flashlm.tools.window_table import window_table
+
+    masks = np.zeros((1, 4, 4), bool)  # one layer, 4 tokens, 4 neurons: token t uses neurons {t % 2, 2}
+    for t in range(4):
+        masks[0, t, [t % 2, 2]] = True
+    rows = dict((k, (read, cache)) for k, read, cache in window_table(masks, windows=(1, 2, 3)))
+    assert rows[1] == (0.5, 0.5)  # k=1: nothing remembered, both neurons read
+    assert rows[2] == (0.25, 0.75)  # k=2: neuron 2 stays; the alternating one is read; cache holds 3 of 4
+    assert rows[3] == (0.0, 0.75)
