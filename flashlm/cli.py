@@ -118,7 +118,8 @@ def _print_stats(model, timings) -> None:
         lines += [
             f"flash reads  = {flash.bytes_read / n / 1e6:10.2f} MB / token in {flash.reads / n:.1f} reads "
             f"(mean {mean_read / 1024:.0f} KiB, effective {mbps:.0f} MB/s)",
-            f"neuron cache = {flash.hit_rate:10.1%} hit rate ({flash.hot_neurons} hot neurons per layer)",
+            f"neuron cache = {flash.hit_rate:10.1%} hit rate ({flash.hot_neurons} hot neurons per layer; "
+            f"{flash.used_fraction:.0%} of the FFN computed per token)",
             f"per token    = {flash.io_wait_ms / n:10.2f} ms I/O wait, {flash.manage_ms / n:.2f} ms memory "
             f"management, {flash.compute_ms / n:.2f} ms FFN compute, {flash.other_ms / n:.2f} ms other compute",
         ]
