@@ -83,6 +83,39 @@ def reference_ffn(records: np.ndarray, layout, x: np.ndarray, activation: str = 
     return (act @ down).astype(np.float32), act.astype(np.float32)
 
 
+def _openblas_local_threads():
+    """numpy's bundled OpenBLAS `openblas_set_num_threads_local` (None for other BLAS builds). The prompt path runs
+    OpenMP (dequantization) and BLAS back to back; both thread pools spin-wait for work, and on 2 cores each one's
+    spinning starves the other: a 64-token SmolLM2 prompt took 4.3 s with OpenBLAS threaded, 0.82 s with one BLAS
+    thread (measured; the OpenMP kernels keep both cores busy)."""
+    import glob
+
+    libs = os.path.join(os.path.dirname(np.__file__) + ".libs", "libscipy_openblas*.so*")
+    for path in sorted(glob.glob(libs)):
+        try:
+            fn = ctypes.CDLL(path).openblas_set_num_threads_local
+        except (OSError, AttributeError):
+            continue
+        fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_int]
+        return fn
+    return None
+
+
+class _OneBlasThread:
+    """with _OneBlasThread(fn): BLAS calls from this thread run single-threaded (restored afterwards)."""
+
+    def __init__(self, fn):
+        self.fn, self.previous = fn, None
+
+    def __enter__(self):
+        if self.fn is not None:
+            self.previous = self.fn(1)
+
+    def __exit__(self, *exc):
+        if self.fn is not None and self.previous is not None:
+            self.fn(self.previous)
+
+
 BLAS_MIN_TOKENS = 8  # from this many tokens on, dequantize a chunk of records and use a BLAS product
 BLAS_CHUNK_NEURONS = 256  # bounds the float scratch: 3 * 256 * d floats
 
@@ -132,6 +165,7 @@ class BundleKernel:
                                                        ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
         g, u, dn = layout.slices()
         self._up_offset, self._down_offset = u.start, dn.start
+        self.one_blas_thread = _OneBlasThread(_openblas_local_threads() if self.native else None)
 
     def run(self, row_addresses: np.ndarray, x: np.ndarray, y: np.ndarray, act_out: np.ndarray | None = None,
             rows: np.ndarray | None = None, mask: np.ndarray | None = None) -> None:
@@ -140,7 +174,8 @@ class BundleKernel:
         that count (sparsity over a prompt batch)."""
         n, S = len(row_addresses), x.shape[0]
         if self.native and (S >= BLAS_MIN_TOKENS or mask is not None) and act_out is None:
-            self._run_blas(row_addresses, x, y, mask)
+            with self.one_blas_thread:
+                self._run_blas(row_addresses, x, y, mask)
             return
         if not self.native:
             if rows is None:
@@ -192,14 +227,22 @@ def rows_matvec(kernel: "BundleKernel", rows: np.ndarray, qtype: QT, x: np.ndarr
         return
     if S >= BLAS_MIN_TOKENS:
         w = np.empty((min(n, 4096), d), np.float32)
-        for lo in range(0, n, len(w)):
-            m = min(len(w), n - lo)
-            if kernel._dequant_rows(rows[lo:].ctypes.data, m, rows.shape[1], int(qtype), d, w.ctypes.data,
-                                    kernel.threads) != 0:
-                raise RuntimeError("dequant_rows failed")
-            out[:, lo:lo + m] = x @ w[:m].T
+        with kernel.one_blas_thread:
+            _dequant_matmul(kernel, rows, qtype, x, out, w)
         return
     status = kernel._matvec(rows.ctypes.data, n, rows.shape[1], int(qtype), d, x.ctypes.data, S, out.ctypes.data,
                             out.strides[0] // 4, kernel.threads)
     if status != 0:
         raise RuntimeError(f"rows_matvec failed ({status})")
+
+
+def _dequant_matmul(kernel: "BundleKernel", rows: np.ndarray, qtype: QT, x: np.ndarray, out: np.ndarray,
+                    w: np.ndarray) -> None:
+    """The many-token path of rows_matvec: dequantize slices of rows into w, one BLAS product each."""
+    n, d = rows.shape[0], x.shape[1]
+    for lo in range(0, n, len(w)):
+        m = min(len(w), n - lo)
+        if kernel._dequant_rows(rows[lo:].ctypes.data, m, rows.shape[1], int(qtype), d, w.ctypes.data,
+                                kernel.threads) != 0:
+            raise RuntimeError("dequant_rows failed")
+        out[:, lo:lo + m] = x @ w[:m].T
