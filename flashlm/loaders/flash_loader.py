@@ -15,6 +15,7 @@ from gguf.constants import GGMLQuantizationType as QT
 
 from ..flash_store.io_engine import FlashReader
 from ..flash_store.planner import FlashPlan, plan_flash
+from ..flash_store.predictor import resident_bytes_per_neuron
 from ..flash_store.reader import FlashStore
 from ..options import LoadOptions
 from ..quant.formats import dequantize
@@ -44,9 +45,8 @@ def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: Loa
     info = output_matrix(f)
     head_stream = 2 * (HEAD_SLICE_ROWS * (info.nbytes // info.shape[0]) + 2 * 4096)
     kv_per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * np.dtype(KV_DTYPE).itemsize
-    lay = store.layout
-    scorer = 0 if not opts.sparsity else args.n_layers * args.n_ff * (
-        lay.gate_bytes + (lay.up_bytes if opts.sparsity_score == "exact" else 0))
+    scorer = args.n_layers * args.n_ff * resident_bytes_per_neuron(store.layout, opts.sparsity_score) \
+        if opts.sparsity else 0
     return plan_flash(budget=opts.memory_budget, baseline=baseline or psutil.Process().memory_info().rss,
                       attention_bytes=attention, head_bytes=info.nbytes, n_layers=args.n_layers, n_ff=args.n_ff,
                       record_bytes=store.record_bytes, kv_bytes_per_token=kv_per_token, n_ctx=n_ctx,

@@ -207,13 +207,13 @@ class BundleKernel:
                                            down.ctypes.data, self.threads)
             if status != 0:
                 raise RuntimeError(f"dequant_records failed ({status})")
-            act = _silu_or_gelu(x @ gate[:m].T, self.activation) * (x @ up[:m].T)
+            act = activate(x @ gate[:m].T, self.activation) * (x @ up[:m].T)
             if mask is not None:
                 act *= mask[:, lo:lo + m]
             y += act @ down[:m]
 
 
-def _silu_or_gelu(g: np.ndarray, activation: str) -> np.ndarray:
+def activate(g: np.ndarray, activation: str) -> np.ndarray:
     if activation == "silu":
         return g / (1.0 + np.exp(-g))
     return 0.5 * g * (1.0 + np.tanh(0.7978845608 * (g + 0.044715 * g * g * g)))

@@ -59,10 +59,7 @@ class StreamedFFN:
         self.sparsity, self.keep = sparsity, keep_count(n_ff, sparsity)
         self.stats = FFNStats()
         self.caches: list[NeuronWindowCache] = []
-        self._gate_rows: list[np.ndarray] = []
-        self._up_rows: list[np.ndarray] = []
-        self._score = score
-        self._load_hot_sets()
+        gate_rows, up_rows = self._load_hot_sets(score if sparsity > 0 else None)
         # Reads have page granularity (O_DIRECT): a token's selection touches a page unless all of the page's
         # records are skipped. Expected share of the cold range's pages touched, records assumed independent:
         self.page_coverage = 1.0 - sparsity ** max(1.0, PAGE / rb)
@@ -70,9 +67,8 @@ class StreamedFFN:
         # so it is done only where it saves a quarter of the bytes or more (7B-sized records: ~2 pages each);
         # otherwise the cold range streams as when dense and the skipped neurons save compute only.
         self.read_selected = sparsity > 0 and self.page_coverage <= SPARSE_READ_MAX_COVERAGE
-        self.scorer = NeuronScorer(score, self._gate_rows, self._up_rows if score == "exact" else None,
-                                   store.layout.gate_type, store.layout.up_type, kernel.activation) \
-            if sparsity > 0 else None
+        self.scorer = NeuronScorer(score, gate_rows, up_rows, store.layout.gate_type, store.layout.up_type,
+                                   kernel.activation) if sparsity > 0 else None
         self.stats.io = reader.stats  # the reader's live counters (per-token traffic from here on)
         cold = n_ff - hot
         self.buffers = [aligned_buffer(cold * rb + 2 * ALIGN) for _ in range(2)] if cold else []
@@ -97,24 +93,28 @@ class StreamedFFN:
         start = self.store.layers[i].offset + self.hot * self.record_bytes
         return start - start // ALIGN * ALIGN
 
-    def _load_hot_sets(self) -> None:
-        """Read each layer's bundle once (checking its CRC) and keep the hot prefix in the layer's cache."""
+    def _load_hot_sets(self, score: str | None) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """Read each layer's bundle once (checking its CRC) and keep the hot prefix in the layer's cache.
+        Returns the rows a sparsity `score` keeps resident (stored order): gate rows, and up rows for "exact"."""
         rb, n_ff, hot = self.record_bytes, self.plan.n_ff, self.hot
+        g, u, _ = self.store.layout.slices()
+        gate_rows: list[np.ndarray] = []
+        up_rows = [] if score == "exact" else None
         scratch = aligned_buffer(n_ff * rb + 2 * ALIGN)
         for i, layer in enumerate(self.store.layers):
             records = self.reader.read(layer.offset, n_ff * rb, scratch).result()
             self.store.check_layer(i, records)
-            if self.sparsity > 0:  # the scorer's resident rows, in stored order
-                g, u, _ = self.store.layout.slices()
-                self._gate_rows.append(np.ascontiguousarray(records.reshape(n_ff, rb)[:, g]))
-                if self._score == "exact":
-                    self._up_rows.append(np.ascontiguousarray(records.reshape(n_ff, rb)[:, u]))
+            if score is not None:
+                gate_rows.append(np.ascontiguousarray(records.reshape(n_ff, rb)[:, g]))
+            if up_rows is not None:
+                up_rows.append(np.ascontiguousarray(records.reshape(n_ff, rb)[:, u]))
             cache = NeuronWindowCache(hot, rb, n_ff, window=1 << 30)
             if hot:
                 cache.insert(np.arange(hot), records[: hot * rb].reshape(hot, rb), step=0, pin=True)
             self.caches.append(cache)
         self.reader.stats = IOStats()  # load-time reads are not per-token traffic
         del scratch
+        return gate_rows, up_rows
 
     def _issue(self, i: int) -> None:
         if self.hot < self.n_ff and i < self.n_layers and i not in self._pending:
@@ -135,65 +135,58 @@ class StreamedFFN:
             for s in range(x.shape[0]):
                 self._run_sparse(i, x[s:s + 1], y[s:s + 1])
             return
-        st = self.stats
         t0 = time.perf_counter()
         if i in self._pending:
             self._pending.pop(i).result()
         t1 = time.perf_counter()
         self._issue(i + 1)
         addresses = self.addresses[i][i % 2 if self.buffers else 0]
-        used, cached = self.n_ff, self.hot
-        if self.sparsity > 0:
-            scores = self.scorer.scores(self.kernel, i, x)
-            if x.shape[0] < BLAS_MIN_TOKENS:  # token by token over each one's selection
-                picks = [select(row, self.keep) for row in scores]
-                used = sum(len(p) for p in picks) // len(picks)
-                cached = sum(int(np.searchsorted(p, self.hot)) for p in picks) // len(picks)
-            else:
-                mask = topk_mask(scores, self.keep)
+        if self.sparsity == 0:
+            t2 = time.perf_counter()
+            self.kernel.run(addresses, x, y)
+            self._count(t1 - t0, t2 - t1, time.perf_counter() - t2, self.n_ff, self.hot)
+            return
+        scores = self.scorer.scores(self.kernel, i, x)
+        if x.shape[0] >= BLAS_MIN_TOKENS:  # one masked product over the batch
+            mask = topk_mask(scores, self.keep)
+            t2 = time.perf_counter()
+            self.kernel.run(addresses, x, y, mask=mask)
+            self._count(t1 - t0, t2 - t1, time.perf_counter() - t2, self.n_ff, self.hot)
+            return
+        picks = [select(row, self.keep) for row in scores]  # token by token over each one's selection
         t2 = time.perf_counter()
-        if self.sparsity > 0 and x.shape[0] < BLAS_MIN_TOKENS:
-            for s, pick in enumerate(picks):
-                self.kernel.run(addresses[pick], x[s:s + 1], y[s:s + 1])
-        else:
-            self.kernel.run(addresses, x, y, mask=mask if self.sparsity > 0 else None)
-        t3 = time.perf_counter()
+        for s, pick in enumerate(picks):
+            self.kernel.run(addresses[pick], x[s:s + 1], y[s:s + 1])
+        self._count(t1 - t0, t2 - t1, time.perf_counter() - t2, self.keep,
+                    sum(int(np.searchsorted(p, self.hot)) for p in picks) // len(picks))
+
+    def _count(self, io_wait_s: float, manage_s: float, compute_s: float, used: int, cached: int) -> None:
+        st = self.stats
         st.calls += 1
-        st.io_wait_s += t1 - t0
-        st.manage_s += t2 - t1
-        st.compute_s += t3 - t2
+        st.io_wait_s += io_wait_s
+        st.manage_s += manage_s
+        st.compute_s += compute_s
         st.neurons_used += used
         st.neurons_from_cache += cached
 
     def _run_sparse(self, i: int, x: np.ndarray, y: np.ndarray) -> None:
         """One token: score, select, read the pages holding the selected cold records, compute those only."""
-        st, hot, rb = self.stats, self.hot, self.record_bytes
+        hot, rb = self.hot, self.record_bytes
         t0 = time.perf_counter()
         idx = select(self.scorer.scores(self.kernel, i, x)[0], self.keep)
         n_hot = int(np.searchsorted(idx, hot))
-        addresses = self.addresses[i][0]
-        if n_hot < len(idx):
+        t1 = time.perf_counter()
+        if n_hot < len(idx):  # the records land where a full cold-range read into buffer 0 would put them
             buf, lead = self.buffers[0], self._lead(i)
-            rel = lead + (idx[n_hot:] - hot) * rb  # byte positions in the buffer, as in a full cold-range read
+            rel = lead + (idx[n_hot:] - hot) * rb
             base = self.store.layers[i].offset + hot * rb - lead  # aligned file offset of buffer byte 0
             size = self.reader.file_size
-            t1 = time.perf_counter()
             futures = [self.reader.read(base + a, min(b, size - base) - a, buf[a:b]) for a, b in page_runs(rel, rb)]
             for fut in futures:
                 fut.result()
-            addresses = np.concatenate([addresses[idx[:n_hot]], (buf.ctypes.data + rel).astype(np.uint64)])
-        else:
-            t1 = time.perf_counter()
-            addresses = addresses[idx]
         t2 = time.perf_counter()
-        self.kernel.run(addresses, x, y)
-        t3 = time.perf_counter()
-        st.calls += 1
-        st.manage_s += t1 - t0
-        st.io_wait_s += t2 - t1
-        st.compute_s += t3 - t2
-        st.neurons_used += len(idx)
-        st.neurons_from_cache += n_hot
+        self.kernel.run(self.addresses[i][0][idx], x, y)  # buffer-0 addresses: hot from the cache, cold as read
+        self._count(t2 - t1, t1 - t0, time.perf_counter() - t2, len(idx), n_hot)
 
     def close(self) -> None:
         for fut in self._pending.values():
