@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..runtime.onnx_graph import MS_DOMAIN, GraphBuilder
-from .formats import NBITS_BLOCK, NBitsWeights
+from .formats import NBitsWeights
 
 ACCURACY_LEVEL = 4
 
@@ -34,10 +34,11 @@ class Linear:
         return own + (0 if self.bias is None else self.bias.nbytes)
 
 
-def _block_sums(gb: GraphBuilder, x: str, n_in: int) -> str:
-    key = ("block_sums", x)
+def _block_sums(gb: GraphBuilder, x: str, n_in: int, block_size: int) -> str:
+    """(1, S, K) -> (1, S, K/block_size): the per-block sums of x that per-block offsets multiply."""
+    key = ("block_sums", x, block_size)
     if key not in gb.memo:
-        shape = gb.const("bs_shape", np.array([0, 0, n_in // NBITS_BLOCK, NBITS_BLOCK], np.int64))
+        shape = gb.const("bs_shape", np.array([0, 0, n_in // block_size, block_size], np.int64))
         blocks = gb.op("Reshape", [x, shape])
         gb.memo[key] = gb.op("ReduceSum", [blocks, gb.const("axis", np.array([-1], np.int64))], keepdims=0)
     return gb.memo[key]
@@ -51,9 +52,10 @@ def emit_linear(gb: GraphBuilder, x: str, w: Linear, hint: str) -> str:
         if w.bias is not None:
             inputs += ["", "", gb.const(f"{hint}_bias", w.bias)]  # zero_points and g_idx stay default
         y = gb.op("MatMulNBits", inputs, domain=MS_DOMAIN, K=q.n_in, N=q.n_out, bits=q.bits,
-                  block_size=NBITS_BLOCK, accuracy_level=ACCURACY_LEVEL)
+                  block_size=q.block_size, accuracy_level=ACCURACY_LEVEL)
         if q.offsets is not None:
-            correction = gb.op("MatMul", [_block_sums(gb, x, q.n_in), gb.const(f"{hint}_offsets", q.offsets)])
+            sums = _block_sums(gb, x, q.n_in, q.block_size)
+            correction = gb.op("MatMul", [sums, gb.const(f"{hint}_offsets", q.offsets)])
             y = gb.op("Add", [y, correction])
         return y
     y = gb.op("MatMul", [x, gb.const(f"{hint}_wT", np.ascontiguousarray(w.dense.T))])
