@@ -71,8 +71,11 @@ def load_attention(f: GGUFFile, family: ModuleType, args, i: int) -> AttentionWe
         bias = None if all(b is None for b in biases) else np.concatenate(
             [b if b is not None else np.zeros(p.rows.shape[0], np.float32) for b, p in zip(biases, parts)])
         parts = [RowMatrix(np.concatenate([p.rows for p in parts]), parts[0].qtype, bias)]
+    sizes = {"q_norm": args.head_dim, "k_norm": args.head_dim, "post_attn_norm": args.d_model,
+             "post_ffw_norm": args.d_model}
+    norms = {key: vector(f, family.layer_name(key, i), n) for key, n in sizes.items() if key in family.LAYER_TENSORS}
     return AttentionWeights(vector(f, family.layer_name("attn_norm", i), args.d_model), parts,
-                            _row_matrix(f, o, None), vector(f, family.layer_name("ffn_norm", i), args.d_model))
+                            _row_matrix(f, o, None), vector(f, family.layer_name("ffn_norm", i), args.d_model), norms)
 
 
 def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: LoadOptions, n_ctx: int,
@@ -91,8 +94,8 @@ def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: 
     head = StreamedHead(reader, kernel, info.offset, info.shape[0], info.nbytes // info.shape[0], info.ggml_type,
                         norm, args.norm_eps, plan.head_resident, HEAD_SLICE_ROWS)
     ffn = StreamedFFN(store, reader, plan, kernel, opts.sparsity, opts.sparsity_score)
-    cos, sin = family.rope_tables(f, args, n_ctx)
+    rope = family.rope_tables(f, args, n_ctx)
     kv = KVCache(args.n_layers, args.n_kv_heads, args.head_dim, n_ctx, KV_DTYPE)
     embed = family.load_embedding(f, args)
     f._mmap.madvise(mmap.MADV_DONTNEED)
-    return KernelExecutor(args, layers, kernel, ffn, head, embed, kv, cos, sin), plan
+    return KernelExecutor(args, layers, kernel, ffn, head, embed, kv, rope), plan

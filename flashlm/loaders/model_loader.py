@@ -159,12 +159,12 @@ def _gguf_executor(f: GGUFFile, family: ModuleType, args, n_ctx: int, threads: i
                                f"layers{seg[0]}"), seg) for seg in _segments(args.n_layers)]
     head = [compile_piece(lambda r=r: family.load_head(f, args, *r), lambda gb, w: family.build_head(gb, args, w),
                           f"head{r[0]}") for r in _head_slices(f, args)]
-    cos, sin = family.rope_tables(f, args, n_ctx)
+    rope = family.rope_tables(f, args, n_ctx)
     embed = family.load_embedding(f, args)
     f._mmap.madvise(mmap.MADV_DONTNEED)
     kv = KVCache(args.n_layers, args.n_kv_heads, args.head_dim, n_ctx)
     executor = Executor([(s, seg) for (s, _), seg in segments], [s for s, _ in head], embed, kv, args.vocab_size,
-                        cos, sin)
+                        rope)
     return executor, sum(b for (_, b), _ in segments) + sum(b for _, b in head)
 
 

@@ -76,7 +76,7 @@ class EmbeddingTable:
     the kernel read ahead around it (measured: 16 rows of SmolLM2's table added 12 MB of RSS).
     """
 
-    def __init__(self, f: GGUFFile, name: str, d_model: int):
+    def __init__(self, f: GGUFFile, name: str, d_model: int, scale: float = 1.0):
         info = require(f, name)
         if len(info.shape) != 2 or info.shape[1] != d_model:
             raise ModelFileError(f"{f.path}: tensor {name!r} has shape {info.shape}, expected (vocab, {d_model})")
@@ -84,6 +84,7 @@ class EmbeddingTable:
         self.vocab_size, self.d_model = info.shape
         self.row_bytes = info.nbytes // self.vocab_size
         self.offset, self.path = info.offset, f.path
+        self.scale = np.float32(scale)  # Gemma multiplies embeddings by sqrt(d_model)
         self._fd = os.open(f.path, os.O_RDONLY)
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
@@ -94,7 +95,8 @@ class EmbeddingTable:
             if len(data) != self.row_bytes:
                 raise ModelFileError(f"{self.path}: embedding row {int(token)} is past the end of the file")
             rows[k] = np.frombuffer(data, np.uint8)
-        return dequantize(rows, self.qtype).reshape(len(ids), self.d_model)
+        out = dequantize(rows, self.qtype).reshape(len(ids), self.d_model)
+        return out * self.scale if self.scale != 1 else out
 
     def __del__(self):
         if getattr(self, "_fd", -1) >= 0:

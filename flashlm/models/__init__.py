@@ -5,9 +5,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import UnsupportedModelError
-from . import llama
+from . import gemma3, llama
 
-FAMILIES: list[ModuleType] = [llama]
+FAMILIES: list[ModuleType] = [llama, gemma3]
 
 
 def family_for(arch: str, path: str = "") -> ModuleType:

@@ -18,7 +18,7 @@ from ..runtime.onnx_graph import MS_DOMAIN, GraphBuilder
 from .base import Metadata, RopeConfig, declare_head_io
 
 # GGUF architecture -> RoPE pairing (llama.cpp's rope type: NORM rotates adjacent pairs, NEOX halves).
-ARCHITECTURES = {"llama": {"rope_interleaved": True}}
+ARCHITECTURES = {"llama": {"rope_interleaved": True}, "qwen2": {"rope_interleaved": False}}
 
 # Tensor-name table: one place that knows GGUF's names for this family.
 TENSORS = {
@@ -56,8 +56,10 @@ class ModelArgs:
     rope: RopeConfig
 
     @classmethod
-    def from_gguf(cls, f: GGUFFile) -> "ModelArgs":
+    def from_gguf(cls, f: GGUFFile, pairing: dict | None = None) -> "ModelArgs":
+        """pairing: a family's ARCHITECTURES table, for families that extend this one."""
         meta = Metadata(f)
+        pairing = pairing or ARCHITECTURES
         d_model = meta.int("embedding_length")
         n_heads = meta.int("attention.head_count")
         n_kv_heads = meta.int("attention.head_count_kv", n_heads)
@@ -80,8 +82,20 @@ class ModelArgs:
             vocab_size=embed.shape[0],
             n_ctx_train=meta.int("context_length", 4096),
             norm_eps=meta.float("attention.layer_norm_rms_epsilon", 1e-5),
-            rope=RopeConfig.from_metadata(meta, head_dim, ARCHITECTURES[meta.arch]["rope_interleaved"]),
+            rope=RopeConfig.from_metadata(meta, head_dim, pairing[meta.arch]["rope_interleaved"]),
         )
+
+    def is_local(self, i: int) -> bool:
+        """Whether layer i attends within a sliding window (families with local layers override this)."""
+        return False
+
+    def rope_names(self, i: int) -> tuple[str, str]:
+        """The RoPE table inputs layer i reads."""
+        return ("rope_cos", "rope_sin")
+
+    def facts(self) -> list[tuple[str, str]]:
+        """Family-specific lines for `flashlm info`."""
+        return []
 
 
 @dataclass
@@ -136,9 +150,11 @@ def load_embedding(f: GGUFFile, a: ModelArgs) -> EmbeddingTable:
     return EmbeddingTable(f, TENSORS["embed"], a.d_model)
 
 
-def rope_tables(f: GGUFFile, a: ModelArgs, n_positions: int) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(f: GGUFFile, a: ModelArgs, n_positions: int) -> dict[str, np.ndarray]:
+    """Graph input name -> (positions, rot_dim/2) table; every layer of this family reads the same pair."""
     freqs = vector(f, TENSORS["rope_freqs"], a.head_dim // 2) if TENSORS["rope_freqs"] in f.tensors else None
-    return a.rope.tables(n_positions, freqs)
+    cos, sin = a.rope.tables(n_positions, freqs)
+    return {"rope_cos": cos, "rope_sin": sin}
 
 
 def _rms_norm(gb: GraphBuilder, x: str, weight: np.ndarray, eps: float, residual: str | None = None):

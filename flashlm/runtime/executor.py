@@ -16,7 +16,7 @@ from .kv_cache import KVCache
 
 class Executor:
     def __init__(self, segments: list[tuple[object, range]], head: list, embed: EmbeddingTable, kv: KVCache,
-                 vocab_size: int, rope_cos: np.ndarray, rope_sin: np.ndarray):
+                 vocab_size: int, rope: dict[str, np.ndarray]):
         import onnxruntime as ort
 
         self._ortvalue = ort.OrtValue.ortvalue_from_numpy
@@ -27,13 +27,15 @@ class Executor:
         self._rows = np.zeros(1, np.int64)
         self._last_logits = np.empty((1, vocab_size), np.float32)
         shared = {"seqlens_k": self._ortvalue(self._seqlens), "total_len": self._ortvalue(self._total),
-                  "rope_cos": self._ortvalue(rope_cos), "rope_sin": self._ortvalue(rope_sin)}
-        self._rope = (rope_cos, rope_sin)  # the OrtValues above point into these
+                  **{name: self._ortvalue(table) for name, table in rope.items()}}
+        self._rope = rope  # the OrtValues above point into these tables
         self.segment_io = []
         for sess, _ in segments:
             io = sess.io_binding()
+            wanted = {i.name for i in sess.get_inputs()}
             for name, value in shared.items():
-                io.bind_ortvalue_input(name, value)
+                if name in wanted:  # a segment without local layers has no local RoPE input
+                    io.bind_ortvalue_input(name, value)
             self.segment_io.append(io)
         # The head is compiled in vocabulary slices; each writes its columns of the logits.
         self.head_io = [sess.io_binding() for sess in head]

@@ -39,10 +39,15 @@ class RowMatrix:
 
 
 class AttentionWeights:
-    """qkv: q, k and v rows stacked in one matrix when their formats agree (one kernel call), else three."""
+    """qkv: q, k and v rows stacked in one matrix when their formats agree (one kernel call), else three.
+    norms: the optional extra norms of families that have them (Gemma 3: q_norm, k_norm per head;
+    post_attn_norm, post_ffw_norm on the sublayers' outputs), name -> weight."""
 
-    def __init__(self, attn_norm, qkv: list[RowMatrix], o: RowMatrix, ffn_norm):
+    def __init__(self, attn_norm, qkv: list[RowMatrix], o: RowMatrix, ffn_norm, norms: dict | None = None):
         self.attn_norm, self.qkv, self.o, self.ffn_norm = attn_norm, qkv, o, ffn_norm
+        norms = norms or {}
+        self.q_norm, self.k_norm = norms.get("q_norm"), norms.get("k_norm")
+        self.post_attn_norm, self.post_ffw_norm = norms.get("post_attn_norm"), norms.get("post_ffw_norm")
 
     @property
     def nbytes(self) -> int:
@@ -75,10 +80,10 @@ class KernelExecutor:
     """Same interface as Executor (forward, kv, ffn, head_stream), for flash stores."""
 
     def __init__(self, args, layers: list[AttentionWeights], kernel: BundleKernel, ffn, head, embed: EmbeddingTable,
-                 kv: KVCache, rope_cos: np.ndarray, rope_sin: np.ndarray):
+                 kv: KVCache, rope: dict[str, np.ndarray]):
         self.args, self.layers, self.kernel, self.ffn, self.head_stream = args, layers, kernel, ffn, head
         self.embed, self.kv, self.vocab_size = embed, kv, args.vocab_size
-        self.cos, self.sin = rope_cos, rope_sin
+        self.rope = rope  # name -> table; layer i reads the pair args.rope_names(i)
 
     def _attention(self, i: int, w: AttentionWeights, h: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
         a, k_ = self.args, self.kernel
@@ -89,33 +94,42 @@ class KernelExecutor:
         q = qkv[:, :nq].reshape(n, a.n_heads, a.head_dim)
         k = qkv[:, nq:nq + nkv].reshape(n, a.n_kv_heads, a.head_dim)
         v = qkv[:, nq + nkv:].reshape(n, a.n_kv_heads, a.head_dim)
+        if w.q_norm is not None:  # QK-norm: each head normalized before RoPE
+            q, k = rms_norm(q, w.q_norm, a.norm_eps), rms_norm(k, w.k_norm, a.norm_eps)
         keys, values = self.kv.keys[i][0], self.kv.values[i][0]  # (n_kv, capacity, hd)
+        cos, sin = (self.rope[name] for name in a.rope_names(i))
+        window = a.sliding_window if a.is_local(i) else 0
         if n == 1 and k_.attention_decode is not None and keys.dtype == np.float16:
-            out = self._attention_decode(q, k, v, keys, values, start)
+            out = self._attention_decode(q, k, v, keys, values, start, cos, sin, window)
         else:
-            out = self._attention_numpy(q, k, v, keys, values, start)
-        h1 = h + w.o(k_, np.ascontiguousarray(out, dtype=np.float32))
+            out = self._attention_numpy(q, k, v, keys, values, start, cos, sin, window)
+        o = w.o(k_, np.ascontiguousarray(out, dtype=np.float32))
+        h1 = h + (o if w.post_attn_norm is None else rms_norm(o, w.post_attn_norm, a.norm_eps))
         return rms_norm(h1, w.ffn_norm, a.norm_eps), np.ascontiguousarray(h1, dtype=np.float32)
 
-    def _attention_decode(self, q, k, v, keys, values, pos: int) -> np.ndarray:
-        """One token, in C: RoPE, cache write, softmax attention (the numpy path costs ~8 ms per token here)."""
+    def _attention_decode(self, q, k, v, keys, values, pos: int, cos, sin, window: int) -> np.ndarray:
+        """One token, in C: RoPE, cache write, softmax attention (the numpy path costs ~8 ms per token here).
+        A sliding window is a view: the cache pointers start at the window's first position, whose row stride is
+        unchanged, so the kernel sees positions lo..pos as 0..pos-lo (RoPE uses the true position's table row)."""
         a = self.args
+        lo = max(0, pos - window + 1) if window else 0
         q, k, v = (np.ascontiguousarray(t, dtype=np.float32) for t in (q, k, v))
         out = np.empty(a.n_heads * a.head_dim, np.float32)
-        scores = np.empty(pos + 1, np.float32)
+        scores = np.empty(pos - lo + 1, np.float32)
+        skip = lo * a.head_dim * keys.itemsize
         status = self.kernel.attention_decode(
-            q.ctypes.data, k.ctypes.data, v.ctypes.data, keys.ctypes.data, values.ctypes.data, keys.shape[1], pos,
-            self.cos[pos].ctypes.data, self.sin[pos].ctypes.data, int(a.rope.interleaved), a.n_heads, a.n_kv_heads,
-            a.head_dim, a.head_dim ** -0.5, out.ctypes.data, scores.ctypes.data)
+            q.ctypes.data, k.ctypes.data, v.ctypes.data, keys.ctypes.data + skip, values.ctypes.data + skip,
+            keys.shape[1], pos - lo, cos[pos].ctypes.data, sin[pos].ctypes.data, int(a.rope.interleaved), a.n_heads,
+            a.n_kv_heads, a.head_dim, a.head_dim ** -0.5, out.ctypes.data, scores.ctypes.data)
         if status != 0:
             raise RuntimeError(f"attention_decode failed ({status})")
         return out[None]
 
-    def _attention_numpy(self, q, k, v, keys, values, start: int) -> np.ndarray:
+    def _attention_numpy(self, q, k, v, keys, values, start: int, cos, sin, window: int) -> np.ndarray:
         a = self.args
         n = q.shape[0]
         total = start + n
-        cos, sin = self.cos[start:total], self.sin[start:total]
+        cos, sin = cos[start:total], sin[start:total]
         q = apply_rope(q, cos, sin, a.rope.interleaved)
         k = apply_rope(k, cos, sin, a.rope.interleaved)
         keys[:, start:total] = k.transpose(1, 0, 2)
@@ -123,8 +137,9 @@ class KernelExecutor:
         group = a.n_heads // a.n_kv_heads
         qg = q.transpose(1, 0, 2).reshape(a.n_kv_heads, group * n, a.head_dim)  # heads grouped by their KV head
         scores = qg @ keys[:, :total].transpose(0, 2, 1) * np.float32(a.head_dim ** -0.5)  # (n_kv, group*n, T)
-        if n > 1:  # causal: query j (position start+j) sees keys up to start+j
-            allowed = np.arange(total)[None, :] <= (start + np.arange(n))[:, None]
+        if n > 1 or window:  # causal: query j (position start+j) sees keys up to start+j (and within the window)
+            dist = (start + np.arange(n))[:, None] - np.arange(total)[None, :]
+            allowed = (dist >= 0) & (dist < window) if window else dist >= 0
             scores = np.where(np.tile(allowed, (group, 1))[None], scores, np.float32(-np.inf))
         scores -= scores.max(-1, keepdims=True)
         probs = np.exp(scores, dtype=np.float32)
@@ -139,9 +154,17 @@ class KernelExecutor:
         self.ffn.begin(n)
         for i, w in enumerate(self.layers):
             x, h = self._attention(i, w, h, start)
-            self.ffn.run(i, x, h)  # h += FFN(x), in place
+            if w.post_ffw_norm is None:
+                self.ffn.run(i, x, h)  # h += FFN(x), in place
+            else:
+                y = np.zeros_like(h)
+                self.ffn.run(i, x, y)
+                h += rms_norm(y, w.post_ffw_norm, self.args.norm_eps)
         rows = np.arange(n) if all_logits else np.array([n - 1])
         out = np.empty((len(rows), self.vocab_size), np.float32)
         self.head_stream.run(h, rows, out)
+        cap = getattr(self.args, "logit_softcap", 0.0)
+        if cap:
+            np.multiply(np.tanh(out / cap), cap, out=out)
         self.kv.n_past = start + n
         return out
