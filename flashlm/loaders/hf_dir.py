@@ -182,6 +182,28 @@ class HFModelDir:
         except (SafetensorError, OSError) as e:
             raise ModelFileError(f"{info.file}: cannot read tensor {name!r} ({e})") from None
 
+    def json_file(self, name: str, required: bool = False) -> dict | None:
+        """Another JSON object of the directory (tokenizer_config.json, generation_config.json...); None when the
+        file is absent and not required."""
+        path = os.path.join(self.path, name)
+        if not required and not os.path.exists(path):
+            return None
+        value = _read_json(path)
+        if not isinstance(value, dict):
+            raise ModelFileError(f"{path}: not a JSON object")
+        return value
+
+    def text_file(self, name: str) -> str | None:
+        """A text file of the directory (chat_template.jinja, tokenizer.json), None when absent."""
+        path = os.path.join(self.path, name)
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelFileError(f"{path}: cannot read ({e})") from None
+
     def tokenizer(self):
         """tokenizer.json through the `tokenizers` library (the same file transformers' fast tokenizers use)."""
         from tokenizers import Tokenizer  # here, not at the top: reading weights alone does not need it

@@ -1,8 +1,13 @@
-"""Tokenization identical to llama.cpp's: its own tokenizer over the file's vocabulary (vocab_only load).
+"""Tokenization, by the backend the model file asks for: `Tokenizer(path)` returns one of two classes.
 
-BOS/EOS handling comes from the GGUF metadata through llama.cpp (add_bos_token etc.); end of generation is
-llama.cpp's "end of generation" set (EOS, EOT, <|im_end|>-style tokens). `StreamDecoder` turns token ids into text
-incrementally and never emits half a UTF-8 character.
+- LlamaCppTokenizer: identical to llama.cpp's, its own tokenizer over the GGUF vocabulary (vocab_only load).
+  BOS/EOS handling comes from the GGUF metadata through llama.cpp (add_bos_token etc.); end of generation is
+  llama.cpp's "end of generation" set (EOS, EOT, <|im_end|>-style tokens).
+- HFTokenizer: identical to transformers' AutoTokenizer, for files converted from a Hugging Face directory
+  (tools/hf_convert.py): tokenizer.json's text is in the GGUF under `tokenizer.huggingface.json` and the
+  `tokenizers` library runs it. BOS/EOS ids come from tokenizer.ggml.*; end of generation is EOS, EOT/EOM and
+  the special tokens llama.cpp counts as end of generation.
+`StreamDecoder` turns token ids into text incrementally and never emits half a UTF-8 character.
 """
 
 from __future__ import annotations
@@ -13,6 +18,12 @@ import ctypes
 import os
 
 from ..errors import ModelFileError
+from .gguf_reader import GGUFFile
+
+HF_TOKENIZER_KEY = "tokenizer.huggingface.json"  # gguf-py's Keys.Tokenizer.HF_JSON
+# Special tokens llama.cpp counts as end of generation besides EOS (llama-vocab.cpp's list, abridged).
+EOG_TEXTS = frozenset(("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
+                       "<EOT>", "<|return|>", "<|call|>", "<｜end▁of▁sentence｜>"))
 
 
 @contextlib.contextmanager
@@ -29,6 +40,28 @@ def _quiet_stderr():
 
 
 class Tokenizer:
+    """The interface: n_vocab, bos_id, eos_id (-1: none), encode, piece, decode, is_eog, token_text.
+    `Tokenizer(path)` picks the backend from the file's metadata."""
+
+    n_vocab: int
+    bos_id: int
+    eos_id: int
+
+    def __new__(cls, path: str, verbose: bool = False):
+        if cls is Tokenizer:
+            cls = HFTokenizer if _has_hf_tokenizer(path) else LlamaCppTokenizer
+        return super().__new__(cls)
+
+
+def _has_hf_tokenizer(path: str) -> bool:
+    try:
+        with GGUFFile(path) as f:
+            return HF_TOKENIZER_KEY in f.metadata
+    except ModelFileError:
+        return False  # llama.cpp then reports what is wrong with the file, as before
+
+
+class LlamaCppTokenizer(Tokenizer):
     def __init__(self, path: str, verbose: bool = False):
         import llama_cpp
 
@@ -78,6 +111,91 @@ class Tokenizer:
     def token_text(self, token: int) -> str:
         """The token's own text (special tokens included), e.g. the BOS/EOS strings a chat template needs."""
         return self._llm._model.token_get_text(token) if token >= 0 else ""
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the printable character each byte is written as -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return {c: b for b, c in chars.items()}
+
+
+def _decoder_types(spec: dict) -> set[str]:
+    dec = spec.get("decoder") or {}
+    parts = dec.get("decoders", []) if dec.get("type") == "Sequence" else [dec]
+    return {d.get("type") for d in parts if isinstance(d, dict)}
+
+
+class HFTokenizer(Tokenizer):
+    """tokenizer.json through the `tokenizers` library: the same ids as transformers' fast tokenizers."""
+
+    def __init__(self, path: str, verbose: bool = False):
+        import json
+
+        from tokenizers import Tokenizer as HFBackend
+
+        with GGUFFile(path) as f:
+            text = f.get(HF_TOKENIZER_KEY)
+            ids = {k: f.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "eot", "eom")}
+        if not isinstance(text, str):
+            raise ModelFileError(f"{path}: {HF_TOKENIZER_KEY} is not a string")
+        try:
+            self._tok = HFBackend.from_str(text)
+        except Exception as e:  # tokenizers raises plain Exception for a malformed file
+            raise ModelFileError(f"{path}: {HF_TOKENIZER_KEY} is not a valid tokenizer ({e})") from None
+        spec = json.loads(text)
+        self.n_vocab = self._tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id = int(ids["bos"]) if ids["bos"] is not None else -1
+        self.eos_id = int(ids["eos"]) if ids["eos"] is not None else -1
+        added = spec.get("added_tokens") or []
+        self._special = {t["id"] for t in added if t.get("special")}
+        self._added = {t["id"]: t["content"] for t in added}
+        self._eog = {int(i) for i in ids.values() if i is not None and i != ids["bos"]}
+        self._eog |= {i for i in self._special if self._added[i] in EOG_TEXTS}
+        kinds = _decoder_types(spec)
+        self._bytes_of = _byte_decoder() if "ByteLevel" in kinds else None
+        self._byte_fallback = "ByteFallback" in kinds
+        self._spaces = "Metaspace" in kinds or "Replace" in kinds  # sentencepiece's U+2581 stands for a space
+
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Text -> ids, as transformers' tokenizer(text) gives them (add_special: its add_special_tokens;
+        parse_special=False: special-token text is tokenized as plain text, transformers' split_special_tokens)."""
+        self._tok.encode_special_tokens = not parse_special
+        return self._tok.encode(text, add_special_tokens=add_special).ids
+
+    def piece(self, token: int) -> bytes:
+        """The bytes one token stands for in generated text (special tokens render as nothing)."""
+        if token in self._special:
+            return b""
+        if token in self._added:
+            return self._added[token].encode("utf-8")
+        text = self._tok.id_to_token(token)
+        if text is None:
+            return b""
+        if self._bytes_of is not None:
+            return bytes(self._bytes_of[c] for c in text)
+        if self._byte_fallback and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            return bytes([int(text[3:5], 16)])
+        if self._spaces:
+            return text.replace("\u2581", " ").encode("utf-8")
+        return self._tok.decode([token], skip_special_tokens=True).encode("utf-8")
+
+    def decode(self, ids: list[int]) -> str:
+        """Ids -> text, as transformers' decode(ids, skip_special_tokens=True) renders it."""
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def is_eog(self, token: int) -> bool:
+        return token in self._eog
+
+    def token_text(self, token: int) -> str:
+        """The token's own text (special tokens included), e.g. the BOS/EOS strings a chat template needs."""
+        return (self._tok.id_to_token(token) or "") if token >= 0 else ""
 
 
 class StreamDecoder:
