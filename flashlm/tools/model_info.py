@@ -51,7 +51,9 @@ def describe(path: str, budget: str | None = None, ctx_size: int = 4096) -> str:
                  f"architecture  {args.arch} (family {family.__name__.rsplit('.', 1)[-1]})"]
         for key, value in vars(args).items():
             if key != "arch":
-                lines.append(f"  {key:<12}{value}")
+                lines.append(f"  {key:<15}{value}")
+        for key, value in args.facts():
+            lines.append(f"  {key:<16}{value}")
         tied = "output.weight" not in f.tensors
         lines.append(f"output        {'tied to the token embedding' if tied else 'separate matrix'}")
         lines.append("tensor groups")
