@@ -109,3 +109,90 @@ def test_matmulnbits_product(qtype, source, accuracy_level, tolerance, request, 
     expected = x.astype(np.float64) @ ref_w.T.astype(np.float64)
     rel = np.abs(got - expected).max() / np.abs(expected).max()
     assert rel < tolerance, rel
+
+
+# --- the bundle kernel (bundle_kernel.c): rows kept as GGUF rows, products in float32 activations ----------------
+
+@pytest.fixture(scope="module")
+def kernel():
+    from flashlm.flash_store.format import RecordLayout
+    from flashlm.quant.bundle_kernel import BundleKernel
+
+    return BundleKernel(RecordLayout(512, QT.Q8_0, QT.Q8_0, QT.Q8_0), "silu", threads=2)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("S", [1, 3, 9])  # fused dot products, dequantize-then-dot, dequantize-then-BLAS
+@pytest.mark.parametrize("qtype,source", SOURCES)
+def test_rows_matvec(qtype, source, S, native, kernel, request):
+    from types import SimpleNamespace
+
+    from flashlm.quant.bundle_kernel import SUPPORTED_ROW_TYPES, rows_matvec
+
+    assert qtype in SUPPORTED_ROW_TYPES
+    if native and not kernel.native:
+        pytest.skip("no C compiler: the kernel runs its numpy fallback")
+    raw, k = rows_of(qtype, source, request)
+    raw = np.ascontiguousarray(raw[:300])
+    x = np.random.default_rng(S).standard_normal((S, k)).astype(np.float32)
+    wide = np.full((S, len(raw) + 7), np.nan, np.float32)
+    out = wide[:, 3:3 + len(raw)]  # a column slice, as the streamed output matrix passes
+    rows_matvec(kernel if native else SimpleNamespace(native=False), raw, qtype, x, out)
+    expected = x.astype(np.float64) @ gguf.quants.dequantize(raw, qtype).T.astype(np.float64)
+    rel = np.abs(out - expected).max() / np.abs(expected).max()
+    assert rel < 1e-5, rel
+    assert np.isnan(wide[:, :3]).all() and np.isnan(wide[:, 3 + len(raw):]).all()
+
+
+def test_k_quant_rows_need_whole_super_blocks(kernel):
+    if not kernel.native:
+        pytest.skip("no C compiler")
+    raw = synthetic_rows(QT.Q4_K, 4, 512)
+    x, out = np.zeros((1, 640), np.float32), np.zeros((1, 4), np.float32)
+    assert kernel._matvec(raw.ctypes.data, 4, raw.shape[1], int(QT.Q4_K), 640, x.ctypes.data, 1, out.ctypes.data,
+                          4, 1) == -1  # 640 values are not a whole number of 256-wide super-blocks
+    assert kernel._dequant_rows(raw.ctypes.data, 4, raw.shape[1], int(QT.Q4_K), 640, out.ctypes.data, 1) == -1
+
+
+def _records(qtype: QT, source: str, request, n: int = 96):
+    """(layout, records (n, record_bytes)) with gate and up rows of qtype and random Q8_0 down columns."""
+    from flashlm.flash_store.format import RecordLayout
+
+    if source == "synthetic":
+        d = 512
+        gate, up = synthetic_rows(qtype, n, d, seed=1), synthetic_rows(qtype, n, d, seed=2)
+    else:  # Gemma's own gate and up rows where they have this type, else rows of its tensor of this type
+        f = request.getfixturevalue("gemma_file")
+        names = ("blk.0.ffn_gate.weight", "blk.0.ffn_up.weight")
+        if f.tensors[names[0]].ggml_type != qtype:
+            names = (REAL_TENSORS[qtype],) * 2
+        gate, up = f.tensor_bytes(names[0])[:n], f.tensor_bytes(names[1])[n:2 * n]
+        d = f.tensors[names[0]].shape[1]
+    down = gguf.quants.quantize(np.random.default_rng(3).standard_normal((n, d)).astype(np.float32) * 0.05, QT.Q8_0)
+    layout = RecordLayout(d, qtype, qtype, QT.Q8_0)
+    records = np.zeros((n, layout.record_bytes), np.uint8)
+    g, u, dn = layout.slices()
+    records[:, g], records[:, u], records[:, dn] = gate, up, down
+    return layout, records
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("S", [1, 3, 9])  # fused decode, per-token dequantized rows, the BLAS prompt path
+@pytest.mark.parametrize("qtype,source", SOURCES)
+def test_bundle_ffn(qtype, source, S, native, request):
+    from flashlm.quant.bundle_kernel import BundleKernel, reference_ffn
+
+    layout, records = _records(qtype, source, request)
+    k = BundleKernel(layout, "gelu_tanh", threads=2)
+    if native and not k.native:
+        pytest.skip("no C compiler: the kernel runs its numpy fallback")
+    k.native = native
+    x = np.random.default_rng(S).standard_normal((S, layout.d_model)).astype(np.float32)
+    addresses = (records.ctypes.data + layout.record_bytes * np.arange(len(records))).astype(np.uint64)
+    y = np.zeros_like(x)
+    act = None if S >= 8 else np.zeros((S, len(records)), np.float32)  # the BLAS path does not report activations
+    k.run(addresses, x, y, act, rows=records)
+    y_ref, act_ref = reference_ffn(records, layout, x, "gelu_tanh")
+    assert np.abs(y - y_ref).max() / np.abs(y_ref).max() < 1e-4
+    if act is not None:
+        assert np.abs(act - act_ref).max() / np.abs(act_ref).max() < 1e-4

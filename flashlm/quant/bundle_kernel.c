@@ -1,7 +1,7 @@
 /* The bundle FFN kernel: a gated FFN computed straight from row-column bundled records.
  *
- * A record holds one neuron: gate row and up row (GGML Q4_0 / Q4_1 / Q8_0 blocks along d_model) and the down
- * column (Q8_0 blocks along d_model). For tokens x (S, d):
+ * A record holds one neuron: gate row and up row (GGML Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 blocks of 32 or Q4_K / Q5_K /
+ * Q6_K super-blocks of 256 along d_model) and the down column (Q8_0 blocks along d_model). For tokens x (S, d):
  *     a[s, i] = act(gate_i . x_s) * (up_i . x_s)        y[s, :] += a[s, i] * down_i
  * Each record is read once per call, whatever S is; activations stay float32 (no int8 rounding), so the result
  * depends only on which records are passed, not on where they came from (RAM cache or flash). onnxruntime has no
@@ -17,7 +17,8 @@
 #include <omp.h>
 #endif
 
-enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8 };  /* GGML type ids */
+/* GGML type ids */
+enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
 
 #if defined(__F16C__)
@@ -50,25 +51,114 @@ static inline float f16_to_f32(const uint8_t *p) {
 }
 #endif
 
-/* One quantized row (d values, 32-wide blocks) -> float. Plain loops: -O3 -march=native vectorizes them. */
-static void dequant_row(const uint8_t *restrict row, int type, float *restrict out, int d) {
-    int nb = d / 32;
-    for (int b = 0; b < nb; b++) {
-        float *o = out + 32 * b;
-        if (type == T_Q8_0) {
-            const uint8_t *blk = row + 34 * b;
-            const int8_t *q = (const int8_t *)(blk + 2);
-            float dd = f16_to_f32(blk);
-            for (int j = 0; j < 32; j++) o[j] = dd * (float)q[j];
-        } else {
-            int q41 = type == T_Q4_1;
-            const uint8_t *blk = row + (q41 ? 20 : 18) * b;
-            const uint8_t *qs = blk + (q41 ? 4 : 2);
-            float dd = f16_to_f32(blk), m = q41 ? f16_to_f32(blk + 2) : -8.0f * dd;
-            for (int j = 0; j < 16; j++) o[j] = dd * (float)(qs[j] & 15) + m;  /* two loops: each vectorizes */
-            for (int j = 0; j < 16; j++) o[j + 16] = dd * (float)(qs[j] >> 4) + m;
-        }
+/* Values and bytes per block of each supported row type (0: unsupported); K-quant super-blocks hold 256 values. */
+static int block_values(int type) {
+    switch (type) {
+    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: case T_Q8_0: return 32;
+    case T_Q4_K: case T_Q5_K: case T_Q6_K: return 256;
+    default: return 0;
     }
+}
+
+static int block_bytes(int type) {
+    switch (type) {
+    case T_Q4_0: return 18;
+    case T_Q4_1: return 20;
+    case T_Q5_0: return 22;
+    case T_Q5_1: return 24;
+    case T_Q8_0: return 34;
+    case T_Q4_K: return 144;
+    case T_Q5_K: return 176;
+    case T_Q6_K: return 210;
+    default: return 0;
+    }
+}
+
+/* A row of d values of this type is supported: a whole number of blocks (and of the 32-wide x sums). */
+static int row_ok(int type, int d) { return block_values(type) && d > 0 && d % block_values(type) == 0; }
+
+/* Q4_K / Q5_K: 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes (ggml's get_scale_min_k4). */
+static inline void k_scale_min(const uint8_t *s, int j, float *sc, float *mn) {
+    if (j < 4) {
+        *sc = (float)(s[j] & 63);
+        *mn = (float)(s[j + 4] & 63);
+    } else {
+        *sc = (float)((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4));
+        *mn = (float)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+    }
+}
+
+/* One block -> float, as gguf-py's reference computes it. Plain loops: -O3 -march=native vectorizes them. */
+static void dequant_block(const uint8_t *restrict blk, int type, float *restrict o) {
+    switch (type) {
+    case T_Q8_0: {
+        const int8_t *q = (const int8_t *)(blk + 2);
+        float dd = f16_to_f32(blk);
+        for (int j = 0; j < 32; j++) o[j] = dd * (float)q[j];
+        break;
+    }
+    case T_Q4_0: case T_Q4_1: {
+        int q41 = type == T_Q4_1;
+        const uint8_t *qs = blk + (q41 ? 4 : 2);
+        float dd = f16_to_f32(blk), m = q41 ? f16_to_f32(blk + 2) : -8.0f * dd;
+        for (int j = 0; j < 16; j++) o[j] = dd * (float)(qs[j] & 15) + m;  /* two loops: each vectorizes */
+        for (int j = 0; j < 16; j++) o[j + 16] = dd * (float)(qs[j] >> 4) + m;
+        break;
+    }
+    case T_Q5_0: case T_Q5_1: {  /* 5th bits: bit j of the little-endian uint32 qh is element j's */
+        int q51 = type == T_Q5_1;
+        uint32_t qh;
+        memcpy(&qh, blk + (q51 ? 4 : 2), 4);
+        const uint8_t *qs = blk + (q51 ? 8 : 6);
+        float dd = f16_to_f32(blk), m = q51 ? f16_to_f32(blk + 2) : 0.0f;
+        int zero = q51 ? 0 : 16;
+        for (int j = 0; j < 16; j++) o[j] = dd * (float)((int)((qs[j] & 15) | (((qh >> j) & 1) << 4)) - zero) + m;
+        for (int j = 0; j < 16; j++)
+            o[j + 16] = dd * (float)((int)((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - zero) + m;
+        break;
+    }
+    case T_Q4_K: case T_Q5_K: {  /* w = d*sc * q - dmin*mn per sub-block of 32; byte l of pair j: sub-blocks 2j, 2j+1 */
+        int q5 = type == T_Q5_K;
+        float dd = f16_to_f32(blk), dmin = f16_to_f32(blk + 2);
+        const uint8_t *qh = blk + 16, *qs = blk + (q5 ? 48 : 16);
+        for (int j = 0; j < 4; j++) {
+            float sc0, mn0, sc1, mn1;
+            k_scale_min(blk + 4, 2 * j, &sc0, &mn0);
+            k_scale_min(blk + 4, 2 * j + 1, &sc1, &mn1);
+            float ds0 = dd * sc0, dm0 = dmin * mn0, ds1 = dd * sc1, dm1 = dmin * mn1;
+            const uint8_t *q = qs + 32 * j;
+            float *oj = o + 64 * j;
+            for (int l = 0; l < 32; l++)
+                oj[l] = ds0 * (float)((q[l] & 15) | (q5 ? ((qh[l] >> (2 * j)) & 1) << 4 : 0)) - dm0;
+            for (int l = 0; l < 32; l++)
+                oj[l + 32] = ds1 * (float)((q[l] >> 4) | (q5 ? ((qh[l] >> (2 * j + 1)) & 1) << 4 : 0)) - dm1;
+        }
+        break;
+    }
+    case T_Q6_K: {  /* per half of 128: ql nibbles and 2-bit qh fields of 4 groups of 32; int8 scales per 16 */
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        float dd = f16_to_f32(blk + 208);
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
+            for (int g = 0; g < 4; g++) {
+                const uint8_t *lq = ql + 32 * (g & 1);
+                int nib = 4 * (g >> 1), hb = 2 * g;
+                float *og = o + 128 * h + 32 * g;
+                for (int l = 0; l < 32; l++) {
+                    int q = ((lq[l] >> nib) & 15) | (((qh[l] >> hb) & 3) << 4);
+                    og[l] = dd * (float)sc[8 * h + 2 * g + l / 16] * (float)(q - 32);
+                }
+            }
+        }
+        break;
+    }
+    }
+}
+
+/* One quantized row (d values) -> float. */
+static void dequant_row(const uint8_t *restrict row, int type, float *restrict out, int d) {
+    int bv = block_values(type), bb = block_bytes(type);
+    for (int b = 0; b < d / bv; b++) dequant_block(row + (size_t)bb * b, type, out + (size_t)bv * b);
 }
 
 static inline float dot(const float *a, const float *b, int d) {
@@ -89,7 +179,27 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-static float row_dot_avx2(const uint8_t *row, int type, const float *x, const float *xsum, int d) {
+/* sum_j q[j] * x[j] over 16 or 32 int8 values */
+static inline __m256 dot16s(__m128i q, const float *x) {
+    __m256 a = _mm256_mul_ps(cvt8s(q), _mm256_loadu_ps(x));
+    return _mm256_fmadd_ps(cvt8s(_mm_srli_si128(q, 8)), _mm256_loadu_ps(x + 8), a);
+}
+
+static inline __m256 dot32s(__m256i q, const float *x) {
+    return _mm256_add_ps(dot16s(_mm256_castsi256_si128(q), x), dot16s(_mm256_extracti128_si256(q, 1), x + 16));
+}
+
+/* 32 bytes, byte j = 0xFF where bit j of the little-endian uint32 at p is set (llama.cpp's bytes_from_bits_32) */
+static inline __m256i bytes_from_bits_32(const uint8_t *p) {
+    uint32_t bits;
+    memcpy(&bits, p, 4);
+    const __m256i shuffle = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuffle);
+    bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+}
+
+static float dot_q4_q8(const uint8_t *row, int type, const float *x, const float *xsum, int d) {
     __m256 acc = _mm256_setzero_ps();
     float offset = 0.0f;
     const __m128i mask = _mm_set1_epi8(15);
@@ -120,6 +230,98 @@ static float row_dot_avx2(const uint8_t *row, int type, const float *x, const fl
         acc = _mm256_fmadd_ps(blk_acc, _mm256_set1_ps(dd), acc);
     }
     return hsum(acc) + offset;
+}
+
+/* Q5_0 (q - 16 as int8) and Q5_1 (q 0..31, plus m * sum(x) per block). */
+static float dot_q5(const uint8_t *row, int type, const float *x, const float *xsum, int d) {
+    int q51 = type == T_Q5_1, bb = q51 ? 24 : 22;
+    __m256 acc = _mm256_setzero_ps();
+    float offset = 0.0f;
+    const __m128i m4 = _mm_set1_epi8(15);
+    const __m256i bit4 = _mm256_set1_epi8(0x10), zero = _mm256_set1_epi8(q51 ? 0 : 16);
+    for (int b = 0; b < d / 32; b++) {
+        const uint8_t *blk = row + bb * b;
+        __m128i qs = _mm_loadu_si128((const __m128i *)(blk + (q51 ? 8 : 6)));
+        __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), m4), _mm_and_si128(qs, m4));
+        q = _mm256_or_si256(q, _mm256_and_si256(bytes_from_bits_32(blk + (q51 ? 4 : 2)), bit4));
+        if (q51) offset += f16_to_f32(blk + 2) * xsum[b];
+        acc = _mm256_fmadd_ps(dot32s(_mm256_sub_epi8(q, zero), x + 32 * b), _mm256_set1_ps(f16_to_f32(blk)), acc);
+    }
+    return hsum(acc) + offset;
+}
+
+/* Q4_K and Q5_K: per sub-block of 32, d*sc * (q . x) - dmin*mn * sum(x). */
+static float dot_q45_k(const uint8_t *row, int type, const float *x, const float *xsum, int d) {
+    int q5 = type == T_Q5_K, bb = q5 ? 176 : 144;
+    __m256 acc = _mm256_setzero_ps();
+    float offset = 0.0f;
+    const __m256i m4 = _mm256_set1_epi8(15), bit4 = _mm256_set1_epi8(0x10);
+    for (int b = 0; b < d / 256; b++) {
+        const uint8_t *blk = row + bb * b;
+        const float *xb = x + 256 * b, *xs = xsum + 8 * b;
+        float dd = f16_to_f32(blk), dmin = f16_to_f32(blk + 2);
+        __m256i qh = q5 ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
+        const uint8_t *qs = blk + (q5 ? 48 : 16);
+        for (int j = 0; j < 4; j++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+            __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            if (q5) {  /* bit 2j of qh[l]: high bit of sub-block 2j's element l; bit 2j+1: sub-block 2j+1's */
+                __m256i b0 = _mm256_set1_epi8((char)(1 << (2 * j))), b1 = _mm256_set1_epi8((char)(2 << (2 * j)));
+                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b0), b0), bit4));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b1), b1), bit4));
+            }
+            float sc0, mn0, sc1, mn1;
+            k_scale_min(blk + 4, 2 * j, &sc0, &mn0);
+            k_scale_min(blk + 4, 2 * j + 1, &sc1, &mn1);
+            acc = _mm256_fmadd_ps(dot32s(lo, xb + 64 * j), _mm256_set1_ps(dd * sc0), acc);
+            acc = _mm256_fmadd_ps(dot32s(hi, xb + 64 * j + 32), _mm256_set1_ps(dd * sc1), acc);
+            offset += dmin * (mn0 * xs[2 * j] + mn1 * xs[2 * j + 1]);
+        }
+    }
+    return hsum(acc) - offset;
+}
+
+/* Q6_K: per half of 128 values, 4 groups of 32 = nibble | 2 bits of qh << 4, minus 32; int8 scale per 16. */
+static float dot_q6_k(const uint8_t *row, const float *x, int d) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(0x30), z = _mm256_set1_epi8(32);
+    for (int b = 0; b < d / 256; b++) {
+        const uint8_t *blk = row + 210 * b;
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        float dd = f16_to_f32(blk + 208);
+        for (int h = 0; h < 2; h++) {
+            __m256i ql0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h));
+            __m256i ql1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32));
+            __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+            __m256i q[4] = {
+                _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2)),
+                _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m2)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m2)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                                _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2)),
+            };
+            const float *xh = x + 256 * b + 128 * h;
+            const int8_t *sh = sc + 8 * h;
+            for (int g = 0; g < 4; g++) {
+                __m256i qg = _mm256_sub_epi8(q[g], z);
+                acc = _mm256_fmadd_ps(dot16s(_mm256_castsi256_si128(qg), xh + 32 * g),
+                                      _mm256_set1_ps(dd * (float)sh[2 * g]), acc);
+                acc = _mm256_fmadd_ps(dot16s(_mm256_extracti128_si256(qg, 1), xh + 32 * g + 16),
+                                      _mm256_set1_ps(dd * (float)sh[2 * g + 1]), acc);
+            }
+        }
+    }
+    return hsum(acc);
+}
+
+/* row . x straight from the quantized blocks; xsum: sums of x over each 32-wide block (offsets, mins). */
+static float row_dot_avx2(const uint8_t *row, int type, const float *x, const float *xsum, int d) {
+    switch (type) {
+    case T_Q5_0: case T_Q5_1: return dot_q5(row, type, x, xsum, d);
+    case T_Q4_K: case T_Q5_K: return dot_q45_k(row, type, x, xsum, d);
+    case T_Q6_K: return dot_q6_k(row, x, d);
+    default: return dot_q4_q8(row, type, x, xsum, d);
+    }
 }
 
 /* The down update for a group of neurons at once: each 8-float slice of y is loaded and stored once per group
@@ -154,9 +356,7 @@ static inline float activate(float g, int act) {
  * static partition of the rows, per-thread partial sums added in thread order. */
 int bundle_ffn(const uint8_t *const *rows, int64_t n, int d, int gate_type, int up_type, int64_t up_offset,
                int64_t down_offset, int act, const float *x, int S, float *y, float *act_out, int n_threads) {
-    if (d % 32 || (gate_type != T_Q4_0 && gate_type != T_Q4_1 && gate_type != T_Q8_0) ||
-        (up_type != T_Q4_0 && up_type != T_Q4_1 && up_type != T_Q8_0))
-        return -1;
+    if (!row_ok(gate_type, d) || !row_ok(up_type, d) || !row_ok(T_Q8_0, d)) return -1;
     if (n_threads < 1) n_threads = 1;
 #ifndef _OPENMP
     n_threads = 1;
@@ -227,11 +427,11 @@ int bundle_ffn(const uint8_t *const *rows, int64_t n, int d, int gate_type, int 
     return 0;
 }
 
-/* out[s * out_stride + r] = row_r . x_s for n contiguous rows of row_bytes (GGML Q4_0 / Q4_1 / Q8_0 blocks):
- * a streamed output matrix, computed slice by slice as its rows arrive from flash. */
+/* out[s * out_stride + r] = row_r . x_s for n contiguous rows of row_bytes (any supported row type): attention
+ * matrices, and a streamed output matrix computed slice by slice as its rows arrive from flash. */
 int rows_matvec(const uint8_t *rows, int64_t n, int64_t row_bytes, int type, int d, const float *x, int S,
                 float *out, int64_t out_stride, int n_threads) {
-    if (d % 32 || (type != T_Q4_0 && type != T_Q4_1 && type != T_Q8_0)) return -1;
+    if (!row_ok(type, d)) return -1;
     if (n_threads < 1) n_threads = 1;
     int nb = d / 32;
     float *xsum = malloc(sizeof(float) * (size_t)S * nb);
@@ -270,7 +470,7 @@ int rows_matvec(const uint8_t *rows, int64_t n, int64_t row_bytes, int type, int
  * matrix product over many tokens beats per-token dot products. */
 int dequant_records(const uint8_t *const *rows, int64_t n, int d, int gate_type, int up_type, int64_t up_offset,
                     int64_t down_offset, float *gate, float *up, float *down, int n_threads) {
-    if (d % 32) return -1;
+    if (!row_ok(gate_type, d) || !row_ok(up_type, d) || !row_ok(T_Q8_0, d)) return -1;
     if (n_threads < 1) n_threads = 1;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(n_threads) schedule(static)
@@ -285,7 +485,7 @@ int dequant_records(const uint8_t *const *rows, int64_t n, int d, int gate_type,
 
 /* n contiguous quantized rows -> float32 (n, d). */
 int dequant_rows(const uint8_t *rows, int64_t n, int64_t row_bytes, int type, int d, float *out, int n_threads) {
-    if (d % 32 || (type != T_Q4_0 && type != T_Q4_1 && type != T_Q8_0)) return -1;
+    if (!row_ok(type, d)) return -1;
     if (n_threads < 1) n_threads = 1;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(n_threads) schedule(static)

@@ -23,7 +23,7 @@ from ..quant.formats import dequantize
 
 SOURCE = os.path.join(os.path.dirname(__file__), "bundle_kernel.c")
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
-SUPPORTED_ROW_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q8_0)
+SUPPORTED_ROW_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 
 
 def _cpu_flags() -> str:
