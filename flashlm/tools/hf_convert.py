@@ -26,7 +26,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT, LlamaFi
 
 from ..errors import FlashLMError, InvalidOptionError, ModelFileError, UnsupportedModelError
 from ..loaders import hf_families as fam
-from ..loaders.hf_dir import HFModelDir, TOKENIZER_FILE
+from ..loaders.hf_dir import FLOAT_DTYPES, HFModelDir, TOKENIZER_FILE
 
 QUANT_TYPES = {"f32": QT.F32, "f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1}
 FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
@@ -101,6 +101,23 @@ def _apply_transformers_post_processor(tok, tok_config: dict) -> bool:
     return True
 
 
+def _as_transformers_loads_it(path: str) -> str | None:
+    """The tokenizer JSON of AutoTokenizer.from_pretrained(path), when transformers is installed: transformers 5
+    picks a class by config.json's model_type (Qwen2Tokenizer, ...) which may replace tokenizer.json's normalizer,
+    pre-tokenizer or post-processor, so this is what "the same ids as transformers" means. Without transformers
+    (or a directory it cannot load), tokenizer.json is used with transformers' generic post-processor rule."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return None
+    try:
+        loaded = AutoTokenizer.from_pretrained(path)
+    except Exception:  # custom code, slow-only tokenizers...: the file-based path below still applies
+        return None
+    backend = getattr(loaded, "_tokenizer", None)
+    return backend.to_str() if backend is not None and getattr(loaded, "is_fast", False) else None
+
+
 def _chat_template(hf: HFModelDir, tok_config: dict) -> str | None:
     template = hf.text_file("chat_template.jinja")  # transformers 5 saves it beside tokenizer_config.json
     if template is None:
@@ -124,7 +141,11 @@ def tokenizer_metadata(hf: HFModelDir, n_vocab: int) -> list[tuple[str, str, obj
     except Exception as e:  # tokenizers raises plain Exception for a malformed file
         raise ModelFileError(f"{path}: not a valid tokenizer ({e})") from None
     tok_config = hf.json_file("tokenizer_config.json") or {}
-    if _apply_transformers_post_processor(tok, tok_config):
+    as_loaded = _as_transformers_loads_it(hf.path)
+    if as_loaded is not None:
+        text = as_loaded
+        tok = Tokenizer.from_str(text)
+    elif _apply_transformers_post_processor(tok, tok_config):
         text = tok.to_str()
     if tok.get_vocab_size(with_added_tokens=True) > n_vocab:
         raise ModelFileError(f"{path}: {tok.get_vocab_size(with_added_tokens=True)} tokens do not fit the model's "
@@ -194,7 +215,10 @@ def _check_tensors(hf: HFModelDir, family: fam.HFFamily, args: fam.HFArgs,
     """Every tensor the config implies is present with its shape, and nothing unexplained is left over."""
     shapes = fam.expected_shapes(args)
     for hf_name, gguf_name in plan:
-        hf.info(hf_name, shapes[gguf_name])  # ModelFileError naming the tensor and the expected shape
+        info = hf.info(hf_name, shapes[gguf_name])  # ModelFileError naming the tensor and the expected shape
+        if info.dtype not in FLOAT_DTYPES:
+            raise UnsupportedModelError(f"{info.file}: tensor {hf_name!r} has type {info.dtype} "
+                                        f"(supported: {', '.join(FLOAT_DTYPES)})")
     known = {h for h, _ in plan} | {"lm_head.weight"}
     extra = sorted(n for n in hf.tensors if n not in known and not n.endswith(fam.IGNORED_SUFFIXES))
     if extra:
