@@ -36,6 +36,10 @@ FAMILIES = {
     "mistral": ("MistralConfig", {"sliding_window": 4096}, {}, torch.bfloat16),
     # transformers' Qwen2Tokenizer adds <|endoftext|>: the vocabulary is padded, as real Qwen2 checkpoints pad it
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True, "vocab_size": 400}, {}, torch.float16),
+    # 7 layers: local ones (window 8, shorter than the prompt) and global layer 5; scale 1/sqrt(head_dim)
+    "gemma3_text": ("Gemma3TextConfig", {"num_hidden_layers": 7, "num_key_value_heads": 1, "head_dim": 32,
+                                         "query_pre_attn_scalar": 32, "sliding_window": 8, "pad_token_id": 3,
+                                         "vocab_size": 400}, {}, torch.float32),
 }
 # max |flashlm - transformers| / max |transformers| over the logits; q8_0 / q4_0 bounds are loose on purpose
 BOUNDS = {"f32": 1e-4, "q8_0": 0.1, "q4_0": 0.5}
@@ -134,12 +138,13 @@ def test_logits_match_transformers(family, quant, converted, reference):
 def _dequantized_reference(family: str, gguf_path: str, ids: list[int]) -> np.ndarray:
     """transformers' float32 logits with the GGUF's own (dequantized, un-permuted) weights loaded."""
     from flashlm.loaders.gguf_reader import GGUFFile
-    from flashlm.tools.gguf_to_hf import hf_config, hf_tensors
+    from flashlm.tools.gguf_to_hf import hf_tensors
 
     config_class, extra, _, _ = FAMILIES[family]
-    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_class)(**{**SHAPE, **extra}))
+    config = getattr(transformers, config_class)(**{**SHAPE, **extra})
+    model = transformers.AutoModelForCausalLM.from_config(config)
     with GGUFFile(gguf_path) as f:
-        weights = hf_tensors(f, hf_config(f))
+        weights = hf_tensors(f, config.to_dict())
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
     with torch.no_grad():
         return model.eval()(torch.tensor([ids])).logits[0].numpy()
@@ -158,6 +163,10 @@ def test_gguf_metadata_follows_llama_cpp(converted):
         assert f.tensors["blk.0.ffn_up.weight"].type_name == "Q8_0"
         assert f.get("tokenizer.chat_template") == CHAT_TEMPLATE
         assert f.get("tokenizer.ggml.model") == "gpt2" and len(f.get("tokenizer.ggml.tokens")) == 400
+    with GGUFFile(converted("gemma3_text", "f32")) as f:
+        assert f.get("general.architecture") == "gemma3" and f.get("gemma3.attention.sliding_window") == 8
+        assert f.get("gemma3.rope.freq_base") == 1e6 and f.get("gemma3.attention.key_length") == 32
+        assert "output.weight" not in f.tensors and "blk.6.post_ffw_norm.weight" in f.tensors
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # with and without BOS added

@@ -10,12 +10,15 @@ llama.cpp itself) run the result unchanged:
     (LlamaModel.permute); qwen2 runs NEOX RoPE (halves) and keeps them as they are;
   - tied embeddings: no output.weight (the loaders fall back to token_embd.weight).
 Adding a family is one HFFamily entry; a family whose math differs also needs its file under flashlm/models.
+gemma3_text (GGUF "gemma3"): norms + 1 as Gemma3Model writes them, q/k norms and post-norms, sliding window, the
+global RoPE base as rope.freq_base (the local 10000 is implied by the arch), tied embeddings.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -44,6 +47,14 @@ QKV_BIASES = {
     "model.layers.{i}.self_attn.k_proj.bias": "blk.{i}.attn_k.bias",
     "model.layers.{i}.self_attn.v_proj.bias": "blk.{i}.attn_v.bias",
 }
+GEMMA3_LAYER_TENSORS = {
+    **LLAMA_LAYER_TENSORS,
+    "model.layers.{i}.self_attn.q_norm.weight": "blk.{i}.attn_q_norm.weight",
+    "model.layers.{i}.self_attn.k_norm.weight": "blk.{i}.attn_k_norm.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.post_attention_norm.weight",
+    "model.layers.{i}.pre_feedforward_layernorm.weight": "blk.{i}.ffn_norm.weight",
+    "model.layers.{i}.post_feedforward_layernorm.weight": "blk.{i}.post_ffw_norm.weight",
+}
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # buffers some checkpoints save; recomputed from the config
 
 
@@ -57,6 +68,21 @@ class HFFamily:
     rope_types: tuple[str, ...] = ("default", "linear", "llama3")
     # config keys that must hold a given value because the GGUF arch cannot express anything else
     required_config: dict[str, object] = field(default_factory=dict)
+    check: Callable[[ConfigReader, "HFArgs"], None] | None = None  # what a value table cannot say
+
+
+def _check_gemma3(cfg: ConfigReader, args: "HFArgs") -> None:
+    """What llama.cpp's gemma3 (and models/gemma3.py) hard-code: every 6th layer global, local RoPE base 10000,
+    attention scale head_dim^-0.5."""
+    pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(args.n_layers)]
+    layer_types = cfg.raw("layer_types", pattern)
+    if layer_types != pattern:
+        raise UnsupportedModelError(f"{cfg.path}: layer_types {layer_types} are not Gemma 3's (every 6th global)")
+    if args.rope.get("local_theta", 10000.0) != 10000.0:
+        raise UnsupportedModelError(f"{cfg.path}: local RoPE base {args.rope['local_theta']} is not 10000")
+    if cfg.raw("query_pre_attn_scalar", args.head_dim) != args.head_dim:
+        raise UnsupportedModelError(f"{cfg.path}: query_pre_attn_scalar {cfg.raw('query_pre_attn_scalar')} differs "
+                                    f"from head_dim {args.head_dim} (llama.cpp's gemma3 scales by head_dim)")
 
 
 FAMILIES: dict[str, HFFamily] = {
@@ -65,9 +91,13 @@ FAMILIES: dict[str, HFFamily] = {
     "mistral": HFFamily("llama", LLAMA_GLOBAL_TENSORS, LLAMA_LAYER_TENSORS, permute_qk=True),
     "qwen2": HFFamily("qwen2", LLAMA_GLOBAL_TENSORS, {**LLAMA_LAYER_TENSORS, **QKV_BIASES}, permute_qk=False,
                       rope_types=("default", "linear")),
-    # "gemma3": slot for the Gemma 3 text model (GGUF arch "gemma3", flashlm/models/gemma3.py): norm_offset=1.0,
-    # q/k norms and post-norms in its layer table, global rope.freq_base with the local base 10000 implied,
-    # attention.sliding_window, tied embeddings.
+    # Gemma 3 text models (Gemma3ForCausalLM; the multimodal "gemma3" nests them under language_model): norms
+    # stored as w where the model computes (1 + w), q/k norms and post-norms, tied embeddings (models/gemma3.py).
+    "gemma3_text": HFFamily("gemma3", LLAMA_GLOBAL_TENSORS, GEMMA3_LAYER_TENSORS, permute_qk=False, norm_offset=1.0,
+                            rope_types=("default", "linear"),
+                            required_config={"attention_bias": False, "attn_logit_softcapping": None,
+                                             "hidden_activation": "gelu_pytorch_tanh"},
+                            check=_check_gemma3),
 }
 
 
@@ -78,7 +108,7 @@ def family_for_config(cfg: ConfigReader) -> HFFamily:
         raise UnsupportedModelError(f"{cfg.path}: model_type {model_type!r} is not supported "
                                     f"(supported: {', '.join(sorted(FAMILIES))})")
     for key, want in family.required_config.items():
-        if cfg.raw(key, want) != want:
+        if cfg.config.get(key, want) != want:
             raise UnsupportedModelError(f"{cfg.path}: {key} = {cfg.raw(key)!r} is not supported for {model_type} "
                                         f"(llama.cpp's {family.gguf_arch!r} architecture needs {want!r})")
     return family
@@ -101,6 +131,8 @@ class HFArgs:
     rope: dict  # rope_type and its parameters
     tied: bool
     sliding_window: int  # 0: none
+    explicit_head_dim: bool = False  # config.json names head_dim: key_length / value_length are written
+    logit_softcap: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: ConfigReader, family: HFFamily) -> "HFArgs":
@@ -116,21 +148,32 @@ class HFArgs:
         window = 0
         if cfg.raw("sliding_window", None) is not None and cfg.raw("use_sliding_window", True):
             window = cfg.int("sliding_window")
-        return cls(
+        args = cls(
             n_layers=cfg.int("num_hidden_layers"), d_model=d_model, n_ff=cfg.int("intermediate_size"),
             n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=cfg.int("head_dim", d_model // n_heads),
             vocab_size=cfg.int("vocab_size"), n_ctx_train=cfg.int("max_position_embeddings"),
             norm_eps=cfg.float("rms_norm_eps"), rope_base=float(rope["rope_theta"]), rope=rope,
             tied=cfg.bool("tie_word_embeddings", False), sliding_window=window,
+            explicit_head_dim="head_dim" in cfg.config, logit_softcap=cfg.float("final_logit_softcapping", 0.0),
         )
+        if family.check is not None:
+            family.check(cfg, args)
+        return args
 
 
 def rope_parameters(cfg: ConfigReader) -> dict:
-    """RoPE settings from either config layout: transformers 5's `rope_parameters` or 4's `rope_theta` +
-    `rope_scaling`. Returns a dict with at least rope_type and rope_theta."""
-    params = dict(cfg.raw("rope_parameters", None) or cfg.raw("rope_scaling", None) or {})
+    """RoPE settings from either config layout: transformers 5's `rope_parameters` (per layer type for Gemma 3)
+    or 4's `rope_theta` + `rope_scaling` (+ `rope_local_base_freq`). Returns a dict with at least rope_type and
+    rope_theta (the global layers'), and local_theta where local layers have their own base."""
+    params = cfg.raw("rope_parameters", None) or cfg.raw("rope_scaling", None) or {}
     if not isinstance(params, dict):
         raise UnsupportedModelError(f"{cfg.path}: rope_parameters is not a JSON object")
+    local = params.get("sliding_attention")
+    params = dict(params.get("full_attention", params))
+    if isinstance(local, dict) and "rope_theta" in local:
+        params["local_theta"] = float(local["rope_theta"])
+    elif cfg.raw("rope_local_base_freq", None) is not None:
+        params["local_theta"] = cfg.float("rope_local_base_freq")
     params["rope_type"] = params.get("rope_type", params.get("type", "default"))
     theta = params.get("rope_theta", cfg.raw("rope_theta", 10000.0))
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
@@ -153,8 +196,10 @@ def metadata(args: HFArgs, arch: str) -> list[tuple[str, str, object]]:
         ("u32", "vocab_size", args.vocab_size),
         ("u32", "rope.dimension_count", args.head_dim),
     ]
-    if args.head_dim != args.d_model // args.n_heads:
+    if args.explicit_head_dim or args.head_dim != args.d_model // args.n_heads:
         keys += [("u32", "attention.key_length", args.head_dim), ("u32", "attention.value_length", args.head_dim)]
+    if args.logit_softcap:
+        keys.append(("f32", "final_logit_softcapping", args.logit_softcap))
     if args.rope["rope_type"] == "linear":
         keys += [("str", "rope.scaling.type", "linear"), ("f32", "rope.scaling.factor", float(args.rope["factor"]))]
     if args.sliding_window:
@@ -201,7 +246,9 @@ def expected_shapes(args: HFArgs) -> dict[str, tuple[int, ...]]:
     per_layer = {"attn_norm.weight": (d,), "attn_q.weight": (q, d), "attn_k.weight": (kv, d),
                  "attn_v.weight": (kv, d), "attn_output.weight": (d, q), "ffn_norm.weight": (d,),
                  "ffn_gate.weight": (ff, d), "ffn_up.weight": (ff, d), "ffn_down.weight": (d, ff),
-                 "attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)}
+                 "attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,),
+                 "attn_q_norm.weight": (args.head_dim,), "attn_k_norm.weight": (args.head_dim,),
+                 "post_attention_norm.weight": (d,), "post_ffw_norm.weight": (d,)}
     for i in range(args.n_layers):
         shapes.update({f"blk.{i}.{k}": v for k, v in per_layer.items()})
     return shapes
