@@ -326,8 +326,9 @@ def cached_gguf(src_dir: str, quant: str = DEFAULT_QUANT, log=None) -> str:
     """The GGUF for an HF directory, converted on first use into the cache and reused while the directory is
     unchanged. `log` gets one line saying which (default: stderr)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    if not os.path.isdir(src_dir):
-        raise ModelFileError(f"{src_dir}: not a directory")
+    if not os.path.isfile(os.path.join(src_dir, "config.json")):
+        raise ModelFileError(f"{src_dir}: is a directory, not a GGUF file nor a Hugging Face model directory "
+                             "(no config.json)")
     path = os.path.join(cache_dir(), f"{cache_key(src_dir, quant)}.gguf")
     if os.path.isfile(path):
         log(f"flashlm: {src_dir} is a Hugging Face directory; using its conversion cached in {path}")
