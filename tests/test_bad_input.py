@@ -44,8 +44,8 @@ def bad_files(tmp_path_factory, smollm_path):
     header_only.write_bytes(head[:20_000])
     arch = d / "mamba.gguf"
     write_tiny_llama(arch, smollm_path, arch="mamba")
-    ktype = d / "q4k.gguf"
-    write_tiny_llama(ktype, smollm_path, qtype=QT.Q4_K, d_model=256, n_heads=4, n_ff=256)
+    ktype = d / "q2k.gguf"
+    write_tiny_llama(ktype, smollm_path, qtype=QT.Q2_K, d_model=256, n_heads=4, n_ff=256)
     return {"text": str(text), "truncated": str(truncated), "header_only": str(header_only), "arch": str(arch),
             "ktype": str(ktype), "missing": str(d / "nope.gguf"), "dir": str(d)}
 
@@ -57,7 +57,7 @@ CASES = [  # (file key, exception, words the message must contain)
     ("truncated", ModelFileError, ["truncated.gguf", "truncated"]),
     ("header_only", ModelFileError, ["header_only.gguf", "truncated"]),
     ("arch", UnsupportedModelError, ["mamba.gguf", "'mamba'", "not supported"]),
-    ("ktype", UnsupportedModelError, ["q4k.gguf", "Q4_K", "not supported"]),
+    ("ktype", UnsupportedModelError, ["q2k.gguf", "Q2_K", "not supported"]),
 ]
 
 

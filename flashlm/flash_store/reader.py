@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import mmap
+import os
 import zlib
 from dataclasses import dataclass
 
@@ -23,6 +23,9 @@ class LayerBundle:
     n_records: int
     order: np.ndarray  # (n,) stored position -> original neuron index
     crc32: int
+
+
+VERIFY_CHUNK = 1 << 20
 
 
 class FlashStore:
@@ -61,11 +64,25 @@ class FlashStore:
             self.verify_resident()
 
     def verify_resident(self) -> None:
+        """CRC of every non-bundle tensor, read in chunks with pread: through the file's mapping, the pages would
+        count in this process's RSS until released (measured: a 298 MB load peak for Gemma 3, whose 178 MB
+        embedding sits in the resident section, under a 230 MB budget)."""
         crc = 0
-        for name, info in self.file.tensors.items():
-            if name not in self.bundle_names:
-                crc = zlib.crc32(self.file.tensor_bytes(name), crc)
-        self.file._mmap.madvise(mmap.MADV_DONTNEED)  # checking is no reason to keep those pages resident
+        fd = os.open(self.file.path, os.O_RDONLY)
+        try:
+            for name, info in self.file.tensors.items():
+                if name in self.bundle_names:
+                    continue
+                for start in range(info.offset, info.offset + info.nbytes, VERIFY_CHUNK):
+                    n = min(VERIFY_CHUNK, info.offset + info.nbytes - start)
+                    chunk = os.pread(fd, n, start)
+                    if len(chunk) != n:
+                        raise ModelFileError(f"{self.file.path}: tensor {name!r} is cut short at offset {start}")
+                    crc = zlib.crc32(chunk, crc)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # nor keep them in the page cache
+        finally:
+            os.close(fd)
         if crc != self.file.get(fmt.KEY_RESIDENT_CRC):
             raise ModelFileError(f"{self.file.path}: checksum mismatch in the resident section (file is corrupt)")
 
