@@ -124,10 +124,14 @@ def kernel():
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("S", [1, 3, 9])  # fused dot products, dequantize-then-dot, dequantize-then-BLAS
 @pytest.mark.parametrize("qtype,source", SOURCES)
-def test_rows_matvec(qtype, source, S, native, kernel, request):
+def test_rows_matvec(qtype, source, S, native, kernel, request, monkeypatch):
+    """The float32-activation paths (the int8 decode path has its own tests: test_kernel_int8.py)."""
     from types import SimpleNamespace
 
+    from flashlm.quant import bundle_kernel
     from flashlm.quant.bundle_kernel import SUPPORTED_ROW_TYPES, rows_matvec
+
+    monkeypatch.setattr(bundle_kernel, "INT8_ACTIVATIONS", False)
 
     assert qtype in SUPPORTED_ROW_TYPES
     if native and not kernel.native:

@@ -466,6 +466,325 @@ int rows_matvec(const uint8_t *rows, int64_t n, int64_t row_bytes, int type, int
     return 0;
 }
 
+/* ---- Decode products with int8 activations (as llama.cpp's ggml_vec_dot_*_q8_0 / _q8_K compute them) ----------
+ * rows_matvec_i8 computes what rows_matvec does, for a few tokens (S <= I8_MAX_TOKENS), with each x row quantized
+ * once per call to int8 per 32-wide block: dx = max|x| / 127, q = round-to-nearest-even(x / dx) (quantize_x_i8 below,
+ * exported for the tests). Each weight sub-block of 32 is unpacked to unsigned bytes u with w = f * (u - K) + m, and
+ *     w . x  ~=  f * dx * (u . q - K * sum q)  +  m * dx * sum q
+ * with u . q an integer dot product (VNNI dpbusd where the CPU has it, else AVX2 maddubs; a scalar loop elsewhere).
+ * Q8_0 on VNNI: u = w ^ 0x80 (w + 128), K = 128; without VNNI maddubs would saturate there, so abs/sign as llama.cpp.
+ * Q6_K: scales per 16, applied to the integer lanes (-32 * per-16 sums folded in), before the float scale.
+ * The result depends on x only through its quantization, row by row: how the rows are sliced or threaded does
+ * not change it (resident and streamed output matrices agree bit for bit).
+ *
+ * Measured on this machine (Xeon, AVX-512 VNNI, 2 cores; best of 5-20 calls; before = rows_matvec's float path):
+ * FIGURES
+ */
+#define I8_MAX_TOKENS 8
+
+/* x (S, d) -> q (S, d) int8, dx (S, d/32) float scales, sums (S, d/16) int32: sums of q over each 16 values. */
+int quantize_x_i8(const float *x, int S, int d, int8_t *q, float *dx, int32_t *sums) {
+    if (d <= 0 || d % 32) return -1;
+    int nb = d / 32;
+    for (int s = 0; s < S; s++)
+        for (int b = 0; b < nb; b++) {
+            const float *xb = x + (size_t)s * d + 32 * b;
+            int8_t *qb = q + (size_t)s * d + 32 * b;
+            float amax = 0.0f;
+            for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
+            float dd = amax * (1.0f / 127.0f), id = dd != 0.0f ? 1.0f / dd : 0.0f;
+            int32_t s0 = 0, s1 = 0;
+            for (int j = 0; j < 32; j++) {
+                float v = nearbyintf(xb[j] * id);
+                v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+                qb[j] = (int8_t)v;
+            }
+            for (int j = 0; j < 16; j++) { s0 += qb[j]; s1 += qb[j + 16]; }
+            dx[(size_t)s * nb + b] = dd;
+            sums[(size_t)s * 2 * nb + 2 * b] = s0;
+            sums[(size_t)s * 2 * nb + 2 * b + 1] = s1;
+        }
+    return 0;
+}
+
+static int i8_type_ok(int type) {
+    switch (type) {
+    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: case T_Q8_0: case T_Q4_K: case T_Q5_K: case T_Q6_K: return 1;
+    default: return 0;
+    }
+}
+
+/* K of each type: its unpacked bytes u stand for u - K (Q8_0: w ^ 0x80 = w + 128 on VNNI builds). */
+static int i8_offset(int type) {
+    switch (type) {
+#if defined(__AVX2__) && defined(__FMA__) && (defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__))
+    case T_Q8_0: return 128;
+#endif
+    case T_Q4_0: return 8;
+    case T_Q5_0: return 16;
+    case T_Q6_K: return 32;
+    default: return 0;
+    }
+}
+
+/* Sub-block sb (32 values) of a row: its bytes u (0..255 unsigned, or signed w for Q8_0 off VNNI) with
+ * w = f * (u - K) + m, in scalar form. Q6_K: per-16 integer scales sc[0], sc[1] (1 for the other types). */
+static inline __attribute__((always_inline)) void unpack_scalar(const uint8_t *row, int type, int sb, int *u,
+                                                                float *f, float *m, int *K, int *sc) {
+    sc[0] = sc[1] = 1;
+    *m = 0.0f;
+    switch (type) {
+    case T_Q8_0: {
+        const uint8_t *blk = row + 34 * sb;
+        *f = f16_to_f32(blk); *K = 0;
+        for (int j = 0; j < 32; j++) u[j] = (int8_t)blk[2 + j];
+        break;
+    }
+    case T_Q4_0: case T_Q4_1: {
+        int q41 = type == T_Q4_1;
+        const uint8_t *blk = row + (q41 ? 20 : 18) * sb, *qs = blk + (q41 ? 4 : 2);
+        *f = f16_to_f32(blk); *K = q41 ? 0 : 8;
+        if (q41) *m = f16_to_f32(blk + 2);
+        for (int j = 0; j < 16; j++) { u[j] = qs[j] & 15; u[j + 16] = qs[j] >> 4; }
+        break;
+    }
+    case T_Q5_0: case T_Q5_1: {
+        int q51 = type == T_Q5_1;
+        const uint8_t *blk = row + (q51 ? 24 : 22) * sb, *qs = blk + (q51 ? 8 : 6);
+        uint32_t qh;
+        memcpy(&qh, blk + (q51 ? 4 : 2), 4);
+        *f = f16_to_f32(blk); *K = q51 ? 0 : 16;
+        if (q51) *m = f16_to_f32(blk + 2);
+        for (int j = 0; j < 16; j++) {
+            u[j] = (qs[j] & 15) | (((qh >> j) & 1) << 4);
+            u[j + 16] = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+        }
+        break;
+    }
+    case T_Q4_K: case T_Q5_K: {
+        int q5 = type == T_Q5_K, j = sb % 8;
+        const uint8_t *blk = row + (q5 ? 176 : 144) * (sb / 8), *qh = blk + 16, *q = blk + (q5 ? 48 : 16) + 32 * (j / 2);
+        float s, mn;
+        k_scale_min(blk + 4, j, &s, &mn);
+        *f = f16_to_f32(blk) * s; *m = -f16_to_f32(blk + 2) * mn; *K = 0;
+        for (int l = 0; l < 32; l++)
+            u[l] = ((j & 1) ? q[l] >> 4 : q[l] & 15) | (q5 ? ((qh[l] >> j) & 1) << 4 : 0);
+        break;
+    }
+    case T_Q6_K: {
+        int j = sb % 8, h = j / 4, g = j % 4;
+        const uint8_t *blk = row + 210 * (sb / 8), *lq = blk + 64 * h + 32 * (g & 1), *qh = blk + 128 + 32 * h;
+        const int8_t *scs = (const int8_t *)(blk + 192);
+        *f = f16_to_f32(blk + 208); *K = 32;
+        sc[0] = scs[2 * j]; sc[1] = scs[2 * j + 1];
+        for (int l = 0; l < 32; l++) u[l] = ((lq[l] >> (4 * (g >> 1))) & 15) | (((qh[l] >> (2 * g)) & 3) << 4);
+        break;
+    }
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define HAVE_VNNI 1
+#define DPBUSD(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#elif defined(__AVXVNNI__)
+#define HAVE_VNNI 1
+#define DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#else  /* exact while u * s pairs fit int16: u <= 128 (every type here; Q8_0 goes through abs/sign) */
+#define DPBUSD(acc, u, s) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+#endif
+
+/* Sub-block sb as 32 unsigned bytes (signed w for Q8_0 without VNNI), w = f * (u - K) + m; Q6_K: *sc16 = its
+ * two per-16 integer scales as 8 int32 lanes (4 each, matching dpbusd's lanes). */
+static inline __attribute__((always_inline)) __m256i unpack_avx2(const uint8_t *row, int type, int sb, float *f,
+                                                                 float *m, int *K, __m256i *sc16) {
+    const __m128i m4 = _mm_set1_epi8(15);
+    *m = 0.0f;
+    switch (type) {
+    case T_Q8_0: {
+        const uint8_t *blk = row + 34 * sb;
+        *f = f16_to_f32(blk);
+        __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));
+#ifdef HAVE_VNNI
+        *K = 128;
+        return _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80));
+#else
+        *K = 0;
+        return w;
+#endif
+    }
+    case T_Q4_0: case T_Q4_1: {
+        int q41 = type == T_Q4_1;
+        const uint8_t *blk = row + (q41 ? 20 : 18) * sb;
+        __m128i q = _mm_loadu_si128((const __m128i *)(blk + (q41 ? 4 : 2)));
+        *f = f16_to_f32(blk); *K = q41 ? 0 : 8;
+        if (q41) *m = f16_to_f32(blk + 2);
+        return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m4), _mm_and_si128(q, m4));
+    }
+    case T_Q5_0: case T_Q5_1: {
+        int q51 = type == T_Q5_1;
+        const uint8_t *blk = row + (q51 ? 24 : 22) * sb;
+        __m128i qs = _mm_loadu_si128((const __m128i *)(blk + (q51 ? 8 : 6)));
+        __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), m4), _mm_and_si128(qs, m4));
+        *f = f16_to_f32(blk); *K = q51 ? 0 : 16;
+        if (q51) *m = f16_to_f32(blk + 2);
+        return _mm256_or_si256(q, _mm256_and_si256(bytes_from_bits_32(blk + (q51 ? 4 : 2)), _mm256_set1_epi8(0x10)));
+    }
+    case T_Q4_K: case T_Q5_K: {
+        int q5 = type == T_Q5_K, j = sb % 8;
+        const uint8_t *blk = row + (q5 ? 176 : 144) * (sb / 8);
+        float s, mn;
+        k_scale_min(blk + 4, j, &s, &mn);
+        *f = f16_to_f32(blk) * s; *m = -f16_to_f32(blk + 2) * mn; *K = 0;
+        __m256i q = _mm256_loadu_si256((const __m256i *)(blk + (q5 ? 48 : 16) + 32 * (j / 2)));
+        if (j & 1) q = _mm256_srli_epi16(q, 4);
+        q = _mm256_and_si256(q, _mm256_set1_epi8(15));
+        if (q5) {
+            __m256i bit = _mm256_set1_epi8((char)(1 << j)), qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
+            q = _mm256_or_si256(q, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit),
+                                                    _mm256_set1_epi8(0x10)));
+        }
+        return q;
+    }
+    default: {  /* T_Q6_K */
+        int j = sb % 8, h = j / 4, g = j % 4;
+        const uint8_t *blk = row + 210 * (sb / 8);
+        const int8_t *scs = (const int8_t *)(blk + 192);
+        *f = f16_to_f32(blk + 208); *K = 32;
+        *sc16 = _mm256_setr_epi32(scs[2 * j], scs[2 * j], scs[2 * j], scs[2 * j], scs[2 * j + 1], scs[2 * j + 1],
+                                  scs[2 * j + 1], scs[2 * j + 1]);
+        __m256i ql = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32 * (g & 1)));
+        __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+        if (g >> 1) ql = _mm256_srli_epi16(ql, 4);
+        qh = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * g));
+        return _mm256_or_si256(_mm256_and_si256(ql, _mm256_set1_epi8(15)),
+                               _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(3)), 4));
+    }
+    }
+}
+#endif
+
+/* Quantized x: q (S, d) int8, dx (S, nb), sums (S, 2 nb) per 16, fs (S, nb) = dx * (sum of q over the block). */
+typedef struct {
+    const int8_t *q;
+    const float *dx, *fs;
+    const int32_t *sums, *kinit;  /* kinit = -K * (sum of q over the block), K the row type's offset */
+    int d, nb;
+} xq_t;
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* Sub-block sb of a row against every x_s: acc[s] += f * dx * (u . q - K * sum q) (8 int32 lanes), off[s] += m * fs. */
+static inline __attribute__((always_inline)) void sub_dots_i8(const uint8_t *row, const int type, const int S,
+                                                              const xq_t *X, int sb, __m256 *acc, float *off) {
+    const int nsb = X->nb, has_min = type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
+    float f, m;
+    int K;
+    __m256i sc16 = _mm256_setzero_si256();
+    /* software prefetch ~2 KiB ahead: 16 -> 18 ms a call for Gemma's output matrix on one thread */
+    _mm_prefetch((const char *)row + (size_t)sb * block_bytes(type) * 32 / block_values(type) + 2048, _MM_HINT_T0);
+    __m256i u = unpack_avx2(row, type, sb, &f, &m, &K, &sc16);
+#ifndef HAVE_VNNI
+    __m256i w = u;
+    if (type == T_Q8_0) u = _mm256_abs_epi8(w);
+#endif
+    for (int s = 0; s < S; s++) {
+        const size_t xi = (size_t)s * nsb + sb;
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(X->q + (size_t)s * X->d + 32 * sb));
+#ifndef HAVE_VNNI
+        if (type == T_Q8_0) xv = _mm256_sign_epi8(xv, w);
+#endif
+        __m256i init;
+        if (type == T_Q6_K)
+            init = _mm256_setr_epi32(-K * X->sums[2 * xi], 0, 0, 0, -K * X->sums[2 * xi + 1], 0, 0, 0);
+        else
+            init = _mm256_zextsi128_si256(_mm_cvtsi32_si128(X->kinit[xi]));
+        __m256i dp = DPBUSD(init, u, xv);
+        if (type == T_Q6_K) dp = _mm256_mullo_epi32(dp, sc16);
+        acc[s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), _mm256_set1_ps(f * X->dx[xi]), acc[s]);
+        if (has_min) off[s] += m * X->fs[xi];
+    }
+}
+#endif
+
+/* res[s] = row . x_s for s < S; type and S are constants after inlining (one specialised loop per case). */
+static inline __attribute__((always_inline)) void row_dots_i8(const uint8_t *row, const int type, const int S,
+                                                              const xq_t *X, float *res) {
+    float off[I8_MAX_TOKENS];
+    for (int s = 0; s < S; s++) off[s] = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    const int nsb = X->nb;
+    __m256 acc0[I8_MAX_TOKENS], acc1[I8_MAX_TOKENS];  /* even and odd sub-blocks: two FMA dependency chains */
+    for (int s = 0; s < S; s++) acc0[s] = acc1[s] = _mm256_setzero_ps();
+    int sb = 0;
+    for (; sb + 1 < nsb; sb += 2) {
+        sub_dots_i8(row, type, S, X, sb, acc0, off);
+        sub_dots_i8(row, type, S, X, sb + 1, acc1, off);
+    }
+    if (sb < nsb) sub_dots_i8(row, type, S, X, sb, acc0, off);
+    for (int s = 0; s < S; s++) res[s] = hsum(_mm256_add_ps(acc0[s], acc1[s])) + off[s];
+#else
+    const int nsb = X->nb, has_min = type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
+    float acc[I8_MAX_TOKENS];
+    for (int s = 0; s < S; s++) acc[s] = 0.0f;
+    for (int sb = 0; sb < nsb; sb++) {
+        int u[32], K, sc[2];
+        float f, m;
+        unpack_scalar(row, type, sb, u, &f, &m, &K, sc);
+        for (int s = 0; s < S; s++) {
+            const size_t xi = (size_t)s * nsb + sb;
+            const int8_t *xq = X->q + (size_t)s * X->d + 32 * sb;
+            int32_t d0 = -K * X->sums[2 * xi], d1 = -K * X->sums[2 * xi + 1];
+            for (int j = 0; j < 16; j++) { d0 += u[j] * xq[j]; d1 += u[j + 16] * xq[j + 16]; }
+            acc[s] += f * X->dx[xi] * (float)(sc[0] * d0 + sc[1] * d1);
+            if (has_min) off[s] += m * X->fs[xi];
+        }
+    }
+    for (int s = 0; s < S; s++) res[s] = acc[s] + off[s];
+#endif
+}
+
+#define I8_CASE_S(T, S_)                                                                                          \
+    case S_:                                                                                                      \
+        _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                                      \
+        for (int64_t r = 0; r < n; r++) {                                                                         \
+            float res[S_];                                                                                        \
+            row_dots_i8(rows + r * row_bytes, T, S_, &X, res);                                                    \
+            for (int s = 0; s < S_; s++) out[(size_t)s * out_stride + r] = res[s];                                \
+        }                                                                                                         \
+        break;
+#define I8_CASE_T(T)                                                                                              \
+    case T:                                                                                                       \
+        switch (S) { I8_CASE_S(T, 1) I8_CASE_S(T, 2) I8_CASE_S(T, 3) I8_CASE_S(T, 4) I8_CASE_S(T, 5)             \
+                     I8_CASE_S(T, 6) I8_CASE_S(T, 7) I8_CASE_S(T, 8) }                                            \
+        break;
+
+/* rows_matvec with int8 activations: same arguments; -3 when S or the type is outside what it covers. */
+int rows_matvec_i8(const uint8_t *rows, int64_t n, int64_t row_bytes, int type, int d, const float *x, int S,
+                   float *out, int64_t out_stride, int n_threads) {
+    if (!row_ok(type, d)) return -1;
+    if (!i8_type_ok(type) || S < 1 || S > I8_MAX_TOKENS) return -3;
+    if (n_threads < 1) n_threads = 1;
+    int nb = d / 32;
+    int8_t *q = malloc((size_t)S * d);
+    float *dx = malloc(sizeof(float) * 2 * (size_t)S * nb);
+    int32_t *sums = malloc(sizeof(int32_t) * 3 * (size_t)S * nb), *kinit = sums + 2 * (size_t)S * nb;
+    if (!q || !dx || !sums) { free(q); free(dx); free(sums); return -2; }
+    float *fs = dx + (size_t)S * nb;
+    quantize_x_i8(x, S, d, q, dx, sums);
+    int K = i8_offset(type);
+    for (size_t i = 0; i < (size_t)S * nb; i++) {
+        fs[i] = dx[i] * (float)(sums[2 * i] + sums[2 * i + 1]);
+        kinit[i] = -K * (sums[2 * i] + sums[2 * i + 1]);
+    }
+    xq_t X = {q, dx, fs, sums, kinit, d, nb};
+    switch (type) {
+        I8_CASE_T(T_Q8_0) I8_CASE_T(T_Q4_0) I8_CASE_T(T_Q4_1) I8_CASE_T(T_Q5_0) I8_CASE_T(T_Q5_1)
+        I8_CASE_T(T_Q4_K) I8_CASE_T(T_Q5_K) I8_CASE_T(T_Q6_K)
+    }
+    free(q); free(dx); free(sums);
+    return 0;
+}
+
 /* Dequantize records (gate, up, down of each) into float32 (n, d) matrices: the prompt path, where a BLAS
  * matrix product over many tokens beats per-token dot products. */
 int dequant_records(const uint8_t *const *rows, int64_t n, int d, int gate_type, int up_type, int64_t up_offset,

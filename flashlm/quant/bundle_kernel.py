@@ -39,24 +39,26 @@ def _cache_dir() -> str:
     return os.path.join(base, "flashlm")
 
 
-def build_library() -> str | None:
-    """Path of the compiled kernel, building it if needed; None when no C compiler is available."""
+def build_library(source: str = SOURCE) -> str | None:
+    """Path of the compiled C source (this kernel's by default), building it if needed; None without a C compiler."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
     # -ffast-math lets the float reductions vectorize (a fixed reassociation, chosen at compile time: results stay
     # deterministic); -fno-finite-math-only keeps inf/nan semantics.
     flags = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-shared", "-fPIC"]
-    with open(SOURCE, "rb") as f:
+    flags += os.environ.get("FLASHLM_KERNEL_CFLAGS", "").split()  # e.g. "-mno-avx512vnni -mno-avxvnni" (tests)
+    with open(source, "rb") as f:
         key = hashlib.sha256(f.read() + " ".join([cc, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
-    path = os.path.join(_cache_dir(), f"bundle_kernel-{key}.so")
+    stem = os.path.splitext(os.path.basename(source))[0]
+    path = os.path.join(_cache_dir(), f"{stem}-{key}.so")
     if os.path.exists(path):
         return path
     os.makedirs(_cache_dir(), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
     os.close(fd)
     try:
-        subprocess.run([cc, *flags, "-o", tmp, SOURCE, "-lm"], check=True, capture_output=True)
+        subprocess.run([cc, *flags, "-o", tmp, source, "-lm"], check=True, capture_output=True)
         os.replace(tmp, path)
     except (OSError, subprocess.CalledProcessError):
         if os.path.exists(tmp):
@@ -118,6 +120,12 @@ class _OneBlasThread:
 
 BLAS_MIN_TOKENS = 8  # from this many tokens on, dequantize a chunk of records and use a BLAS product
 BLAS_CHUNK_NEURONS = 256  # bounds the float scratch: 3 * 256 * d floats
+# rows_matvec for up to this many tokens quantizes x to int8 per 32-block and takes integer dot products
+# (rows_matvec_i8 in bundle_kernel.c, which has the measurements); INT8_ACTIVATIONS = False (environment:
+# FLASHLM_INT8_ACTIVATIONS=0) keeps float32 x.
+INT8_ACTIVATIONS = os.environ.get("FLASHLM_INT8_ACTIVATIONS", "1") != "0"
+INT8_MAX_TOKENS = 4
+INT8_ROW_TYPES = SUPPORTED_ROW_TYPES
 
 
 class BundleKernel:
@@ -146,6 +154,9 @@ class BundleKernel:
             mv.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
                            ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
             self._matvec = mv
+            mi = lib.rows_matvec_i8
+            mi.restype, mi.argtypes = ctypes.c_int, mv.argtypes
+            self._matvec_i8 = mi
             dr = lib.dequant_records
             dr.restype = ctypes.c_int
             dr.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
@@ -230,8 +241,9 @@ def rows_matvec(kernel: "BundleKernel", rows: np.ndarray, qtype: QT, x: np.ndarr
         with kernel.one_blas_thread:
             _dequant_matmul(kernel, rows, qtype, x, out, w)
         return
-    status = kernel._matvec(rows.ctypes.data, n, rows.shape[1], int(qtype), d, x.ctypes.data, S, out.ctypes.data,
-                            out.strides[0] // 4, kernel.threads)
+    fn = kernel._matvec_i8 if INT8_ACTIVATIONS and S <= INT8_MAX_TOKENS and qtype in INT8_ROW_TYPES else kernel._matvec
+    status = fn(rows.ctypes.data, n, rows.shape[1], int(qtype), d, x.ctypes.data, S, out.ctypes.data,
+                out.strides[0] // 4, kernel.threads)
     if status != 0:
         raise RuntimeError(f"rows_matvec failed ({status})")
 

@@ -1,0 +1,151 @@
+"""rows_matvec with int8 activations (bundle_kernel.c: rows_matvec_i8), the decode path for S <= INT8_MAX_TOKENS.
+
+Two references per case: (a) x quantized exactly as the kernel does (checked bit for bit against numpy below), then
+a float64 product: the kernel must match it up to float32 accumulation (2e-5 relative), which pins the unpacking of
+every type; (b) the float64 product with the float x: the int8 rounding of x costs under 1% relative (max error
+over the outputs / max |output|; measured 0.15-0.85% on these rows and x ~ N(0, 1), what llama.cpp's q8_0
+activations cost; the float32-x path: < 5e-7), so 2%.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import gguf
+import numpy as np
+import pytest
+from gguf.constants import GGMLQuantizationType as QT
+
+from flashlm.quant import bundle_kernel as bk
+
+from .test_kquants import REAL_TENSORS, gemma_file, synthetic_rows  # noqa: F401  (gemma_file: a fixture)
+
+TYPES = [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+GEMMA = {**REAL_TENSORS, QT.Q8_0: "token_embd.weight"}
+CASES = [(t, "synthetic") for t in TYPES] + [(t, "gemma") for t in GEMMA]
+EXACT_TOL, FLOAT_TOL = 2e-5, 0.02
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    from flashlm.flash_store.format import RecordLayout
+
+    k = bk.BundleKernel(RecordLayout(512, QT.Q8_0, QT.Q8_0, QT.Q8_0), "silu", threads=2)
+    if not k.native:
+        pytest.skip("no C compiler")
+    return k
+
+
+def quantize_x(x: np.ndarray):
+    """numpy mirror of quantize_x_i8: per 32 values dx = max|x| * float32(1/127), q = rint(x * (1/dx)), float32."""
+    S, d = x.shape
+    xb = x.reshape(S, d // 32, 32).astype(np.float32)
+    dx = np.abs(xb).max(-1) * (np.float32(1.0) / np.float32(127.0))
+    with np.errstate(divide="ignore"):
+        inv = np.where(dx != 0, np.float32(1.0) / dx, np.float32(0.0)).astype(np.float32)
+    q = np.clip(np.rint(xb * inv[..., None]), -127, 127).astype(np.int8)
+    return q.reshape(S, d), dx.astype(np.float32)
+
+
+def c_quantize_x(lib, x: np.ndarray):
+    S, d = x.shape
+    q, dx = np.empty((S, d), np.int8), np.empty((S, d // 32), np.float32)
+    sums = np.empty((S, d // 16), np.int32)
+    fn = lib.quantize_x_i8
+    fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3
+    assert fn(x.ctypes.data, S, d, q.ctypes.data, dx.ctypes.data, sums.ctypes.data) == 0
+    return q, dx, sums
+
+
+def test_quantize_x_exact(kernel):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 1024)).astype(np.float32) * rng.uniform(0.01, 100, (3, 1)).astype(np.float32)
+    x[0, :32] = 0.0  # zero block: scale 0, q 0
+    x[1, 32:64] = -3.5  # constant block: all -127
+    x[2, 64:96] = np.arange(32, dtype=np.float32) - 15.5  # halves: ties decided by rint (to even)
+    x[2, 96:128] = rng.standard_normal(32).astype(np.float32) * 1e-30  # tiny but nonzero
+    q, dx, sums = c_quantize_x(kernel._lib, x)
+    q_ref, dx_ref = quantize_x(x)
+    np.testing.assert_array_equal(dx, dx_ref)
+    np.testing.assert_array_equal(q, q_ref)
+    np.testing.assert_array_equal(sums, q_ref.reshape(3, -1, 16).astype(np.int32).sum(-1))
+    assert (q[1, 32:64] == -127).all() and (q[0, :32] == 0).all() and dx[0, 0] == 0
+
+
+def rows_for(qtype, source, request, n=1000):
+    if source == "synthetic":
+        if qtype in (QT.Q4_K, QT.Q5_K, QT.Q6_K):
+            return synthetic_rows(qtype, 300, 512, seed=5)
+        w = np.random.default_rng(5).standard_normal((300, 512)).astype(np.float32)
+        w[0, :32] = 0.0
+        return gguf.quants.quantize(w, qtype)
+    f = request.getfixturevalue("gemma_file")
+    raw = f.tensor_bytes(GEMMA[qtype])
+    assert f.tensors[GEMMA[qtype]].ggml_type == qtype
+    step = max(1, len(raw) // n)  # rows spread over the whole matrix
+    return np.ascontiguousarray(raw[::step][:n])
+
+
+def errors(out, x, raw, qtype):
+    w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
+    q, dx = quantize_x(x)
+    xq = (q.reshape(len(x), -1, 32) * dx[..., None].astype(np.float64)).reshape(x.shape)
+    exact, ref = xq @ w.T, x.astype(np.float64) @ w.T
+    scale = np.abs(ref).max()
+    return np.abs(out - exact).max() / scale, np.abs(out - ref).max() / scale
+
+
+@pytest.mark.parametrize("S", [1, 3])
+@pytest.mark.parametrize("qtype,source", CASES)
+def test_int8_matvec(qtype, source, S, kernel, request):
+    raw = rows_for(qtype, source, request)
+    d = raw.shape[1] // gguf.GGML_QUANT_SIZES[qtype][1] * gguf.GGML_QUANT_SIZES[qtype][0]
+    x = np.random.default_rng(S).standard_normal((S, d)).astype(np.float32)
+    wide = np.full((S, len(raw) + 5), np.nan, np.float32)
+    out = wide[:, 2:2 + len(raw)]  # a column slice, as the streamed output matrix passes
+    assert S <= bk.INT8_MAX_TOKENS and qtype in bk.INT8_ROW_TYPES and bk.INT8_ACTIVATIONS
+    bk.rows_matvec(kernel, raw, qtype, x, out)
+    assert np.isnan(wide[:, :2]).all() and np.isnan(wide[:, 2 + len(raw):]).all()
+    exact_err, float_err = errors(out, x, raw, qtype)
+    assert exact_err < EXACT_TOL, exact_err
+    assert float_err < FLOAT_TOL, float_err
+    # row by row: slicing the rows (streamed head) or the thread count does not change a bit
+    parts = np.empty_like(out)
+    for lo in range(0, len(raw), 77):
+        bk.rows_matvec(kernel, raw[lo:lo + 77], qtype, x, parts[:, lo:lo + 77])
+    np.testing.assert_array_equal(parts, out)
+    one = np.empty_like(out)
+    status = kernel._matvec_i8(raw.ctypes.data, len(raw), raw.shape[1], int(qtype), d, x.ctypes.data, S,
+                               one.ctypes.data, len(raw), 1)
+    assert status == 0
+    np.testing.assert_array_equal(one, out)
+
+
+def test_int8_rejects_what_it_does_not_cover(kernel):
+    raw = synthetic_rows(QT.Q4_K, 4, 512)
+    x, out = np.zeros((9, 640), np.float32), np.zeros((9, 4), np.float32)
+    args = (raw.ctypes.data, 4, raw.shape[1])
+    assert kernel._matvec_i8(*args, int(QT.Q4_K), 640, x.ctypes.data, 1, out.ctypes.data, 4, 1) == -1
+    assert kernel._matvec_i8(*args, int(QT.Q4_K), 512, x.ctypes.data, 9, out.ctypes.data, 4, 1) == -3
+    assert kernel._matvec_i8(*args, int(QT.F16), 512, x.ctypes.data, 1, out.ctypes.data, 4, 1) == -1  # as rows_matvec
+
+
+@pytest.mark.parametrize("flags", ["-mno-avx512vnni -mno-avxvnni", "-mno-avx2 -mno-fma -mno-avx512f"])
+def test_fallback_builds(flags, kernel, monkeypatch):
+    """The AVX2-without-VNNI and the scalar builds compute the same products (up to float32 summation order)."""
+    monkeypatch.setenv("FLASHLM_KERNEL_CFLAGS", flags)
+    path = bk.build_library()
+    assert path is not None
+    lib = ctypes.CDLL(path)
+    fn = lib.rows_matvec_i8
+    fn.restype, fn.argtypes = ctypes.c_int, kernel._matvec_i8.argtypes
+    for qtype in TYPES:
+        raw = rows_for(qtype, "synthetic", None)
+        d = 512
+        x = np.random.default_rng(7).standard_normal((2, d)).astype(np.float32)
+        out = np.empty((2, len(raw)), np.float32)
+        assert fn(raw.ctypes.data, len(raw), raw.shape[1], int(qtype), d, x.ctypes.data, 2, out.ctypes.data,
+                  len(raw), 2) == 0
+        exact_err, float_err = errors(out, x, raw, qtype)
+        assert exact_err < EXACT_TOL and float_err < FLOAT_TOL, (qtype.name, exact_err, float_err)
