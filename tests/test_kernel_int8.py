@@ -96,7 +96,7 @@ def errors(out, x, raw, qtype):
     return np.abs(out - exact).max() / scale, np.abs(out - ref).max() / scale
 
 
-@pytest.mark.parametrize("S", [1, 3])
+@pytest.mark.parametrize("S", [1, 3, 7])  # 7: the largest S the int8 path takes (BLAS from 8 on)
 @pytest.mark.parametrize("qtype,source", CASES)
 def test_int8_matvec(qtype, source, S, kernel, request):
     raw = rows_for(qtype, source, request)

@@ -477,8 +477,16 @@ int rows_matvec(const uint8_t *rows, int64_t n, int64_t row_bytes, int type, int
  * The result depends on x only through its quantization, row by row: how the rows are sliced or threaded does
  * not change it (resident and streamed output matrices agree bit for bit).
  *
- * Measured on this machine (Xeon, AVX-512 VNNI, 2 cores; best of 5-20 calls; before = rows_matvec's float path):
- * FIGURES
+ * Measured on this machine (Xeon, AVX-512 VNNI, 2 cores; streaming-read ceiling ~11 GB/s on 1 thread, ~20 GB/s on 2;
+ * best of 9-30 calls on an idle machine; before = rows_matvec's float-x path), ms per call and GB/s of weights:
+ *   Gemma 3 output matrix 262144x640 Q8_0 (178 MB), S=1:  1 thread 26.7 ms 6.7 GB/s -> 17.2 ms 10.4 GB/s;
+ *                                                         2 threads 17.9 ms 9.9 GB/s -> 10.2 ms 17.5 GB/s
+ *   4096x11008 Q8_0 (47.9 MB), S=1: 1 thread 6.9 -> 4.5 ms (7.0 -> 10.6 GB/s); 2 threads 4.5 -> 2.7 ms (17.6 GB/s)
+ *   4096x11008 Q4_0 (25.4 MB), S=1: 1 thread 5.7 -> 2.8 ms (4.5 -> 9.0 GB/s); 2 threads 4.4 -> 2.3 ms (11.2 GB/s)
+ *   S = 2 / 4 / 7 (float x dequantizes each row, then S dot products), Gemma output, 1 thread:
+ *     81 -> 19 ms, 136 -> 25 ms, 200 -> 40 ms; 4096x11008 Q8_0: 32 -> 5.1, 53 -> 6.7, 79 -> 13 ms.
+ * Accuracy, max |error| / max |reference| against float64 x @ dequantize(rows).T, x ~ N(0, 1): float x 1e-7..1.5e-6;
+ * int8 x 0.15%..0.85% over Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K (Gemma's real rows and synthetic ones).
  */
 #define I8_MAX_TOKENS 8
 
