@@ -71,6 +71,11 @@ def test_quantize_x_exact(kernel):
     np.testing.assert_array_equal(q, q_ref)
     np.testing.assert_array_equal(sums, q_ref.reshape(3, -1, 16).astype(np.int32).sum(-1))
     assert (q[1, 32:64] == -127).all() and (q[0, :32] == 0).all() and dx[0, 0] == 0
+    x = np.random.default_rng(7).standard_normal((7, 2048)).astype(np.float32)  # x[6, 1295] / dx = -36.500004:
+    q, dx, _ = c_quantize_x(kernel._lib, x)  # -37, where an approximate reciprocal (-ffast-math) made it -36
+    q_ref, dx_ref = quantize_x(x)
+    np.testing.assert_array_equal(dx, dx_ref)
+    np.testing.assert_array_equal(q, q_ref)
 
 
 def rows_for(qtype, source, request, n=1000):

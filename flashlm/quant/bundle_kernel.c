@@ -473,7 +473,7 @@ int rows_matvec(const uint8_t *rows, int64_t n, int64_t row_bytes, int type, int
  *     w . x  ~=  f * dx * (u . q - K * sum q)  +  m * dx * sum q
  * with u . q an integer dot product (VNNI dpbusd where the CPU has it, else AVX2 maddubs; a scalar loop elsewhere).
  * Q8_0 on VNNI: u = w ^ 0x80 (w + 128), K = 128; without VNNI maddubs would saturate there, so abs/sign as llama.cpp.
- * Q6_K: scales per 16, applied to the integer lanes (-32 * per-16 sums folded in), before the float scale.
+ * Q6_K: signed q - 32 (abs/sign as Q8_0 without VNNI), scales per 16 applied to the integer lanes.
  * The result depends on x only through its quantization, row by row: how the rows are sliced or threaded does
  * not change it (resident and streamed output matrices agree bit for bit).
  *
@@ -490,7 +490,11 @@ int rows_matvec(const uint8_t *rows, int64_t n, int64_t row_bytes, int type, int
  */
 #define I8_MAX_TOKENS 8
 
-/* x (S, d) -> q (S, d) int8, dx (S, d/32) float scales, sums (S, d/16) int32: sums of q over each 16 values. */
+/* x (S, d) -> q (S, d) int8, dx (S, d/32) float scales, sums (S, d/16) int32: sums of q over each 16 values.
+ * Compiled without -ffast-math: with it GCC computed x * (1/dx) with an approximate reciprocal (a -36.500004 came out
+ * -36.5 and rounded to -36): the tests check this function bit for bit against numpy float32 arithmetic. */
+#pragma GCC push_options
+#pragma GCC optimize("no-fast-math")
 int quantize_x_i8(const float *x, int S, int d, int8_t *q, float *dx, int32_t *sums) {
     if (d <= 0 || d % 32) return -1;
     int nb = d / 32;
@@ -514,6 +518,7 @@ int quantize_x_i8(const float *x, int S, int d, int8_t *q, float *dx, int32_t *s
         }
     return 0;
 }
+#pragma GCC pop_options
 
 static int i8_type_ok(int type) {
     switch (type) {
@@ -530,8 +535,7 @@ static int i8_offset(int type) {
 #endif
     case T_Q4_0: return 8;
     case T_Q5_0: return 16;
-    case T_Q6_K: return 32;
-    default: return 0;
+    default: return 0;  /* Q6_K: signed q - 32 in the SIMD paths (the scalar one takes K from unpack_scalar) */
     }
 }
 
@@ -658,15 +662,16 @@ static inline __attribute__((always_inline)) __m256i unpack_avx2(const uint8_t *
         int j = sb % 8, h = j / 4, g = j % 4;
         const uint8_t *blk = row + 210 * (sb / 8);
         const int8_t *scs = (const int8_t *)(blk + 192);
-        *f = f16_to_f32(blk + 208); *K = 32;
+        *f = f16_to_f32(blk + 208); *K = 0;  /* returned as signed q - 32 (abs/sign below: no cancellation) */
         *sc16 = _mm256_setr_epi32(scs[2 * j], scs[2 * j], scs[2 * j], scs[2 * j], scs[2 * j + 1], scs[2 * j + 1],
                                   scs[2 * j + 1], scs[2 * j + 1]);
         __m256i ql = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32 * (g & 1)));
         __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
         if (g >> 1) ql = _mm256_srli_epi16(ql, 4);
         qh = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * g));
-        return _mm256_or_si256(_mm256_and_si256(ql, _mm256_set1_epi8(15)),
-                               _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(3)), 4));
+        return _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(ql, _mm256_set1_epi8(15)),
+                                               _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(3)), 4)),
+                               _mm256_set1_epi8(32));
     }
     }
 }
@@ -691,21 +696,20 @@ static inline __attribute__((always_inline)) void sub_dots_i8(const uint8_t *row
     /* software prefetch ~2 KiB ahead: 16 -> 18 ms a call for Gemma's output matrix on one thread */
     _mm_prefetch((const char *)row + (size_t)sb * block_bytes(type) * 32 / block_values(type) + 2048, _MM_HINT_T0);
     __m256i u = unpack_avx2(row, type, sb, &f, &m, &K, &sc16);
-#ifndef HAVE_VNNI
-    __m256i w = u;
-    if (type == T_Q8_0) u = _mm256_abs_epi8(w);
+    /* signed weights (Q6_K; Q8_0 without VNNI) go in as |w| and x * sign(w). Q6_K's -32 as -32 * (sum of x)
+     * folded into one lane cancelled in float between lanes: up to 5e-4 relative off the exact product. */
+#ifdef HAVE_VNNI
+    const int is_signed = type == T_Q6_K;
+#else
+    const int is_signed = type == T_Q6_K || type == T_Q8_0;
 #endif
+    __m256i w = u;
+    if (is_signed) u = _mm256_abs_epi8(w);
     for (int s = 0; s < S; s++) {
         const size_t xi = (size_t)s * nsb + sb;
         __m256i xv = _mm256_loadu_si256((const __m256i *)(X->q + (size_t)s * X->d + 32 * sb));
-#ifndef HAVE_VNNI
-        if (type == T_Q8_0) xv = _mm256_sign_epi8(xv, w);
-#endif
-        __m256i init;
-        if (type == T_Q6_K)
-            init = _mm256_setr_epi32(-K * X->sums[2 * xi], 0, 0, 0, -K * X->sums[2 * xi + 1], 0, 0, 0);
-        else
-            init = _mm256_zextsi128_si256(_mm_cvtsi32_si128(X->kinit[xi]));
+        if (is_signed) xv = _mm256_sign_epi8(xv, w);
+        __m256i init = K ? _mm256_zextsi128_si256(_mm_cvtsi32_si128(X->kinit[xi])) : _mm256_setzero_si256();
         __m256i dp = DPBUSD(init, u, xv);
         if (type == T_Q6_K) dp = _mm256_mullo_epi32(dp, sc16);
         acc[s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), _mm256_set1_ps(f * X->dx[xi]), acc[s]);
