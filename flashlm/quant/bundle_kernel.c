@@ -607,9 +607,9 @@ static inline __attribute__((always_inline)) void unpack_scalar(const uint8_t *r
 #endif
 
 /* Sub-block sb as 32 unsigned bytes (signed w for Q8_0 without VNNI), w = f * (u - K) + m; Q6_K: *sc16 = its
- * two per-16 integer scales as 8 int32 lanes (4 each, matching dpbusd's lanes). */
+ * two per-16 integer scales as 16 int16 lanes (8 each, matching maddubs's pairs). */
 static inline __attribute__((always_inline)) __m256i unpack_avx2(const uint8_t *row, int type, int sb, float *f,
-                                                                 float *m, int *K, __m256i *sc16) {
+                                                                 float *m, int *K, __m256i *sc16, const float *fm) {
     const __m128i m4 = _mm_set1_epi8(15);
     *m = 0.0f;
     switch (type) {
@@ -645,9 +645,7 @@ static inline __attribute__((always_inline)) __m256i unpack_avx2(const uint8_t *
     case T_Q4_K: case T_Q5_K: {
         int q5 = type == T_Q5_K, j = sb % 8;
         const uint8_t *blk = row + (q5 ? 176 : 144) * (sb / 8);
-        float s, mn;
-        k_scale_min(blk + 4, j, &s, &mn);
-        *f = f16_to_f32(blk) * s; *m = -f16_to_f32(blk + 2) * mn; *K = 0;
+        *f = fm[0]; *m = fm[1]; *K = 0;  /* decoded once per super-block: k_quant_scales */
         __m256i q = _mm256_loadu_si256((const __m256i *)(blk + (q5 ? 48 : 16) + 32 * (j / 2)));
         if (j & 1) q = _mm256_srli_epi16(q, 4);
         q = _mm256_and_si256(q, _mm256_set1_epi8(15));
@@ -662,9 +660,8 @@ static inline __attribute__((always_inline)) __m256i unpack_avx2(const uint8_t *
         int j = sb % 8, h = j / 4, g = j % 4;
         const uint8_t *blk = row + 210 * (sb / 8);
         const int8_t *scs = (const int8_t *)(blk + 192);
-        *f = f16_to_f32(blk + 208); *K = 0;  /* returned as signed q - 32 (abs/sign below: no cancellation) */
-        *sc16 = _mm256_setr_epi32(scs[2 * j], scs[2 * j], scs[2 * j], scs[2 * j], scs[2 * j + 1], scs[2 * j + 1],
-                                  scs[2 * j + 1], scs[2 * j + 1]);
+        *f = fm[0]; *K = 0;  /* returned as signed q - 32 (abs/sign below: no cancellation) */
+        *sc16 = _mm256_set_m128i(_mm_set1_epi16(scs[2 * j + 1]), _mm_set1_epi16(scs[2 * j]));
         __m256i ql = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32 * (g & 1)));
         __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
         if (g >> 1) ql = _mm256_srli_epi16(ql, 4);
@@ -688,14 +685,15 @@ typedef struct {
 #if defined(__AVX2__) && defined(__FMA__)
 /* Sub-block sb of a row against every x_s: acc[s] += f * dx * (u . q - K * sum q) (8 int32 lanes), off[s] += m * fs. */
 static inline __attribute__((always_inline)) void sub_dots_i8(const uint8_t *row, const int type, const int S,
-                                                              const xq_t *X, int sb, __m256 *acc, float *off) {
+                                                              const xq_t *X, int sb, __m256 *acc, float *off,
+                                                              const float *fm) {
     const int nsb = X->nb, has_min = type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
     float f, m;
     int K;
     __m256i sc16 = _mm256_setzero_si256();
     /* software prefetch ~2 KiB ahead: 16 -> 18 ms a call for Gemma's output matrix on one thread */
     _mm_prefetch((const char *)row + (size_t)sb * block_bytes(type) * 32 / block_values(type) + 2048, _MM_HINT_T0);
-    __m256i u = unpack_avx2(row, type, sb, &f, &m, &K, &sc16);
+    __m256i u = unpack_avx2(row, type, sb, &f, &m, &K, &sc16, fm);
     /* signed weights (Q6_K; Q8_0 without VNNI) go in as |w| and x * sign(w). Q6_K's -32 as -32 * (sum of x)
      * folded into one lane cancelled in float between lanes: up to 5e-4 relative off the exact product. */
 #ifdef HAVE_VNNI
@@ -710,8 +708,11 @@ static inline __attribute__((always_inline)) void sub_dots_i8(const uint8_t *row
         __m256i xv = _mm256_loadu_si256((const __m256i *)(X->q + (size_t)s * X->d + 32 * sb));
         if (is_signed) xv = _mm256_sign_epi8(xv, w);
         __m256i init = K ? _mm256_zextsi128_si256(_mm_cvtsi32_si128(X->kinit[xi])) : _mm256_setzero_si256();
-        __m256i dp = DPBUSD(init, u, xv);
-        if (type == T_Q6_K) dp = _mm256_mullo_epi32(dp, sc16);
+        __m256i dp;
+        if (type == T_Q6_K)  /* pairs |w| * x (<= 32 * 127 * 2) in int16, times the per-16 scale, summed in int32 */
+            dp = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xv), sc16);
+        else
+            dp = DPBUSD(init, u, xv);
         acc[s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), _mm256_set1_ps(f * X->dx[xi]), acc[s]);
         if (has_min) off[s] += m * X->fs[xi];
     }
@@ -727,12 +728,36 @@ static inline __attribute__((always_inline)) void row_dots_i8(const uint8_t *row
     const int nsb = X->nb;
     __m256 acc0[I8_MAX_TOKENS], acc1[I8_MAX_TOKENS];  /* even and odd sub-blocks: two FMA dependency chains */
     for (int s = 0; s < S; s++) acc0[s] = acc1[s] = _mm256_setzero_ps();
-    int sb = 0;
-    for (; sb + 1 < nsb; sb += 2) {
-        sub_dots_i8(row, type, S, X, sb, acc0, off);
-        sub_dots_i8(row, type, S, X, sb + 1, acc1, off);
+    if (type == T_Q4_K || type == T_Q5_K || type == T_Q6_K) {  /* per super-block: its scales decoded once */
+        const int bb = block_bytes(type);
+        for (int B = 0; B < nsb / 8; B++) {
+            const uint8_t *blk = row + (size_t)bb * B;
+            float fm[8][2];
+            if (type == T_Q6_K) {
+                for (int j = 0; j < 8; j++) fm[j][0] = f16_to_f32(blk + 208);
+            } else {
+                float dd = f16_to_f32(blk), dmin = f16_to_f32(blk + 2);
+                for (int j = 0; j < 8; j++) {
+                    float sc, mn;
+                    k_scale_min(blk + 4, j, &sc, &mn);
+                    fm[j][0] = dd * sc;
+                    fm[j][1] = -dmin * mn;
+                }
+            }
+#pragma GCC unroll 4
+            for (int j = 0; j < 8; j += 2) {
+                sub_dots_i8(row, type, S, X, 8 * B + j, acc0, off, fm[j]);
+                sub_dots_i8(row, type, S, X, 8 * B + j + 1, acc1, off, fm[j + 1]);
+            }
+        }
+    } else {
+        int sb = 0;
+        for (; sb + 1 < nsb; sb += 2) {
+            sub_dots_i8(row, type, S, X, sb, acc0, off, NULL);
+            sub_dots_i8(row, type, S, X, sb + 1, acc1, off, NULL);
+        }
+        if (sb < nsb) sub_dots_i8(row, type, S, X, sb, acc0, off, NULL);
     }
-    if (sb < nsb) sub_dots_i8(row, type, S, X, sb, acc0, off);
     for (int s = 0; s < S; s++) res[s] = hsum(_mm256_add_ps(acc0[s], acc1[s])) + off[s];
 #else
     const int nsb = X->nb, has_min = type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
