@@ -41,7 +41,7 @@ def _resolve_model(path: str | None) -> str:
     return path
 
 
-MODEL_KEYS = ("model", "ctx_size", "threads", "batch_size", "memory_budget", "io_threads", "sparsity", "sparsity_score",
+MODEL_KEYS = ("model", "ctx_size", "threads", "batch_size", "memory_budget", "io_threads", "sparsity", "sparsity_score", "output_head",
               "verbose")
 SAMPLING_KEYS = ("n_predict", "temp", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed", "stop")
 
@@ -71,6 +71,9 @@ def model_options(f):
                      help="FFN neurons skipped per token on a .flash model: off, auto or a fraction (e.g. 0.3)."),
         click.option("--sparsity-score", type=click.Choice(["exact", "cats"]), default=_L.sparsity_score,
                      show_default=True, help="How neurons are ranked: exact |act(gate)*up| or CATS |act(gate)|."),
+        click.option("--output-head", type=click.Choice(["exact", "sketch"]), default=_L.output_head,
+                     show_default=True, help="Output matrix of a .flash model under a budget: exact (stream what "
+                     "does not fit) or sketch (1-bit sketch + exact candidate rows; approximate, see README)."),
         click.option("--verbose", is_flag=True, help="Show tracebacks and library logs."),
     ])
 
@@ -98,7 +101,8 @@ def _load(kw: dict):
 
     return load(_resolve_model(kw["model"]), ctx_size=kw["ctx_size"], threads=kw["threads"],
                 batch_size=kw["batch_size"], memory_budget=kw["memory_budget"], io_threads=kw["io_threads"],
-                sparsity=kw["sparsity"], sparsity_score=kw["sparsity_score"], verbose=kw["verbose"])
+                sparsity=kw["sparsity"], sparsity_score=kw["sparsity_score"], output_head=kw["output_head"],
+                verbose=kw["verbose"])
 
 
 def _gen_options(kw: dict) -> GenerationOptions:
@@ -292,9 +296,11 @@ def perplexity(text_file, chunks, **kw):
 @click.option("-c", "--ctx-size", type=int, default=512, show_default=True)
 @click.option("--timeout", type=float, default=300, show_default=True, help="Seconds per engine and budget.")
 @click.option("--plot", type=str, default="budget.png", show_default=True, help="PNG plot of tok/s vs budget.")
+@click.option("--output-head", type=click.Choice(["exact", "sketch"]), default="exact", show_default=True,
+              help="flashlm's output head (see generate --help).")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--verbose", is_flag=True)
-def bench_budget(model, flash, budgets, n_gen, threads, ctx_size, timeout, plot, as_json, verbose):
+def bench_budget(model, flash, budgets, n_gen, threads, ctx_size, timeout, plot, output_head, as_json, verbose):
     """Both engines inside the same cgroup memory limit, caches dropped before each run (needs root)."""
     from .flash_store.planner import parse_size
     from .tools.bench_budget import run_budget_bench
@@ -303,7 +309,8 @@ def bench_budget(model, flash, budgets, n_gen, threads, ctx_size, timeout, plot,
         limits = [None if b.strip().lower() == "none" else parse_size(b) for b in budgets.split(",") if b.strip()]
     except ValueError as e:
         _fail(str(e))
-    run_budget_bench(_resolve_model(model), flash, limits, n_gen, threads, ctx_size, timeout, plot, as_json)
+    run_budget_bench(_resolve_model(model), flash, limits, n_gen, threads, ctx_size, timeout, plot, as_json,
+                     output_head)
 
 
 def main(argv=None) -> None:

@@ -2,7 +2,7 @@
 half-model budget, i.e. this process's runtime baseline (interpreter, libraries, tokenizer, KV cache, scratch)
 plus half of the model file. Prints one JSON line.
 
-    python -m tests.flash_budget_run MODEL.flash half|none N PROMPT...
+    python -m tests.flash_budget_run MODEL.flash half|none[+sketch] N PROMPT...   (+sketch: output_head="sketch")
 """
 
 import json
@@ -29,13 +29,15 @@ def half_model_budget(path: str, ctx: int) -> int:
 
 def main():
     path, mode, n, prompts = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+    mode, _, head = mode.partition("+")
     ctx = 512
     budget = half_model_budget(path, ctx) if mode == "half" else None
-    m = flashlm.load(path, threads=2, ctx_size=ctx, memory_budget=budget)
+    m = flashlm.load(path, threads=2, ctx_size=ctx, memory_budget=budget, output_head=head or "exact")
     tokens = [[r.token for r in m.stream(p, max_tokens=n, temperature=0.0) if r.token is not None] for p in prompts]
     plan = m._loaded.plan
     print(json.dumps({"budget": budget, "hot": plan.hot_neurons, "n_ff": plan.n_ff,
-                      "head_resident": plan.head_resident, "tokens": tokens,
+                      "head_resident": plan.head_resident, "head_resident_rows": plan.head_resident_rows,
+                      "head_rows": plan.head_rows, "tokens": tokens,
                       "peak_bytes": peak_rss_bytes()}))
 
 

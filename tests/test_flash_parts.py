@@ -62,7 +62,7 @@ def test_parse_size():
 def test_planner_streams_ffn_first_then_the_head_and_refuses_the_impossible():
     common = dict(baseline=80_000_000, attention_bytes=16_000_000, head_bytes=30_000_000, n_layers=30, n_ff=1536,
                   record_bytes=1344, kv_bytes_per_token=46_080, n_ctx=512, batch_size=512, n_heads=9,
-                  head_stream_bytes=11_000_000)
+                  head_stream_bytes=11_000_000, head_rows=50_000)
     full = plan_flash(budget=None, **common)
     assert full.hot_neurons == 1536 and full.head_resident
     roomy = plan_flash(budget=full.total_bytes, **common)
@@ -75,3 +75,10 @@ def test_planner_streams_ffn_first_then_the_head_and_refuses_the_impossible():
     assert not tight.head_resident and tight.total_bytes <= tight.budget_bytes
     with pytest.raises(BudgetError, match="smallest workable budget"):
         plan_flash(budget=90_000_000, **common)
+    # a head too big to stay whole next to a resident FFN: the FFN stays whole, part of the head stays too
+    big = dict(common, head_bytes=120_000_000, head_rows=200_000)
+    whole = plan_flash(budget=None, **big)
+    part = plan_flash(budget=whole.total_bytes - 80_000_000, **big)
+    assert part.hot_neurons == 1536 and 0 < part.head_resident_rows < 200_000 and not part.head_resident
+    assert part.head_resident_rows % 4096 == 0 and part.total_bytes <= part.budget_bytes
+    assert f"{part.head_resident_rows}/200000 output rows" in part.describe()

@@ -4,8 +4,11 @@ The budget caps the whole process (interpreter and libraries included). What is 
 pays, in order: the resident attention matrices (their GGUF bytes), the KV cache for the
 full context, activation scratch for a prompt batch, two I/O buffers for the streamed part of a layer's FFN (one
 being read while the other is computed), and then as many hot neurons per layer as fit, pinned in each layer's
-neuron cache. Streaming whole attention layers and the output matrix is not implemented yet: a budget that cannot
-hold them fails before loading, naming the smallest workable budget.
+neuron cache. If even a fully streamed FFN leaves no room for the output matrix, the output matrix streams too:
+its first rows stay resident as far as the budget allows (dense FFN and dense head: a resident byte of either
+saves one byte of reads per token, so the FFN's neurons, which need no per-token slicing, go first). Streaming
+whole attention layers is not implemented: a budget that cannot hold them fails before loading, naming the
+smallest workable budget.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ MB = 1_000_000
 # A flash store runs on the bundle kernel: attention and output matrices are held as their own GGUF bytes.
 SCRATCH_BYTES = 18 * MB  # activations, BLAS and OpenMP buffers, reader threads, Python objects (measured +15 MB)
 HOT_ALIGN = 64  # hot-set sizes are multiples of this, so cold ranges start on aligned record boundaries
+HEAD_ROW_ALIGN = 4096  # resident output rows: a multiple of this, so streamed reads start page-aligned
 
 
 def parse_size(text: str | int | None) -> int | None:
@@ -51,11 +55,16 @@ class FlashPlan:
     scratch_bytes: int
     io_buffer_bytes: int  # both buffers together
     hot_neurons: int  # per layer
-    head_resident: bool  # False: the output matrix is streamed from flash each token
+    head_resident_rows: int  # rows of the output matrix kept in memory; the rest stream from flash each token
+    head_rows: int
     n_ff: int
     n_layers: int
     record_bytes: int
     batch_size: int
+
+    @property
+    def head_resident(self) -> bool:
+        return self.head_resident_rows >= self.head_rows
 
     @property
     def cache_bytes(self) -> int:
@@ -74,8 +83,7 @@ class FlashPlan:
         mb = lambda n: f"{n / MB:.1f} MB"  # noqa: E731
         lines = [f"memory plan for a budget of {mb(self.budget_bytes) if self.budget_bytes else 'unlimited'}:",
                  f"  baseline (interpreter, libraries, tokenizer)  {mb(self.baseline_bytes)}",
-                 f"  {'resident attention + output matrix' if self.head_resident else 'resident attention':<46}"
-                 f"{mb(self.resident_bytes)}",
+                 f"  {'resident attention + ' + self._head_text():<46}{mb(self.resident_bytes)}",
                  f"  KV cache (full context)                       {mb(self.kv_bytes)}",
                  f"  {f'activation scratch (batch {self.batch_size})':<46}{mb(self.scratch_bytes)}",
                  f"  {f'FFN hot neurons {self.hot_neurons}/{self.n_ff} per layer':<46}{mb(self.cache_bytes)}",
@@ -83,14 +91,22 @@ class FlashPlan:
                  f"  total                                         {mb(self.total_bytes)}",
                  f"  streamed per token: {self.streamed_fraction:.0%} of the FFN "
                  f"({mb((self.n_ff - self.hot_neurons) * self.record_bytes * self.n_layers)})"
-                 + ("" if self.head_resident else " and the output matrix")]
+                 + ("" if self.head_resident else
+                    f" and {1 - self.head_resident_rows / self.head_rows:.0%} of the output matrix")]
         return "\n".join(lines)
+
+    def _head_text(self) -> str:
+        if self.head_resident:
+            return "output matrix"
+        return f"{self.head_resident_rows}/{self.head_rows} output rows"
 
 
 def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_bytes: int,
                n_layers: int, n_ff: int, record_bytes: int, kv_bytes_per_token: int, n_ctx: int, batch_size: int,
-               n_heads: int, head_stream_bytes: int, scorer_bytes: int = 0) -> FlashPlan:
+               n_heads: int, head_stream_bytes: int, head_rows: int, scorer_bytes: int = 0,
+               head_streamable: bool = True) -> FlashPlan:
     """FFN neurons stream first; only if even a fully streamed FFN does not fit, the output matrix streams too."""
+    head_row_bytes = head_bytes // head_rows
     kv = kv_bytes_per_token * n_ctx
     batch = batch_size
     if budget is not None:  # attention scores for a prompt batch are (heads, batch, context) floats
@@ -99,17 +115,19 @@ def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_
     scratch = SCRATCH_BYTES + batch * n_ctx * n_heads * 4
     attention = attention_bytes + scorer_bytes
 
-    def plan(hot: int, head_resident: bool) -> FlashPlan:
+    def plan(hot: int, head_resident: bool | int) -> FlashPlan:
+        """head_resident: True (all rows), False (none) or a number of resident rows."""
+        rows = head_rows if head_resident is True else int(head_resident)
         io = 0 if hot >= n_ff else 2 * ((n_ff - hot) * record_bytes + 2 * 4096)
-        resident = attention + (head_bytes if head_resident else head_stream_bytes)
-        return FlashPlan(budget, baseline, resident, kv, scratch, io, hot, head_resident, n_ff, n_layers,
+        resident = attention + rows * head_row_bytes + (0 if rows >= head_rows else head_stream_bytes)
+        return FlashPlan(budget, baseline, resident, kv, scratch, io, hot, rows, head_rows, n_ff, n_layers,
                          record_bytes, batch)
 
     if budget is None or plan(n_ff, True).total_bytes <= budget:
         return plan(n_ff, True)
     head_resident = plan(0, True).total_bytes <= budget
-    if not head_resident and plan(0, False).total_bytes > budget:
-        smallest = plan(0, False)
+    if not head_resident and (not head_streamable or plan(0, False).total_bytes > budget):
+        smallest = plan(0, not head_streamable)
         raise BudgetError(f"a memory budget of {budget / MB:.0f} MB cannot hold this model: the smallest workable "
                           f"budget is {smallest.total_bytes / MB:.0f} MB at a context of {n_ctx} tokens "
                           f"(baseline {baseline / MB:.0f} MB, resident {smallest.resident_bytes / MB:.0f} MB, "
@@ -118,4 +136,7 @@ def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_
     hot = min(n_ff, max(0, spare // (record_bytes * max(1, n_layers - 2))) // HOT_ALIGN * HOT_ALIGN)
     while hot > 0 and plan(hot, head_resident).total_bytes > budget:
         hot -= HOT_ALIGN
-    return plan(max(0, hot), head_resident)
+    if hot < n_ff or head_resident:
+        return plan(max(0, hot), head_resident)
+    rows = (budget - plan(n_ff, False).total_bytes) // head_row_bytes // HEAD_ROW_ALIGN * HEAD_ROW_ALIGN
+    return plan(n_ff, min(max(0, rows), head_rows - 1))

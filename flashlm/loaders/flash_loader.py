@@ -13,6 +13,7 @@ import numpy as np
 import psutil
 from gguf.constants import GGMLQuantizationType as QT
 
+from ..flash_store.head_sketch import SketchHead, sketch_bytes
 from ..flash_store.io_engine import FlashReader
 from ..flash_store.planner import FlashPlan, plan_flash
 from ..flash_store.predictor import resident_bytes_per_neuron
@@ -27,6 +28,7 @@ from .gguf_reader import GGUFFile
 from .weights import require, vector
 
 HEAD_SLICE_ROWS = 4096
+HEAD_STREAM_DEPTH = 4  # slices of a streamed output matrix in flight: one computed while the next ones are read
 KV_DTYPE = np.float16  # attention runs in numpy here: a half-size cache, as llama.cpp's default
 
 
@@ -43,15 +45,18 @@ def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: Loa
              baseline: int | None = None) -> FlashPlan:
     attention = sum(f.tensors[n].nbytes for i in range(args.n_layers) for n in _attention_names(family, i))
     info = output_matrix(f)
-    head_stream = 2 * (HEAD_SLICE_ROWS * (info.nbytes // info.shape[0]) + 2 * 4096)
+    head_bytes, head_rows = info.nbytes, info.shape[0]
+    if opts.output_head == "sketch":  # resident sketch + row cache instead of the matrix: nothing streams in bulk
+        head_bytes = sketch_bytes(info.shape[0], args.d_model, info.nbytes // info.shape[0])
+    head_stream = HEAD_STREAM_DEPTH * (HEAD_SLICE_ROWS * (info.nbytes // info.shape[0]) + 2 * 4096)
     kv_per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * np.dtype(KV_DTYPE).itemsize
     scorer = args.n_layers * args.n_ff * resident_bytes_per_neuron(store.layout, opts.sparsity_score) \
         if opts.sparsity else 0
     return plan_flash(budget=opts.memory_budget, baseline=baseline or psutil.Process().memory_info().rss,
-                      attention_bytes=attention, head_bytes=info.nbytes, n_layers=args.n_layers, n_ff=args.n_ff,
+                      attention_bytes=attention, head_bytes=head_bytes, n_layers=args.n_layers, n_ff=args.n_ff,
                       record_bytes=store.record_bytes, kv_bytes_per_token=kv_per_token, n_ctx=n_ctx,
                       batch_size=opts.batch_size, n_heads=args.n_heads, head_stream_bytes=head_stream,
-                      scorer_bytes=scorer)
+                      head_rows=head_rows, scorer_bytes=scorer, head_streamable=opts.output_head == "exact")
 
 
 def _row_matrix(f: GGUFFile, name: str, bias_name: str | None) -> RowMatrix:
@@ -91,8 +96,13 @@ def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: 
     reader = FlashReader(path, threads=opts.io_threads)
     info = output_matrix(f)
     norm = vector(f, family.TENSORS["output_norm"], args.d_model)
-    head = StreamedHead(reader, kernel, info.offset, info.shape[0], info.nbytes // info.shape[0], info.ggml_type,
-                        norm, args.norm_eps, plan.head_resident, HEAD_SLICE_ROWS)
+    if opts.output_head == "sketch":
+        head = SketchHead(reader, kernel, info.offset, info.shape[0], info.nbytes // info.shape[0], info.ggml_type,
+                          norm, args.norm_eps, args.d_model)
+    else:
+        head = StreamedHead(reader, kernel, info.offset, info.shape[0], info.nbytes // info.shape[0],
+                            info.ggml_type, norm, args.norm_eps, plan.head_resident_rows, HEAD_SLICE_ROWS,
+                            HEAD_STREAM_DEPTH)
     ffn = StreamedFFN(store, reader, plan, kernel, opts.sparsity, opts.sparsity_score)
     rope = family.rope_tables(f, args, n_ctx)
     kv = KVCache(args.n_layers, args.n_kv_heads, args.head_dim, n_ctx, KV_DTYPE)

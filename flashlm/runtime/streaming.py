@@ -200,47 +200,52 @@ class StreamedFFN:
 
 class StreamedHead:
     """The output matrix of a flash store, computed by the bundle kernel from its quantized rows: final RMSNorm,
-    then rows x normed hidden. `resident=True` keeps the rows in memory (read once at load); otherwise they are
-    read in slices each call, double-buffered, and multiplied as they arrive. Either way the arithmetic is the
-    same, so streaming the head does not change the logits."""
+    then rows x normed hidden. Its first `resident_rows` rows are read once at load; the rest are read each call
+    in slices, `depth` of them in flight, each multiplied as it arrives while the next ones are read (the resident
+    rows are computed while the first slices are on their way). Either way the arithmetic is the same, so
+    streaming the head does not change the logits."""
 
     def __init__(self, reader: FlashReader, kernel: BundleKernel, offset: int, n_rows: int, row_bytes: int, qtype,
-                 norm_weight: np.ndarray, eps: float, resident: bool, slice_rows: int = 4096):
+                 norm_weight: np.ndarray, eps: float, resident_rows: int | bool, slice_rows: int = 4096,
+                 depth: int = 2):
         self.reader, self.kernel, self.offset = reader, kernel, offset
         self.n_rows, self.row_bytes, self.qtype = n_rows, row_bytes, qtype
         self.norm_weight, self.eps = norm_weight.astype(np.float32), eps
-        self.bounds = list(range(0, n_rows, slice_rows)) + [n_rows]
+        r = n_rows if resident_rows is True else min(n_rows, int(resident_rows))
+        self.resident_rows = r
+        self.bounds = list(range(r, n_rows, slice_rows)) + [n_rows]
         self.io_wait_s = 0.0
-        self.resident = resident
-        if resident:
+        self.resident = r >= n_rows
+        self.rows = None
+        if r:
             before = reader.stats.snapshot()
-            self.rows = reader.read(offset, n_rows * row_bytes).result().reshape(n_rows, row_bytes)
+            self.rows = reader.read(offset, r * row_bytes).result().reshape(r, row_bytes)
             reader.stats = before  # load-time reads are not per-token traffic
-            self.buffers = []
-        else:
-            self.buffers = [aligned_buffer(slice_rows * row_bytes + 2 * ALIGN) for _ in range(2)]
+        n_slices = len(self.bounds) - 1
+        self.buffers = [aligned_buffer(slice_rows * row_bytes + 2 * ALIGN) for _ in range(min(depth, n_slices))]
 
     def _issue(self, k: int):
         lo, hi = self.bounds[k], self.bounds[k + 1]
-        return self.reader.read(self.offset + lo * self.row_bytes, (hi - lo) * self.row_bytes, self.buffers[k % 2])
+        buf = self.buffers[k % len(self.buffers)]
+        return self.reader.read(self.offset + lo * self.row_bytes, (hi - lo) * self.row_bytes, buf)
 
     def run(self, hidden: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
         """hidden (S, d), rows (R,) positions to produce, out (R, n_rows) float32."""
         h = hidden[rows].astype(np.float32)
         x = h / np.sqrt((h * h).mean(-1, keepdims=True) + self.eps) * self.norm_weight
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if self.resident:
-            rows_matvec(self.kernel, self.rows, self.qtype, x, out)
-            return
-        pending = self._issue(0)
-        for k in range(len(self.bounds) - 1):
+        n_slices = len(self.bounds) - 1
+        pending = [self._issue(k) for k in range(min(len(self.buffers), n_slices))]
+        if self.rows is not None:
+            rows_matvec(self.kernel, self.rows, self.qtype, x, out[:, :self.resident_rows])
+        for k in range(n_slices):
             lo, hi = self.bounds[k], self.bounds[k + 1]
             t = time.perf_counter()
-            data = pending.result().reshape(hi - lo, self.row_bytes)
+            data = pending[k].result().reshape(hi - lo, self.row_bytes)
             self.io_wait_s += time.perf_counter() - t
-            if k + 2 < len(self.bounds):
-                pending = self._issue(k + 1)
             rows_matvec(self.kernel, data, self.qtype, x, out[:, lo:hi])
+            if k + len(self.buffers) < n_slices:  # its buffer is free again
+                pending.append(self._issue(k + len(self.buffers)))
 
 
 @dataclass

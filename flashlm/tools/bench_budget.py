@@ -72,7 +72,8 @@ def run_limited(cmd: list[str], limit: int | None, timeout: float) -> dict:
                 time.sleep(0.1)
 
 
-def worker(engine: str, path: str, n_gen: int, threads: int, ctx: int, budget: int | None) -> dict:
+def worker(engine: str, path: str, n_gen: int, threads: int, ctx: int, budget: int | None,
+           output_head: str = "exact") -> dict:
     """Inside the cgroup: load, prompt, n_gen greedy tokens; prints decode tok/s."""
     import numpy as np
 
@@ -91,7 +92,7 @@ def worker(engine: str, path: str, n_gen: int, threads: int, ctx: int, budget: i
     else:
         import flashlm
 
-        m = flashlm.load(path, threads=threads, ctx_size=ctx, memory_budget=budget)
+        m = flashlm.load(path, threads=threads, ctx_size=ctx, memory_budget=budget, output_head=output_head)
         ids = m.tokenize(PROMPT)
         holder = {"logits": m.engine.prefill(ids)}
         logits = lambda: holder["logits"]  # noqa: E731
@@ -119,14 +120,14 @@ def worker(engine: str, path: str, n_gen: int, threads: int, ctx: int, budget: i
 
 
 def run_budget_bench(gguf: str, flash: str, budgets: list[int | None], n_gen: int, threads: int, ctx: int,
-                     timeout: float, plot: str | None, as_json: bool) -> dict:
+                     timeout: float, plot: str | None, as_json: bool, output_head: str = "exact") -> dict:
     rows = []
     for budget in budgets:
         row = {"budget": budget}
         for engine, path in (("llama.cpp", gguf), ("flashlm", flash)):
             drop_caches()
             cmd = [sys.executable, "-m", "flashlm.tools.bench_budget", engine, path, str(n_gen), str(threads),
-                   str(ctx), str(budget or 0)]
+                   str(ctx), str(budget or 0), output_head]
             try:
                 row[engine] = run_limited(cmd, budget, timeout)
             except subprocess.TimeoutExpired:
@@ -199,5 +200,5 @@ def _plot(rows: list[dict], path: str) -> None:
 
 
 if __name__ == "__main__":
-    engine, path, n_gen, threads, ctx, budget = sys.argv[1:7]
-    print(json.dumps(worker(engine, path, int(n_gen), int(threads), int(ctx), int(budget) or None)))
+    engine, path, n_gen, threads, ctx, budget, head = sys.argv[1:8]
+    print(json.dumps(worker(engine, path, int(n_gen), int(threads), int(ctx), int(budget) or None, head)))
