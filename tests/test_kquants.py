@@ -7,6 +7,8 @@ finite float16 scales are valid blocks, and exercise every bit of the packed 6-b
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 
 import numpy as np
@@ -100,12 +102,11 @@ def test_nbits_layout_dequantizes_like_gguf(qtype, source, request):
 @pytest.mark.parametrize("qtype,source", SOURCES)
 def test_matmulnbits_product(qtype, source, accuracy_level, tolerance, request, monkeypatch):
     """Level 0 (float32 compute) checks the layout tightly; level 4 (int8 activations per 32-block, the one
-    flashlm runs) within what that rounding costs (measured up to 1.5e-2 on Gemma's matrices)."""
+    flashlm runs for all but Q4_K) within what that rounding costs (measured up to 1.5e-2 on Gemma's matrices)."""
     raw, k = rows_of(qtype, source, request)
     ref_w = gguf.quants.dequantize(raw, qtype)
     x = np.random.default_rng(4).standard_normal((1, 3, k)).astype(np.float32)
-    monkeypatch.setattr(kernels, "ACCURACY_LEVEL", accuracy_level)
-    got = nbits_product(to_nbits(raw, qtype, k), x)
+    got = nbits_product(dataclasses.replace(to_nbits(raw, qtype, k), accuracy_level=accuracy_level), x)
     expected = x.astype(np.float64) @ ref_w.T.astype(np.float64)
     rel = np.abs(got - expected).max() / np.abs(expected).max()
     assert rel < tolerance, rel

@@ -3,7 +3,7 @@
 Measured on this machine (x[1,4096] @ W[4096,11008], MACHINE.md): onnxruntime MatMulNBits with prepacked constant
 4-bit weights and accuracy_level=4 (int8 activations, like llama.cpp's Q8 dot products) 0.65-1.0 ms; 8-bit ~1.5 ms;
 accuracy_level=0 ~2 ms; numpy float32 ~3.5 ms; a numba Q4 kernel 7-15 ms. So quantized weights go to MatMulNBits at
-level 4, float weights (rare: small F16/F32 matrices) to a float32 MatMul.
+level 4 (Q4_K at 0: formats.NBitsWeights.accuracy_level), float weights (rare: small F16/F32 matrices) to a float32 MatMul.
 """
 
 from __future__ import annotations
@@ -14,9 +14,6 @@ import numpy as np
 
 from ..runtime.onnx_graph import MS_DOMAIN, GraphBuilder
 from .formats import NBitsWeights
-
-ACCURACY_LEVEL = 4
-
 
 @dataclass(frozen=True)
 class Linear:
@@ -52,7 +49,7 @@ def emit_linear(gb: GraphBuilder, x: str, w: Linear, hint: str) -> str:
         if w.bias is not None:
             inputs += ["", "", gb.const(f"{hint}_bias", w.bias)]  # zero_points and g_idx stay default
         y = gb.op("MatMulNBits", inputs, domain=MS_DOMAIN, K=q.n_in, N=q.n_out, bits=q.bits,
-                  block_size=q.block_size, accuracy_level=ACCURACY_LEVEL)
+                  block_size=q.block_size, accuracy_level=q.accuracy_level)
         if q.offsets is not None:
             sums = _block_sums(gb, x, q.n_in, q.block_size)
             correction = gb.op("MatMul", [sums, gb.const(f"{hint}_offsets", q.offsets)])
