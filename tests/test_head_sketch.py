@@ -55,6 +55,8 @@ def test_sketch_head_candidates_are_exact_and_cache_evicts(gemma_flash):
     head = sketch.engine.executor.head_stream
     head.set_cache_rows(700)
     head.record = []
+    io = sketch.engine.executor.ffn.stats.io  # the live counters the CLI and the benchmarks report
+    before = io.snapshot()
     ids = exact.tokenize(PROMPTS[1])
     out_sketch = [sketch.engine.prefill(ids)]
     out_exact = [exact.engine.prefill(ids)]
@@ -63,6 +65,7 @@ def test_sketch_head_candidates_are_exact_and_cache_evicts(gemma_flash):
         out_exact.append(exact.engine.step(tok))
         out_sketch.append(sketch.engine.step(tok))
     assert head.rows_read > 700  # the cache turned over
+    assert io.since(before).bytes_read == head.rows_read * head.row_bytes  # every row read is in the stats
     for a, b, cand in zip(out_exact, out_sketch, head.record):
         np.testing.assert_allclose(b[0, cand], a[0, cand], rtol=1e-5, atol=1e-5)
         assert b[0].argmax() in cand and b[0].argmax() == a[0].argmax()

@@ -136,23 +136,14 @@ class SketchHead:
             s8 = np.maximum(np.abs(out).max(1), 1e-30) / 127
             self.q8[lo:hi] = np.round(out / s8[:, None])
             self.s8[lo:hi] = s8
-        self.reader.stats = before  # a one-time pass, not per-token traffic
+        self.reader.stats.restore(before)  # a one-time pass, not per-token traffic
 
     def _split(self, x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(np.concatenate([x[self.rest], x[self.outliers]]), dtype=np.float32)
 
     def _read_row(self, row: int, dest: np.ndarray) -> None:
-        """One row by positional read of the aligned pages around it (the reader's O_DIRECT descriptor)."""
-        pos = self.offset + row * self.row_bytes
-        start = pos // ALIGN * ALIGN
-        span = -(-(pos + self.row_bytes) // ALIGN) * ALIGN - start
-        view = memoryview(self._page)[:span]
-        n = os.preadv(self.reader.fd, [view], start)
-        if n < pos - start + self.row_bytes:
-            from ..errors import ModelFileError
-
-            raise ModelFileError(f"{self.reader.path}: short read of output row {row} at byte {pos}")
-        dest[:] = self._page[pos - start:pos - start + self.row_bytes]
+        """One row by positional read of the aligned pages around it, on this thread (counted in the I/O stats)."""
+        dest[:] = self.reader.read_now(self.offset + row * self.row_bytes, self.row_bytes, self._page)
 
     def _rows_for(self, cand: np.ndarray) -> np.ndarray:
         """Cache slots holding the candidates' rows, reading the missing ones (least recently used slots go)."""

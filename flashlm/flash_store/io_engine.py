@@ -41,6 +41,12 @@ class IOStats:
     def snapshot(self) -> "IOStats":
         return IOStats(self.bytes_read, self.bytes_transferred, self.reads, self.read_s, self.request_s)
 
+    def restore(self, before: "IOStats | None" = None) -> None:
+        """Set the counters back (to zero, or to a snapshot) in place: others hold this object as live counters."""
+        src = before or IOStats()
+        self.bytes_read, self.bytes_transferred, self.reads = src.bytes_read, src.bytes_transferred, src.reads
+        self.read_s, self.request_s = src.read_s, src.request_s
+
     def since(self, before: "IOStats") -> "IOStats":
         return IOStats(self.bytes_read - before.bytes_read, self.bytes_transferred - before.bytes_transferred,
                        self.reads - before.reads, self.read_s - before.read_s, self.request_s - before.request_s)
@@ -93,6 +99,21 @@ class FlashReader:
             self.stats.bytes_transferred += total
             self.stats.read_s += time.perf_counter() - t
         return total
+
+    def read_now(self, file_offset: int, nbytes: int, page_buf: np.ndarray) -> np.ndarray:
+        """A small read on the calling thread (no pool round trip), counted in the stats like any other: the aligned
+        pages around [file_offset, file_offset + nbytes) into page_buf; returns a view of exactly those bytes."""
+        start = file_offset // ALIGN * ALIGN
+        span = -(-(file_offset + nbytes) // ALIGN) * ALIGN - start
+        if file_offset < 0 or file_offset + nbytes > self.file_size or page_buf.nbytes < span:
+            raise ModelFileError(f"{self.path}: read of bytes {file_offset}..{file_offset + nbytes} is past the end "
+                                 f"of the file ({self.file_size} bytes; truncated?)")
+        t = time.perf_counter()
+        self._read_chunk(memoryview(page_buf)[:span], start)
+        with self._lock:
+            self.stats.bytes_read += nbytes
+            self.stats.request_s += time.perf_counter() - t
+        return page_buf[file_offset - start:file_offset - start + nbytes]
 
     def read(self, file_offset: int, nbytes: int, out: np.ndarray | None = None) -> Future:
         """Read [file_offset, file_offset + nbytes) in parallel chunks. The future's result is a uint8 view of

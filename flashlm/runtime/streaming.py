@@ -112,7 +112,7 @@ class StreamedFFN:
             if hot:
                 cache.insert(np.arange(hot), records[: hot * rb].reshape(hot, rb), step=0, pin=True)
             self.caches.append(cache)
-        self.reader.stats = IOStats()  # load-time reads are not per-token traffic
+        self.reader.stats.restore()  # load-time reads are not per-token traffic
         del scratch
         return gate_rows, up_rows
 
@@ -220,7 +220,7 @@ class StreamedHead:
         if r:
             before = reader.stats.snapshot()
             self.rows = reader.read(offset, r * row_bytes).result().reshape(r, row_bytes)
-            reader.stats = before  # load-time reads are not per-token traffic
+            reader.stats.restore(before)  # load-time reads are not per-token traffic
         n_slices = len(self.bounds) - 1
         self.buffers = [aligned_buffer(slice_rows * row_bytes + 2 * ALIGN) for _ in range(min(depth, n_slices))]
 
