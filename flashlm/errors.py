@@ -27,3 +27,7 @@ class ChatTemplateError(FlashLMError):
 
 class BudgetError(FlashLMError):
     """The memory budget cannot hold what the model needs resident (the message names the smallest workable one)."""
+
+
+class StorageError(ModelFileError):
+    """A read of the model file failed while running (I/O error, truncated while in use): names file and byte."""
