@@ -11,6 +11,7 @@ raises ModelFileError naming the problem instead of reading out of bounds or all
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import stat
@@ -107,10 +108,7 @@ class GGUFFile:
         self._buf = memoryview(self._mmap)
         try:
             self._parse()
-        except struct.error:
-            self.close()
-            raise ModelFileError(f"{self.path}: truncated GGUF (header runs past the end of the file)") from None
-        except Exception:
+        except BaseException:
             self.close()
             raise
 
@@ -141,88 +139,109 @@ class GGUFFile:
         if vtype == _STRING:
             return self._read_string(pos, what)
         if vtype == _ARRAY:
+            start = pos
             (itype, count), pos = self._read("<IQ", pos, what)
             if itype in _SCALAR_TYPES:
                 _, dtype = _SCALAR_TYPES[itype]
                 n = count * np.dtype(dtype).itemsize
-                self._need(pos, n, what)
+                self._need(pos, n, f"{what} ({count} items)")
                 return np.frombuffer(self._buf, dtype=dtype, count=count, offset=pos), pos + n
             if itype == _STRING:
-                start = pos
-                if count * 8 > self.file_size - pos:
-                    self._need(pos, count * 8, what)
+                items = pos
+                self._need(pos, count * 8, f"{what} ({count} strings)")  # each string takes >= 8 bytes
                 for _ in range(count):  # walk the lengths to find the end; strings are decoded lazily
                     (n,), pos = self._read("<Q", pos, what)
                     self._need(pos, n, what)
                     pos += n
-                return StringArray(self._buf, start, count), pos
-            raise ModelFileError(f"{self.path}: {what}: unsupported GGUF array item type {itype}")
-        raise ModelFileError(f"{self.path}: {what}: unknown GGUF value type {vtype}")
+                return StringArray(self._buf, items, count), pos
+            raise ModelFileError(f"{self.path}: {what} at byte {start}: unsupported GGUF array item type {itype}")
+        raise ModelFileError(f"{self.path}: {what} at byte {pos}: unknown GGUF value type {vtype}")
 
     def _parse(self) -> None:
         magic = bytes(self._buf[:4])
         if magic != GGUF_MAGIC:
-            raise ModelFileError(f"{self.path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+            raise ModelFileError(f"{self.path}: not a GGUF file (magic {magic!r} at byte 0, expected b'GGUF')")
         (version,), pos = self._read("<I", 4, "version")
         if version not in SUPPORTED_VERSIONS:
             if struct.unpack("<I", struct.pack(">I", version))[0] in SUPPORTED_VERSIONS:
-                raise ModelFileError(f"{self.path}: big-endian GGUF is not supported")
-            raise ModelFileError(f"{self.path}: unsupported GGUF version {version} (supported: 2, 3)")
+                raise ModelFileError(f"{self.path}: big-endian GGUF is not supported (version at byte 4)")
+            raise ModelFileError(f"{self.path}: unsupported GGUF version {version} at byte 4 (supported: 2, 3)")
         self.version = version
         (n_tensors, n_kv), pos = self._read("<QQ", pos, "header counts")
         # Each KV takes >= 13 bytes and each tensor info >= 28: bound the counts before looping on them.
         if n_kv * 13 > self.file_size or n_tensors * 28 > self.file_size:
-            raise ModelFileError(f"{self.path}: truncated or corrupt GGUF (header claims {n_kv} keys and "
-                                 f"{n_tensors} tensors in a {self.file_size}-byte file)")
+            raise ModelFileError(f"{self.path}: truncated or corrupt GGUF (header counts at byte 8 claim {n_kv} keys "
+                                 f"and {n_tensors} tensors in a {self.file_size}-byte file)")
         self.metadata: dict[str, object] = {}
         self.value_types: dict[str, tuple[int, int | None]] = {}  # key -> (GGUF value type, array item type)
+        self.key_offsets: dict[str, int] = {}  # key -> byte offset of its KV entry, for error messages
         for i in range(n_kv):
+            start = pos
             key, pos = self._read_string(pos, f"key #{i}")
             (vtype,), pos = self._read("<I", pos, f"type of {key!r}")
             item_type = struct.unpack_from("<I", self._buf, pos)[0] if vtype == _ARRAY and pos + 4 <= self.file_size \
                 else None
             value, pos = self._read_value(vtype, pos, f"value of {key!r}")
             if key in self.metadata:
-                raise ModelFileError(f"{self.path}: duplicate metadata key {key!r}")
+                raise ModelFileError(f"{self.path}: duplicate metadata key {key!r} at byte {start}")
             self.metadata[key] = value
             self.value_types[key] = (vtype, item_type)
+            self.key_offsets[key] = start
         alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-            raise ModelFileError(f"{self.path}: general.alignment {alignment!r} is not a power of two")
+        if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
+            raise ModelFileError(f"{self.path}: general.alignment {alignment!r}{self.where('general.alignment')} "
+                                 "is not a power of two")
         self.alignment = alignment
         infos = []
         for i in range(n_tensors):
+            start = pos
             name, pos = self._read_string(pos, f"tensor #{i} name")
             (n_dims,), pos = self._read("<I", pos, f"tensor {name!r} n_dims")
             if not 1 <= n_dims <= GGML_MAX_DIMS:
-                raise ModelFileError(f"{self.path}: tensor {name!r} has {n_dims} dimensions (max {GGML_MAX_DIMS})")
+                raise ModelFileError(f"{self.path}: tensor {name!r} (info at byte {start}) has {n_dims} dimensions "
+                                     f"(max {GGML_MAX_DIMS})")
             ne, pos = self._read(f"<{n_dims}Q", pos, f"tensor {name!r} dims")
             (type_id, offset), pos = self._read("<IQ", pos, f"tensor {name!r} type/offset")
-            infos.append((name, ne, type_id, offset))
+            infos.append((name, ne, type_id, offset, start))
         self.data_offset = -(-pos // alignment) * alignment
         self.tensors: dict[str, TensorInfo] = {}
-        for name, ne, type_id, offset in infos:
-            self.tensors[name] = self._tensor_info(name, ne, type_id, offset)
+        for name, ne, type_id, offset, start in infos:
+            self.tensors[name] = self._tensor_info(name, ne, type_id, offset, start)
+        self._check_overlaps()
 
-    def _tensor_info(self, name: str, ne: tuple[int, ...], type_id: int, offset: int) -> TensorInfo:
+    def where(self, key: str) -> str:
+        """' (metadata at byte N)' for a key of the file, '' for an absent one: for error messages."""
+        return f" (metadata at byte {self.key_offsets[key]})" if key in self.key_offsets else ""
+
+    def _tensor_info(self, name: str, ne: tuple[int, ...], type_id: int, offset: int, at: int) -> TensorInfo:
+        where = f"tensor {name!r} (info at byte {at})"
         if name in self.tensors:
-            raise ModelFileError(f"{self.path}: duplicate tensor name {name!r}")
+            raise ModelFileError(f"{self.path}: duplicate {where}")
         try:
             qtype = GGMLQuantizationType(type_id)
         except ValueError:
-            raise ModelFileError(f"{self.path}: tensor {name!r} has unknown type id {type_id}") from None
+            raise ModelFileError(f"{self.path}: {where} has unknown type id {type_id}") from None
         block, type_size = GGML_QUANT_SIZES[qtype]
         if any(d <= 0 for d in ne) or ne[0] % block:
-            raise ModelFileError(f"{self.path}: tensor {name!r} has bad dims {list(ne)} for {qtype.name}")
+            raise ModelFileError(f"{self.path}: {where} has bad dims {list(ne)} for {qtype.name}")
         if offset % self.alignment:
-            raise ModelFileError(f"{self.path}: tensor {name!r} offset {offset} is not {self.alignment}-aligned")
-        n_elems = int(np.prod(ne, dtype=np.float64))
+            raise ModelFileError(f"{self.path}: {where}: data offset {offset} is not {self.alignment}-aligned")
+        n_elems = math.prod(ne)
         nbytes = n_elems // block * type_size
         start = self.data_offset + offset
         if start + nbytes > self.file_size:
-            raise ModelFileError(f"{self.path}: truncated GGUF (tensor {name!r} ends at byte {start + nbytes}, "
+            raise ModelFileError(f"{self.path}: truncated GGUF ({where} runs from byte {start} to {start + nbytes}, "
                                  f"file has {self.file_size})")
         return TensorInfo(name, qtype, tuple(int(d) for d in reversed(ne)), start, nbytes)
+
+    def _check_overlaps(self) -> None:
+        end, prev = self.data_offset, None
+        for t in sorted(self.tensors.values(), key=lambda t: t.offset):
+            if t.offset < end and t.nbytes:
+                raise ModelFileError(f"{self.path}: tensor {t.name!r} (data at byte {t.offset}) overlaps "
+                                     f"tensor {prev!r} (ends at byte {end})")
+            if t.nbytes:
+                end, prev = t.offset + t.nbytes, t.name
 
     # -- access ----------------------------------------------------------------------------------------
     def tensor_bytes(self, name: str) -> np.ndarray:

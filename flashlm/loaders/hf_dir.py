@@ -13,6 +13,7 @@ import json
 import math
 import os
 import struct
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,10 @@ INDEX_FILE = "model.safetensors.index.json"
 # safetensors dtype -> numpy dtype the safetensors package returns; BF16 is widened by hand (see _read_bf16).
 FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None}
 _MISSING = object()
+# Bounds on config integers: above them a value is corrupt, not a model (the widest vocabularies are ~256k, the
+# deepest models ~128 layers); they keep loops over layers and shape products finite on a hostile config.json.
+MAX_DIMENSION = 1 << 24
+MAX_LAYERS = 4096
 
 
 def _read_json(path: str) -> object:
@@ -37,6 +42,10 @@ def _read_json(path: str) -> object:
             return json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFileError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ModelFileError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # json's int() of a number too long to convert (sys.get_int_max_str_digits)
+        raise ModelFileError(f"{path}: not valid JSON ({str(e).split(';')[0]})") from None
 
 
 class ConfigReader:
@@ -52,16 +61,17 @@ class ConfigReader:
             raise ModelFileError(f"{self.path}: missing key {key!r}")
         return default
 
-    def int(self, key: str, default=_MISSING, minimum: int = 1) -> int:
+    def int(self, key: str, default=_MISSING, minimum: int = 1, maximum: int = MAX_DIMENSION) -> int:
         value = self.raw(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ModelFileError(f"{self.path}: {key} = {value!r} is not an integer >= {minimum}")
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            raise ModelFileError(f"{self.path}: {key} = {value!r:.40} is not an integer in [{minimum}, {maximum}]")
         return value
 
     def float(self, key: str, default=_MISSING) -> float:
         value = self.raw(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ModelFileError(f"{self.path}: {key} = {value!r} is not a finite number")
+        # abs() <= max float: false for nan and inf, and for ints too large to be a float (no OverflowError)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= sys.float_info.max:
+            raise ModelFileError(f"{self.path}: {key} = {value!r:.40} is not a finite number")
         return float(value)
 
     def bool(self, key: str, default=_MISSING) -> bool:
@@ -90,10 +100,10 @@ def _safetensors_header(path: str) -> tuple[dict, int]:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > os.path.getsize(path) - 8:
-                raise ModelFileError(f"{path}: safetensors header length {n} runs past the end of the file")
+                raise ModelFileError(f"{path}: safetensors header length {n} (byte 0) runs past the end of the file")
             header = json.loads(f.read(n))
-    except (OSError, struct.error, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFileError(f"{path}: not a safetensors file ({e})") from None
+    except (OSError, struct.error, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ModelFileError(f"{path}: not a safetensors file (header at byte 8: {str(e)[:80]})") from None
     if not isinstance(header, dict):
         raise ModelFileError(f"{path}: safetensors header is not a JSON object")
     return header, 8 + n

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UnsupportedModelError
-from .hf_dir import ConfigReader
+from .hf_dir import MAX_LAYERS, ConfigReader
 
 # HF tensor name -> GGUF tensor name, shared by the Llama-shaped families ({i}: the layer).
 LLAMA_GLOBAL_TENSORS = {
@@ -149,7 +149,7 @@ class HFArgs:
         if cfg.raw("sliding_window", None) is not None and cfg.raw("use_sliding_window", True):
             window = cfg.int("sliding_window")
         args = cls(
-            n_layers=cfg.int("num_hidden_layers"), d_model=d_model, n_ff=cfg.int("intermediate_size"),
+            n_layers=cfg.int("num_hidden_layers", maximum=MAX_LAYERS), d_model=d_model, n_ff=cfg.int("intermediate_size"),
             n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=cfg.int("head_dim", d_model // n_heads),
             vocab_size=cfg.int("vocab_size"), n_ctx_train=cfg.int("max_position_embeddings"),
             norm_eps=cfg.float("rms_norm_eps"), rope_base=float(rope["rope_theta"]), rope=rope,
@@ -169,17 +169,26 @@ def rope_parameters(cfg: ConfigReader) -> dict:
     if not isinstance(params, dict):
         raise UnsupportedModelError(f"{cfg.path}: rope_parameters is not a JSON object")
     local = params.get("sliding_attention")
-    params = dict(params.get("full_attention", params))
+    params = params.get("full_attention", params)
+    if not isinstance(params, dict):
+        raise UnsupportedModelError(f"{cfg.path}: rope_parameters.full_attention is not a JSON object")
+    params = dict(params)
     if isinstance(local, dict) and "rope_theta" in local:
-        params["local_theta"] = float(local["rope_theta"])
+        params["local_theta"] = _positive(cfg, "rope_parameters.sliding_attention.rope_theta", local["rope_theta"])
     elif cfg.raw("rope_local_base_freq", None) is not None:
         params["local_theta"] = cfg.float("rope_local_base_freq")
     params["rope_type"] = params.get("rope_type", params.get("type", "default"))
-    theta = params.get("rope_theta", cfg.raw("rope_theta", 10000.0))
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
-        raise UnsupportedModelError(f"{cfg.path}: rope_theta = {theta!r} is not a positive number")
-    params["rope_theta"] = float(theta)
+    params["rope_theta"] = _positive(cfg, "rope_theta", params.get("rope_theta", cfg.raw("rope_theta", 10000.0)))
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if key in params:  # read by metadata() and llama3_rope_factors() when converting
+            params[key] = _positive(cfg, f"rope_parameters.{key}", params[key])
     return params
+
+
+def _positive(cfg: ConfigReader, key: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1e300:
+        raise UnsupportedModelError(f"{cfg.path}: {key} = {value!r:.40} is not a positive number")
+    return float(value)
 
 
 def metadata(args: HFArgs, arch: str) -> list[tuple[str, str, object]]:
