@@ -1,7 +1,10 @@
 """The `flashlm` command line (click). Flag letters follow llama.cpp's tools.
 
-Every FlashLMError (and bad flags) ends as one line on stderr, `flashlm: error: ...`, with exit status 2; --verbose
-shows the traceback instead.
+Every user error ends as one line on stderr, `flashlm: error: ...`, never a traceback (--verbose shows it): exit
+status 2 for usage errors (bad flags or option values, an impossible memory budget, a prompt longer than the
+context, an output that exists without --force), 1 for runtime failures (a missing, malformed or unsupported model
+or input file, failing storage, a template that does not render, out of memory). With --json, stdout gets one JSON
+document on success and nothing on failure.
 """
 
 from __future__ import annotations
@@ -16,9 +19,19 @@ from .options import GenerationOptions, LoadOptions, SamplingOptions
 _G, _S, _L = GenerationOptions(), SamplingOptions(), LoadOptions()
 
 
-def _fail(message: str) -> None:
+EXIT_RUNTIME, EXIT_USAGE = 1, 2
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
     click.echo(f"flashlm: error: {message}", err=True)
-    sys.exit(2)
+    sys.exit(code)
+
+
+def _exit_code(e: Exception) -> int:
+    from .errors import BudgetError, ContextLengthError, InvalidOptionError
+
+    usage = (InvalidOptionError, BudgetError, ContextLengthError)  # fixed by changing the flags or the prompt
+    return EXIT_USAGE if isinstance(e, usage) else EXIT_RUNTIME
 
 
 def _peak_mib() -> float:
@@ -149,7 +162,9 @@ def cli():
 @click.option("-p", "--prompt", type=str, default=None, help="Prompt text.")
 @click.option("-f", "--file", "prompt_file", type=click.Path(dir_okay=False), default=None,
               help="Read the prompt from a file.")
-def generate(prompt, prompt_file, **kw):
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object at the end (text, tokens, finish reason, timings) instead of streaming.")
+def generate(prompt, prompt_file, as_json, **kw):
     """Generate a continuation of a prompt, streaming it to stdout; stats go to stderr."""
     if prompt is None and prompt_file is None:
         _fail("give a prompt with -p TEXT or -f FILE")
@@ -158,9 +173,12 @@ def generate(prompt, prompt_file, **kw):
             with open(prompt_file, encoding="utf-8") as fh:
                 prompt = (prompt or "") + fh.read()
         except (OSError, UnicodeDecodeError) as e:
-            _fail(f"{prompt_file}: cannot read prompt file ({getattr(e, 'strerror', None) or e})")
+            _fail(f"{prompt_file}: cannot read prompt file ({getattr(e, 'strerror', None) or e})", EXIT_RUNTIME)
     opts = _gen_options(kw)
     m = _load(kw)
+    if as_json:
+        _generate_json(m, prompt, opts)
+        return
     timings = None
     try:
         for r in m.stream(prompt, opts):
@@ -172,6 +190,27 @@ def generate(prompt, prompt_file, **kw):
     click.echo()
     if timings is not None:
         _print_stats(m, timings)
+
+
+def _generate_json(m, prompt: str, opts: GenerationOptions) -> None:
+    """Everything is collected first: a failure part-way prints nothing to stdout (main() reports it on stderr)."""
+    import dataclasses
+    import json
+
+    text, tokens, last = [], [], None
+    for r in m.stream(prompt, opts):
+        text.append(r.text)
+        if r.token is not None:
+            tokens.append(r.token)
+        last = r
+    t = last.timings
+    timings = {"prompt_tokens": t.prompt_tokens, "prompt_ms": t.prompt_ms, "eval_tokens": t.eval_tokens,
+               "eval_ms": t.eval_ms, "cached_tokens": t.cached_tokens, "prompt_tps": t.prompt_tps,
+               "eval_tps": t.eval_tps, "load_ms": m.load_ms, "peak_memory_mib": _peak_mib()}
+    if t.flash is not None:
+        timings["flash"] = dataclasses.asdict(t.flash)
+    click.echo(json.dumps({"text": "".join(text), "tokens": tokens, "finish_reason": last.finish_reason,
+                           "timings": timings}))
 
 
 @cli.command()
@@ -277,7 +316,7 @@ def perplexity(text_file, chunks, **kw):
         with open(text_file, encoding="utf-8") as fh:
             text = fh.read()
     except (OSError, UnicodeDecodeError) as e:
-        _fail(f"{text_file}: cannot read ({getattr(e, 'strerror', None) or e})")
+        _fail(f"{text_file}: cannot read ({getattr(e, 'strerror', None) or e})", EXIT_RUNTIME)
     n_ctx = kw["ctx_size"] if kw["ctx_size"] else 512
     kw = {**kw, "ctx_size": n_ctx}
     m = _load(kw)
@@ -330,9 +369,21 @@ def main(argv=None) -> None:
     except FlashLMError as e:
         if verbose:
             raise
-        _fail(str(e))
+        _fail(str(e), _exit_code(e))
     except BrokenPipeError:
         sys.exit(0)
+    except KeyboardInterrupt:
+        click.echo("", err=True)
+        sys.exit(130)
+    except MemoryError:
+        if verbose:
+            raise
+        _fail("out of memory (a --memory-budget makes flashlm stream what does not fit)", EXIT_RUNTIME)
+    except OSError as e:  # e.g. an output path that cannot be written
+        if verbose:
+            raise
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        _fail(f"{where}{e.strerror or e}", EXIT_RUNTIME)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Bad input: a one-line error naming the problem (and the file), exit status 2, a typed exception in the API."""
+"""Bad input: a one-line error naming the problem (and the file), exit status 2 for usage errors and 1 for bad files,
+a typed exception in the API."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
                           timeout=300)
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode == 2, proc
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str, code: int = 2) -> None:
+    assert proc.returncode == code, proc
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("flashlm: error: ")
@@ -70,12 +71,12 @@ def test_api_raises_typed_error(bad_files, key, exc, words):
 
 
 @pytest.mark.parametrize("key,exc,words", CASES)
-def test_cli_one_line_exit_2(bad_files, key, exc, words):
-    assert_one_line_error(run_cli("generate", "-m", bad_files[key], "-p", "hi", "-n", "4"), *words)
+def test_cli_one_line_exit_1(bad_files, key, exc, words):
+    assert_one_line_error(run_cli("generate", "-m", bad_files[key], "-p", "hi", "-n", "4"), *words, code=1)
 
 
 def test_info_rejects_bad_file_too(bad_files):
-    assert_one_line_error(run_cli("info", bad_files["truncated"]), "truncated")
+    assert_one_line_error(run_cli("info", bad_files["truncated"]), "truncated", code=1)
 
 
 def test_verbose_shows_traceback(bad_files):
@@ -120,7 +121,8 @@ def test_invalid_load_options_api(smollm_path):
 
 
 def test_missing_prompt_file(smollm_path, tmp_path):
-    assert_one_line_error(run_cli("generate", "-m", smollm_path, "-f", str(tmp_path / "absent.txt")), "absent.txt")
+    assert_one_line_error(run_cli("generate", "-m", smollm_path, "-f", str(tmp_path / "absent.txt")), "absent.txt",
+                          code=1)
 
 
 def test_reader_rejects_hostile_counts(tmp_path):

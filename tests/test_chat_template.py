@@ -37,3 +37,29 @@ def test_bad_messages_and_templates():
         ChatTemplate("{% for %}")
     with pytest.raises(ChatTemplateError, match="nope"):
         ChatTemplate("{{ raise_exception('nope') }}").render([{"role": "user", "content": "x"}])
+
+
+HOSTILE = [  # (template, words the error must contain): templates are code from a downloaded file
+    ('{{ "".__class__ }}', ["__class__", "unsafe"]),
+    ('{{ "".__class__.__mro__[1].__subclasses__() }}', ["__class__", "unsafe"]),
+    ("{{ messages.__class__.__base__ }}", ["__class__", "unsafe"]),
+    ("{{ cycler.__init__.__globals__ }}", ["__init__", "unsafe"]),
+    ("{{ raise_exception.__globals__['__builtins__'] }}", ["__globals__", "unsafe"]),
+    ("{% set x = messages.append(1) %}", ["append"]),  # immutable sandbox: no mutating the caller's list
+    ("{{ range(10**9) | list }}", ["Range too big"]),
+    ("{{ 1 / 0 }}", ["ZeroDivisionError"]),
+    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", ["RecursionError"]),
+    ("{% for i in range(99999) %}{% for j in range(99999) %}{{ 'x' * 64 }}{% endfor %}{% endfor %}",
+     ["more than"]),
+]
+
+
+@pytest.mark.parametrize("source,words", HOSTILE)
+def test_hostile_templates_fail_with_a_clear_error(source, words):
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ChatTemplateError) as info:
+        ChatTemplate(source).render(messages)
+    assert "chat template" in str(info.value) and "\n" not in str(info.value)
+    for w in words:
+        assert w in str(info.value), str(info.value)
+    assert messages == [{"role": "user", "content": "hi"}]

@@ -133,7 +133,7 @@ def test_corrupt_and_truncated_stores_fail_clearly(flash_path, tmp_path):
         dst.write(src.read(size - 5_000_000))
     with pytest.raises(ModelFileError, match="truncated"):
         flashlm.load(str(truncated), ctx_size=256)
-    assert_one_line_error(run_cli("generate", "-m", str(truncated), "-p", "hi"), "truncated")
+    assert_one_line_error(run_cli("generate", "-m", str(truncated), "-p", "hi"), "truncated", code=1)
 
 
 def test_infeasible_budget_fails_before_loading(flash_path):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import gguf
 
-from ..errors import FlashLMError, UnsupportedModelError
+from ..errors import InvalidOptionError, UnsupportedModelError
 from ..loaders.gguf_reader import GGUFFile, StringArray
 from ..loaders.model_loader import read_model
 from ..quant.formats import codec_for, dequantize
@@ -92,9 +92,9 @@ def _progress(done: int, total: int, what: str) -> None:
 def convert(src: str, dst: str, calibration_text: str | None = None, force: bool = False,
             calibration: Calibration | None = None) -> ConvertReport:
     if os.path.exists(dst) and not force:
-        raise FlashLMError(f"{dst}: already exists (use --force to overwrite)")
+        raise InvalidOptionError(f"{dst}: already exists (use --force to overwrite)")
     if os.path.isdir(dst):
-        raise FlashLMError(f"{dst}: is a directory")
+        raise InvalidOptionError(f"{dst}: is a directory")
     f, family, args = read_model(src)
     try:
         if any(_ffn_name(i, k) not in f.tensors for i in range(args.n_layers) for k in fmt.FFN_KEYS):

@@ -3,16 +3,35 @@
 Rendering follows Hugging Face transformers' apply_chat_template: a sandboxed environment with trim_blocks and
 lstrip_blocks, `raise_exception`, `strftime_now`, and bos_token / eos_token from the vocabulary. Multi-turn reuse of
 the KV cache needs nothing here: the Engine reuses whatever prefix the new rendering shares with the cache.
+
+A template is untrusted code from a downloaded file: it runs in jinja2's immutable sandbox, where reaching for a
+Python internal (`__class__`, `__globals__`, ...) raises at once (jinja2 would otherwise render it as an empty
+string), ranges are capped by the sandbox, and the rendered text is capped at RENDER_LIMIT_CHARS and RENDER_LIMIT_S
+(checked as output is produced: a loop that never outputs is not bounded).
 """
 
 from __future__ import annotations
 
 import datetime
+import time
 from typing import Any
 
 from ..errors import ChatTemplateError, InvalidOptionError
 
 ROLES = ("system", "user", "assistant", "tool")
+RENDER_LIMIT_CHARS = 4 << 20  # far beyond any context a prompt can fill
+RENDER_LIMIT_S = 10.0
+
+
+def _sandbox():
+    from jinja2.exceptions import SecurityError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class StrictSandbox(ImmutableSandboxedEnvironment):
+        def unsafe_undefined(self, obj, attribute):
+            raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+    return StrictSandbox(trim_blocks=True, lstrip_blocks=True)
 
 
 def validate_messages(messages: Any) -> list[dict]:
@@ -31,7 +50,6 @@ class ChatTemplate:
         if not source:
             raise ChatTemplateError("the model has no chat template (tokenizer.chat_template is missing)")
         from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
             raise ChatTemplateError(f"chat template: {message}")
@@ -39,19 +57,30 @@ class ChatTemplate:
         def strftime_now(fmt):
             return datetime.datetime.now().strftime(fmt)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = _sandbox()
         env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
         try:
             self._template = env.from_string(source)
-        except TemplateError as e:
+        except (TemplateError, RecursionError, MemoryError) as e:
             raise ChatTemplateError(f"the model's chat template does not parse: {e}") from None
         self._template_error = TemplateError
         self.bos_token, self.eos_token = bos_token, eos_token
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         messages = validate_messages(messages)
+        out, size, deadline = [], 0, time.monotonic() + RENDER_LIMIT_S
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token, eos_token=self.eos_token)
-        except self._template_error as e:
-            raise ChatTemplateError(f"the model's chat template failed to render: {e}") from None
+            for piece in self._template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                 bos_token=self.bos_token, eos_token=self.eos_token):
+                out.append(piece)
+                size += len(piece)
+                if size > RENDER_LIMIT_CHARS or time.monotonic() > deadline:
+                    raise ChatTemplateError(f"the model's chat template produced more than {RENDER_LIMIT_CHARS} "
+                                            f"characters or ran over {RENDER_LIMIT_S:.0f} s")
+        except ChatTemplateError:
+            raise
+        except (self._template_error, ArithmeticError, RecursionError, MemoryError, TypeError, ValueError,
+                AttributeError, IndexError, KeyError) as e:  # raised by template code on its own data
+            raise ChatTemplateError(f"the model's chat template failed to render: {type(e).__name__}: {e}") \
+                from None
+        return "".join(out)

@@ -24,7 +24,7 @@ import gguf
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT, LlamaFileType
 
-from ..errors import FlashLMError, InvalidOptionError, ModelFileError, UnsupportedModelError
+from ..errors import InvalidOptionError, ModelFileError, UnsupportedModelError
 from ..loaders import hf_families as fam
 from ..loaders.hf_dir import FLOAT_DTYPES, HFModelDir, TOKENIZER_FILE
 
@@ -231,9 +231,9 @@ def write_gguf(src_dir: str, dst: str, quant: str = DEFAULT_QUANT, force: bool =
     if quant not in QUANT_TYPES:
         raise InvalidOptionError(f"--quant must be one of {', '.join(QUANT_TYPES)}, got {quant!r}")
     if os.path.isdir(dst):
-        raise FlashLMError(f"{dst}: is a directory")
+        raise InvalidOptionError(f"{dst}: is a directory")
     if os.path.exists(dst) and not force:
-        raise FlashLMError(f"{dst}: already exists (use --force to overwrite)")
+        raise InvalidOptionError(f"{dst}: already exists (use --force to overwrite)")
     hf = HFModelDir(src_dir)
     family = fam.family_for_config(hf.cfg)
     args = fam.HFArgs.from_config(hf.cfg, family)
@@ -291,7 +291,7 @@ def convert(src_dir: str, dst: str, quant: str = DEFAULT_QUANT, force: bool = Fa
     from ..flash_store import writer
 
     if os.path.exists(dst) and not force:
-        raise FlashLMError(f"{dst}: already exists (use --force to overwrite)")
+        raise InvalidOptionError(f"{dst}: already exists (use --force to overwrite)")
     tmp_gguf = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.src-{os.getpid()}.gguf")
     try:
         report = write_gguf(src_dir, tmp_gguf, quant, force=True)
