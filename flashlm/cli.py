@@ -274,6 +274,25 @@ def convert(model, output, quant, calibration_text, no_calibration, force, verbo
                f"to Q8_0 with {r.down_rel_rms_error:.2%} relative RMS error; calibrated on {r.calibration}")
 
 
+@cli.command()
+@click.argument("file")
+@click.option("--verbose", is_flag=True, help="Show tracebacks.")
+def verify(file, verbose):
+    """Check every section of a .flash file against its checksum (header and metadata, resident tensors, each
+    layer's FFN bundle) and every padding byte, reading in 1 MiB chunks; exit status 1 on corruption."""
+    from .flash_store.reader import verify_store
+
+    sections = verify_store(file)
+    for s in sections:
+        state = "OK " if s.ok else "BAD"
+        click.echo(f"{state} {s.name:<28} bytes {s.start}-{s.end}" + (f": {s.detail}" if s.detail else ""))
+    bad = [s for s in sections if not s.ok]
+    if bad:
+        _fail(f"{file}: {len(bad)} corrupt section(s), first: {bad[0].name}, bytes {bad[0].start}-{bad[0].end}: "
+              f"{bad[0].detail}", EXIT_RUNTIME)
+    click.echo(f"{file}: all {len(sections)} sections verified")
+
+
 @cli.command("probe-disk")
 @click.argument("path")
 @click.option("--seconds", type=float, default=0.5, show_default=True, help="Time per measurement.")

@@ -8,7 +8,9 @@
   - neurons of each layer ordered hot first by activation frequency on calibration text, so a hot set is one
     contiguous range; `flashlm.layer.{i}.neuron_order` maps stored position -> original neuron index;
   - records padded to RECORD_ALIGN bytes, tensor data aligned to DATA_ALIGN (general.alignment) for direct I/O;
-  - a CRC32 per section (the resident tensors, and each layer's bundle) under flashlm.*;
+  - a CRC32 per section: the resident tensors and each layer's bundle under flashlm.* keys, and the header (bytes 0
+    to the start of the tensor data: magic, counts, every metadata KV, every tensor info, the padding) in the last
+    tensor, HEADER_CRC_TENSOR, since a key could not hold a checksum of the bytes it sits in; padding is zeros;
   - all source metadata (architecture, tokenizer, chat template) carried over, so the file is self-contained.
 """
 
@@ -29,6 +31,8 @@ KEY_SOURCE = "flashlm.source"
 KEY_CALIBRATION = "flashlm.calibration"
 KEY_RESIDENT_CRC = "flashlm.checksum.resident"
 FFN_KEYS = ("ffn_gate", "ffn_up", "ffn_down")
+HEADER_CRC_TENSOR = "flashlm.checksum.header"  # (1,) I32: CRC32 of bytes [0, data offset); absent in older files
+HEADER_CRC_TYPE = QT.I32
 
 
 def bundle_name(i: int) -> str:

@@ -1,4 +1,12 @@
-"""Opening a .flash file: the GGUF container plus the flashlm.* layout, validated before anything is read from it."""
+"""Opening a .flash file: the GGUF container plus the flashlm.* layout, validated before anything is read from it.
+
+Integrity (every section has a CRC32, format.py): on load, FlashStore checks the header checksum (magic, metadata,
+tensor infos), the resident tensors' checksum and the file's length against its layout; the streaming FFN then
+reads every layer's bundle once at load and checks it (runtime/streaming.py, check_layer) before generation
+starts. Later per-token reads of the same records are not re-checked (a CRC per read would cost a pass over every
+streamed byte); `flashlm verify FILE` (verify_file) checks every section and every padding byte with bounded
+memory and names the failing section and its byte range.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,7 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 from ..errors import ModelFileError
 from ..loaders.gguf_reader import GGUFFile
@@ -25,69 +34,237 @@ class LayerBundle:
     crc32: int
 
 
+@dataclass(frozen=True)
+class Section:
+    """One checksummed (or zero-filled) byte range of the file, as `flashlm verify` reports it."""
+
+    name: str
+    start: int
+    end: int
+    ok: bool
+    detail: str = ""
+
+
 VERIFY_CHUNK = 1 << 20
 
 
+def crc_of_range(fd: int, start: int, end: int, crc: int = 0, path: str = "") -> int:
+    """CRC32 of bytes [start, end) of an open file, read in VERIFY_CHUNK pieces with pread (bounded memory, and
+    through no mapping: the pages would count in this process's RSS)."""
+    for pos in range(start, end, VERIFY_CHUNK):
+        n = min(VERIFY_CHUNK, end - pos)
+        chunk = os.pread(fd, n, pos)
+        if len(chunk) != n:
+            raise ModelFileError(f"{path}: truncated: bytes {pos}-{pos + n} are past the end of the file")
+        crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _first_nonzero(fd: int, start: int, end: int) -> int | None:
+    for pos in range(start, end, VERIFY_CHUNK):
+        chunk = os.pread(fd, min(VERIFY_CHUNK, end - pos), pos)
+        nz = np.flatnonzero(np.frombuffer(chunk, np.uint8))
+        if len(nz):
+            return pos + int(nz[0])
+        if not chunk:
+            return None
+    return None
+
+
 class FlashStore:
-    """Layout of a .flash file opened as `f` (a GGUFFile). Checks versions, shapes, permutations and checksums."""
+    """Layout of a .flash file opened as `f` (a GGUFFile). Checks versions, shapes, permutations, the file's length
+    and (verify=True) the header and resident checksums."""
 
     def __init__(self, f: GGUFFile, n_layers: int, n_ff: int, d_model: int, verify: bool = True):
         self.file = f
         version = f.get(fmt.KEY_VERSION)
-        if version != fmt.FORMAT_VERSION:
-            raise ModelFileError(f"{f.path}: flash store version {version} is not supported "
-                                 f"(this flashlm reads version {fmt.FORMAT_VERSION})")
-        try:
-            self.layout = fmt.RecordLayout.from_metadata(f.get)
-        except (TypeError, ValueError):
-            raise ModelFileError(f"{f.path}: flash store record layout is missing or invalid") from None
-        if self.layout.d_model != d_model:
-            raise ModelFileError(f"{f.path}: bundle d_model {self.layout.d_model} != model d_model {d_model}")
-        if f.get("flashlm.bundle.record_bytes") != self.layout.record_bytes:
-            raise ModelFileError(f"{f.path}: record size in metadata does not match the record layout")
+        if type(version) is not int or version != fmt.FORMAT_VERSION:
+            raise ModelFileError(f"{f.path}: flash store version {version!r:.40}{f.where(fmt.KEY_VERSION)} is not "
+                                 f"supported (this flashlm reads version {fmt.FORMAT_VERSION})")
+        self.layout = self._layout(d_model)
+        self.record_bytes = self.layout.record_bytes
         self.layers: list[LayerBundle] = []
         for i in range(n_layers):
-            info = f.tensors.get(fmt.bundle_name(i))
+            name = fmt.bundle_name(i)
+            info = f.tensors.get(name)
             if info is None or info.shape != (n_ff, self.layout.record_bytes):
-                raise ModelFileError(f"{f.path}: bundle tensor of layer {i} is missing or has the wrong shape")
-            order = f.get(fmt.layer_key(i, "neuron_order"))
-            if not isinstance(order, np.ndarray) or len(order) != n_ff or \
+                raise ModelFileError(f"{f.path}: bundle tensor of layer {i} is missing or has the wrong shape "
+                                     f"({info.shape if info else 'absent'}{self._at(name)}, expected "
+                                     f"{(n_ff, self.layout.record_bytes)})")
+            key = fmt.layer_key(i, "neuron_order")
+            order = f.get(key)
+            if not isinstance(order, np.ndarray) or order.dtype.kind not in "iu" or len(order) != n_ff or \
                     not np.array_equal(np.sort(order), np.arange(n_ff)):
-                raise ModelFileError(f"{f.path}: neuron order of layer {i} is not a permutation of {n_ff} neurons")
+                raise ModelFileError(f"{f.path}: {key}{f.where(key)} is not a permutation of {n_ff} neurons")
             if info.offset % fmt.DATA_ALIGN:
-                raise ModelFileError(f"{f.path}: bundle of layer {i} is not {fmt.DATA_ALIGN}-aligned")
+                raise ModelFileError(f"{f.path}: bundle of layer {i} (data at byte {info.offset}) is not "
+                                     f"{fmt.DATA_ALIGN}-aligned")
             self.layers.append(LayerBundle(info.offset, n_ff, order.astype(np.int64),
-                                           int(f.get(fmt.layer_key(i, "crc32"), -1))))
-        self.record_bytes = self.layout.record_bytes
+                                           self._uint(fmt.layer_key(i, "crc32"), 32)))
         self.bundle_names = {fmt.bundle_name(i) for i in range(n_layers)}
+        self.resident_crc = self._uint(fmt.KEY_RESIDENT_CRC, 32)
+        self._check_length()
         if verify:
+            self.verify_header()
             self.verify_resident()
+
+    # -- typed metadata ----------------------------------------------------------------------------------------
+    def _at(self, tensor: str) -> str:
+        info = self.file.tensors.get(tensor)
+        return f", data at byte {info.offset}" if info else f", absent from the header, bytes 0-{self.file.data_offset}"
+
+    def _uint(self, key: str, bits: int = 63) -> int:
+        value = self.file.get(key)
+        if isinstance(value, np.integer):
+            value = int(value)
+        if type(value) is not int or not 0 <= value < (1 << bits):
+            raise ModelFileError(f"{self.file.path}: {key} = {value!r:.40}{self.file.where(key)} is missing or "
+                                 f"not an unsigned {bits}-bit integer")
+        return value
+
+    def _layout(self, d_model: int) -> fmt.RecordLayout:
+        f = self.file
+        types = {}
+        for part in ("gate", "up", "down"):
+            key = f"flashlm.bundle.{part}_type"
+            try:
+                types[part] = QT(self._uint(key, 32))
+            except ValueError:
+                raise ModelFileError(f"{f.path}: {key} = {f.get(key)}{f.where(key)} is not a GGML type") from None
+            if types[part] not in GGML_QUANT_SIZES or d_model % GGML_QUANT_SIZES[types[part]][0]:
+                raise ModelFileError(f"{f.path}: {key} = {types[part].name}{f.where(key)} does not fit d_model "
+                                     f"{d_model}")
+        stored_d = self._uint("flashlm.bundle.d_model")
+        if stored_d != d_model:
+            raise ModelFileError(f"{f.path}: flashlm.bundle.d_model {stored_d}{f.where('flashlm.bundle.d_model')} "
+                                 f"!= model d_model {d_model}")
+        layout = fmt.RecordLayout(d_model, types["gate"], types["up"], types["down"])
+        if self._uint("flashlm.bundle.record_bytes") != layout.record_bytes:
+            raise ModelFileError(f"{f.path}: flashlm.bundle.record_bytes{f.where('flashlm.bundle.record_bytes')} "
+                                 f"does not match the record layout ({layout.record_bytes} bytes)")
+        return layout
+
+    # -- integrity ---------------------------------------------------------------------------------------------
+    def _check_length(self) -> None:
+        """The writer pads the last tensor to DATA_ALIGN: a shorter file lost bytes (a longer one gained some)."""
+        f = self.file
+        last = max((t.offset + t.nbytes for t in f.tensors.values()), default=f.data_offset)
+        end = -(-last // fmt.DATA_ALIGN) * fmt.DATA_ALIGN
+        if f.file_size < end:
+            raise ModelFileError(f"{f.path}: truncated: the file ends at byte {f.file_size}, its layout at byte {end}")
+        if f.file_size > end:
+            raise ModelFileError(f"{f.path}: {f.file_size - end} unexpected bytes after the layout's end at byte {end}")
+
+    def resident_tensors(self):
+        return [t for name, t in self.file.tensors.items()
+                if name not in self.bundle_names and name != fmt.HEADER_CRC_TENSOR]
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.file.path, os.O_RDONLY)
+        except OSError as e:
+            raise ModelFileError(f"{self.file.path}: cannot open: {e.strerror}") from None
+
+    def header_section(self, fd: int) -> Section:
+        """Bytes [0, data offset) against the CRC in HEADER_CRC_TENSOR (files converted before it: not covered)."""
+        f, end = self.file, self.file.data_offset
+        info = f.tensors.get(fmt.HEADER_CRC_TENSOR)
+        if info is None:
+            return Section("header + metadata", 0, end, True, "no header checksum (converted by an older flashlm)")
+        if info.ggml_type != fmt.HEADER_CRC_TYPE or info.nbytes != 4:
+            return Section("header + metadata", 0, end, False, f"{fmt.HEADER_CRC_TENSOR} is not one I32")
+        (stored,) = np.frombuffer(os.pread(fd, 4, info.offset), "<u4")
+        if crc_of_range(fd, 0, end, path=f.path) != stored:
+            return Section("header + metadata", 0, end, False,
+                           f"checksum mismatch (or in the stored checksum at bytes {info.offset}-{info.offset + 4})")
+        return Section("header + metadata", 0, end, True)
+
+    def verify_header(self) -> None:
+        fd = self._open()
+        try:
+            s = self.header_section(fd)
+        finally:
+            os.close(fd)
+        if not s.ok:
+            raise ModelFileError(f"{self.file.path}: {s.name}, bytes {s.start}-{s.end}: {s.detail} (file is corrupt)")
+
+    def resident_section(self, fd: int) -> Section:
+        tensors = self.resident_tensors()
+        start = min((t.offset for t in tensors), default=0)
+        end = max((t.offset + t.nbytes for t in tensors), default=0)
+        crc = 0
+        for t in tensors:
+            crc = crc_of_range(fd, t.offset, t.offset + t.nbytes, crc, self.file.path)
+        if crc != self.resident_crc:
+            return Section("resident section", start, end, False,
+                           f"checksum mismatch (or in {fmt.KEY_RESIDENT_CRC}{self.file.where(fmt.KEY_RESIDENT_CRC)})")
+        return Section("resident section", start, end, True)
 
     def verify_resident(self) -> None:
         """CRC of every non-bundle tensor, read in chunks with pread: through the file's mapping, the pages would
         count in this process's RSS until released (measured: a 298 MB load peak for Gemma 3, whose 178 MB
         embedding sits in the resident section, under a 230 MB budget)."""
-        crc = 0
-        fd = os.open(self.file.path, os.O_RDONLY)
+        fd = self._open()
         try:
-            for name, info in self.file.tensors.items():
-                if name in self.bundle_names:
-                    continue
-                for start in range(info.offset, info.offset + info.nbytes, VERIFY_CHUNK):
-                    n = min(VERIFY_CHUNK, info.offset + info.nbytes - start)
-                    chunk = os.pread(fd, n, start)
-                    if len(chunk) != n:
-                        raise ModelFileError(f"{self.file.path}: tensor {name!r} is cut short at offset {start}")
-                    crc = zlib.crc32(chunk, crc)
+            s = self.resident_section(fd)
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # nor keep them in the page cache
         finally:
             os.close(fd)
-        if crc != self.file.get(fmt.KEY_RESIDENT_CRC):
-            raise ModelFileError(f"{self.file.path}: checksum mismatch in the resident section (file is corrupt)")
+        if not s.ok:
+            raise ModelFileError(f"{self.file.path}: {s.name}, bytes {s.start}-{s.end}: {s.detail} (file is corrupt)")
+
+    def layer_range(self, i: int) -> tuple[int, int]:
+        start = self.layers[i].offset
+        return start, start + self.layers[i].n_records * self.record_bytes
 
     def check_layer(self, i: int, records: np.ndarray) -> None:
         """records: the layer's full bundle as read from storage."""
         if zlib.crc32(records) != self.layers[i].crc32:
-            raise ModelFileError(f"{self.file.path}: checksum mismatch in the FFN bundle of layer {i} "
-                                 "(file is corrupt)")
+            start, end = self.layer_range(i)
+            raise ModelFileError(f"{self.file.path}: checksum mismatch in the FFN bundle of layer {i}, bytes "
+                                 f"{start}-{end} (file is corrupt)")
+
+    def verify_file(self, progress=None) -> list[Section]:
+        """Every section's checksum and every padding byte, in file order (`flashlm verify`)."""
+        f = self.file
+        fd = self._open()
+        try:
+            sections = [self.header_section(fd), self.resident_section(fd)]
+            for i, layer in enumerate(self.layers):
+                start, end = self.layer_range(i)
+                ok = crc_of_range(fd, start, end, path=f.path) == layer.crc32
+                sections.append(Section(f"FFN bundle of layer {i}", start, end, ok, "" if ok else "checksum mismatch"))
+                if progress:
+                    progress(i + 1, len(self.layers))
+            pos = f.data_offset
+            for t in sorted(f.tensors.values(), key=lambda t: t.offset) + [None]:
+                end = t.offset if t is not None else f.file_size
+                bad = _first_nonzero(fd, pos, end) if end > pos else None
+                if bad is not None:
+                    after = "the header" if pos == f.data_offset else "a tensor"
+                    sections.append(Section(f"padding before {t.name!r}" if t else "padding at the end", pos, end,
+                                            False, f"byte {bad} is not zero (padding after {after})"))
+                if t is not None:
+                    pos = max(pos, t.offset + t.nbytes)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        return sections
+
+
+def verify_store(path: str, progress=None) -> list[Section]:
+    """`flashlm verify`: open and validate the file (a truncated or malformed one raises ModelFileError), then check
+    every section and padding byte. Raises InvalidOptionError for a GGUF that is not a flash store."""
+    from ..errors import InvalidOptionError
+    from ..loaders.model_loader import read_model
+
+    f, _, args = read_model(path)
+    try:
+        if not is_flash_store(f):
+            raise InvalidOptionError(f"{path}: not a flash store (a GGUF carries no checksums; its header and "
+                                     "tensor table parsed without error)")
+        return FlashStore(f, args.n_layers, args.n_ff, args.d_model, verify=False).verify_file(progress)
+    finally:
+        f.close()

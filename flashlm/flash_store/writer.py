@@ -111,6 +111,15 @@ def convert(src: str, dst: str, calibration_text: str | None = None, force: bool
         f.close()
 
 
+def _header_crc(w: gguf.GGUFWriter, tmp: str) -> int:
+    """CRC32 of the header as written (magic to tensor infos) and the zero padding up to the tensor data: read back
+    from the file, so it covers exactly the bytes a reader will see (format.HEADER_CRC_TENSOR)."""
+    w.fout[0].flush()
+    with open(tmp, "rb") as f:
+        header = f.read()
+    return zlib.crc32(bytes(-len(header) % fmt.DATA_ALIGN), zlib.crc32(header))
+
+
 def _write(f, args, layout, orders, calibration, src, dst) -> ConvertReport:
     ffn = {_ffn_name(i, k) for i in range(args.n_layers) for k in fmt.FFN_KEYS}
     resident = [t for name, t in f.tensors.items() if name not in ffn]
@@ -146,15 +155,18 @@ def _write(f, args, layout, orders, calibration, src, dst) -> ConvertReport:
         for i in range(args.n_layers):
             w.add_tensor_info(fmt.bundle_name(i), (n_ff, layout.record_bytes), np.dtype(np.int8),
                               n_ff * layout.record_bytes, fmt.BUNDLE_TYPE)
+        w.add_tensor_info(fmt.HEADER_CRC_TENSOR, (1,), np.dtype(np.int32), 4, fmt.HEADER_CRC_TYPE)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
+        header_crc = _header_crc(w, tmp)
         for t in resident:
             w.write_tensor_data(f.tensor_bytes(t.name))
         for i in range(args.n_layers):  # pass 2: write
             records, _ = build_bundle(f, i, layout, orders[i])
             w.write_tensor_data(records.view(np.int8))
             _progress(i + 1, args.n_layers, "writing")
+        w.write_tensor_data(np.array([header_crc], np.uint32).view(np.int32))
         w.fout[0].flush()
         os.fsync(w.fout[0].fileno())
         w.close()

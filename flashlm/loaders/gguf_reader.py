@@ -210,8 +210,10 @@ class GGUFFile:
         self._check_overlaps()
 
     def where(self, key: str) -> str:
-        """' (metadata at byte N)' for a key of the file, '' for an absent one: for error messages."""
-        return f" (metadata at byte {self.key_offsets[key]})" if key in self.key_offsets else ""
+        """Where a key is, for error messages: ' (metadata at byte N)', or that the header lacks it."""
+        if key in self.key_offsets:
+            return f" (metadata at byte {self.key_offsets[key]})"
+        return f" (absent from the header, bytes 0-{getattr(self, 'data_offset', '?')})"
 
     def _tensor_info(self, name: str, ne: tuple[int, ...], type_id: int, offset: int, at: int) -> TensorInfo:
         where = f"tensor {name!r} (info at byte {at})"

@@ -71,7 +71,7 @@ def read_model(path: str) -> tuple[GGUFFile, ModuleType, object]:
     """Open and validate the file; return it with its architecture family and ModelArgs (no weights read)."""
     f = GGUFFile(path)
     try:
-        family = family_for(Metadata(f).arch, path)
+        family = family_for(Metadata(f).arch, path, f.where("general.architecture"))
         return f, family, family.ModelArgs.from_gguf(f)
     except Exception:
         f.close()

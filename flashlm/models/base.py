@@ -31,36 +31,45 @@ class Metadata:
         self.f = f
         arch = f.get("general.architecture")
         if not isinstance(arch, str):
-            raise ModelFileError(f"{f.path}: no general.architecture in the metadata")
+            raise ModelFileError(f"{f.path}: no general.architecture (a string) in the metadata"
+                                 f"{f.where('general.architecture')}")
         self.arch = arch
 
+    def _full(self, key: str) -> str:
+        return key if key.startswith(("general.", "tokenizer.")) else f"{self.arch}.{key}"
+
     def raw(self, key: str, default=_MISSING):
-        full = key if key.startswith(("general.", "tokenizer.")) else f"{self.arch}.{key}"
+        full = self._full(key)
         value = self.f.get(full, _MISSING)
         if value is _MISSING:
             if default is _MISSING:
-                raise ModelFileError(f"{self.f.path}: missing metadata key {full!r}")
+                raise ModelFileError(f"{self.f.path}: missing metadata key {full!r} (header of {len(self.f.metadata)} "
+                                     f"keys ends at byte {self.f.data_offset})")
             return default
         return value
 
     def int(self, key: str, default=_MISSING, minimum: int = 1) -> int:
         value = self.raw(key, default)
         if isinstance(value, np.ndarray):
-            raise UnsupportedModelError(f"{self.f.path}: per-layer values for {self.arch}.{key} are not supported")
+            raise UnsupportedModelError(f"{self.f.path}: per-layer values for {self.arch}.{key}"
+                                        f"{self.f.where(self._full(key))} are not supported")
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-            raise ModelFileError(f"{self.f.path}: {self.arch}.{key} = {value!r} is not an integer >= {minimum}")
+            raise ModelFileError(f"{self.f.path}: {self.arch}.{key} = {value!r:.40}{self.f.where(self._full(key))} "
+                                 f"is not an integer >= {minimum}")
         return int(value)
 
     def float(self, key: str, default=_MISSING) -> float:
         value = self.raw(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not math.isfinite(value):
-            raise ModelFileError(f"{self.f.path}: {self.arch}.{key} = {value!r} is not a finite number")
+            raise ModelFileError(f"{self.f.path}: {self.arch}.{key} = {value!r:.40}{self.f.where(self._full(key))} "
+                                 "is not a finite number")
         return float(value)
 
     def str(self, key: str, default=_MISSING) -> str:
         value = self.raw(key, default)
         if not isinstance(value, str):
-            raise ModelFileError(f"{self.f.path}: {self.arch}.{key} = {value!r} is not a string")
+            raise ModelFileError(f"{self.f.path}: {self.arch}.{key} = {value!r:.40}{self.f.where(self._full(key))} "
+                                 "is not a string")
         return value
 
 
@@ -76,7 +85,8 @@ class RopeConfig:
     def from_metadata(cls, meta: Metadata, head_dim: int, interleaved: bool) -> "RopeConfig":
         dim = meta.int("rope.dimension_count", head_dim)
         if dim != head_dim:
-            raise UnsupportedModelError(f"{meta.f.path}: partial rotary embeddings ({dim} of {head_dim}) "
+            raise UnsupportedModelError(f"{meta.f.path}: partial rotary embeddings ({dim} of {head_dim}"
+                                        f"{meta.f.where(meta._full('rope.dimension_count'))}) "
                                         "are not supported")
         scaling = meta.str("rope.scaling.type", "none")
         factor = meta.float("rope.scaling.factor", 1.0)

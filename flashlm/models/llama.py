@@ -64,13 +64,15 @@ class ModelArgs:
         n_heads = meta.int("attention.head_count")
         n_kv_heads = meta.int("attention.head_count_kv", n_heads)
         if n_heads % n_kv_heads:
-            raise ModelFileError(f"{f.path}: {n_heads} attention heads are not a multiple of {n_kv_heads} KV heads")
+            raise ModelFileError(f"{f.path}: {n_heads} attention heads are not a multiple of {n_kv_heads} KV heads"
+                                 f"{f.where(meta.arch + '.attention.head_count_kv')}")
         head_dim = meta.int("attention.key_length", d_model // n_heads)
         if meta.int("attention.value_length", head_dim) != head_dim:
             raise ModelFileError(f"{f.path}: key and value head sizes differ")
         embed = f.tensors.get(TENSORS["embed"])
         if embed is None:
-            raise ModelFileError(f"{f.path}: missing tensor {TENSORS['embed']!r}")
+            raise ModelFileError(f"{f.path}: missing tensor {TENSORS['embed']!r} (not among the tensor infos, header "
+                                 f"bytes 0-{f.data_offset})")
         return cls(
             arch=meta.arch,
             n_layers=meta.int("block_count"),

@@ -154,7 +154,7 @@ def mutate_gguf(rng: random.Random, seed: bytes, fields: list[Field], header_end
         header_end = new_end + pad
         fields = [Field(f.offset + shift, f.size, f.kind) if f.offset > span.offset else f for f in fields]
         what.append(f"KV at {span.offset} -> {desc}")
-    for _ in range(rng.choice((0, 1, 1, 2))):
+    for _ in range(rng.choice((0, 1, 1, 2)) if what else rng.choice((1, 1, 2, 3))):
         op = rng.random()
         if op < 0.25:  # byte flips, mostly in the header
             n = rng.choice((1, 1, 2, 8))
