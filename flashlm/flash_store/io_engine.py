@@ -6,22 +6,30 @@ grows beside it; where O_DIRECT is refused (tmpfs, some network filesystems) rea
 posix_fadvise(DONTNEED). Reads land in page-aligned buffers (anonymous mmap), as O_DIRECT requires.
 Measured here (../shared/MACHINE.md): 4 KiB random reads ~0.3-0.6 GB/s, 64 KiB ~2.0-2.5 GB/s, 256 KiB+ 2.4-4.5 GB/s:
 so each read is at least `min_read_bytes` and a large range is split across threads in chunks of `chunk_bytes`.
+
+Faults: a failed read (I/O error, end of file in a file truncated while in use) raises StorageError naming the
+file and byte, through the request's future to the thread that waits on it. The reader then refuses every further
+read (a failed device or a truncated file does not heal, and the caller cannot know which bytes of its buffers are
+stale): load the model again. Short reads continue where they stopped; EINTR is retried (os.preadv does so itself,
+PEP 475; a retry here covers wrappers that surface it).
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ModelFileError
+from ..errors import ModelFileError, StorageError
 
 ALIGN = 4096
+DIRECT_IO_ALIGN = 512  # O_DIRECT offsets must be multiples of the logical block size (512 on every disk we meet)
 
 
 def aligned_buffer(nbytes: int) -> np.ndarray:
@@ -77,20 +85,52 @@ class FlashReader:
         self.stats = IOStats()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="flashlm-io")
+        self.failure: StorageError | None = None  # the first failed read; no read is issued after it
+        self._buffered_fd = -1  # opened without O_DIRECT to finish a read that a short read left unaligned
+
+    def _fail(self, message: str) -> StorageError:
+        error = StorageError(f"{self.path}: {message}")
+        with self._lock:
+            if self.failure is None:
+                self.failure = error
+        return error
+
+    def check(self) -> None:
+        """Raise StorageError if the reader cannot be used: closed, or a read failed before."""
+        if self.failure is not None:
+            raise StorageError(f"{self.failure}; no further reads after a storage error (load the model again)")
+        if self.fd < 0:
+            raise StorageError(f"{self.path}: the reader is closed")
+
+    def _fd_for(self, offset: int) -> int:
+        if not self.direct or offset % DIRECT_IO_ALIGN == 0:
+            return self.fd
+        with self._lock:
+            if self._buffered_fd < 0:
+                self._buffered_fd = os.open(self.path, os.O_RDONLY)
+        return self._buffered_fd
 
     def _read_chunk(self, buf: memoryview, file_offset: int) -> int:
         """Fill buf (aligned length) from file_offset; at the end of the file a short read is expected."""
         t = time.perf_counter()
         total, needed = 0, min(len(buf), self.file_size - file_offset)
         while total < needed:
+            if self.failure is not None:  # another read failed: the request fails, do not keep the disk busy
+                raise StorageError(f"{self.path}: read at byte {file_offset + total} abandoned after an earlier "
+                                   f"failure ({self.failure})")
+            pos = file_offset + total
             try:
-                n = os.preadv(self.fd, [buf[total:]], file_offset + total)
+                n = os.preadv(self._fd_for(pos), [buf[total:]], pos)
+            except InterruptedError:
+                continue
             except OSError as e:
-                raise ModelFileError(f"{self.path}: read failed at byte {file_offset + total}: {e.strerror}") \
+                raise self._fail(f"read failed at byte {pos}: {e.strerror or errno.errorcode.get(e.errno, e)}") \
                     from None
+            except Exception as e:  # anything else a reader thread meets still names the file and byte
+                raise self._fail(f"read failed at byte {pos}: {type(e).__name__}: {e}") from e
             if n == 0:
-                raise ModelFileError(f"{self.path}: unexpected end of file at byte {file_offset + total} "
-                                     "(file truncated?)")
+                raise self._fail(f"unexpected end of file at byte {pos} (expected {self.file_size} bytes; "
+                                 "file truncated while in use?)")
             total += n
         if not self.direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, file_offset, total, os.POSIX_FADV_DONTNEED)
@@ -105,6 +145,7 @@ class FlashReader:
         pages around [file_offset, file_offset + nbytes) into page_buf; returns a view of exactly those bytes."""
         start = file_offset // ALIGN * ALIGN
         span = -(-(file_offset + nbytes) // ALIGN) * ALIGN - start
+        self.check()
         if file_offset < 0 or file_offset + nbytes > self.file_size or page_buf.nbytes < span:
             raise ModelFileError(f"{self.path}: read of bytes {file_offset}..{file_offset + nbytes} is past the end "
                                  f"of the file ({self.file_size} bytes; truncated?)")
@@ -117,7 +158,9 @@ class FlashReader:
 
     def read(self, file_offset: int, nbytes: int, out: np.ndarray | None = None) -> Future:
         """Read [file_offset, file_offset + nbytes) in parallel chunks. The future's result is a uint8 view of
-        exactly those bytes (inside `out`, an aligned buffer of at least nbytes + 2*ALIGN, if given)."""
+        exactly those bytes (inside `out`, an aligned buffer of at least nbytes + 2*ALIGN, if given). A failed
+        read sets StorageError on the future, after every chunk of the request has stopped writing into `out`."""
+        self.check()
         if file_offset < 0 or file_offset + nbytes > self.file_size:
             raise ModelFileError(f"{self.path}: read of bytes {file_offset}..{file_offset + nbytes} is past the end "
                                  f"of the file ({self.file_size} bytes; truncated?)")
@@ -146,9 +189,13 @@ class FlashReader:
                     return
             with self._lock:
                 self.stats.request_s += time.perf_counter() - issued
+            if any(f.cancelled() for f in futures):
+                result.set_exception(StorageError(f"{self.path}: read of bytes {file_offset}..{file_offset + nbytes}"
+                                                  " cancelled (the reader was closed)"))
+                return
             errors = [f.exception() for f in futures if f.exception() is not None]
-            if errors:
-                result.set_exception(errors[0])
+            if errors:  # the failure itself rather than a chunk abandoned because of it
+                result.set_exception(next((e for e in errors if e is self.failure), errors[0]))
             else:
                 result.set_result(out[lead:lead + nbytes])
 
@@ -159,7 +206,21 @@ class FlashReader:
         return result
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Cancel the chunks not started (their requests fail with StorageError), wait for those being read,
+        close the file: no reader thread is left behind, no future is left unset."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for fd in (self.fd, self._buffered_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self._buffered_fd = -1
+
+
+def wait_all(futures) -> list:
+    """Results of all the futures, in order; if any failed, wait for the rest first (so no read is still writing
+    into a buffer the caller reuses), then raise the first failure."""
+    futures = list(futures)
+    try:
+        return [f.result() for f in futures]
+    except BaseException:
+        wait(futures)
+        raise

@@ -94,16 +94,20 @@ def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: 
         layers.append(load_attention(f, family, args, i))
         f._mmap.madvise(mmap.MADV_DONTNEED)  # the copies are ours; the file's pages need not stay
     reader = FlashReader(path, threads=opts.io_threads)
-    info = output_matrix(f)
-    norm = vector(f, family.TENSORS["output_norm"], args.d_model)
-    if opts.output_head == "sketch":
-        head = SketchHead(reader, kernel, info.offset, info.shape[0], info.nbytes // info.shape[0], info.ggml_type,
-                          norm, args.norm_eps, args.d_model)
-    else:
-        head = StreamedHead(reader, kernel, info.offset, info.shape[0], info.nbytes // info.shape[0],
-                            info.ggml_type, norm, args.norm_eps, plan.head_resident_rows, HEAD_SLICE_ROWS,
-                            HEAD_STREAM_DEPTH)
-    ffn = StreamedFFN(store, reader, plan, kernel, opts.sparsity, opts.sparsity_score)
+    try:  # a failed load-time read leaves no reader thread behind
+        info = output_matrix(f)
+        norm = vector(f, family.TENSORS["output_norm"], args.d_model)
+        if opts.output_head == "sketch":
+            head = SketchHead(reader, kernel, info.offset, info.shape[0], info.nbytes // info.shape[0], info.ggml_type,
+                              norm, args.norm_eps, args.d_model)
+        else:
+            head = StreamedHead(reader, kernel, info.offset, info.shape[0], info.nbytes // info.shape[0],
+                                info.ggml_type, norm, args.norm_eps, plan.head_resident_rows, HEAD_SLICE_ROWS,
+                                HEAD_STREAM_DEPTH)
+        ffn = StreamedFFN(store, reader, plan, kernel, opts.sparsity, opts.sparsity_score)
+    except BaseException:
+        reader.close()
+        raise
     rope = family.rope_tables(f, args, n_ctx)
     kv = KVCache(args.n_layers, args.n_kv_heads, args.head_dim, n_ctx, KV_DTYPE)
     embed = family.load_embedding(f, args)

@@ -8,7 +8,7 @@ import numpy as np
 
 from gguf.constants import GGMLQuantizationType as QT
 
-from ..errors import ModelFileError, UnsupportedModelError
+from ..errors import ModelFileError, StorageError, UnsupportedModelError
 from ..quant.formats import codec_for, dequantize, to_nbits
 from ..quant.kernels import Linear
 from .gguf_reader import GGUFFile
@@ -91,12 +91,27 @@ class EmbeddingTable:
         """(S,) token ids -> (S, d_model) float32."""
         rows = np.empty((len(ids), self.row_bytes), np.uint8)
         for k, token in enumerate(ids):
-            data = os.pread(self._fd, self.row_bytes, self.offset + int(token) * self.row_bytes)
-            if len(data) != self.row_bytes:
-                raise ModelFileError(f"{self.path}: embedding row {int(token)} is past the end of the file")
-            rows[k] = np.frombuffer(data, np.uint8)
+            self._read_row(int(token), memoryview(rows[k]))
         out = dequantize(rows, self.qtype).reshape(len(ids), self.d_model)
         return out * self.scale if self.scale != 1 else out
+
+    def _read_row(self, token: int, dest: memoryview) -> None:
+        """Short reads continue where they stopped; a failed read names the file and byte (StorageError). Stateless:
+        a failed row fails its step only."""
+        done = 0
+        while done < self.row_bytes:
+            pos = self.offset + token * self.row_bytes + done
+            try:
+                n = os.preadv(self._fd, [dest[done:]], pos)
+            except InterruptedError:  # os.preadv retries EINTR itself (PEP 475); a wrapper may surface it
+                continue
+            except OSError as e:
+                raise StorageError(f"{self.path}: read of embedding row {token} failed at byte {pos}: "
+                                   f"{e.strerror or e}") from None
+            if n == 0:
+                raise StorageError(f"{self.path}: embedding row {token} is past the end of the file (byte {pos}; "
+                                   "file truncated while in use?)")
+            done += n
 
     def __del__(self):
         if getattr(self, "_fd", -1) >= 0:

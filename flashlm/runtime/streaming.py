@@ -5,16 +5,21 @@ hot prefix (pinned) and the cold suffix, one contiguous range of records, is rea
 one of two aligned buffers; layer i+1's range is read while layer i computes. The bundle kernel is given record
 addresses in stored-neuron order, so the sum it computes does not depend on which records were cached: a budget
 run gives exactly the fully resident output.
+
+A failed read (StorageError from the I/O engine) propagates out of the forward pass before any product uses the
+buffer it was filling; reads still in flight are waited for first, and a pass that was interrupted (an error, a
+KeyboardInterrupt) leaves no read running into a buffer the next pass uses.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import wait
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..flash_store.io_engine import ALIGN, FlashReader, IOStats, aligned_buffer
+from ..flash_store.io_engine import ALIGN, FlashReader, IOStats, aligned_buffer, wait_all
 from ..flash_store.planner import FlashPlan
 from ..flash_store.predictor import PAGE, NeuronScorer, keep_count, page_runs, select, topk_mask
 from ..flash_store.reader import FlashStore
@@ -122,9 +127,16 @@ class StreamedFFN:
             self._pending[i] = self.reader.read(start, (self.n_ff - self.hot) * self.record_bytes,
                                                 self.buffers[i % 2])
 
+    def _drain(self) -> None:
+        """Wait for the reads issued ahead (an interrupted pass leaves the next layer's read in flight, into a
+        buffer the next pass fills again); their errors were or will be reported by the reader itself."""
+        pending, self._pending = list(self._pending.values()), {}
+        wait(pending)
+
     def begin(self, n_tokens: int = 1) -> None:
         """A forward pass starts: get layer 0's cold range coming, unless this pass goes token by token sparsely
         (decode, short prompts): a sparse step reads after selecting."""
+        self._drain()
         self._token_wise = self.read_selected and n_tokens < BLAS_MIN_TOKENS
         if not self._token_wise:
             self._issue(0)
@@ -137,7 +149,11 @@ class StreamedFFN:
             return
         t0 = time.perf_counter()
         if i in self._pending:
-            self._pending.pop(i).result()
+            try:
+                self._pending.pop(i).result()
+            except BaseException:
+                self._drain()
+                raise
         t1 = time.perf_counter()
         self._issue(i + 1)
         addresses = self.addresses[i][i % 2 if self.buffers else 0]
@@ -181,20 +197,18 @@ class StreamedFFN:
             rel = lead + (idx[n_hot:] - hot) * rb
             base = self.store.layers[i].offset + hot * rb - lead  # aligned file offset of buffer byte 0
             size = self.reader.file_size
-            futures = [self.reader.read(base + a, min(b, size - base) - a, buf[a:b]) for a, b in page_runs(rel, rb)]
-            for fut in futures:
-                fut.result()
+            futures = []
+            try:
+                for a, b in page_runs(rel, rb):
+                    futures.append(self.reader.read(base + a, min(b, size - base) - a, buf[a:b]))
+            finally:
+                wait_all(futures)  # every run read (or the first failure raised) before the kernel sees buf
         t2 = time.perf_counter()
         self.kernel.run(self.addresses[i][0][idx], x, y)  # buffer-0 addresses: hot from the cache, cold as read
         self._count(t2 - t1, t1 - t0, time.perf_counter() - t2, len(idx), n_hot)
 
     def close(self) -> None:
-        for fut in self._pending.values():
-            try:
-                fut.result()
-            except Exception:
-                pass
-        self._pending.clear()
+        self._drain()
         self.reader.close()
 
 
@@ -235,17 +249,23 @@ class StreamedHead:
         x = h / np.sqrt((h * h).mean(-1, keepdims=True) + self.eps) * self.norm_weight
         x = np.ascontiguousarray(x, dtype=np.float32)
         n_slices = len(self.bounds) - 1
-        pending = [self._issue(k) for k in range(min(len(self.buffers), n_slices))]
-        if self.rows is not None:
-            rows_matvec(self.kernel, self.rows, self.qtype, x, out[:, :self.resident_rows])
-        for k in range(n_slices):
-            lo, hi = self.bounds[k], self.bounds[k + 1]
-            t = time.perf_counter()
-            data = pending[k].result().reshape(hi - lo, self.row_bytes)
-            self.io_wait_s += time.perf_counter() - t
-            rows_matvec(self.kernel, data, self.qtype, x, out[:, lo:hi])
-            if k + len(self.buffers) < n_slices:  # its buffer is free again
-                pending.append(self._issue(k + len(self.buffers)))
+        pending = []
+        try:
+            for k in range(min(len(self.buffers), n_slices)):
+                pending.append(self._issue(k))
+            if self.rows is not None:
+                rows_matvec(self.kernel, self.rows, self.qtype, x, out[:, :self.resident_rows])
+            for k in range(n_slices):
+                lo, hi = self.bounds[k], self.bounds[k + 1]
+                t = time.perf_counter()
+                data = pending[k].result().reshape(hi - lo, self.row_bytes)
+                self.io_wait_s += time.perf_counter() - t
+                rows_matvec(self.kernel, data, self.qtype, x, out[:, lo:hi])
+                if k + len(self.buffers) < n_slices:  # its buffer is free again
+                    pending.append(self._issue(k + len(self.buffers)))
+        except BaseException:
+            wait(pending)  # no slice still being read into a buffer the next call reuses
+            raise
 
 
 @dataclass
