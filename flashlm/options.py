@@ -33,6 +33,10 @@ class LoadOptions:
     # Output matrix of a flash store: "exact" (resident, or streamed in full where the budget says so) or "sketch"
     # (flash_store/head_sketch.py: a 1-bit sketch picks candidates, their exact rows give their logits).
     output_head: str = "exact"
+    # "cpu", or "cuda" (runtime/cuda_executor.py; a .flash store, CuPy and an NVIDIA GPU): attention, output matrix
+    # and the hot neurons on the GPU within gpu_memory_budget (bytes or "2GB"; None: all of it on the GPU).
+    device: str = "cpu"
+    gpu_memory_budget: int | str | None = None
     verbose: bool = False
 
     def validate(self) -> "LoadOptions":
@@ -42,13 +46,18 @@ class LoadOptions:
                f"batch_size must be >= 1, got {self.batch_size!r}")
         _check(isinstance(self.io_threads, int) and self.io_threads >= 1,
                f"io_threads must be >= 1, got {self.io_threads!r}")
-        if isinstance(self.memory_budget, str):
-            from .flash_store.planner import parse_size
+        for name in ("memory_budget", "gpu_memory_budget"):
+            if isinstance(getattr(self, name), str):
+                from .flash_store.planner import parse_size
 
-            try:
-                object.__setattr__(self, "memory_budget", parse_size(self.memory_budget))
-            except ValueError as e:
-                raise InvalidOptionError(str(e)) from None
+                try:
+                    object.__setattr__(self, name, parse_size(getattr(self, name)))
+                except ValueError as e:
+                    raise InvalidOptionError(str(e)) from None
+        _check(self.device in ("cpu", "cuda"), f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        _check(self.gpu_memory_budget is None or (isinstance(self.gpu_memory_budget, int) and
+                                                  self.gpu_memory_budget > 0),
+               f"gpu_memory_budget must be a positive size, got {self.gpu_memory_budget!r}")
         from .flash_store.predictor import SCORES, parse_sparsity
 
         object.__setattr__(self, "sparsity", parse_sparsity(self.sparsity))

@@ -42,14 +42,18 @@ def _attention_names(family: ModuleType, i: int) -> list[str]:
 
 
 def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: LoadOptions, n_ctx: int,
-             baseline: int | None = None) -> FlashPlan:
+             baseline: int | None = None, gpu_resident: bool = False) -> FlashPlan:
+    """gpu_resident: attention, output matrix and KV cache live on the GPU (--device cuda); the host plan then
+    counts only what stays in host memory (its hot neurons are the pinned tier)."""
     attention = sum(f.tensors[n].nbytes for i in range(args.n_layers) for n in _attention_names(family, i))
     info = output_matrix(f)
     head_bytes, head_rows = info.nbytes, info.shape[0]
+    if gpu_resident:
+        attention, head_bytes = 0, 0
     if opts.output_head == "sketch":  # resident sketch + row cache instead of the matrix: nothing streams in bulk
         head_bytes = sketch_bytes(info.shape[0], args.d_model, info.nbytes // info.shape[0])
-    head_stream = HEAD_STREAM_DEPTH * (HEAD_SLICE_ROWS * (info.nbytes // info.shape[0]) + 2 * 4096)
-    kv_per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * np.dtype(KV_DTYPE).itemsize
+    head_stream = 0 if gpu_resident else HEAD_STREAM_DEPTH * (HEAD_SLICE_ROWS * (info.nbytes // info.shape[0]) + 2 * 4096)
+    kv_per_token = 0 if gpu_resident else 2 * args.n_layers * args.n_kv_heads * args.head_dim * np.dtype(KV_DTYPE).itemsize
     scorer = args.n_layers * args.n_ff * resident_bytes_per_neuron(store.layout, opts.sparsity_score) \
         if opts.sparsity else 0
     return plan_flash(budget=opts.memory_budget, baseline=baseline or psutil.Process().memory_info().rss,
@@ -113,3 +117,58 @@ def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: 
     embed = family.load_embedding(f, args)
     f._mmap.madvise(mmap.MADV_DONTNEED)
     return KernelExecutor(args, layers, kernel, ffn, head, embed, kv, rope), plan
+
+
+def load_cuda_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: LoadOptions, n_ctx: int,
+                       threads: int, naive: bool = False):
+    """The CUDA backend (runtime/cuda_executor.py): attention, head and the hot records on the GPU within
+    opts.gpu_memory_budget, the next records pinned in host memory within opts.memory_budget, the rest streamed.
+    `naive`: the baseline that copies every layer's weights to the GPU for every token."""
+    from ..quant.cuda_kernels import CudaKernels
+    from ..runtime.cuda_executor import (CudaExecutor, GpuFFN, GpuHead, GpuKVCache, GpuLayer, GpuMatrix,
+                                         import_cupy, plan_gpu)
+
+    cp = import_cupy()
+    cp.zeros(1)  # the CUDA context: its host memory belongs in the baseline the host plan measures
+    store = FlashStore(f, args.n_layers, args.n_ff, args.d_model)
+    host_plan = plan_for(f, family, args, store, opts, n_ctx, gpu_resident=True)
+    info = output_matrix(f)
+    attention = sum(f.tensors[n].nbytes for i in range(args.n_layers) for n in _attention_names(family, i))
+    kv_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 2 * n_ctx
+    gpu_budget = opts.gpu_memory_budget
+    plan = plan_gpu(gpu_budget, 0 if naive else host_plan.hot_neurons, args.n_ff, store.record_bytes,
+                    args.n_layers, attention + info.nbytes, kv_bytes, naive=naive)
+    if gpu_budget is not None:
+        cp.get_default_memory_pool().set_limit(size=gpu_budget)  # every GPU array of ours comes from this pool
+    kernels = CudaKernels()
+
+    def gpu_matrix(m: RowMatrix):
+        return GpuMatrix(cp, kernels, m.rows, m.qtype, m.bias, args.d_model if m.rows.dtype != np.float32 else
+                         m.rows.shape[1], keep_on_gpu=not naive)
+
+    layers = []
+    for i in range(args.n_layers):
+        w = load_attention(f, family, args, i)
+        k_in = [gpu_matrix(m) for m in w.qkv]
+        o_rows = w.o
+        o = GpuMatrix(cp, kernels, o_rows.rows, o_rows.qtype, o_rows.bias, args.n_heads * args.head_dim,
+                      keep_on_gpu=not naive)
+        norms = {"q_norm": w.q_norm, "k_norm": w.k_norm, "post_attn_norm": w.post_attn_norm,
+                 "post_ffw_norm": w.post_ffw_norm}
+        layers.append(GpuLayer(cp, w.attn_norm, k_in, o, w.ffn_norm, norms))
+        f._mmap.madvise(mmap.MADV_DONTNEED)
+    reader = FlashReader(path, threads=opts.io_threads)
+    try:
+        head_rows = np.array(f.tensor_bytes(info.name)).reshape(info.shape[0], -1)
+        head = GpuHead(cp, GpuMatrix(cp, kernels, head_rows, info.ggml_type, None, args.d_model),
+                       vector(f, family.TENSORS["output_norm"], args.d_model), args.norm_eps)
+        del head_rows
+        ffn = GpuFFN(cp, kernels, store, reader, plan, family.FFN_ACTIVATION)
+    except BaseException:
+        reader.close()
+        raise
+    rope = family.rope_tables(f, args, n_ctx)
+    kv = GpuKVCache(cp, args.n_layers, args.n_kv_heads, args.head_dim, n_ctx, np.float16)
+    embed = family.load_embedding(f, args)
+    f._mmap.madvise(mmap.MADV_DONTNEED)
+    return CudaExecutor(cp, args, layers, ffn, head, embed, kv, rope, plan), host_plan

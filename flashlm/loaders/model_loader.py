@@ -25,7 +25,7 @@ from ..options import LoadOptions
 from ..runtime.executor import Engine, Executor
 from ..runtime.kv_cache import KVCache
 from ..runtime.onnx_graph import GraphBuilder
-from .flash_loader import load_flash_executor, output_matrix
+from .flash_loader import load_cuda_executor, load_flash_executor, output_matrix
 from .gguf_reader import GGUFFile
 
 
@@ -121,7 +121,15 @@ def load_model(path: str, opts: LoadOptions, taps: tuple[str, ...] = (), load_to
         threads = opts.resolved_threads()
         if flash and load_tokenizer is not None:
             load_tokenizer()
-        if flash:
+        if opts.device == "cuda" and not flash:
+            raise InvalidOptionError(f"{path}: --device cuda runs flash stores: convert it first (flashlm convert "
+                                     f"{os.path.basename(path)} -o MODEL.flash)")
+        if flash and opts.device == "cuda":
+            if opts.sparsity:
+                raise InvalidOptionError("--sparsity is not available with --device cuda yet")
+            executor, plan = load_cuda_executor(path, f, family, args, opts, n_ctx, threads)
+            resident = sum(m.nbytes for w in executor.layers for m in (*w.qkv, w.o))
+        elif flash:
             executor, plan = load_flash_executor(path, f, family, args, opts, n_ctx, threads)
             resident = sum(w.nbytes for w in executor.layers)
         else:

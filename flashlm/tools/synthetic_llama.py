@@ -97,8 +97,9 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=4096)
     p.add_argument("--ffn", type=int, default=11008)
     p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--vocab-from", default=None, help="GGUF whose tokenizer to copy (default: SmolLM2)")
     a = p.parse_args()
-    write(a.output, default_model_path(), a.layers, a.d_model, a.ffn, a.heads)
+    write(a.output, a.vocab_from or default_model_path(), a.layers, a.d_model, a.ffn, a.heads)
 
 
 if __name__ == "__main__":

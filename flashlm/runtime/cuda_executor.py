@@ -1,0 +1,338 @@
+"""The CUDA backend for flash stores: flash -> pinned host buffers -> GPU, under a GPU and a host memory budget.
+
+Three tiers per layer, in stored (hot-first) neuron order:
+  [0, gpu_hot)          records resident in GPU memory (read once at load);
+  [gpu_hot, host_hot)   records resident in pinned host memory, copied to the GPU each token (asynchronously);
+  [host_hot, n_ff)      records read from flash each token (O_DIRECT, the I/O engine's threads) into pinned
+                        buffers, layer i+1's read issued while layer i computes, then copied to the GPU.
+Attention weights, norms, the KV cache (float16, as the CPU flash path) and the output matrix live on the GPU in
+their GGUF bytes; embedding rows are looked up on the host. Kernels: quant/cuda_kernels.py. CuPy is imported only
+here, when `device="cuda"` is asked for: the CPU path never imports it.
+
+`naive=True` is the paper's baseline in the same code: nothing of the FFN resident anywhere, every layer's records
+read from flash and copied to the GPU for every token, and the attention weights copied from host memory each
+token too.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import BudgetError, InvalidOptionError
+from ..flash_store.io_engine import ALIGN, FlashReader, aligned_buffer
+from ..quant.cuda_kernels import CudaKernels
+from .kv_cache import GROW_STEP, KVCache
+from .streaming import FFNStats
+
+GPU_SCRATCH_BYTES = 64 << 20  # activations, logits, cuBLAS workspace for prompt batches (dequantized transients)
+
+
+def import_cupy():
+    try:
+        import cupy
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # ImportError, or CUDA present but no driver/device
+        raise InvalidOptionError(f"--device cuda needs CuPy and an NVIDIA GPU (pip install \"flashlm[cuda]\"): "
+                                 f"{type(e).__name__}: {e}") from None
+    if n < 1:
+        raise InvalidOptionError("--device cuda: no CUDA device is visible")
+    return cupy
+
+
+@dataclass
+class GpuPlan:
+    gpu_budget: int | None
+    gpu_fixed: int  # attention + head + KV at n_ctx + staging + scratch
+    gpu_hot: int  # records per layer resident on the GPU
+    host_hot: int  # records per layer resident on the GPU or in pinned host memory (>= gpu_hot)
+    n_ff: int
+    record_bytes: int
+    n_layers: int
+
+    def describe(self) -> str:
+        mb = 1e6
+        return (f"GPU: {self.gpu_hot}/{self.n_ff} neurons per layer resident "
+                f"({self.gpu_hot * self.record_bytes * self.n_layers / mb:.0f} MB) + {self.gpu_fixed / mb:.0f} MB "
+                f"attention, head, KV cache and staging; host: neurons {self.gpu_hot}..{self.host_hot} pinned "
+                f"({(self.host_hot - self.gpu_hot) * self.record_bytes * self.n_layers / mb:.0f} MB); "
+                f"{self.n_ff - self.host_hot} per layer read from flash each token")
+
+
+def plan_gpu(gpu_budget: int | None, host_hot: int, n_ff: int, rb: int, n_layers: int, resident_bytes: int,
+             kv_bytes: int, naive: bool = False) -> GpuPlan:
+    """gpu_hot: as many records per layer as the GPU budget leaves room for after the fixed parts and the two
+    staging buffers (one layer's non-resident records each)."""
+    if naive:
+        return GpuPlan(gpu_budget, resident_bytes + kv_bytes + 2 * n_ff * rb + GPU_SCRATCH_BYTES, 0, 0, n_ff, rb,
+                       n_layers)
+    fixed = resident_bytes + kv_bytes + GPU_SCRATCH_BYTES
+    if gpu_budget is None:
+        return GpuPlan(None, fixed, n_ff, n_ff, n_ff, rb, n_layers)
+    # budget >= fixed + L*hot*rb + 2*(n_ff - hot)*rb  (no staging when hot == n_ff)
+    if fixed + n_layers * n_ff * rb <= gpu_budget:
+        hot = n_ff
+    else:
+        hot = max(0, min(n_ff - 1, (gpu_budget - fixed - 2 * n_ff * rb) // (rb * max(1, n_layers - 2))))
+        if fixed + 2 * n_ff * rb > gpu_budget:
+            raise BudgetError(f"a GPU memory budget of {gpu_budget / 1e6:.0f} MB cannot hold this model: the "
+                              f"smallest workable GPU budget is {(fixed + 2 * n_ff * rb) / 1e6:.0f} MB (attention, "
+                              f"output matrix, KV cache and two layers of staging)")
+    stage = 0 if hot == n_ff else 2 * (n_ff - hot) * rb
+    return GpuPlan(gpu_budget, fixed + stage, hot, max(hot, host_hot), n_ff, rb, n_layers)
+
+
+class GpuKVCache(KVCache):
+    """The KVCache interface with CuPy buffers (1, n_kv, capacity, hd)."""
+
+    def __init__(self, cp, *args, **kw):
+        self.cp = cp
+        super().__init__(*args, **kw)
+
+    def reserve(self, n_tokens: int) -> None:
+        if n_tokens <= self.capacity:
+            return
+        new_cap = min(self.max_tokens, max(n_tokens, -(-n_tokens // GROW_STEP) * GROW_STEP, 2 * self.capacity))
+        for buffers in (self.keys, self.values):
+            old = list(buffers)
+            buffers.clear()
+            for i in range(self.n_layers):
+                new = self.cp.zeros((1, self.n_kv_heads, new_cap, self.head_dim), self.dtype)
+                if old:
+                    new[:, :, :self.n_past] = old[i][:, :, :self.n_past]
+                buffers.append(new)
+        self.capacity = new_cap
+        self.generation += 1
+
+
+class GpuMatrix:
+    """A quantized (or float32) matrix on the GPU in its GGUF rows."""
+
+    def __init__(self, cp, kernels: CudaKernels, rows: np.ndarray, qtype, bias, k: int, keep_on_gpu: bool = True):
+        self.cp, self.kernels, self.qtype, self.k = cp, kernels, qtype, k
+        self.host = rows if not keep_on_gpu else None  # naive: copied to the GPU at each use
+        self.rows = cp.asarray(rows) if keep_on_gpu else None
+        self.n = rows.shape[0]
+        self.bias = None if bias is None else cp.asarray(bias)
+        self.nbytes = rows.nbytes
+
+    def __call__(self, x):
+        rows = self.rows if self.rows is not None else self.cp.asarray(self.host)
+        if rows.dtype == np.float32:
+            out = x @ rows.T
+        else:
+            out = self.cp.empty((x.shape[0], self.n), self.cp.float32)
+            self.kernels.matvec(rows.data.ptr, rows.shape[1], self.n, self.k, self.qtype, x, out)
+        return out + self.bias if self.bias is not None else out
+
+
+class GpuFFN:
+    """The tiered FFN (module docstring). Same stats interface as runtime/streaming.StreamedFFN."""
+
+    def __init__(self, cp, kernels: CudaKernels, store, reader: FlashReader, plan: GpuPlan, activation: str):
+        self.cp, self.kernels, self.store, self.reader, self.plan = cp, kernels, store, reader, plan
+        self.layout, self.activation = store.layout, activation
+        n_ff, rb = plan.n_ff, plan.record_bytes
+        self.n_ff, self.rb, self.n_layers = n_ff, rb, len(store.layers)
+        self.gpu_hot, self.host_hot = plan.gpu_hot, plan.host_hot
+        self.hot = self.host_hot  # resident somewhere (GPU or pinned host), as the stats report "hot neurons"
+        self.stats = FFNStats()
+        self.gpu_records, self.host_records = [], []
+        scratch = aligned_buffer(n_ff * rb + 2 * ALIGN)
+        before = reader.stats.snapshot()
+        for i, layer in enumerate(store.layers):
+            records = reader.read(layer.offset, n_ff * rb, scratch).result()
+            store.check_layer(i, records)
+            self.gpu_records.append(cp.asarray(records[:self.gpu_hot * rb]) if self.gpu_hot else None)
+            warm = (self.host_hot - self.gpu_hot) * rb
+            if warm:
+                buf = self._pinned(warm)[:warm]
+                buf[:] = records[self.gpu_hot * rb:self.host_hot * rb]
+                self.host_records.append(buf)
+            else:
+                self.host_records.append(None)
+        reader.stats.restore(before)
+        del scratch
+        self.stats.io = reader.stats
+        rest = n_ff - self.gpu_hot
+        cold = n_ff - self.host_hot
+        self.stage = [cp.empty(rest * rb, cp.uint8) for _ in range(2)] if rest else []
+        self.read_bufs = [self._pinned(cold * rb + 2 * ALIGN) for _ in range(2)] if cold else []
+        self.copied = [None, None]  # events: the copy out of read buffer k has finished
+        self._pending: dict[int, object] = {}
+        self.h = None
+
+    def _pinned(self, nbytes: int) -> np.ndarray:
+        """Page-aligned host memory registered with CUDA (fast, asynchronous copies; valid O_DIRECT target)."""
+        buf = aligned_buffer(nbytes)
+        self.cp.cuda.runtime.hostRegister(buf.ctypes.data, buf.nbytes, 0)
+        return buf
+
+    def _issue(self, i: int) -> None:
+        if self.host_hot < self.n_ff and i < self.n_layers and i not in self._pending:
+            k = i % 2
+            if self.copied[k] is not None:
+                self.copied[k].synchronize()  # the GPU is done reading this buffer
+            start = self.store.layers[i].offset + self.host_hot * self.rb
+            self._pending[i] = self.reader.read(start, (self.n_ff - self.host_hot) * self.rb, self.read_bufs[k])
+
+    def begin(self, n_tokens: int = 1) -> None:
+        self._issue(0)
+
+    def run(self, i: int, x, y) -> None:
+        """y (S, d) += FFN_i(x (S, d)), CuPy float32."""
+        cp, rb, st = self.cp, self.rb, self.stats
+        t0 = time.perf_counter()
+        stage = self.stage[i % 2] if self.stage else None
+        warm = (self.host_hot - self.gpu_hot) * rb
+        if warm:
+            src = self.host_records[i]
+            stage.data.copy_from_host_async(src.ctypes.data, warm)
+        if i in self._pending:
+            data = self._pending.pop(i).result()
+            t_io = time.perf_counter() - t0
+            stage[warm:].data.copy_from_host_async(data.ctypes.data, data.nbytes)
+            ev = cp.cuda.Event()
+            ev.record()
+            self.copied[i % 2] = ev
+        else:
+            t_io = 0.0
+        t1 = time.perf_counter()
+        self._issue(i + 1)
+        S = x.shape[0]
+        if self.h is None or self.h.size < min(S, 8) * self.n_ff:
+            self.h = cp.empty(8 * self.n_ff, cp.float32)
+        t2 = time.perf_counter()
+        if self.gpu_hot:
+            self.kernels.bundle(self.gpu_records[i].data.ptr, self.gpu_hot, self.layout, self.activation, x, y,
+                                self.h)
+        if stage is not None:
+            self.kernels.bundle(stage.data.ptr, self.n_ff - self.gpu_hot, self.layout, self.activation, x, y,
+                                self.h)
+        st.calls += 1
+        st.io_wait_s += t_io
+        st.manage_s += t1 - t0 - t_io + (t2 - t1)
+        st.compute_s += time.perf_counter() - t2  # launch time; the GPU's own time shows in the token's total
+        st.neurons_used += self.n_ff
+        st.neurons_from_cache += self.host_hot
+
+    def close(self) -> None:
+        for fut in self._pending.values():
+            try:
+                fut.result()
+            except Exception:
+                pass
+        self._pending.clear()
+        self.reader.close()
+
+
+class GpuHead:
+    """Final norm + output matrix on the GPU (resident), logits copied back to the host."""
+
+    def __init__(self, cp, matrix: GpuMatrix, norm_weight: np.ndarray, eps: float):
+        self.cp, self.matrix, self.norm, self.eps = cp, matrix, cp.asarray(norm_weight, dtype=cp.float32), eps
+        self.io_wait_s = 0.0
+        self.resident = True
+
+    def run(self, h, rows: np.ndarray, out: np.ndarray) -> None:
+        x = h[self.cp.asarray(rows)]
+        x = x / self.cp.sqrt((x * x).mean(-1, keepdims=True) + self.eps) * self.norm
+        out[:] = self.cp.asnumpy(self.matrix(self.cp.ascontiguousarray(x, dtype=self.cp.float32)))
+
+
+class GpuLayer:
+    def __init__(self, cp, attn_norm, qkv: list[GpuMatrix], o: GpuMatrix, ffn_norm, norms: dict):
+        f = lambda v: None if v is None else cp.asarray(v, dtype=cp.float32)  # noqa: E731
+        self.attn_norm, self.qkv, self.o, self.ffn_norm = f(attn_norm), qkv, o, f(ffn_norm)
+        self.q_norm, self.k_norm = f(norms.get("q_norm")), f(norms.get("k_norm"))
+        self.post_attn_norm, self.post_ffw_norm = f(norms.get("post_attn_norm")), f(norms.get("post_ffw_norm"))
+
+
+class CudaExecutor:
+    """Same interface as KernelExecutor (forward, kv, ffn, head_stream)."""
+
+    def __init__(self, cp, args, layers: list[GpuLayer], ffn: GpuFFN, head: GpuHead, embed, kv: GpuKVCache,
+                 rope: dict[str, np.ndarray], plan: GpuPlan):
+        self.cp, self.args, self.layers, self.ffn, self.head_stream = cp, args, layers, ffn, head
+        self.embed, self.kv, self.vocab_size, self.gpu_plan = embed, kv, args.vocab_size, plan
+        self.rope = {name: cp.asarray(t, dtype=cp.float32) for name, t in rope.items()}
+
+    def _rms(self, x, w):
+        cp = self.cp
+        return x / cp.sqrt((x * x).mean(-1, keepdims=True) + self.args.norm_eps) * w
+
+    def _rope(self, x, cos, sin):
+        cp = self.cp
+        c, s = cos[:, None, :], sin[:, None, :]
+        if self.args.rope.interleaved:
+            x0, x1 = x[..., 0::2], x[..., 1::2]
+            out = cp.empty_like(x)
+            out[..., 0::2] = x0 * c - x1 * s
+            out[..., 1::2] = x0 * s + x1 * c
+            return out
+        half = x.shape[-1] // 2
+        x0, x1 = x[..., :half], x[..., half:]
+        return cp.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
+
+    def _attention(self, i: int, w: GpuLayer, h, start: int):
+        cp, a = self.cp, self.args
+        n = h.shape[0]
+        x = cp.ascontiguousarray(self._rms(h, w.attn_norm))
+        outs = [m(x) for m in w.qkv]
+        qkv = outs[0] if len(outs) == 1 else cp.concatenate(outs, axis=1)
+        nq, nkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        q = qkv[:, :nq].reshape(n, a.n_heads, a.head_dim)
+        k = qkv[:, nq:nq + nkv].reshape(n, a.n_kv_heads, a.head_dim)
+        v = qkv[:, nq + nkv:].reshape(n, a.n_kv_heads, a.head_dim)
+        if w.q_norm is not None:
+            q, k = self._rms(q, w.q_norm), self._rms(k, w.k_norm)
+        keys, values = self.kv.keys[i][0], self.kv.values[i][0]
+        cos, sin = (self.rope[name] for name in a.rope_names(i))
+        window = a.sliding_window if a.is_local(i) else 0
+        total = start + n
+        q = self._rope(q, cos[start:total], sin[start:total])
+        k = self._rope(k, cos[start:total], sin[start:total])
+        keys[:, start:total] = k.transpose(1, 0, 2)
+        values[:, start:total] = v.transpose(1, 0, 2)
+        group = a.n_heads // a.n_kv_heads
+        qg = q.transpose(1, 0, 2).reshape(a.n_kv_heads, group * n, a.head_dim)
+        kk = keys[:, :total].astype(cp.float32)
+        scores = qg @ kk.transpose(0, 2, 1) * np.float32(a.head_dim ** -0.5)
+        if n > 1 or window:
+            dist = (start + cp.arange(n))[:, None] - cp.arange(total)[None, :]
+            allowed = (dist >= 0) & (dist < window) if window else dist >= 0
+            scores = cp.where(cp.tile(allowed, (group, 1))[None], scores, np.float32(-np.inf))
+        scores -= scores.max(-1, keepdims=True)
+        probs = cp.exp(scores)
+        probs /= probs.sum(-1, keepdims=True)
+        out = (probs @ values[:, :total].astype(cp.float32)).reshape(a.n_heads, n, a.head_dim)
+        out = cp.ascontiguousarray(out.transpose(1, 0, 2).reshape(n, -1))
+        o = w.o(out)
+        h1 = h + (o if w.post_attn_norm is None else self._rms(o, w.post_attn_norm))
+        return cp.ascontiguousarray(self._rms(h1, w.ffn_norm), dtype=cp.float32), h1
+
+    def forward(self, ids: np.ndarray, all_logits: bool = False) -> np.ndarray:
+        cp = self.cp
+        n = len(ids)
+        start = self.kv.n_past
+        self.kv.reserve(start + n)
+        h = cp.asarray(self.embed.lookup(ids), dtype=cp.float32)
+        self.ffn.begin(n)
+        for i, w in enumerate(self.layers):
+            x, h = self._attention(i, w, h, start)
+            if w.post_ffw_norm is None:
+                self.ffn.run(i, x, h)
+            else:
+                y = cp.zeros_like(h)
+                self.ffn.run(i, x, y)
+                h += self._rms(y, w.post_ffw_norm)
+        rows = np.arange(n) if all_logits else np.array([n - 1])
+        out = np.empty((len(rows), self.vocab_size), np.float32)
+        self.head_stream.run(h, rows, out)
+        cap = getattr(self.args, "logit_softcap", 0.0)
+        if cap:
+            np.multiply(np.tanh(out / cap), cap, out=out)
+        self.kv.n_past = start + n
+        return out

@@ -1,0 +1,178 @@
+"""GPU checks and benchmarks (needs CuPy and an NVIDIA GPU).
+
+    python -m flashlm.tools.gpu_bench kernels                 # kernels vs gguf.quants; 4096 x 11008 Q4_0 GB/s
+    python -m flashlm.tools.gpu_bench compare MODEL.flash     # GPU vs CPU backend: greedy 3 x 64, teacher-forced
+    python -m flashlm.tools.gpu_bench naive MODEL.flash --gpu-memory-budget 2GB --memory-budget 4GB -n 8
+                                                              # flashlm's tiers vs copying every layer every token
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+from gguf.constants import GGMLQuantizationType as QT
+
+PROMPTS = ["The history of the printing press", "def fibonacci(n):", "Three things to know about the ocean:"]
+
+
+def _random_rows(qtype, n: int, k: int, rng) -> np.ndarray:
+    """Valid GGUF rows: quantized from random floats by gguf-py's reference quantizer."""
+    import gguf
+
+    return gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
+
+
+def check_kernels(rounds: int = 50) -> dict:
+    import cupy as cp
+    import gguf
+
+    from ..quant.cuda_kernels import CudaKernels
+
+    kern = CudaKernels()
+    rng = np.random.default_rng(0)
+    report = {"errors": {}}
+    for qtype in (QT.Q4_0, QT.Q4_1, QT.Q8_0):
+        rows = _random_rows(qtype, 300, 512, rng)
+        w = gguf.quants.dequantize(rows, qtype).astype(np.float64)
+        for S in (1, 3, 8, 13):
+            x = rng.standard_normal((S, 512)).astype(np.float32)
+            y = cp.empty((S, 300), cp.float32)
+            g = cp.asarray(rows)
+            kern.matvec(g.data.ptr, rows.shape[1], 300, 512, qtype, cp.asarray(x), y)
+            ref = x.astype(np.float64) @ w.T
+            report["errors"][f"{qtype.name} S={S}"] = float(np.abs(cp.asnumpy(y) - ref).max() / np.abs(ref).max())
+    # bandwidth: W (11008 rows x 4096) Q4_0 = 25.4 MB; 8 copies (203 MB) rotated so no product is served from L2
+    n, k = 11008, 4096
+    rows = _random_rows(QT.Q4_0, n, k, rng)
+    copies = [cp.asarray(rows) for _ in range(8)]
+    x = cp.asarray(rng.standard_normal((1, k)).astype(np.float32))
+    y = cp.empty((1, n), cp.float32)
+    for c in copies:
+        kern.matvec(c.data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y)
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    start.record()
+    for r in range(rounds):
+        c = copies[r % len(copies)]
+        kern.matvec(c.data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y)
+    stop.record()
+    stop.synchronize()
+    ms = cp.cuda.get_elapsed_time(start, stop) / rounds
+    props = cp.cuda.runtime.getDeviceProperties(0)
+    bus_bits = props["memoryBusWidth"]
+    clock_khz = props["memoryClockRate"]
+    peak = 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz else float("nan")  # DDR: two transfers a clock
+    report.update(device=props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+                  matvec_ms=ms, matvec_bytes=int(rows.nbytes), matvec_gb_s=rows.nbytes / ms / 1e6,
+                  card_peak_gb_s=peak, fraction_of_peak=rows.nbytes / ms / 1e6 / peak)
+    return report
+
+
+def _greedy(m, prompt: str, n: int) -> list[int]:
+    return [r.token for r in m.stream(prompt, max_tokens=n, temperature=0.0) if r.token is not None]
+
+
+def compare(path: str, n_tokens: int = 64, gpu_budget: str | None = None, text: str | None = None) -> dict:
+    """GPU vs CPU backend on the same .flash: greedy tokens, and teacher-forced top-1 / perplexity ratio."""
+    import flashlm
+
+    cpu = flashlm.load(path, threads=4, ctx_size=1024)
+    gpu = flashlm.load(path, ctx_size=1024, device="cuda", gpu_memory_budget=gpu_budget)
+    report = {"greedy": []}
+    for p in PROMPTS:
+        a, b = _greedy(cpu, p, n_tokens), _greedy(gpu, p, n_tokens)
+        first_diff = next((i for i, (u, v) in enumerate(zip(a, b)) if u != v), None)
+        report["greedy"].append({"prompt": p, "equal": a == b, "first_difference": first_diff})
+    if text:
+        with open(text, encoding="utf-8") as fh:
+            ids = cpu.tokenize(fh.read())[:512]
+        lc, lg = cpu.logits(ids), gpu.logits(ids)
+
+        def ppl(lg_):
+            z = lg_.astype(np.float64)
+            z -= z.max(-1, keepdims=True)
+            lp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+            return float(np.exp(-lp[np.arange(len(ids) - 1), ids[1:]].mean()))
+
+        report.update(top1=float((lc[:-1].argmax(-1) == lg[:-1].argmax(-1)).mean()), ppl_cpu=ppl(lc),
+                      ppl_gpu=ppl(lg), max_rel_logit_diff=float(np.abs(lc - lg).max() / np.abs(lc).max()))
+    report["gpu_plan"] = gpu._loaded.engine.executor.gpu_plan.describe()
+    return report
+
+
+def _decode_rate(engine, ids: list[int], n: int) -> tuple[float, dict]:
+    ffn = engine.executor.ffn
+    logits = engine.prefill(ids)
+    tok = int(np.argmax(logits))
+    before = ffn.stats.copy()
+    t = time.perf_counter()
+    for _ in range(n):
+        tok = int(np.argmax(engine.step(tok)))
+    dt = time.perf_counter() - t
+    d = ffn.stats.since(before)
+    split = {"ms_per_token": dt / n * 1e3, "io_wait_ms": d.io_wait_s / n * 1e3,
+             "host_ms": (d.manage_s + d.compute_s) / n * 1e3,
+             "read_mb_per_token": d.io.bytes_read / n / 1e6}
+    split["gpu_and_transfer_ms"] = split["ms_per_token"] - split["io_wait_ms"] - split["host_ms"]
+    return n / dt, split
+
+
+def naive_vs_tiers(path: str, gpu_budget: str, host_budget: str, n_tokens: int) -> dict:
+    """Both in this process, one after the other: flashlm's tiers, then the naive baseline (every layer's
+    weights copied to the GPU for every token: FFN records read from flash, attention from host memory)."""
+    from ..loaders.flash_loader import load_cuda_executor
+    from ..loaders.model_loader import read_model
+    from ..options import LoadOptions
+    from ..runtime.executor import Engine
+
+    report = {}
+    ids = list(range(1000, 1016))
+    for name, naive in (("flashlm", False), ("naive", True)):
+        opts = LoadOptions(ctx_size=256, memory_budget=host_budget, gpu_memory_budget=gpu_budget,
+                           device="cuda").validate()
+        f, family, args = read_model(path)
+        t = time.perf_counter()
+        executor, _ = load_cuda_executor(path, f, family, args, opts, 256, 4, naive=naive)
+        load_s = time.perf_counter() - t
+        engine = Engine(executor, 256, 32)
+        rate, split = _decode_rate(engine, ids, n_tokens)
+        report[name] = {"tok_s": rate, "load_s": load_s, "plan": executor.gpu_plan.describe(), **split}
+        executor.ffn.close()
+        del engine, executor
+        import cupy as cp
+
+        cp.get_default_memory_pool().free_all_blocks()
+        f.close()
+    report["speedup"] = report["flashlm"]["tok_s"] / report["naive"]["tok_s"]
+    return report
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("kernels")
+    c = sub.add_parser("compare")
+    c.add_argument("model")
+    c.add_argument("-n", type=int, default=64)
+    c.add_argument("--gpu-memory-budget", default=None)
+    c.add_argument("--text", default=None)
+    nv = sub.add_parser("naive")
+    nv.add_argument("model")
+    nv.add_argument("--gpu-memory-budget", default="2GB")
+    nv.add_argument("--memory-budget", default="4GB")
+    nv.add_argument("-n", type=int, default=8)
+    a = p.parse_args(argv)
+    if a.cmd == "kernels":
+        out = check_kernels()
+    elif a.cmd == "compare":
+        out = compare(a.model, a.n, a.gpu_memory_budget, a.text)
+    else:
+        out = naive_vs_tiers(a.model, a.gpu_memory_budget, a.memory_budget, a.n)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
