@@ -3,7 +3,8 @@
 Two passes over the FFN: the first builds each layer's bundle to checksum it (checksums go in the header, which
 is written before the data), the second builds it again and writes it, so memory holds one layer at a time. The
 output goes to a temporary file beside the target and is renamed into place only when complete: an interrupted or
-failed conversion leaves no output file.
+failed conversion leaves no output file, and one killed outright leaves a temporary that the next conversion to the
+same target removes (atomic_file.py). The source is only ever opened read-only.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import gguf
 
+from ..atomic_file import commit, remove_stale_temps, temp_path
 from ..errors import InvalidOptionError, UnsupportedModelError
 from ..loaders.gguf_reader import GGUFFile, StringArray
 from ..loaders.model_loader import read_model
@@ -91,6 +93,7 @@ def _progress(done: int, total: int, what: str) -> None:
 
 def convert(src: str, dst: str, calibration_text: str | None = None, force: bool = False,
             calibration: Calibration | None = None) -> ConvertReport:
+    remove_stale_temps(dst)
     if os.path.exists(dst) and not force:
         raise InvalidOptionError(f"{dst}: already exists (use --force to overwrite)")
     if os.path.isdir(dst):
@@ -133,7 +136,7 @@ def _write(f, args, layout, orders, calibration, src, dst) -> ConvertReport:
     for t in resident:
         resident_crc = zlib.crc32(f.tensor_bytes(t.name), resident_crc)
 
-    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.tmp-{os.getpid()}")
+    tmp = temp_path(dst)
     try:
         w = gguf.GGUFWriter(tmp, args.arch)
         w.data_alignment = fmt.DATA_ALIGN
@@ -170,7 +173,7 @@ def _write(f, args, layout, orders, calibration, src, dst) -> ConvertReport:
         w.fout[0].flush()
         os.fsync(w.fout[0].fileno())
         w.close()
-        os.replace(tmp, dst)
+        commit(tmp, dst)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

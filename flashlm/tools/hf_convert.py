@@ -24,6 +24,7 @@ import gguf
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT, LlamaFileType
 
+from ..atomic_file import commit, remove_stale_temps, temp_path
 from ..errors import InvalidOptionError, ModelFileError, UnsupportedModelError
 from ..loaders import hf_families as fam
 from ..loaders.hf_dir import FLOAT_DTYPES, HFModelDir, TOKENIZER_FILE
@@ -227,7 +228,9 @@ def _check_tensors(hf: HFModelDir, family: fam.HFFamily, args: fam.HFArgs,
 
 
 def write_gguf(src_dir: str, dst: str, quant: str = DEFAULT_QUANT, force: bool = False) -> HFConvertReport:
-    """HF directory -> GGUF file at dst (atomically: a temporary file beside it, renamed when complete)."""
+    """HF directory -> GGUF file at dst (atomically: a temporary file beside it, renamed when complete; those of
+    killed earlier runs are removed first)."""
+    remove_stale_temps(dst)
     if quant not in QUANT_TYPES:
         raise InvalidOptionError(f"--quant must be one of {', '.join(QUANT_TYPES)}, got {quant!r}")
     if os.path.isdir(dst):
@@ -246,7 +249,7 @@ def write_gguf(src_dir: str, dst: str, quant: str = DEFAULT_QUANT, force: bool =
 
     arch = family.gguf_arch
     types = {gg: tensor_type(gg, hf.tensors[h].shape, quant) for h, gg in plan}
-    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.tmp-{os.getpid()}")
+    tmp = temp_path(dst)
     nbytes = 0
     try:
         w = gguf.GGUFWriter(tmp, arch)
@@ -274,7 +277,7 @@ def write_gguf(src_dir: str, dst: str, quant: str = DEFAULT_QUANT, force: bool =
         w.fout[0].flush()
         os.fsync(w.fout[0].fileno())
         w.close()
-        os.replace(tmp, dst)
+        commit(tmp, dst)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -290,9 +293,10 @@ def convert(src_dir: str, dst: str, quant: str = DEFAULT_QUANT, force: bool = Fa
         return write_gguf(src_dir, dst, quant, force)
     from ..flash_store import writer
 
+    remove_stale_temps(dst)
     if os.path.exists(dst) and not force:
         raise InvalidOptionError(f"{dst}: already exists (use --force to overwrite)")
-    tmp_gguf = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.src-{os.getpid()}.gguf")
+    tmp_gguf = temp_path(dst, "src", ".gguf")
     try:
         report = write_gguf(src_dir, tmp_gguf, quant, force=True)
         writer.convert(tmp_gguf, dst, calibration_text, force=force)
