@@ -4,18 +4,28 @@
     print(model.generate("The capital of France is", max_tokens=16, temperature=0))
     for r in model.chat([{"role": "user", "content": "Hi!"}], stream=True):
         print(r.text, end="")
+
+Threads: one loaded Model may be used from several threads. Forward passes are serialized per loaded model (one
+lock: the executor's buffers, onnxruntime bindings and neuron caches are shared). Requests on one Session (the
+Model's own calls use its default one) run whole, one at a time: generate, chat and logits calls, and a stream
+from its first step to its end or close(); so each gives what it gives run alone. Independent conversations that
+should run at the same time each take `model.session()`: a KV cache and history of its own on the same weights
+(memory: the KV cache of the tokens it holds), steps interleaved with the other sessions'. One thread that
+interleaves two streams on one Session is let through (no deadlock): each step then finds the cache moved and
+re-evaluates its own tokens from the shared prefix, correct but a prefill per switch.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import fields
 from typing import Iterator
 
 import numpy as np
 
-from .errors import InvalidOptionError
+from .errors import ContextLengthError, InvalidOptionError
 from .loaders.model_loader import load_model
 from .loaders.tokenizer import Tokenizer
 from .options import GenerationOptions, LoadOptions, generation_options
@@ -24,7 +34,7 @@ from .runtime.generate import GenerationResponse, check_prompt, stream_generate
 
 
 class Model:
-    """A loaded model. Not thread-safe: one generation at a time per Model."""
+    """A loaded model: the weights, the tokenizer and a default Session (see the module docstring on threads)."""
 
     def __init__(self, path: str, options: LoadOptions):
         self.options = options.validate()
@@ -41,6 +51,7 @@ class Model:
         _warn_unused_sliding_window(self._loaded.file, self.args, self.n_ctx)
         self.load_ms = self._loaded.load_ms
         self._chat_template: ChatTemplate | None = None
+        self._session = Session(self, self.engine)
 
     # -- tokens ----------------------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = True, parse_special: bool = True) -> list[int]:
@@ -57,9 +68,10 @@ class Model:
         bad = [i for i in ids if not 0 <= i < self.args.vocab_size]
         if bad:
             raise InvalidOptionError(f"token id {bad[0]} is outside the vocabulary (0..{self.args.vocab_size - 1})")
-        return self.engine.logits_all(ids)
+        with self._session._gate:
+            return self.engine.logits_all(ids)
 
-    # -- generation ------------------------------------------------------------------------------------
+    # -- generation (the default session) ------------------------------------------------------------------
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenize(prompt)
@@ -68,29 +80,18 @@ class Model:
             raise InvalidOptionError("prompt token ids must be inside the vocabulary")
         return ids
 
+    def session(self) -> "Session":
+        """An independent conversation on this model's weights: its own KV cache and token history."""
+        return Session(self, self.engine.fork())
+
     def stream(self, prompt: str | list[int], options: GenerationOptions | None = None,
                **overrides) -> Iterator[GenerationResponse]:
         """Yield GenerationResponse steps; options as GenerationOptions and/or keyword overrides
-        (max_tokens, stop, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)."""
-        opts = generation_options(options, **overrides)
-        ids = self._prompt_ids(prompt)
-        check_prompt(len(ids), self.n_ctx)  # raise here, not at the first next()
-        responses = stream_generate(self.engine, self.tokenizer, ids, opts)
-        return responses if getattr(self.engine.executor, "ffn", None) is None else self._with_flash_stats(responses)
-
-    def _with_flash_stats(self, responses: Iterator[GenerationResponse]) -> Iterator[GenerationResponse]:
-        from .runtime.streaming import flash_timings
-
-        ex = self.engine.executor
-        before, head_wait = ex.ffn.stats.copy(), ex.head_stream.io_wait_s if ex.head_stream else 0.0
-        for r in responses:
-            if r.finish_reason is not None:
-                r.timings.flash = flash_timings(ex.ffn, ex.head_stream, before, head_wait,
-                                                r.timings.prompt_ms + r.timings.eval_ms)
-            yield r
+        (max_tokens, stop, ctx_overflow, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)."""
+        return self._session.stream(prompt, options, **overrides)
 
     def generate(self, prompt: str | list[int], options: GenerationOptions | None = None, **overrides) -> str:
-        return "".join(r.text for r in self.stream(prompt, options, **overrides))
+        return self._session.generate(prompt, options, **overrides)
 
     # -- chat ------------------------------------------------------------------------------------------
     @property
@@ -110,9 +111,9 @@ class Model:
 
     def chat(self, messages: list[dict], stream: bool = False, options: GenerationOptions | None = None,
              **overrides):
-        """Answer OpenAI-style messages. The KV cache of the prefix shared with the previous call is reused."""
-        responses = self.stream(self.chat_prompt_ids(messages), options, **overrides)
-        return responses if stream else "".join(r.text for r in responses)
+        """Answer OpenAI-style messages. The KV cache of the prefix shared with the previous call is reused.
+        With ctx_overflow="shift" a history too long for the context loses its oldest turns (Session.chat)."""
+        return self._session.chat(messages, stream, options, **overrides)
 
     # -- introspection ---------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -129,6 +130,113 @@ class Model:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class Session:
+    """One conversation: a KV cache and token history of its own on a Model's weights (`model.session()`), or
+    the Model's default one. Calls on one Session from several threads are safe: non-streaming calls run whole,
+    one request at a time (module docstring)."""
+
+    def __init__(self, model: Model, engine):
+        self.model, self.engine = model, engine
+        self._gate = _RequestGate()
+        self._dropped_lock = threading.Lock()
+        # The history turns dropped for a chat that did not fit, kept while the conversation continues from them,
+        # so later turns drop the same ones and the cache's prefix is reused (hysteresis: drop down to half).
+        self._dropped: list[dict] = []
+
+    def reset(self) -> None:
+        """Forget what the KV cache holds."""
+        with self._gate:
+            self.engine.reset()
+            self._dropped = []
+
+    def stream(self, prompt: str | list[int], options: GenerationOptions | None = None,
+               **overrides) -> Iterator[GenerationResponse]:
+        m = self.model
+        opts = generation_options(options, **overrides)
+        ids = m._prompt_ids(prompt)
+        check_prompt(len(ids), m.n_ctx)  # raise here, not at the first next()
+        responses = stream_generate(self.engine, m.tokenizer, ids, opts)
+        if getattr(self.engine.executor, "ffn", None) is not None:
+            responses = self._with_flash_stats(responses)
+        return self._one_at_a_time(responses)
+
+    def _one_at_a_time(self, responses: Iterator[GenerationResponse]) -> Iterator[GenerationResponse]:
+        with self._gate:  # entered at the first step, left at the end or on close()
+            yield from responses
+
+    def _with_flash_stats(self, responses: Iterator[GenerationResponse]) -> Iterator[GenerationResponse]:
+        from .runtime.streaming import flash_timings
+
+        ex = self.engine.executor
+        before, head_wait = ex.ffn.stats.copy(), ex.head_stream.io_wait_s if ex.head_stream else 0.0
+        for r in responses:
+            if r.finish_reason is not None:
+                r.timings.flash = flash_timings(ex.ffn, ex.head_stream, before, head_wait,
+                                                r.timings.prompt_ms + r.timings.eval_ms)
+            yield r
+
+    def generate(self, prompt: str | list[int], options: GenerationOptions | None = None, **overrides) -> str:
+        return "".join(r.text for r in self.stream(prompt, options, **overrides))
+
+    def chat(self, messages: list[dict], stream: bool = False, options: GenerationOptions | None = None,
+             **overrides):
+        """Answer OpenAI-style messages, reusing the cached prefix. With ctx_overflow="shift", a history whose
+        prompt leaves less than a quarter of the context for the answer loses its oldest turns (the leading system
+        messages and the last message stay) down to half the context; later turns drop the same ones while they
+        fit, so the cache is reused. With "stop" such a history raises ContextLengthError when it does not fit."""
+        opts = generation_options(options, **overrides)
+        responses = self.stream(self.chat_prompt_ids(messages, opts), opts)
+        return responses if stream else "".join(r.text for r in responses)
+
+    def chat_prompt_ids(self, messages: list[dict], opts: GenerationOptions | None = None) -> list[int]:
+        m, n_ctx = self.model, self.model.n_ctx
+        ids = m.chat_prompt_ids(messages)
+        fits = n_ctx - n_ctx // 4  # leave a quarter of the context for the answer
+        if opts is None or opts.ctx_overflow != "shift" or len(ids) <= fits:
+            return ids
+        head = 0
+        while head < len(messages) - 1 and messages[head]["role"] == "system":
+            head += 1
+        turns = list(messages[head:-1])  # droppable, oldest first
+        with self._dropped_lock:
+            dropped = self._dropped if turns[:len(self._dropped)] == self._dropped else []
+            candidates = [len(dropped)] if dropped else []
+            candidates += [k for k in range(len(dropped) + 1, len(turns) + 1)
+                           if k == len(turns) or turns[k]["role"] == "user"]  # a kept history starts with a user turn
+            for k in candidates:
+                trimmed = list(messages[:head]) + turns[k:] + [messages[-1]]
+                ids = m.chat_prompt_ids(trimmed)
+                if len(ids) <= (fits if k == len(dropped) and dropped else n_ctx // 2) or k == len(turns):
+                    self._dropped = turns[:k]
+                    break
+        if len(ids) >= n_ctx:
+            raise ContextLengthError(f"the last message and the system prompt are {len(ids)} tokens, which do not "
+                                     f"fit the context of {n_ctx} tokens")
+        return ids
+
+
+class _RequestGate:
+    """One request at a time on a Session. Re-entrant for the thread inside (a thread interleaving two streams on
+    one Session must not deadlock on itself), and left by whichever thread ends the request (a stream may be
+    finished from another thread than the one that started it)."""
+
+    def __init__(self):
+        self._cond, self._holder, self._depth = threading.Condition(), None, 0
+
+    def __enter__(self):
+        me = threading.get_ident()
+        with self._cond:
+            self._cond.wait_for(lambda: self._depth == 0 or self._holder == me)
+            self._holder, self._depth = me, self._depth + 1
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self._depth -= 1
+            if self._depth == 0:
+                self._holder = None
+                self._cond.notify_all()
 
 
 def _warn_unused_sliding_window(f, args, n_ctx: int) -> None:

@@ -104,11 +104,16 @@ class GenerationOptions:
     max_tokens: int = 256  # -1: until EOS or the context is full
     stop: tuple[str, ...] = ()
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    # A full context: "stop" ends with finish_reason "length"; "shift" keeps the first 4 tokens (attention sinks)
+    # plus the most recent ones, half the context in all, and goes on (chat first drops the oldest turns).
+    ctx_overflow: str = "stop"
 
     def validate(self) -> "GenerationOptions":
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= -1,
                f"max_tokens must be >= -1, got {self.max_tokens!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        _check(self.ctx_overflow in ("stop", "shift"),
+               f"ctx_overflow must be 'stop' or 'shift', got {self.ctx_overflow!r}")
         self.sampling.validate()
         return self
 

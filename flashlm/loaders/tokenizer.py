@@ -16,6 +16,7 @@ import codecs
 import contextlib
 import ctypes
 import os
+import threading
 
 from ..errors import ModelFileError
 from .gguf_reader import GGUFFile
@@ -76,7 +77,6 @@ class LlamaCppTokenizer(Tokenizer):
         self.n_vocab = self._llm.n_vocab()
         self.bos_id = self._llm.token_bos()
         self.eos_id = self._llm.token_eos()
-        self._piece_buf = ctypes.create_string_buffer(256)
 
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Text -> ids. add_special adds BOS (and EOS) where the model's metadata asks for them; parse_special
@@ -85,7 +85,7 @@ class LlamaCppTokenizer(Tokenizer):
 
     def piece(self, token: int) -> bytes:
         """The bytes one token stands for in generated text (special tokens render as nothing)."""
-        lib, buf = self._llama_cpp, self._piece_buf
+        lib, buf = self._llama_cpp, ctypes.create_string_buffer(256)  # per call: threads decode concurrently
         n = lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
         if n < 0:  # buffer too small: llama.cpp returns the size it needs, negated
             buf = ctypes.create_string_buffer(-n)
@@ -149,6 +149,7 @@ class HFTokenizer(Tokenizer):
             self._tok = HFBackend.from_str(text)
         except Exception as e:  # tokenizers raises plain Exception for a malformed file
             raise ModelFileError(f"{path}: {HF_TOKENIZER_KEY} is not a valid tokenizer ({e})") from None
+        self._encode_lock = threading.Lock()
         spec = json.loads(text)
         self.n_vocab = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = int(ids["bos"]) if ids["bos"] is not None else -1
@@ -166,8 +167,9 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Text -> ids, as transformers' tokenizer(text) gives them (add_special: its add_special_tokens;
         parse_special=False: special-token text is tokenized as plain text, transformers' split_special_tokens)."""
-        self._tok.encode_special_tokens = not parse_special
-        return self._tok.encode(text, add_special_tokens=add_special).ids
+        with self._encode_lock:  # encode_special_tokens is the tokenizer's state, shared by threads
+            self._tok.encode_special_tokens = not parse_special
+            return self._tok.encode(text, add_special_tokens=add_special).ids
 
     def piece(self, token: int) -> bytes:
         """The bytes one token stands for in generated text (special tokens render as nothing)."""

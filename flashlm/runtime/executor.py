@@ -8,6 +8,8 @@ The forward pass never touches files: embeddings come from the loader's table, w
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ..loaders.weights import EmbeddingTable
@@ -41,7 +43,7 @@ class Executor:
         self.head_io = [sess.io_binding() for sess in head]
         widths = [sess.get_outputs()[0].shape[1] for sess in head]
         self._head_bounds = np.cumsum([0] + widths)
-        self._bound_generation = -1
+        self._bound = None  # (KVCache, generation) the bindings point into; an Engine may swap in its own cache
         self._hidden: dict[int, tuple] = {}  # S -> (arrays, OrtValues) ping-pong buffers
         # Extra outputs a caller asked for at load (name -> last dimension); filled by each forward.
         self.taps = [{o.name: o.shape[-1] for o in sess.get_outputs()[1:] if not o.name.startswith("present_")}
@@ -55,7 +57,7 @@ class Executor:
                     value = self._ortvalue(buffers[i])
                     io.bind_ortvalue_input(f"past_{kind}_{i}", value)
                     io.bind_ortvalue_output(f"present_{kind}_{i}", value)
-        self._bound_generation = self.kv.generation
+        self._bound = (self.kv, self.kv.generation)
 
     def _hidden_buffers(self, n: int):
         if n not in self._hidden:
@@ -70,7 +72,7 @@ class Executor:
         n = len(ids)
         total = self.kv.n_past + n
         self.kv.reserve(total)
-        if self.kv.generation != self._bound_generation:
+        if self._bound is None or self._bound[0] is not self.kv or self._bound[1] != self.kv.generation:
             self._bind_cache()
         self._seqlens[0], self._total[()] = total - 1, total
         arrays, values = self._hidden_buffers(n)
@@ -111,10 +113,18 @@ class Engine:
 
     `prefill` reuses the longest prefix shared with what the cache already holds (as llama-server's prompt cache
     does), so a multi-turn chat only evaluates each new turn. Timings of the last call are kept for stats.
+
+    Threads: the executor (sessions, I/O buffers, neuron caches) is shared by every Engine made from it with
+    `fork()`, each with its own KV cache and history; `lock` serializes their forward passes, and each call first
+    points the executor at the calling Engine's cache. `advance` lets a request that was interleaved with another
+    on the same Engine continue correctly: it re-evaluates from the shared prefix when the cache moved on.
     """
 
-    def __init__(self, executor: Executor, n_ctx: int, n_batch: int = 512):
+    def __init__(self, executor, n_ctx: int, n_batch: int = 512, kv: KVCache | None = None,
+                 lock: threading.RLock | None = None):
         self.executor, self.n_ctx, self.n_batch = executor, n_ctx, n_batch
+        self.kv = kv if kv is not None else executor.kv
+        self.lock = lock if lock is not None else threading.RLock()
         self.tokens: list[int] = []
         self.last_prompt_tokens = 0  # tokens actually evaluated by the last prefill (after prefix reuse)
         # The last prefill's prompt and logits: the same prompt again gets these back, so identical calls give
@@ -122,16 +132,25 @@ class Engine:
         # can turn that into a different sampled token).
         self._prefill_memo: tuple[list[int], np.ndarray] | None = None
 
+    def fork(self) -> "Engine":
+        """A new Engine on the same executor and lock with an empty KV cache of its own (memory: its KV cache,
+        which grows with the tokens it holds, kv.bytes_per_token() each)."""
+        kv = self.kv
+        own = KVCache(kv.n_layers, kv.n_kv_heads, kv.head_dim, kv.max_tokens, kv.dtype)
+        return Engine(self.executor, self.n_ctx, self.n_batch, own, self.lock)
+
     def reset(self) -> None:
-        self.tokens = []
-        self._prefill_memo = None
-        self.executor.kv.truncate(0)
+        with self.lock:
+            self.tokens = []
+            self._prefill_memo = None
+            self.kv.truncate(0)
 
     def _rewind(self, n: int) -> None:
         self.tokens = self.tokens[:n]
-        self.executor.kv.truncate(n)
+        self.kv.truncate(n)
 
     def _eval(self, ids: list[int], all_logits: bool) -> np.ndarray:
+        self.executor.kv = self.kv  # this Engine's cache (the lock is held)
         out = []
         for start in range(0, len(ids), self.n_batch):
             chunk = np.asarray(ids[start:start + self.n_batch], dtype=np.int64)
@@ -145,23 +164,34 @@ class Engine:
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         """Make the cache hold exactly `ids`; return the logits after the last one (1, V)."""
-        keep = common_prefix(self.tokens, ids)
-        if keep == len(ids) and self._prefill_memo is not None and self._prefill_memo[0] == ids:
+        with self.lock:
+            keep = common_prefix(self.tokens, ids)
+            if keep == len(ids) and self._prefill_memo is not None and self._prefill_memo[0] == ids:
+                self._rewind(keep)
+                self.last_prompt_tokens = 0
+                return self._prefill_memo[1].copy()
+            if keep == len(ids):
+                keep -= 1  # the last token must be evaluated again to get its logits
             self._rewind(keep)
-            self.last_prompt_tokens = 0
-            return self._prefill_memo[1].copy()
-        if keep == len(ids):
-            keep -= 1  # the last token must be evaluated again to get its logits
-        self._rewind(keep)
-        self.last_prompt_tokens = len(ids) - keep
-        logits = self._eval(ids[keep:], all_logits=False)
-        self._prefill_memo = (list(ids), logits.copy())
-        return logits
+            self.last_prompt_tokens = len(ids) - keep
+            logits = self._eval(ids[keep:], all_logits=False)
+            self._prefill_memo = (list(ids), logits.copy())
+            return logits
 
     def step(self, token: int) -> np.ndarray:
-        return self._eval([token], all_logits=False)
+        with self.lock:
+            return self._eval([token], all_logits=False)
+
+    def advance(self, context: list[int], token: int) -> np.ndarray:
+        """Logits after context + [token]: one decode step when the cache still holds exactly `context`, else
+        (another request used this Engine in between) a prefill that reuses the prefix they share."""
+        with self.lock:
+            if self.tokens == context:
+                return self._eval([token], all_logits=False)
+            return self.prefill(context + [token])
 
     def logits_all(self, ids: list[int]) -> np.ndarray:
         """Teacher-forced logits (len(ids), V) from an empty context."""
-        self.reset()
-        return self._eval(ids, all_logits=True)
+        with self.lock:
+            self.reset()
+            return self._eval(ids, all_logits=True)

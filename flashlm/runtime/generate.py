@@ -1,8 +1,15 @@
 """The generation loop: a generator of typed responses (mlx-lm's generate_step / stream_generate pattern).
 
-prompt ids -> Engine.prefill (reusing the cached prefix) -> sample -> Engine.step ... until an end-of-generation
+prompt ids -> Engine.prefill (reusing the cached prefix) -> sample -> Engine.advance ... until an end-of-generation
 token, a stop string, max_tokens, or a full context. Text is streamed through StreamDecoder (whole UTF-8 characters
 only) and held back while it could still be the start of a stop string.
+
+A full context (prompt + generated tokens = n_ctx) ends the response with finish_reason "length" (ctx_overflow
+"stop"), or with "shift" the cache is rebuilt as the first SINK_TOKENS tokens (attention sinks, StreamingLLM) plus
+the most recent tokens, half the context in all, and generation goes on. The rebuild re-evaluates those tokens
+(a prefill that reuses the sinks), so what follows equals a fresh run on [sinks + window]: exact on every executor
+and cache dtype, where re-rotating the cached keys to their new positions would keep states computed against
+tokens no longer in the cache.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ class Timings:
     eval_tokens: int = 0  # tokens generated
     eval_ms: float = 0.0
     cached_tokens: int = 0  # prompt tokens reused from the KV cache
+    ctx_shifts: int = 0  # context shifts (ctx_overflow="shift"); their re-evaluation time is in eval_ms
     flash: object = None  # streaming.FlashTimings when the model streams from a flash store (last response only)
 
     @property
@@ -87,6 +95,15 @@ def check_prompt(n_prompt: int, n_ctx: int) -> None:
                                  "tokens (raise -c/--ctx-size or shorten the prompt)")
 
 
+SINK_TOKENS = 4
+
+
+def shifted_context(tokens: list[int], n_ctx: int) -> list[int]:
+    """What a context shift keeps: the first SINK_TOKENS tokens and the most recent ones, n_ctx // 2 in all."""
+    keep = max(SINK_TOKENS + 1, n_ctx // 2)
+    return tokens[:SINK_TOKENS] + tokens[len(tokens) - (keep - SINK_TOKENS):]
+
+
 def stream_generate(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int],
                     opts: GenerationOptions) -> Iterator[GenerationResponse]:
     opts.validate()
@@ -100,7 +117,9 @@ def stream_generate(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int],
     timings.cached_tokens = len(prompt_ids) - engine.last_prompt_tokens
     decoder, stops = StreamDecoder(tokenizer), _StopFilter(opts.stop)
     history = list(prompt_ids)
-    limit = opts.max_tokens if opts.max_tokens >= 0 else engine.n_ctx
+    context = list(prompt_ids)  # what this request's KV cache holds (another request may use the Engine between steps)
+    shift = opts.ctx_overflow == "shift"
+    limit = opts.max_tokens if opts.max_tokens >= 0 else (-1 if shift else engine.n_ctx)
     if limit == 0:
         yield GenerationResponse("", None, "length", timings)
         return
@@ -117,11 +136,17 @@ def stream_generate(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int],
         if stops.stopped:
             yield GenerationResponse(text, token, "stop", timings)
             return
-        # max_tokens reached, or no room left in the context to evaluate this token
-        if timings.eval_tokens >= limit or len(engine.tokens) >= engine.n_ctx:
+        # max_tokens reached, or the context is full (prompt + generated = n_ctx) and it may not shift
+        if timings.eval_tokens == limit or (not shift and len(history) >= engine.n_ctx):
             yield GenerationResponse(text + stops.feed(decoder.flush()) + stops.flush(), token, "length", timings)
             return
         yield GenerationResponse(text, token, None, timings)
         t = time.perf_counter()
-        logits = engine.step(token)
+        if len(context) >= engine.n_ctx:  # no room left for this token: keep the sinks and a recent window
+            context = shifted_context(context + [token], engine.n_ctx)
+            logits = engine.prefill(context)
+            timings.ctx_shifts += 1
+        else:
+            logits = engine.advance(context, token)
+            context.append(token)
         timings.eval_ms += (time.perf_counter() - t) * 1e3

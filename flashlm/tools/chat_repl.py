@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from ..errors import ContextLengthError
 from ..options import GenerationOptions
 
 
@@ -39,7 +40,13 @@ def run_repl(model, opts: GenerationOptions, system_prompt: str | None, stats: b
         messages.append({"role": "user", "content": line})
         answer, timings = [], None
         try:
-            for r in model.chat(messages, stream=True, options=opts):
+            responses = model.chat(messages, stream=True, options=opts)
+        except ContextLengthError as e:  # the history no longer fits ("stop"): say so, keep the session
+            click.echo(f"flashlm: {e}; /clear starts over, --ctx-overflow shift drops the oldest turns", err=True)
+            messages.pop()
+            continue
+        try:
+            for r in responses:
                 click.echo(r.text, nl=False)
                 sys.stdout.flush()
                 answer.append(r.text)
