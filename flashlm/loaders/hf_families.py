@@ -151,7 +151,7 @@ class HFArgs:
         args = cls(
             n_layers=cfg.int("num_hidden_layers", maximum=MAX_LAYERS), d_model=d_model, n_ff=cfg.int("intermediate_size"),
             n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=cfg.int("head_dim", d_model // n_heads),
-            vocab_size=cfg.int("vocab_size"), n_ctx_train=cfg.int("max_position_embeddings"),
+            vocab_size=cfg.int("vocab_size"), n_ctx_train=cfg.int("max_position_embeddings", maximum=1 << 31),
             norm_eps=cfg.float("rms_norm_eps"), rope_base=float(rope["rope_theta"]), rope=rope,
             tied=cfg.bool("tie_word_embeddings", False), sliding_window=window,
             explicit_head_dim="head_dim" in cfg.config, logit_softcap=cfg.float("final_logit_softcapping", 0.0),
