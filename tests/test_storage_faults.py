@@ -240,33 +240,70 @@ def test_sketch_head_row_read_fault(flash_path, monkeypatch):
 
 
 @pytest.mark.parametrize("where", ["ffn", "head"])
-def test_interrupted_pass_leaves_no_read_in_flight(flash_path, baseline, monkeypatch, where):
-    """A KeyboardInterrupt (Ctrl-C in chat) while a layer computes leaves the next layer's read in flight, or
-    while a head slice is multiplied leaves later slices in flight: the next generation must not see them land
-    in its buffers. Interrupted at the 45th FFN product / 30th head slice, then run again: identical output."""
+def test_interrupted_pass_leaves_no_read_in_flight(flash_path, monkeypatch, where):
+    """A KeyboardInterrupt (Ctrl-C in chat) while layer 14 computes leaves layer 15's read in flight (into buffer
+    1), or while head slice 5 is multiplied leaves slice 8's (into buffer 0). That read is held here until the
+    next pass is about to compute from the same buffer (layer 1 / slice 0), or 2 s: without draining, it would
+    land there first and change the logits. Interrupted in the 2nd decode step, then teacher-forced logits
+    equal those from before, bit for bit."""
     from flashlm.runtime import streaming
 
     m = load_streaming(flash_path)
+    ex = m.engine.executor
+    ids = m.tokenize(PROMPT)
+    reference = m.logits(ids)
+    if where == "ffn":
+        ffn, layer, at, target = ex.ffn, 15, 45, "run"  # kernel.run calls: 30 per pass, the 45th is layer 14
+        start = ffn.store.layers[layer].offset + ffn.hot * ffn.record_bytes
+        owner, rerun_call = ffn.kernel, 2  # the next pass's layer 1 computes from buffer 1
+    else:
+        head, slice_, at, target = ex.head_stream, 8, 30, "rows_matvec"  # 12 slices per pass: the 30th is slice 5
+        start = head.offset + head.bounds[slice_] * head.row_bytes
+        owner, rerun_call = streaming, 1  # the next head's slice 0 computes from buffer 0
+    held_offset = start // 4096 * 4096
+    real_preadv, real_call = os.preadv, getattr(owner, target)
+    armed, release, landed, lock = threading.Event(), threading.Event(), threading.Event(), threading.Lock()
+
+    def holding_preadv(fd, buffers, offset, *flags):
+        with lock:
+            hold = armed.is_set() and offset == held_offset
+            if hold:
+                armed.clear()
+        if not hold:
+            return real_preadv(fd, buffers, offset, *flags)
+        release.wait(2)
+        n = real_preadv(fd, buffers, offset, *flags)
+        landed.set()
+        return n
+
     calls = [0]
 
-    def interrupting(real, at):
-        def call(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] == at:
-                raise KeyboardInterrupt
-            return real(*args, **kwargs)
-        return call
+    def interrupting(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == at - 1:  # the read of layer 15 / slice 8 is issued after this call
+            armed.set()
+        if calls[0] == at:
+            raise KeyboardInterrupt
+        return real_call(*args, **kwargs)
 
-    if where == "ffn":
-        kernel = m.engine.executor.ffn.kernel
-        monkeypatch.setattr(kernel, "run", interrupting(kernel.run, 45))
-    else:
-        monkeypatch.setattr(streaming, "rows_matvec", interrupting(streaming.rows_matvec, 30))
+    def rerun(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == rerun_call:  # let the held read land now, if it is still out
+            release.set()
+            landed.wait(2)
+        return real_call(*args, **kwargs)
+
+    monkeypatch.setattr(os, "preadv", holding_preadv)
+    monkeypatch.setattr(owner, target, interrupting)
     with pytest.raises(KeyboardInterrupt):
         greedy(m, [])
+    calls[0] = 0
+    monkeypatch.setattr(owner, target, rerun)
+    box = run_with_timeout(lambda: m.logits(ids))
     monkeypatch.undo()
-    assert run_with_timeout(lambda: greedy(m, [])).get("value") == baseline
-    m.engine.executor.ffn.close()
+    assert landed.is_set()
+    assert np.array_equal(box.get("value"), reference), box.get("error") or "logits differ"
+    ex.ffn.close()
     m.close()
 
 
