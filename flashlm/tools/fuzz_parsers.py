@@ -235,10 +235,11 @@ def _random_value(rng: random.Random) -> tuple[bytes, str]:
 
 # -- seeds ---------------------------------------------------------------------------------------------------
 def _tiny_tensor(rng: np.random.Generator, qtype: QT, rows: int, cols: int) -> np.ndarray:
+    """(rows, cols) random weights in qtype; a norm vector (rows == 1) as 1-D float32."""
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
     if qtype == QT.F32:
-        return rng.standard_normal((rows, cols)).astype(np.float32).reshape(-1) if rows == 1 else \
-            rng.standard_normal((rows, cols)).astype(np.float32)
-    return gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32) * 0.05, qtype)
+        return w.reshape(-1) if rows == 1 else w
+    return gguf.quants.quantize(w * 0.05, qtype)
 
 
 def write_small_gguf(path: str, src_path: str, n_layers: int = 2, d_model: int = 64, n_ff: int = 128,
@@ -334,11 +335,14 @@ class GGUFTarget:
         small = os.path.join(workdir, "seed.gguf")
         write_small_gguf(small, src_path)
         self.seeds = [self._seed(open(small, "rb").read())]
+        from ..loaders.gguf_reader import GGUFFile
+
+        src = GGUFFile(src_path)
+        size, header_bytes = src.file_size, src.data_offset
+        src.close()
         with open(src_path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(2 << 20)
-        real = self._seed(head)
-        self.real, self.real_size = real, size
+            self.real = self._seed(f.read(header_bytes))
+        self.real_size = size
 
     @staticmethod
     def _seed(data: bytes, alignment: int = 32) -> tuple[bytes, list[Field], int, int]:
@@ -367,7 +371,7 @@ class GGUFTarget:
 
 
 class FlashTarget(GGUFTarget):
-    REAL_EVERY = 0
+    """The small GGUF converted to a .flash (4096-aligned data); mutations reach the flashlm.* layout keys."""
 
     def __init__(self, workdir: str, src_path: str):
         from ..flash_store import writer
@@ -417,32 +421,13 @@ class HFTarget:
     def make_input(self, rng: random.Random, i: int) -> str:
         files = dict(self.seeds[i % 2])
         what = []
+        mutators = (self._mutate_config, self._mutate_safetensors, self._mutate_index, self._mutate_bytes)
         for _ in range(rng.choice((1, 1, 2, 3))):
-            op = rng.random()
-            try:  # an earlier mutation may have left the file unparsable: then this one is skipped
-                if op < 0.35:
-                    what.append(self._mutate_config(rng, files))
-                    continue
-                if op < 0.75:
-                    what.append(self._mutate_safetensors(rng, files))
-                    continue
-                if op < 0.9:
-                    what.append(self._mutate_index(rng, files))
-                    continue
+            mutate = rng.choices(mutators, (35, 40, 15, 10))[0]
+            try:
+                what.append(mutate(rng, files))
             except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError, struct.error):
-                continue
-            if True:  # raw bytes of any file: flips or truncation
-                name = rng.choice(sorted(files))
-                data = bytearray(files[name])
-                if rng.random() < 0.5 and data:
-                    at = rng.randrange(min(len(data), 4096))
-                    data[at] ^= rng.randrange(1, 256)
-                    what.append(f"{name}: flip byte {at}")
-                else:
-                    at = rng.randrange(len(data) + 1)
-                    del data[at:]
-                    what.append(f"{name}: truncate at {at}")
-                files[name] = bytes(data)
+                continue  # an earlier mutation left the file unparsable for this mutator: skip it
         shutil.rmtree(self.path, ignore_errors=True)
         os.makedirs(self.path)
         for name, data in files.items():
@@ -450,6 +435,22 @@ class HFTarget:
                 with open(os.path.join(self.path, name), "wb") as f:
                     f.write(data)
         return "; ".join(what)
+
+    @staticmethod
+    def _mutate_bytes(rng: random.Random, files: dict) -> str:
+        """Raw bytes of any file: a flip in its first 4 KiB (headers, config) or a truncation."""
+        name = rng.choice(sorted(files))
+        data = bytearray(files[name])
+        if rng.random() < 0.5 and data:
+            at = rng.randrange(min(len(data), 4096))
+            data[at] ^= rng.randrange(1, 256)
+            what = f"{name}: flip byte {at}"
+        else:
+            at = rng.randrange(len(data) + 1)
+            del data[at:]
+            what = f"{name}: truncate at {at}"
+        files[name] = bytes(data)
+        return what
 
     @staticmethod
     def _mutate_config(rng: random.Random, files: dict) -> str:
