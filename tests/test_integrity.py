@@ -8,7 +8,6 @@ import os
 import random
 import shutil
 
-import numpy as np
 import pytest
 
 import flashlm
@@ -183,7 +182,7 @@ def test_cli_verify(small_flash, tmp_path):
     bad = _flip(small_flash, tmp_path / "bad.flash", info.offset + 77)
     proc = run_cli("verify", bad)
     assert proc.returncode == 1, proc
-    assert f"BAD FFN bundle of layer 1" in proc.stdout and f"bytes {info.offset}-{info.offset + info.nbytes}" \
+    assert "BAD FFN bundle of layer 1" in proc.stdout and f"bytes {info.offset}-{info.offset + info.nbytes}" \
         in proc.stdout
     assert proc.stderr.startswith("flashlm: error: ") and "layer 1" in proc.stderr
 

@@ -149,7 +149,8 @@ class HFArgs:
         if cfg.raw("sliding_window", None) is not None and cfg.raw("use_sliding_window", True):
             window = cfg.int("sliding_window")
         args = cls(
-            n_layers=cfg.int("num_hidden_layers", maximum=MAX_LAYERS), d_model=d_model, n_ff=cfg.int("intermediate_size"),
+            n_layers=cfg.int("num_hidden_layers", maximum=MAX_LAYERS), d_model=d_model,
+            n_ff=cfg.int("intermediate_size"),
             n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=cfg.int("head_dim", d_model // n_heads),
             vocab_size=cfg.int("vocab_size"), n_ctx_train=cfg.int("max_position_embeddings", maximum=1 << 31),
             norm_eps=cfg.float("rms_norm_eps"), rope_base=float(rope["rope_theta"]), rope=rope,

@@ -403,8 +403,8 @@ class FlashTarget(GGUFTarget):
 
 CONFIG_VALUES = (0, -1, 1, 2, 3, 7, 2**31, 2**63, 10**400, 1.5, -0.0, 1e308, float("nan"), float("inf"), True, False,
                  None, "", "llama", "qwen2", "gemma3_text", "mistral", "x" * 100, [], [1, 2], {}, {"rope_type": 1},
-                 {"rope_type": "llama3", "factor": "x"}, {"full_attention": [1]}, {"sliding_attention": {"rope_theta": "a"}},
-                 "default", "linear")
+                 {"rope_type": "llama3", "factor": "x"}, {"full_attention": [1]},
+                 {"sliding_attention": {"rope_theta": "a"}}, "default", "linear")
 
 
 class HFTarget:
