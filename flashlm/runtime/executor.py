@@ -135,9 +135,7 @@ class Engine:
     def fork(self) -> "Engine":
         """A new Engine on the same executor and lock with an empty KV cache of its own (memory: its KV cache,
         which grows with the tokens it holds, kv.bytes_per_token() each)."""
-        kv = self.kv
-        own = KVCache(kv.n_layers, kv.n_kv_heads, kv.head_dim, kv.max_tokens, kv.dtype)
-        return Engine(self.executor, self.n_ctx, self.n_batch, own, self.lock)
+        return Engine(self.executor, self.n_ctx, self.n_batch, self.kv.empty_like(), self.lock)
 
     def reset(self) -> None:
         with self.lock:

@@ -25,6 +25,14 @@ class KVCache:
         self.values: list[np.ndarray] = []
         self.generation = 0  # bumped whenever the buffers are replaced, so bindings know to refresh
 
+    def empty_like(self) -> "KVCache":
+        """An empty cache of the same shape and kind (a session's own cache)."""
+        return KVCache(self.n_layers, self.n_kv_heads, self.head_dim, self.max_tokens, self.dtype)
+
+    def empty_like(self) -> "KVCache":
+        """A new empty cache of the same shape and dtype (a session's own: runtime/executor.py Engine.fork)."""
+        return KVCache(self.n_layers, self.n_kv_heads, self.head_dim, self.max_tokens, self.dtype)
+
     def bytes_per_token(self) -> int:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * self.dtype.itemsize
 
