@@ -56,7 +56,8 @@ def _resolve_model(path: str | None) -> str:
 
 MODEL_KEYS = ("model", "ctx_size", "threads", "batch_size", "memory_budget", "io_threads", "sparsity", "sparsity_score", "output_head",
               "verbose")
-SAMPLING_KEYS = ("n_predict", "temp", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed", "stop")
+SAMPLING_KEYS = ("n_predict", "temp", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed", "stop",
+                 "ctx_overflow")
 
 
 def _options(f, opts):
@@ -106,6 +107,10 @@ def sampling_options(f):
                      help="Tokens the repetition penalty looks back over (-1: all)."),
         click.option("-s", "--seed", type=int, default=_S.seed, show_default=True, help="RNG seed (-1: random)."),
         click.option("--stop", "stop", multiple=True, help="Stop string (repeatable)."),
+        click.option("--ctx-overflow", type=click.Choice(["stop", "shift"]), default=_G.ctx_overflow,
+                     show_default=True, help="When the context is full: stop (finish reason 'length') or shift "
+                     "(keep the first 4 tokens and the most recent ones, half the context, and go on; chat drops "
+                     "its oldest turns first)."),
     ])
 
 
@@ -122,7 +127,8 @@ def _gen_options(kw: dict) -> GenerationOptions:
     sampling = SamplingOptions(temperature=kw["temp"], top_k=kw["top_k"], top_p=kw["top_p"], min_p=kw["min_p"],
                                repeat_penalty=kw["repeat_penalty"], repeat_last_n=kw["repeat_last_n"],
                                seed=kw["seed"])
-    return GenerationOptions(max_tokens=kw["n_predict"], stop=tuple(kw["stop"]), sampling=sampling).validate()
+    return GenerationOptions(max_tokens=kw["n_predict"], stop=tuple(kw["stop"]), sampling=sampling,
+                             ctx_overflow=kw["ctx_overflow"]).validate()
 
 
 def _print_stats(model, timings) -> None:
