@@ -55,7 +55,7 @@ def _resolve_model(path: str | None) -> str:
 
 
 MODEL_KEYS = ("model", "ctx_size", "threads", "batch_size", "memory_budget", "io_threads", "sparsity", "sparsity_score", "output_head",
-              "verbose")
+              "device", "gpu_memory_budget", "verbose")
 SAMPLING_KEYS = ("n_predict", "temp", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed", "stop",
                  "ctx_overflow")
 
@@ -88,6 +88,11 @@ def model_options(f):
         click.option("--output-head", type=click.Choice(["exact", "sketch"]), default=_L.output_head,
                      show_default=True, help="Output matrix of a .flash model under a budget: exact (stream what "
                      "does not fit) or sketch (1-bit sketch + exact candidate rows; approximate, see README)."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default=_L.device, show_default=True,
+                     help="Where to compute: cpu, or cuda (a .flash model; needs CuPy and an NVIDIA GPU)."),
+        click.option("--gpu-memory-budget", type=str, default=None,
+                     help="GPU memory for --device cuda, e.g. 2GB: attention, output matrix and the hottest "
+                          "neurons; the rest goes through pinned host memory or streams from flash."),
         click.option("--verbose", is_flag=True, help="Show tracebacks and library logs."),
     ])
 
@@ -120,7 +125,7 @@ def _load(kw: dict):
     return load(_resolve_model(kw["model"]), ctx_size=kw["ctx_size"], threads=kw["threads"],
                 batch_size=kw["batch_size"], memory_budget=kw["memory_budget"], io_threads=kw["io_threads"],
                 sparsity=kw["sparsity"], sparsity_score=kw["sparsity_score"], output_head=kw["output_head"],
-                verbose=kw["verbose"])
+                device=kw["device"], gpu_memory_budget=kw["gpu_memory_budget"], verbose=kw["verbose"])
 
 
 def _gen_options(kw: dict) -> GenerationOptions:

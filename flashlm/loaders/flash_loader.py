@@ -138,8 +138,8 @@ def load_cuda_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: L
     gpu_budget = opts.gpu_memory_budget
     plan = plan_gpu(gpu_budget, 0 if naive else host_plan.hot_neurons, args.n_ff, store.record_bytes,
                     args.n_layers, attention + info.nbytes, kv_bytes, naive=naive)
-    if gpu_budget is not None:
-        cp.get_default_memory_pool().set_limit(size=gpu_budget)  # every GPU array of ours comes from this pool
+    # every GPU array of ours comes from this pool (process-wide: models loaded side by side share the budget)
+    cp.get_default_memory_pool().set_limit(size=gpu_budget or 0)
     kernels = CudaKernels()
 
     def gpu_matrix(m: RowMatrix):

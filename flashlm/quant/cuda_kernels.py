@@ -2,8 +2,8 @@
 
 The same bytes the CPU bundle kernel reads: matrix rows of Q4_0 / Q4_1 / Q8_0 blocks, and flash-store records
 [gate row | up row | down column]. Nothing is dequantized ahead: a decode product reads each block once, one warp
-per output row, four lanes per 32-weight block (16-bit loads: blocks are 2-byte aligned), so a warp reads 8
-consecutive blocks per step and x as float4. Longer prompts (S > MAX_S) dequantize one matrix at a time into a scratch buffer of at
+thread block of 4 warps per output row (one warp per row left the H200 at 601 GB/s on 4096 x 11008 Q4_0: too few
+loads in flight), four lanes per 32-weight block (16-bit loads: blocks are 2-byte aligned), x read as float4. Longer prompts (S > MAX_S) dequantize one matrix at a time into a scratch buffer of at
 most DEQUANT_MAX_BYTES and use cuBLAS (larger matrices go MAX_S tokens at a time through the fused kernel).
 
 The down projection of a bundle (y[j] += sum_i h[i] * down_i[j], down columns stored per neuron) runs one thread
@@ -13,6 +13,8 @@ from the CPU kernel's, so GPU and CPU logits agree to float32 rounding, not bit 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from gguf.constants import GGMLQuantizationType as QT
 
@@ -21,6 +23,9 @@ FORMATS = {QT.Q4_0: 0, QT.Q4_1: 1, QT.Q8_0: 2}
 BLOCK_BYTES = {QT.Q4_0: 18, QT.Q4_1: 20, QT.Q8_0: 34}
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 DOWN_CHUNK = 64
+# int8 x measured slower here (H200, 4096 x 11008 Q4_0: 40 vs 27 us with float x): off unless FLASHLM_GPU_INT8=1
+INT8_ACTIVATIONS = os.environ.get("FLASHLM_GPU_INT8", "0") == "1"
+ROW_THREADS = 64  # threads per output row (a compile-time constant of the module); fastest of 32-256 on the H200
 DEQUANT_MAX_BYTES = 32 << 20  # largest float32 transient of one matrix for a prompt batch through cuBLAS  # neurons per thread block in the down projection
 
 SOURCE = r"""
@@ -48,7 +53,9 @@ __device__ __forceinline__ void quarter_dot(int fmt, const u8* b, int t, const f
             w[2 * j] = d * (float)(signed char)(v & 0xFF);
             w[2 * j + 1] = d * (float)(signed char)(v >> 8);
         }
-        for (int s = 0; s < S; s++) {
+        #pragma unroll
+        for (int s = 0; s < MAX_S; s++) {
+            if (s >= S) break;
             const float4* xs = (const float4*)(x + (long long)s * K + 8 * t);
             float4 a = __ldg(xs), c = __ldg(xs + 1);
             acc[s] += w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * c.x + w[5] * c.y + w[6] * c.z
@@ -63,7 +70,9 @@ __device__ __forceinline__ void quarter_dot(int fmt, const u8* b, int t, const f
     w[2] = d * (float)(v1 & 15) + m;        w[3] = d * (float)((v1 >> 8) & 15) + m;
     w[4] = d * (float)((v0 >> 4) & 15) + m; w[5] = d * (float)(v0 >> 12) + m;
     w[6] = d * (float)((v1 >> 4) & 15) + m; w[7] = d * (float)(v1 >> 12) + m;
-    for (int s = 0; s < S; s++) {
+    #pragma unroll
+    for (int s = 0; s < MAX_S; s++) {
+        if (s >= S) break;
         const float* xs = x + (long long)s * K + 4 * t;
         float4 a = __ldg((const float4*)xs), c = __ldg((const float4*)(xs + 16));
         acc[s] += w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * c.x + w[5] * c.y + w[6] * c.z
@@ -76,18 +85,52 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// y[s * y_stride + r] = W[r] . x[s]   for r < n_rows; W row r at W + r * row_stride (+ 0)
+// Sum over the ROW_THREADS threads of a row's block: warp shuffles, then the warps' partials through shared memory.
+#ifndef ROW_THREADS
+#define ROW_THREADS 128
+#endif
+__device__ __forceinline__ float row_sum(float v, float* red) {
+    v = warp_sum(v);
+    int warp = threadIdx.x >> 5;
+    if ((threadIdx.x & 31) == 0) red[warp] = v;
+    __syncthreads();
+    float total = 0.f;
+    if (threadIdx.x == 0) for (int w = 0; w < ROW_THREADS / 32; w++) total += red[w];
+    __syncthreads();
+    return total;
+}
+
+// Copy [src, src + nbytes) into shared memory with 16-byte loads, all issued at once (a row's bytes in flight
+// together: one load-use chain per 2-byte access left the H200 at 19% of its bandwidth); returns src's image.
+// Reads up to 15 bytes around the range, inside the same 512-byte-rounded allocation.
+__device__ __forceinline__ const u8* stage(const u8* src, int nbytes, u8* smem) {
+    unsigned long long a = (unsigned long long)src & ~15ULL;
+    int lead = (int)((unsigned long long)src - a);
+    int n16 = (lead + nbytes + 15) >> 4;
+    const uint4* s4 = (const uint4*)a;
+    uint4* d4 = (uint4*)smem;
+    for (int i = threadIdx.x; i < n16; i += blockDim.x) d4[i] = __ldg(s4 + i);
+    __syncthreads();
+    return smem + lead;
+}
+
+// y[s * y_stride + r] = W[r] . x[s]; one row per thread block of ROW_THREADS, staged in shared memory, then
+// 4 lanes per 32-weight block.
 extern "C" __global__ void matvec(const u8* W, long long row_stride, int n_rows, int K, int fmt, int block_bytes,
                                   const float* x, int S, float* y, int y_stride) {
-    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    if (row >= n_rows) return;
-    const u8* w = W + (long long)row * row_stride;
+    extern __shared__ __align__(16) u8 smem[];
+    __shared__ float red[ROW_THREADS / 32];
+    int row = blockIdx.x;
+    int nb = K >> 5, t = threadIdx.x & 3;
+    const u8* w = stage(W + (long long)row * row_stride, nb * block_bytes, smem);
     float acc[MAX_S] = {0.f};
-    int nb = K >> 5, t = lane & 3;
-    for (int b = lane >> 2; b < nb; b += 8) quarter_dot(fmt, w + (long long)b * block_bytes, t, x + b * 32, K, S, acc);
-    for (int s = 0; s < S; s++) {
-        float v = warp_sum(acc[s]);
-        if (lane == 0) y[(long long)s * y_stride + row] = v;
+    for (int b = threadIdx.x >> 2; b < nb; b += ROW_THREADS / 4)
+        quarter_dot(fmt, w + b * block_bytes, t, x + b * 32, K, S, acc);
+    #pragma unroll
+    for (int s = 0; s < MAX_S; s++) {
+        if (s >= S) break;
+        float v = row_sum(acc[s], red);
+        if (threadIdx.x == 0) y[(long long)s * y_stride + row] = v;
     }
 }
 
@@ -96,21 +139,24 @@ __device__ __forceinline__ float activate(float g, int act) {
     return 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
 }
 
-// h[s * n + i] = act(gate_i . x_s) * (up_i . x_s) for records i < n at R + i * rb
+// h[s * n + i] = act(gate_i . x_s) * (up_i . x_s) for records i < n at R + i * rb; one record per thread block
 extern "C" __global__ void bundle_gate_up(const u8* R, long long rb, int n, int K, int gfmt, int gbytes, int ufmt,
                                           int ubytes, long long up_off, int act, const float* x, int S, float* h) {
-    int i = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    if (i >= n) return;
-    const u8* rec = R + (long long)i * rb;
+    extern __shared__ __align__(16) u8 smem[];
+    __shared__ float red[ROW_THREADS / 32];
+    int i = blockIdx.x;
+    int nb = K >> 5, t = threadIdx.x & 3;
+    const u8* rec = stage(R + (long long)i * rb, (int)up_off + nb * ubytes, smem);
     float g[MAX_S] = {0.f}, u[MAX_S] = {0.f};
-    int nb = K >> 5, t = lane & 3;
-    for (int b = lane >> 2; b < nb; b += 8) {
+    for (int b = threadIdx.x >> 2; b < nb; b += ROW_THREADS / 4) {
         quarter_dot(gfmt, rec + (long long)b * gbytes, t, x + b * 32, K, S, g);
         quarter_dot(ufmt, rec + up_off + (long long)b * ubytes, t, x + b * 32, K, S, u);
     }
-    for (int s = 0; s < S; s++) {
-        float gs = warp_sum(g[s]), us = warp_sum(u[s]);
-        if (lane == 0) h[(long long)s * n + i] = activate(gs, act) * us;
+    #pragma unroll
+    for (int s = 0; s < MAX_S; s++) {
+        if (s >= S) break;
+        float gs = row_sum(g[s], red), us = row_sum(u[s], red);
+        if (threadIdx.x == 0) h[(long long)s * n + i] = activate(gs, act) * us;
     }
 }
 
@@ -132,9 +178,108 @@ extern "C" __global__ void bundle_down(const u8* R, long long rb, int n, int d, 
             int v = e < 16 ? (q[e] & 15) : (q[e - 16] >> 4);
             w = dfmt == 1 ? ld_half(b) * v + ld_half(b + 2) : ld_half(b) * (v - 8);
         }
-        for (int s = 0; s < S; s++) acc[s] += h[(long long)s * n + i] * w;
+        #pragma unroll
+        for (int s = 0; s < MAX_S; s++) if (s < S) acc[s] += h[(long long)s * n + i] * w;
     }
-    for (int s = 0; s < S; s++) atomicAdd(y + (long long)s * d + j, acc[s]);
+    #pragma unroll
+    for (int s = 0; s < MAX_S; s++) if (s < S) atomicAdd(y + (long long)s * d + j, acc[s]);
+}
+
+// ---- int8 activations (decode, S <= MAX_S): x quantized per 32-block once per product, dp4a dot products ----
+// xq[s*K + k] int8, xd[s*nb + b] its scale, xs[s*nb + b] the exact float sum of the block (Q4_1's offset term)
+extern "C" __global__ void quantize_x(const float* x, int K, int S, signed char* xq, float* xd, float* xs) {
+    int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    int nb = K >> 5;
+    if (blk >= nb * S) return;
+    float v = x[(long long)blk * 32 + lane];
+    float amax = fabsf(v), sum = v;
+    for (int o = 16; o > 0; o >>= 1) {
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, o));
+        sum += __shfl_xor_sync(0xffffffff, sum, o);
+    }
+    float d = amax / 127.f;
+    xq[(long long)blk * 32 + lane] = (signed char)(d > 0.f ? __float2int_rn(v / d) : 0);
+    if (lane == 0) { xd[blk] = d; xs[blk] = sum; }
+}
+
+__device__ __forceinline__ int ld_int_b2(const u8* p) {  // 4 bytes from a 2-byte aligned address
+    const u16* q = (const u16*)p;
+    return (int)q[0] | ((int)q[1] << 16);
+}
+
+// Lane t's quarter of block b (as quarter_dot), int8 x: acc[s] += w . x
+__device__ __forceinline__ void quarter_dot_q8(int fmt, const u8* b, int t, int blk, const signed char* xq,
+                                               const float* xd, const float* xs, int K, int nb, int S,
+                                               float* acc) {
+    float d = ld_half(b);
+    if (fmt == 2) {
+        int w0 = ld_int_b2(b + 2 + 8 * t), w1 = ld_int_b2(b + 6 + 8 * t);
+        #pragma unroll
+        for (int s = 0; s < MAX_S; s++) {
+            if (s >= S) break;
+            const int* xi = (const int*)(xq + (long long)s * K + blk * 32 + 8 * t);
+            int sumi = __dp4a(w0, xi[0], __dp4a(w1, xi[1], 0));
+            acc[s] += d * xd[s * nb + blk] * (float)sumi;
+        }
+        return;
+    }
+    int v = ld_int_b2(b + (fmt == 1 ? 4 : 2) + 4 * t);
+    int lo = v & 0x0F0F0F0F, hi = (v >> 4) & 0x0F0F0F0F;
+    float m = fmt == 1 ? ld_half(b + 2) : 0.f;
+    #pragma unroll
+    for (int s = 0; s < MAX_S; s++) {
+        if (s >= S) break;
+        const signed char* xb = xq + (long long)s * K + blk * 32;
+        int x0 = *(const int*)(xb + 4 * t), x1 = *(const int*)(xb + 16 + 4 * t);
+        int sumi = __dp4a(lo, x0, __dp4a(hi, x1, 0));
+        float dx = xd[s * nb + blk];
+        if (fmt == 0) {
+            int sumq = __dp4a(0x01010101, x0, __dp4a(0x01010101, x1, 0));
+            acc[s] += d * dx * (float)(sumi - 8 * sumq);
+        } else {
+            acc[s] += d * dx * (float)sumi + (t == 0 ? m * xs[s * nb + blk] : 0.f);
+        }
+    }
+}
+
+extern "C" __global__ void matvec_q8(const u8* W, long long row_stride, int n_rows, int K, int fmt, int block_bytes,
+                                     const signed char* xq, const float* xd, const float* xs, int S, float* y,
+                                     int y_stride) {
+    extern __shared__ __align__(16) u8 smem[];
+    __shared__ float red[ROW_THREADS / 32];
+    int row = blockIdx.x;
+    int nb = K >> 5, t = threadIdx.x & 3;
+    const u8* w = stage(W + (long long)row * row_stride, nb * block_bytes, smem);
+    float acc[MAX_S] = {0.f};
+    for (int b = threadIdx.x >> 2; b < nb; b += ROW_THREADS / 4)
+        quarter_dot_q8(fmt, w + (long long)b * block_bytes, t, b, xq, xd, xs, K, nb, S, acc);
+    #pragma unroll
+    for (int s = 0; s < MAX_S; s++) {
+        if (s >= S) break;
+        float v = row_sum(acc[s], red);
+        if (threadIdx.x == 0) y[(long long)s * y_stride + row] = v;
+    }
+}
+
+extern "C" __global__ void bundle_gate_up_q8(const u8* R, long long rb, int n, int K, int gfmt, int gbytes, int ufmt,
+                                             int ubytes, long long up_off, int act, const signed char* xq,
+                                             const float* xd, const float* xs, int S, float* h) {
+    extern __shared__ __align__(16) u8 smem[];
+    __shared__ float red[ROW_THREADS / 32];
+    int i = blockIdx.x;
+    int nb = K >> 5, t = threadIdx.x & 3;
+    const u8* rec = stage(R + (long long)i * rb, (int)up_off + nb * ubytes, smem);
+    float g[MAX_S] = {0.f}, u[MAX_S] = {0.f};
+    for (int b = threadIdx.x >> 2; b < nb; b += ROW_THREADS / 4) {
+        quarter_dot_q8(gfmt, rec + (long long)b * gbytes, t, b, xq, xd, xs, K, nb, S, g);
+        quarter_dot_q8(ufmt, rec + up_off + (long long)b * ubytes, t, b, xq, xd, xs, K, nb, S, u);
+    }
+    #pragma unroll
+    for (int s = 0; s < MAX_S; s++) {
+        if (s >= S) break;
+        float gs = row_sum(g[s], red), us = row_sum(u[s], red);
+        if (threadIdx.x == 0) h[(long long)s * n + i] = activate(gs, act) * us;
+    }
 }
 
 // out[r * K + k] = W[r][k] as float32 (one matrix at a time, for prompt batches through cuBLAS)
@@ -158,17 +303,23 @@ extern "C" __global__ void dequantize_rows(const u8* W, long long row_stride, in
 
 
 class CudaKernels:
-    """The compiled module and launch helpers. Arrays are CuPy arrays on the current device."""
+    """The compiled module and launch helpers. Arrays are CuPy arrays on the current device. int8_activations:
+    decode products (S <= MAX_S) quantize x per 32-block and use dp4a, as the CPU kernel's decode path and
+    llama.cpp do (off by default: see INT8_ACTIVATIONS)."""
 
-    def __init__(self):
+    def __init__(self, row_threads: int = ROW_THREADS, int8_activations: bool = INT8_ACTIVATIONS):
         import cupy
 
-        self.cp = cupy
-        module = cupy.RawModule(code=SOURCE, options=("--use_fast_math", "-std=c++17"))
+        self.cp, self.row_threads, self.int8 = cupy, row_threads, int8_activations
+        module = cupy.RawModule(code=SOURCE, options=("--use_fast_math", "-std=c++17",
+                                                      f"-DROW_THREADS={row_threads}"))
         self._matvec = module.get_function("matvec")
+        self._matvec_q8 = module.get_function("matvec_q8")
         self._gate_up = module.get_function("bundle_gate_up")
+        self._gate_up_q8 = module.get_function("bundle_gate_up_q8")
         self._down = module.get_function("bundle_down")
         self._dequant = module.get_function("dequantize_rows")
+        self._quantize_x = module.get_function("quantize_x")
 
     @staticmethod
     def fmt(qtype) -> tuple[int, int]:
@@ -178,8 +329,18 @@ class CudaKernels:
             raise UnsupportedModelError(f"{QT(qtype).name} has no GPU kernel yet (Q4_0, Q4_1, Q8_0 do)")
         return FORMATS[QT(qtype)], BLOCK_BYTES[QT(qtype)]
 
-    def matvec(self, ptr: int, row_stride: int, n_rows: int, k: int, qtype, x, y) -> None:
-        """y (S, >=n_rows; row stride y.shape[1]) = rows @ x.T for x (S, k) float32; rows at device pointer ptr."""
+    def quantize(self, x):
+        """x (S, K) float32 -> (int8 (S, K), scales (S, K/32), block sums (S, K/32))."""
+        cp = self.cp
+        S, k = x.shape
+        nb = k // 32
+        xq, xd, xs = cp.empty((S, k), cp.int8), cp.empty((S, nb), cp.float32), cp.empty((S, nb), cp.float32)
+        self._quantize_x(((S * nb * 32 + 255) // 256,), (256,), (x, np.int32(k), np.int32(S), xq, xd, xs))
+        return xq, xd, xs
+
+    def matvec(self, ptr: int, row_stride: int, n_rows: int, k: int, qtype, x, y, xq=None) -> None:
+        """y (S, >=n_rows; row stride y.shape[1]) = rows @ x.T for x (S, k) float32; rows at device pointer ptr.
+        xq: x already quantized (quantize(x)), to share one quantization between products of the same input."""
         cp = self.cp
         fmt, bb = self.fmt(qtype)
         s_total = x.shape[0]
@@ -194,12 +355,18 @@ class CudaKernels:
                                                           np.int32(k), np.int32(fmt), np.int32(bb), w))
             y[:, :n_rows] = x @ w.T
             return
-        grid = ((n_rows * 32 + 255) // 256,)
-        self._matvec(grid, (256,), (np.uint64(ptr), np.int64(row_stride), np.int32(n_rows), np.int32(k),
-                                    np.int32(fmt), np.int32(bb), x, np.int32(s_total), y, np.int32(y.shape[1])))
+        common = (np.uint64(ptr), np.int64(row_stride), np.int32(n_rows), np.int32(k), np.int32(fmt), np.int32(bb))
+        if self.int8:
+            xq = xq or self.quantize(x)
+            self._matvec_q8((n_rows,), (self.row_threads,), (*common, *xq, np.int32(s_total), y,
+                                                              np.int32(y.shape[1])), shared_mem=k // 32 * bb + 32)
+        else:
+            self._matvec((n_rows,), (self.row_threads,), (*common, x, np.int32(s_total), y, np.int32(y.shape[1])),
+                         shared_mem=k // 32 * bb + 32)
 
-    def bundle(self, ptr: int, n: int, layout, activation: str, x, y, h) -> None:
-        """y (S, d) += FFN over n records at device pointer ptr; h: scratch (>= S*n float32)."""
+    def bundle(self, ptr: int, n: int, layout, activation: str, x, y, h, xq=None) -> None:
+        """y (S, d) += FFN over n records at device pointer ptr; h: scratch (>= S*n float32). xq: quantize(x)
+        when x has at most MAX_S rows and was quantized already."""
         if n == 0:
             return
         d, rb = layout.d_model, layout.record_bytes
@@ -209,9 +376,15 @@ class CudaKernels:
         for s0 in range(0, x.shape[0], MAX_S):
             xs, ys = x[s0:s0 + MAX_S], y[s0:s0 + MAX_S]
             S = xs.shape[0]
-            self._gate_up(((n * 32 + 255) // 256,), (256,), (
-                np.uint64(ptr), np.int64(rb), np.int32(n), np.int32(d), np.int32(gf), np.int32(gb), np.int32(uf),
-                np.int32(ub), np.int64(layout.gate_bytes), np.int32(ACTIVATIONS[activation]), xs, np.int32(S), h))
+            common = (np.uint64(ptr), np.int64(rb), np.int32(n), np.int32(d), np.int32(gf), np.int32(gb),
+                      np.int32(uf), np.int32(ub), np.int64(layout.gate_bytes), np.int32(ACTIVATIONS[activation]))
+            if self.int8:
+                q = xq if (xq is not None and x.shape[0] <= MAX_S) else self.quantize(xs)
+                self._gate_up_q8((n,), (self.row_threads,), (*common, *q, np.int32(S), h),
+                                 shared_mem=layout.gate_bytes + layout.up_bytes + 32)
+            else:
+                self._gate_up((n,), (self.row_threads,), (*common, xs, np.int32(S), h),
+                              shared_mem=layout.gate_bytes + layout.up_bytes + 32)
             self._down(((d + 255) // 256, (n + DOWN_CHUNK - 1) // DOWN_CHUNK), (256,), (
                 np.uint64(ptr), np.int64(rb), np.int32(n), np.int32(d), np.int32(df), np.int32(db),
                 np.int64(layout.gate_bytes + layout.up_bytes), h, np.int32(S), ys, np.int32(DOWN_CHUNK)))

@@ -17,13 +17,14 @@ token too.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import BudgetError, InvalidOptionError
 from ..flash_store.io_engine import ALIGN, FlashReader, aligned_buffer
-from ..quant.cuda_kernels import CudaKernels
+from ..quant.cuda_kernels import MAX_S, CudaKernels
 from .kv_cache import GROW_STEP, KVCache
 from .streaming import FFNStats
 
@@ -91,6 +92,9 @@ class GpuKVCache(KVCache):
         self.cp = cp
         super().__init__(*args, **kw)
 
+    def empty_like(self) -> "GpuKVCache":
+        return GpuKVCache(self.cp, self.n_layers, self.n_kv_heads, self.head_dim, self.max_tokens, self.dtype)
+
     def reserve(self, n_tokens: int) -> None:
         if n_tokens <= self.capacity:
             return
@@ -118,13 +122,13 @@ class GpuMatrix:
         self.bias = None if bias is None else cp.asarray(bias)
         self.nbytes = rows.nbytes
 
-    def __call__(self, x):
+    def __call__(self, x, xq=None):
         rows = self.rows if self.rows is not None else self.cp.asarray(self.host)
         if rows.dtype == np.float32:
             out = x @ rows.T
         else:
             out = self.cp.empty((x.shape[0], self.n), self.cp.float32)
-            self.kernels.matvec(rows.data.ptr, rows.shape[1], self.n, self.k, self.qtype, x, out)
+            self.kernels.matvec(rows.data.ptr, rows.shape[1], self.n, self.k, self.qtype, x, out, xq)
         return out + self.bias if self.bias is not None else out
 
 
@@ -165,9 +169,12 @@ class GpuFFN:
         self.h = None
 
     def _pinned(self, nbytes: int) -> np.ndarray:
-        """Page-aligned host memory registered with CUDA (fast, asynchronous copies; valid O_DIRECT target)."""
+        """Page-aligned host memory registered with CUDA (fast, asynchronous copies; valid O_DIRECT target),
+        unregistered before the mapping goes (a later mapping at the same address could not be registered)."""
         buf = aligned_buffer(nbytes)
-        self.cp.cuda.runtime.hostRegister(buf.ctypes.data, buf.nbytes, 0)
+        runtime = self.cp.cuda.runtime
+        runtime.hostRegister(buf.ctypes.data, buf.nbytes, 0)
+        weakref.finalize(buf, runtime.hostUnregister, buf.ctypes.data)
         return buf
 
     def _issue(self, i: int) -> None:
@@ -205,12 +212,13 @@ class GpuFFN:
         if self.h is None or self.h.size < min(S, 8) * self.n_ff:
             self.h = cp.empty(8 * self.n_ff, cp.float32)
         t2 = time.perf_counter()
+        xq = self.kernels.quantize(x) if self.kernels.int8 and S <= MAX_S else None  # shared by both tiers
         if self.gpu_hot:
             self.kernels.bundle(self.gpu_records[i].data.ptr, self.gpu_hot, self.layout, self.activation, x, y,
-                                self.h)
+                                self.h, xq)
         if stage is not None:
             self.kernels.bundle(stage.data.ptr, self.n_ff - self.gpu_hot, self.layout, self.activation, x, y,
-                                self.h)
+                                self.h, xq)
         st.calls += 1
         st.io_wait_s += t_io
         st.manage_s += t1 - t0 - t_io + (t2 - t1)
@@ -256,6 +264,7 @@ class CudaExecutor:
     def __init__(self, cp, args, layers: list[GpuLayer], ffn: GpuFFN, head: GpuHead, embed, kv: GpuKVCache,
                  rope: dict[str, np.ndarray], plan: GpuPlan):
         self.cp, self.args, self.layers, self.ffn, self.head_stream = cp, args, layers, ffn, head
+        self.kernels = ffn.kernels
         self.embed, self.kv, self.vocab_size, self.gpu_plan = embed, kv, args.vocab_size, plan
         self.rope = {name: cp.asarray(t, dtype=cp.float32) for name, t in rope.items()}
 
@@ -280,7 +289,8 @@ class CudaExecutor:
         cp, a = self.cp, self.args
         n = h.shape[0]
         x = cp.ascontiguousarray(self._rms(h, w.attn_norm))
-        outs = [m(x) for m in w.qkv]
+        xq = self.kernels.quantize(x) if self.kernels.int8 and n <= MAX_S and len(w.qkv) > 1 else None
+        outs = [m(x, xq) for m in w.qkv]
         qkv = outs[0] if len(outs) == 1 else cp.concatenate(outs, axis=1)
         nq, nkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
         q = qkv[:, :nq].reshape(n, a.n_heads, a.head_dim)

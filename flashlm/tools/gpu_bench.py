@@ -31,19 +31,41 @@ def check_kernels(rounds: int = 50) -> dict:
 
     from ..quant.cuda_kernels import CudaKernels
 
-    kern = CudaKernels()
+    kern = CudaKernels(int8_activations=False)
+    kern8 = CudaKernels(int8_activations=True)
     rng = np.random.default_rng(0)
-    report = {"errors": {}}
+    report = {"errors": {}, "errors_int8": {}}
     for qtype in (QT.Q4_0, QT.Q4_1, QT.Q8_0):
         rows = _random_rows(qtype, 300, 512, rng)
         w = gguf.quants.dequantize(rows, qtype).astype(np.float64)
         for S in (1, 3, 8, 13):
             x = rng.standard_normal((S, 512)).astype(np.float32)
-            y = cp.empty((S, 300), cp.float32)
             g = cp.asarray(rows)
-            kern.matvec(g.data.ptr, rows.shape[1], 300, 512, qtype, cp.asarray(x), y)
             ref = x.astype(np.float64) @ w.T
-            report["errors"][f"{qtype.name} S={S}"] = float(np.abs(cp.asnumpy(y) - ref).max() / np.abs(ref).max())
+            for kk, key in ((kern, "errors"), (kern8, "errors_int8")):
+                y = cp.empty((S, 300), cp.float32)
+                kk.matvec(g.data.ptr, rows.shape[1], 300, 512, qtype, cp.asarray(x), y)
+                report[key][f"{qtype.name} S={S}"] = float(np.abs(cp.asnumpy(y) - ref).max() / np.abs(ref).max())
+    # bundle records [gate | up | down column] against the numpy reference (float64)
+    from ..flash_store.format import RecordLayout
+    from ..quant.bundle_kernel import reference_ffn
+
+    for gt, act in ((QT.Q4_0, "silu"), (QT.Q4_1, "gelu_tanh"), (QT.Q8_0, "silu")):
+        layout, n = RecordLayout(256, gt, gt, QT.Q8_0), 200
+        g, u, dn = layout.slices()
+        records = np.zeros((n, layout.record_bytes), np.uint8)
+        records[:, g] = _random_rows(gt, n, 256, rng)
+        records[:, u] = _random_rows(gt, n, 256, rng)
+        records[:, dn] = _random_rows(QT.Q8_0, n, 256, rng)
+        for S in (1, 5, 11):
+            x = (rng.standard_normal((S, 256)) * 0.1).astype(np.float32)
+            ref, _ = reference_ffn(records, layout, x, act)
+            gr = cp.asarray(records)
+            for kk, key in ((kern, "errors"), (kern8, "errors_int8")):
+                y = cp.zeros((S, 256), cp.float32)
+                kk.bundle(gr.data.ptr, n, layout, act, cp.asarray(x), y, cp.empty(8 * n, cp.float32))
+                report[key][f"bundle {gt.name} {act} S={S}"] = float(
+                    np.abs(cp.asnumpy(y) - ref).max() / np.abs(ref).max())
     # bandwidth: W (11008 rows x 4096) Q4_0 = 25.4 MB; 8 copies (203 MB) rotated so no product is served from L2
     n, k = 11008, 4096
     rows = _random_rows(QT.Q4_0, n, k, rng)
@@ -52,14 +74,38 @@ def check_kernels(rounds: int = 50) -> dict:
     y = cp.empty((1, n), cp.float32)
     for c in copies:
         kern.matvec(c.data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y)
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    start.record()
+    # GPU time: the products captured in a CUDA graph and replayed (a Python launch costs more than the kernel),
+    # for each number of threads per row; the fastest is reported
+    from ..quant.cuda_kernels import ROW_THREADS
+
+    by_threads = {}
+    for int8 in (False, True):
+        for threads in sorted({32, 64, 128, 256, ROW_THREADS}):
+            kt = CudaKernels(threads, int8_activations=int8)
+            stream = cp.cuda.Stream(non_blocking=True)
+            with stream:
+                kt.matvec(copies[0].data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y)
+                stream.begin_capture()
+                for r in range(rounds):  # int8: the quantization of x is in the product's time
+                    kt.matvec(copies[r % len(copies)].data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y)
+                graph = stream.end_capture()
+            graph.launch(stream)
+            start, stop = cp.cuda.Event(), cp.cuda.Event()
+            start.record(stream)
+            graph.launch(stream)
+            stop.record(stream)
+            stop.synchronize()
+            by_threads[f"{'int8' if int8 else 'float'} x, {threads} threads/row"] = \
+                cp.cuda.get_elapsed_time(start, stop) / rounds
+    report["matvec_ms_by_row_threads"] = by_threads
+    best = min(by_threads, key=by_threads.get)
+    ms = by_threads[best]
+    report["matvec_best"] = best
+    t = time.perf_counter()
     for r in range(rounds):
-        c = copies[r % len(copies)]
-        kern.matvec(c.data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y)
-    stop.record()
-    stop.synchronize()
-    ms = cp.cuda.get_elapsed_time(start, stop) / rounds
+        kern8.matvec(copies[r % len(copies)].data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y)
+    cp.cuda.Device().synchronize()
+    report["python_launched_ms"] = (time.perf_counter() - t) / rounds * 1e3
     props = cp.cuda.runtime.getDeviceProperties(0)
     bus_bits = props["memoryBusWidth"]
     clock_khz = props["memoryClockRate"]
@@ -138,7 +184,13 @@ def naive_vs_tiers(path: str, gpu_budget: str, host_budget: str, n_tokens: int) 
         load_s = time.perf_counter() - t
         engine = Engine(executor, 256, 32)
         rate, split = _decode_rate(engine, ids, n_tokens)
-        report[name] = {"tok_s": rate, "load_s": load_s, "plan": executor.gpu_plan.describe(), **split}
+        import cupy as cp
+
+        from .memory import peak_rss_bytes
+
+        report[name] = {"tok_s": rate, "load_s": load_s, "plan": executor.gpu_plan.describe(), **split,
+                        "gpu_pool_mb": cp.get_default_memory_pool().total_bytes() / 1e6,
+                        "host_peak_rss_mb": peak_rss_bytes() / 1e6}
         executor.ffn.close()
         del engine, executor
         import cupy as cp
