@@ -154,3 +154,36 @@ def test_hf_convert_removes_stale_temps_first(tmp_path):
         with pytest.raises(FlashLMError):
             hf_convert.convert(str(tmp_path / "no-such-dir"), str(tmp_path / dst))
         assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not os.environ.get("FLASHLM_SLOW_TESTS"), reason="~2 minutes: set FLASHLM_SLOW_TESTS=1")
+def test_hf_convert_to_flash_killed_leaves_no_output(smollm_path, tmp_path):
+    """`flashlm convert HF_DIR -o X.flash` goes through `.X.flash.src-PID.gguf` (itself written through
+    `..X.flash.src-PID.gguf.tmp-PID`) and then `.X.flash.tmp-PID`: killed in either step, no output and no input
+    change; the next run removes both kinds of leftovers."""
+    from flashlm.tools.gguf_to_hf import gguf_to_hf
+
+    hf_dir = str(tmp_path / "hf")
+    gguf_to_hf(smollm_path, hf_dir)
+    src_files = {n: sha256(os.path.join(hf_dir, n)) for n in os.listdir(hf_dir)}
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    dst = str(out_dir / "m.flash")
+    cmd = convert_cmd(hf_dir, dst, "--no-calibration")
+
+    def nested_gguf_bytes() -> int:
+        return max((os.path.getsize(out_dir / n) for n in os.listdir(out_dir) if n.startswith("..m.flash.src-")),
+                   default=-1)
+
+    results = []
+    for label, ready in (("src gguf temp at 50 MB", lambda e: nested_gguf_bytes() >= 50_000_000),
+                         ("flash temp at 30 MB", lambda e: temp_size(str(out_dir), "m.flash") >= 30_000_000)):
+        killed, elapsed = kill_when(cmd, ready, timeout=300)
+        assert killed, f"conversion finished before the kill point {label}"
+        assert not os.path.exists(dst)
+        assert {n: sha256(os.path.join(hf_dir, n)) for n in os.listdir(hf_dir)} == src_files
+        results.append(f"{label}: killed at {elapsed:.1f} s, left {temps(str(out_dir))}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert os.listdir(out_dir) == ["m.flash"]
+    print("; ".join(results) + "; the next run left only m.flash")
