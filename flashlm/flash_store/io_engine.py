@@ -87,6 +87,7 @@ class FlashReader:
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="flashlm-io")
         self.failure: StorageError | None = None  # the first failed read; no read is issued after it
         self._buffered_fd = -1  # opened without O_DIRECT to finish a read that a short read left unaligned
+        self._outstanding: set[Future] = set()  # requests not finished yet (drain waits for them)
 
     def _fail(self, message: str) -> StorageError:
         error = StorageError(f"{self.path}: {message}")
@@ -177,6 +178,8 @@ class FlashReader:
         futures = [self._pool.submit(self._read_chunk, view[off:off + min(self.chunk_bytes, span - off)], start + off)
                    for off in range(0, span, self.chunk_bytes)]
         result: Future = Future()
+        with self._lock:
+            self._outstanding.add(result)
         lead = file_offset - start
         issued = time.perf_counter()
         remaining = [len(futures)]
@@ -189,6 +192,7 @@ class FlashReader:
                     return
             with self._lock:
                 self.stats.request_s += time.perf_counter() - issued
+                self._outstanding.discard(result)
             if any(f.cancelled() for f in futures):
                 result.set_exception(StorageError(f"{self.path}: read of bytes {file_offset}..{file_offset + nbytes}"
                                                   " cancelled (the reader was closed)"))
@@ -202,8 +206,16 @@ class FlashReader:
         for f in futures:
             f.add_done_callback(done)
         if not futures:
+            with self._lock:
+                self._outstanding.discard(result)
             result.set_result(out[lead:lead + nbytes])
         return result
+
+    def drain(self) -> None:
+        """Wait until no request is in flight (however its caller lost track of it: an interrupted pass)."""
+        with self._lock:
+            outstanding = list(self._outstanding)
+        wait(outstanding)
 
     def close(self) -> None:
         """Cancel the chunks not started (their requests fail with StorageError), wait for those being read,

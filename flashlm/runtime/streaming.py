@@ -14,7 +14,6 @@ KeyboardInterrupt) leaves no read running into a buffer the next pass uses.
 from __future__ import annotations
 
 import time
-from concurrent.futures import wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -128,10 +127,10 @@ class StreamedFFN:
                                                 self.buffers[i % 2])
 
     def _drain(self) -> None:
-        """Wait for the reads issued ahead (an interrupted pass leaves the next layer's read in flight, into a
-        buffer the next pass fills again); their errors were or will be reported by the reader itself."""
-        pending, self._pending = list(self._pending.values()), {}
-        wait(pending)
+        """Wait for every read in flight (an interrupted pass leaves the next layer's read, or head slices, going
+        into buffers the next pass fills again); a failed one has made the reader refuse further reads."""
+        self._pending.clear()
+        self.reader.drain()
 
     def begin(self, n_tokens: int = 1) -> None:
         """A forward pass starts: get layer 0's cold range coming, unless this pass goes token by token sparsely
@@ -264,7 +263,7 @@ class StreamedHead:
                 if k + len(self.buffers) < n_slices:  # its buffer is free again
                     pending.append(self._issue(k + len(self.buffers)))
         except BaseException:
-            wait(pending)  # no slice still being read into a buffer the next call reuses
+            self.reader.drain()  # no slice still being read into a buffer the next call reuses
             raise
 
 
