@@ -157,6 +157,12 @@ def _print_stats(model, timings) -> None:
             f"per token    = {flash.io_wait_ms / n:10.2f} ms I/O wait, {flash.manage_ms / n:.2f} ms memory "
             f"management, {flash.compute_ms / n:.2f} ms FFN compute, {flash.other_ms / n:.2f} ms other compute",
         ]
+    ffn = getattr(model._loaded.engine.executor, "ffn", None)
+    if hasattr(ffn, "transfer_s"):  # --device cuda: the GPU timeline's split (CUDA events), whole run
+        n = max(1, ffn.stats.calls // max(1, ffn.n_layers))
+        lines.append(f"gpu          = {ffn.transfer_s * 1e3 / n:10.2f} ms host->GPU copies, "
+                     f"{ffn.gpu_ffn_s * 1e3 / n:.2f} ms FFN kernels per forward pass ({n} passes); "
+                     + model._loaded.engine.executor.gpu_plan.describe())
     lines.append(f"peak memory  = {_peak_mib():10.1f} MiB")
     click.echo("\n" + "\n".join(lines), err=True)
 
@@ -245,12 +251,15 @@ def chat(system_prompt, **kw):
 @click.argument("model", required=False)
 @click.option("--memory-budget", type=str, default=None, help="Show the memory plan for this budget.")
 @click.option("-c", "--ctx-size", type=int, default=_L.ctx_size, show_default=True, help="Context for the plan.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Show the plan for this device (cuda: what lives on the GPU, in pinned host memory, on flash).")
+@click.option("--gpu-memory-budget", type=str, default=None, help="GPU memory for the cuda plan.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def info(model, memory_budget, ctx_size, verbose):
+def info(model, memory_budget, ctx_size, device, gpu_memory_budget, verbose):
     """Architecture, hyperparameters, size per tensor group and quant types; for a .flash, the memory plan."""
     from .tools.model_info import describe
 
-    click.echo(describe(_resolve_model(model), memory_budget, ctx_size))
+    click.echo(describe(_resolve_model(model), memory_budget, ctx_size, device, gpu_memory_budget))
 
 
 @cli.command()

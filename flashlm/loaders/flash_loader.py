@@ -119,25 +119,33 @@ def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: 
     return KernelExecutor(args, layers, kernel, ffn, head, embed, kv, rope), plan
 
 
+def gpu_plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: LoadOptions, n_ctx: int,
+                 naive: bool = False):
+    """(host plan, GPU plan) for --device cuda: arithmetic only (no CUDA needed, so `flashlm info` can show it)."""
+    from ..runtime.cuda_executor import plan_gpu
+
+    host_plan = plan_for(f, family, args, store, opts, n_ctx, gpu_resident=True)
+    attention = sum(f.tensors[n].nbytes for i in range(args.n_layers) for n in _attention_names(family, i))
+    kv_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 2 * n_ctx
+    plan = plan_gpu(opts.gpu_memory_budget, 0 if naive else host_plan.hot_neurons, args.n_ff, store.record_bytes,
+                    args.n_layers, attention + output_matrix(f).nbytes, kv_bytes, naive=naive)
+    return host_plan, plan
+
+
 def load_cuda_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: LoadOptions, n_ctx: int,
                        threads: int, naive: bool = False):
     """The CUDA backend (runtime/cuda_executor.py): attention, head and the hot records on the GPU within
     opts.gpu_memory_budget, the next records pinned in host memory within opts.memory_budget, the rest streamed.
     `naive`: the baseline that copies every layer's weights to the GPU for every token."""
     from ..quant.cuda_kernels import CudaKernels
-    from ..runtime.cuda_executor import (CudaExecutor, GpuFFN, GpuHead, GpuKVCache, GpuLayer, GpuMatrix,
-                                         import_cupy, plan_gpu)
+    from ..runtime.cuda_executor import CudaExecutor, GpuFFN, GpuHead, GpuKVCache, GpuLayer, GpuMatrix, import_cupy
 
     cp = import_cupy()
     cp.zeros(1)  # the CUDA context: its host memory belongs in the baseline the host plan measures
     store = FlashStore(f, args.n_layers, args.n_ff, args.d_model)
-    host_plan = plan_for(f, family, args, store, opts, n_ctx, gpu_resident=True)
+    host_plan, plan = gpu_plan_for(f, family, args, store, opts, n_ctx, naive)
     info = output_matrix(f)
-    attention = sum(f.tensors[n].nbytes for i in range(args.n_layers) for n in _attention_names(family, i))
-    kv_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 2 * n_ctx
     gpu_budget = opts.gpu_memory_budget
-    plan = plan_gpu(gpu_budget, 0 if naive else host_plan.hot_neurons, args.n_ff, store.record_bytes,
-                    args.n_layers, attention + info.nbytes, kv_bytes, naive=naive)
     # every GPU array of ours comes from this pool (process-wide: models loaded side by side share the budget)
     cp.get_default_memory_pool().set_limit(size=gpu_budget or 0)
     kernels = CudaKernels()

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import BudgetError, InvalidOptionError
 from ..flash_store.io_engine import ALIGN, FlashReader, aligned_buffer
-from ..quant.cuda_kernels import MAX_S, CudaKernels
+from ..quant.cuda_kernels import MAX_S, STAGE_SLACK, CudaKernels, upload
 from .kv_cache import GROW_STEP, KVCache
 from .streaming import FFNStats
 
@@ -117,13 +117,14 @@ class GpuMatrix:
     def __init__(self, cp, kernels: CudaKernels, rows: np.ndarray, qtype, bias, k: int, keep_on_gpu: bool = True):
         self.cp, self.kernels, self.qtype, self.k = cp, kernels, qtype, k
         self.host = rows if not keep_on_gpu else None  # naive: copied to the GPU at each use
-        self.rows = cp.asarray(rows) if keep_on_gpu else None
+        self.rows = upload(cp, rows) if keep_on_gpu and rows.dtype != np.float32 else \
+            (cp.asarray(rows) if keep_on_gpu else None)
         self.n = rows.shape[0]
         self.bias = None if bias is None else cp.asarray(bias)
         self.nbytes = rows.nbytes
 
     def __call__(self, x, xq=None):
-        rows = self.rows if self.rows is not None else self.cp.asarray(self.host)
+        rows = self.rows if self.rows is not None else upload(self.cp, self.host)
         if rows.dtype == np.float32:
             out = x @ rows.T
         else:
@@ -149,7 +150,7 @@ class GpuFFN:
         for i, layer in enumerate(store.layers):
             records = reader.read(layer.offset, n_ff * rb, scratch).result()
             store.check_layer(i, records)
-            self.gpu_records.append(cp.asarray(records[:self.gpu_hot * rb]) if self.gpu_hot else None)
+            self.gpu_records.append(upload(cp, records[:self.gpu_hot * rb]) if self.gpu_hot else None)
             warm = (self.host_hot - self.gpu_hot) * rb
             if warm:
                 buf = self._pinned(warm)[:warm]
@@ -162,11 +163,14 @@ class GpuFFN:
         self.stats.io = reader.stats
         rest = n_ff - self.gpu_hot
         cold = n_ff - self.host_hot
-        self.stage = [cp.empty(rest * rb, cp.uint8) for _ in range(2)] if rest else []
+        self.stage = [cp.empty(rest * rb + STAGE_SLACK, cp.uint8)[:rest * rb] for _ in range(2)] if rest else []
         self.read_bufs = [self._pinned(cold * rb + 2 * ALIGN) for _ in range(2)] if cold else []
         self.copied = [None, None]  # events: the copy out of read buffer k has finished
         self._pending: dict[int, object] = {}
         self.h = None
+        # GPU-side split, from CUDA events per layer: host->GPU copies and the FFN kernels (collect() sums them)
+        self.transfer_s = self.gpu_ffn_s = 0.0
+        self._events: list[tuple] = []
 
     def _pinned(self, nbytes: int) -> np.ndarray:
         """Page-aligned host memory registered with CUDA (fast, asynchronous copies; valid O_DIRECT target),
@@ -194,16 +198,23 @@ class GpuFFN:
         t0 = time.perf_counter()
         stage = self.stage[i % 2] if self.stage else None
         warm = (self.host_hot - self.gpu_hot) * rb
+        marks = [cp.cuda.Event()]  # pairs of events around each copy: the GPU idles between them while we wait
+        marks[0].record()
         if warm:
             src = self.host_records[i]
             stage.data.copy_from_host_async(src.ctypes.data, warm)
+        marks.append(cp.cuda.Event())
+        marks[1].record()
         if i in self._pending:
             data = self._pending.pop(i).result()
             t_io = time.perf_counter() - t0
+            marks.append(cp.cuda.Event())
+            marks[2].record()
             stage[warm:].data.copy_from_host_async(data.ctypes.data, data.nbytes)
             ev = cp.cuda.Event()
             ev.record()
             self.copied[i % 2] = ev
+            marks.append(ev)
         else:
             t_io = 0.0
         t1 = time.perf_counter()
@@ -211,6 +222,8 @@ class GpuFFN:
         S = x.shape[0]
         if self.h is None or self.h.size < min(S, 8) * self.n_ff:
             self.h = cp.empty(8 * self.n_ff, cp.float32)
+        e_kernels = cp.cuda.Event()
+        e_kernels.record()
         t2 = time.perf_counter()
         xq = self.kernels.quantize(x) if self.kernels.int8 and S <= MAX_S else None  # shared by both tiers
         if self.gpu_hot:
@@ -219,12 +232,23 @@ class GpuFFN:
         if stage is not None:
             self.kernels.bundle(stage.data.ptr, self.n_ff - self.gpu_hot, self.layout, self.activation, x, y,
                                 self.h, xq)
+        e_done = cp.cuda.Event()
+        e_done.record()
+        self._events.append((marks, e_kernels, e_done))
         st.calls += 1
         st.io_wait_s += t_io
         st.manage_s += t1 - t0 - t_io + (t2 - t1)
         st.compute_s += time.perf_counter() - t2  # launch time; the GPU's own time shows in the token's total
         st.neurons_used += self.n_ff
         st.neurons_from_cache += self.host_hot
+
+    def collect(self) -> None:
+        """Add this pass's event timings to transfer_s / gpu_ffn_s (the pass is finished: logits are on the host)."""
+        get = self.cp.cuda.get_elapsed_time
+        for marks, kernels, done in self._events:
+            self.transfer_s += sum(get(marks[k], marks[k + 1]) for k in range(0, len(marks), 2)) / 1e3
+            self.gpu_ffn_s += get(kernels, done) / 1e3
+        self._events.clear()
 
     def close(self) -> None:
         for fut in self._pending.values():
@@ -341,6 +365,7 @@ class CudaExecutor:
         rows = np.arange(n) if all_logits else np.array([n - 1])
         out = np.empty((len(rows), self.vocab_size), np.float32)
         self.head_stream.run(h, rows, out)
+        self.ffn.collect()
         cap = getattr(self.args, "logit_softcap", 0.0)
         if cap:
             np.multiply(np.tanh(out / cap), cap, out=out)

@@ -22,7 +22,7 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:9.1f} MB"
 
 
-def _plan_lines(path, f, family, args, budget, ctx_size) -> list[str]:
+def _plan_lines(path, f, family, args, budget, ctx_size, device="cpu", gpu_budget=None) -> list[str]:
     from ..flash_store.reader import FlashStore, is_flash_store
     from ..loaders.flash_loader import plan_for
     from ..loaders.tokenizer import Tokenizer
@@ -32,13 +32,21 @@ def _plan_lines(path, f, family, args, budget, ctx_size) -> list[str]:
         return ["memory plan   a GGUF runs fully resident; convert it (flashlm convert) to stream under a budget"]
     store = FlashStore(f, args.n_layers, args.n_ff, args.d_model, verify=False)
     Tokenizer(path)  # the plan's baseline includes the tokenizer, as a real load does
-    opts = LoadOptions(memory_budget=budget, ctx_size=ctx_size).validate()
+    opts = LoadOptions(memory_budget=budget, ctx_size=ctx_size, device=device, gpu_memory_budget=gpu_budget).validate()
+    head = [f"flash store   {f.get('flashlm.bundle.record_bytes')}-byte records, calibrated on "
+            f"{f.get('flashlm.calibration')}"]
+    if device == "cuda":
+        from ..loaders.flash_loader import gpu_plan_for
+
+        _, gpu = gpu_plan_for(f, family, args, store, opts, ctx_size or args.n_ctx_train)
+        return head + ["device plan   " + gpu.describe(),
+                       "              (host baseline measured here without CUDA's context, which a GPU run adds)"]
     plan = plan_for(f, family, args, store, opts, ctx_size or args.n_ctx_train)
-    return [f"flash store   {f.get('flashlm.bundle.record_bytes')}-byte records, calibrated on "
-            f"{f.get('flashlm.calibration')}", *plan.describe().splitlines()]
+    return head + plan.describe().splitlines()
 
 
-def describe(path: str, budget: str | None = None, ctx_size: int = 4096) -> str:
+def describe(path: str, budget: str | None = None, ctx_size: int = 4096, device: str = "cpu",
+             gpu_budget: str | None = None) -> str:
     f, family, args = read_model(path)
     try:
         sizes, types = defaultdict(int), defaultdict(set)
@@ -62,7 +70,7 @@ def describe(path: str, budget: str | None = None, ctx_size: int = 4096) -> str:
                 lines.append(f"  {group:<16}{_mb(sizes[group])}  {', '.join(sorted(types[group]))}")
         has_template = isinstance(f.get("tokenizer.chat_template"), str)
         lines.append(f"chat template {'yes' if has_template else 'no'}")
-        lines += _plan_lines(path, f, family, args, budget, ctx_size)
+        lines += _plan_lines(path, f, family, args, budget, ctx_size, device, gpu_budget)
         return "\n".join(lines)
     finally:
         f.close()
