@@ -190,7 +190,19 @@ class GpuFFN:
             self._pending[i] = self.reader.read(start, (self.n_ff - self.host_hot) * self.rb, self.read_bufs[k])
 
     def begin(self, n_tokens: int = 1) -> None:
+        """A pass starts: reads left in flight by an interrupted pass are waited for and dropped first (the next
+        reads reuse their buffers)."""
+        self._drain()
+        self._events.clear()
         self._issue(0)
+
+    def _drain(self) -> None:
+        for fut in self._pending.values():
+            try:
+                fut.result()
+            except Exception:  # the interrupted pass already reported it; this pass reads again
+                pass
+        self._pending.clear()
 
     def run(self, i: int, x, y) -> None:
         """y (S, d) += FFN_i(x (S, d)), CuPy float32."""
@@ -251,12 +263,7 @@ class GpuFFN:
         self._events.clear()
 
     def close(self) -> None:
-        for fut in self._pending.values():
-            try:
-                fut.result()
-            except Exception:
-                pass
-        self._pending.clear()
+        self._drain()
         self.reader.close()
 
 
