@@ -156,6 +156,39 @@ def test_hf_convert_removes_stale_temps_first(tmp_path):
         assert os.listdir(tmp_path) == []
 
 
+def test_gemma3_assembly_killed_then_next_run_succeeds(tmp_path):
+    """gemma3_path() joins the Gemma 3 GGUF from its PyPI parts into the cache. Killed mid-assembly, it leaves no
+    model file, and the next run (which used to fail on the leftover `.part`: assemble() refuses an existing file
+    with the wrong sha256) removes the leftover and succeeds."""
+    import importlib.util
+
+    from flashlm.tools.default_model import GEMMA3_FILENAME, GEMMA3_PACKAGE
+
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        pytest.skip("Gemma 3 270M parts are not installed")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    models = tmp_path / "flashlm" / "models"
+    cmd = [sys.executable, "-c", "from flashlm.tools.default_model import gemma3_path; print(gemma3_path())"]
+    (models).mkdir(parents=True)
+    (models / f"{GEMMA3_FILENAME}.part").write_bytes(b"partial")  # what the former fixed-name temporary left
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while temp_size(str(models), GEMMA3_FILENAME) < 50_000_000:
+            assert proc.poll() is None, "assembly finished before the kill point"
+            assert time.perf_counter() - start < TIMEOUT_S
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    left = temps(str(models))
+    assert not os.path.exists(models / GEMMA3_FILENAME) and len(left) == 1
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    assert os.listdir(models) == [GEMMA3_FILENAME]
+    print(f"killed at {time.perf_counter() - start:.1f} s leaving {left}; the next run left only the model")
+
+
 @pytest.mark.skipif(not os.environ.get("FLASHLM_SLOW_TESTS"), reason="~2 minutes: set FLASHLM_SLOW_TESTS=1")
 def test_hf_convert_to_flash_killed_leaves_no_output(smollm_path, tmp_path):
     """`flashlm convert HF_DIR -o X.flash` goes through `.X.flash.src-PID.gguf` (itself written through

