@@ -92,7 +92,11 @@ def test_convert_killed_at_any_moment_leaves_no_output(smollm_path, tmp_path):
         else:
             killed, elapsed = kill_when(convert_cmd(smollm_path, dst, *flags),
                                         lambda e, at=at: temp_size(str(out_dir), "model.flash") >= at * ref_size)
-        assert killed, f"conversion finished before the kill point {kind} {at}"
+        if not killed:  # a fast machine got there first: the output is then the whole file, as it must be
+            assert sha256(dst) == sha256(ref) or "--no-calibration" not in flags
+            os.unlink(dst)
+            results.append(f"{kind} {at}: finished first ({elapsed:.2f} s)")
+            continue
         assert not os.path.exists(dst), f"output present after a kill at {kind} {at}"
         assert sha256(smollm_path) == src_sha
         assert len(temps(str(out_dir))) <= 1  # each run removed the temporary the previous kill left
@@ -100,8 +104,9 @@ def test_convert_killed_at_any_moment_leaves_no_output(smollm_path, tmp_path):
         results.append(f"{kind} {at}: killed at {elapsed:.2f} s, " +
                        (f"temporary at {size / 1e6:.1f} MB" if size >= 0 else "no temporary"))
     print(f"undisturbed --no-calibration run {full_s:.1f} s, {ref_size} bytes; " + "; ".join(results))
+    assert sum("killed" in r for r in results) >= 7 and sum("temporary at" in r for r in results) >= 2, results
     left = temps(str(out_dir))
-    assert len(left) == 1  # the last kill's, in the writing pass
+    assert len(left) <= 1  # the last kill's, in the writing pass
 
     proc = subprocess.run(convert_cmd(smollm_path, dst, "--no-calibration"), capture_output=True, text=True,
                           timeout=TIMEOUT_S)
