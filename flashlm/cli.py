@@ -142,7 +142,8 @@ def _print_stats(model, timings) -> None:
         f"prompt eval  = {timings.prompt_ms:10.2f} ms / {timings.prompt_tokens:5d} tokens "
         f"({timings.prompt_tps:8.2f} tok/s)" + (f", {timings.cached_tokens} reused from cache"
                                                  if timings.cached_tokens else ""),
-        f"eval         = {timings.eval_ms:10.2f} ms / {timings.eval_tokens:5d} tokens ({timings.eval_tps:8.2f} tok/s)",
+        f"eval         = {timings.eval_ms:10.2f} ms / {timings.eval_tokens:5d} tokens ({timings.eval_tps:8.2f} tok/s)"
+        + (f", {timings.ctx_shifts} context shifts" if timings.ctx_shifts else ""),
     ]
     flash = timings.flash
     if flash is not None:
