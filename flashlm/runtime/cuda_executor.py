@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import BudgetError, InvalidOptionError
 from ..flash_store.io_engine import ALIGN, FlashReader, aligned_buffer
 from ..quant.cuda_kernels import MAX_S, STAGE_SLACK, CudaKernels, upload
+from .kernel_executor import apply_rope
 from .kv_cache import GROW_STEP, KVCache
 from .streaming import FFNStats
 
@@ -303,19 +304,6 @@ class CudaExecutor:
         cp = self.cp
         return x / cp.sqrt((x * x).mean(-1, keepdims=True) + self.args.norm_eps) * w
 
-    def _rope(self, x, cos, sin):
-        cp = self.cp
-        c, s = cos[:, None, :], sin[:, None, :]
-        if self.args.rope.interleaved:
-            x0, x1 = x[..., 0::2], x[..., 1::2]
-            out = cp.empty_like(x)
-            out[..., 0::2] = x0 * c - x1 * s
-            out[..., 1::2] = x0 * s + x1 * c
-            return out
-        half = x.shape[-1] // 2
-        x0, x1 = x[..., :half], x[..., half:]
-        return cp.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
-
     def _attention(self, i: int, w: GpuLayer, h, start: int):
         cp, a = self.cp, self.args
         n = h.shape[0]
@@ -333,8 +321,8 @@ class CudaExecutor:
         cos, sin = (self.rope[name] for name in a.rope_names(i))
         window = a.sliding_window if a.is_local(i) else 0
         total = start + n
-        q = self._rope(q, cos[start:total], sin[start:total])
-        k = self._rope(k, cos[start:total], sin[start:total])
+        q = apply_rope(q, cos[start:total], sin[start:total], a.rope.interleaved, cp)
+        k = apply_rope(k, cos[start:total], sin[start:total], a.rope.interleaved, cp)
         keys[:, start:total] = k.transpose(1, 0, 2)
         values[:, start:total] = v.transpose(1, 0, 2)
         group = a.n_heads // a.n_kv_heads

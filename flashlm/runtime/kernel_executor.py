@@ -62,18 +62,19 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight).astype(np.float32)
 
 
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool) -> np.ndarray:
-    """x (S, heads, hd); cos/sin (S, hd/2). Interleaved rotates pairs (2i, 2i+1) (llama.cpp NORM), else halves."""
+def apply_rope(x, cos, sin, interleaved: bool, xp=np):
+    """x (S, heads, hd); cos/sin (S, hd/2). Interleaved rotates pairs (2i, 2i+1) (llama.cpp NORM), else halves.
+    xp: the array module (numpy, or CuPy for the GPU executor)."""
     c, s = cos[:, None, :], sin[:, None, :]
     if interleaved:
         x0, x1 = x[..., 0::2], x[..., 1::2]
-        out = np.empty_like(x)
+        out = xp.empty_like(x)
         out[..., 0::2] = x0 * c - x1 * s
         out[..., 1::2] = x0 * s + x1 * c
         return out
     half = x.shape[-1] // 2
     x0, x1 = x[..., :half], x[..., half:]
-    return np.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
+    return xp.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
 
 
 class KernelExecutor:

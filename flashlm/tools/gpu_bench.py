@@ -25,6 +25,24 @@ def _random_rows(qtype, n: int, k: int, rng) -> np.ndarray:
     return gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
 
 
+def _graph_ms(cp, rounds: int, launch) -> float:
+    """GPU milliseconds per launch(r), r = 0..rounds-1, captured in a CUDA graph and replayed once warm (a Python
+    launch costs more than these kernels)."""
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        for r in range(rounds):
+            launch(r)
+        graph = stream.end_capture()
+    graph.launch(stream)
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    start.record(stream)
+    graph.launch(stream)
+    stop.record(stream)
+    stop.synchronize()
+    return cp.cuda.get_elapsed_time(start, stop) / rounds
+
+
 def check_kernels(rounds: int = 50) -> dict:
     import cupy as cp
     import gguf
@@ -82,22 +100,10 @@ def check_kernels(rounds: int = 50) -> dict:
     for int8 in (False, True):
         for threads in sorted({32, 64, 128, 256, ROW_THREADS}):
             kt = CudaKernels(threads, int8_activations=int8)
-            stream = cp.cuda.Stream(non_blocking=True)
-            with stream:
-                kt.matvec(copies[0].data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y)
-                stream.begin_capture()
-                for r in range(rounds):  # int8: the quantization of x is in the product's time
-                    kt.matvec(copies[r % len(copies)].data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y)
-                graph = stream.end_capture()
-            graph.launch(stream)
-            start, stop = cp.cuda.Event(), cp.cuda.Event()
-            start.record(stream)
-            graph.launch(stream)
-            stop.record(stream)
-            stop.synchronize()
-            label = f"{'int8' if int8 else 'float'} x, {threads} threads/row"
-            by_threads[label] = \
-                cp.cuda.get_elapsed_time(start, stop) / rounds
+            kt.matvec(copies[0].data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y)  # compiled, warm
+            # int8: the quantization of x is in the product's time
+            by_threads[f"{'int8' if int8 else 'float'} x, {threads} threads/row"] = _graph_ms(
+                cp, rounds, lambda r: kt.matvec(copies[r % len(copies)].data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y))
     # the same bytes read by a plain streaming kernel (16-byte loads, grid-stride, one atomic per block): what a
     # single 25 MB read can reach on this card, launch and ramp included
     read_all = cp.RawKernel(r"""
@@ -109,22 +115,9 @@ def check_kernels(rounds: int = 50) -> dict:
         if (acc == 0x12345678u) atomicAdd(out, 1u);
     }""", "read_all")
     sink = cp.zeros(1, cp.uint32)
-    n16 = rows.nbytes // 16
-    props0 = cp.cuda.runtime.getDeviceProperties(0)
-    blocks = props0["multiProcessorCount"] * 8
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        stream.begin_capture()
-        for r in range(rounds):
-            read_all((blocks,), (256,), (copies[r % len(copies)], np.int64(n16), sink))
-        graph = stream.end_capture()
-    graph.launch(stream)
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    start.record(stream)
-    graph.launch(stream)
-    stop.record(stream)
-    stop.synchronize()
-    read_ms = cp.cuda.get_elapsed_time(start, stop) / rounds
+    blocks = cp.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"] * 8
+    read_ms = _graph_ms(cp, rounds, lambda r: read_all((blocks,), (256,), (copies[r % len(copies)],
+                                                                           np.int64(rows.nbytes // 16), sink)))
     report["plain_read_ms"] = read_ms
     report["plain_read_gb_s"] = rows.nbytes / read_ms / 1e6
     report["matvec_ms_by_row_threads"] = by_threads
