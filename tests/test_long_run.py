@@ -80,14 +80,14 @@ def test_shift_goes_on_and_keeps_sinks_plus_a_recent_window(small):
 
 def test_chat_history_overflow(smollm_path):
     import flashlm
-    from flashlm.options import GenerationOptions
+    from flashlm.options import GenerationOptions, SamplingOptions
 
     ctx = 256
     m = flashlm.load(smollm_path, threads=2, ctx_size=ctx)
     system = {"role": "system", "content": "You are a helpful assistant."}
     topics = ["Paris", "the sea", "a forest", "a city at night", "winter", "a library", "a mountain"]
     session, messages, prompts, cached = m.session(), [system], [], []
-    shift = GenerationOptions(max_tokens=48, ctx_overflow="shift", sampling=flashlm.options.SamplingOptions(temperature=0.0))
+    shift = GenerationOptions(max_tokens=48, ctx_overflow="shift", sampling=SamplingOptions(temperature=0.0))
     for topic in topics:
         messages.append({"role": "user", "content": f"Describe {topic}."})
         prompts.append(session.chat_prompt_ids(messages, shift))

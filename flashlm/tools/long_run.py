@@ -35,7 +35,7 @@ class LongRunResult:
     turns: int = 0
     ctx_shifts: int = 0
     restarts: int = 0  # generate: new generations after an end of generation
-    turns_dropped: int = 0  # chat: history turns dropped at the end
+    turns_dropped: int = 0  # chat: history messages (user and assistant) dropped at the end
     seconds: float = 0.0
     budget_bytes: int | None = None
     peak_bytes: int = 0
@@ -137,9 +137,9 @@ def report(r: LongRunResult) -> str:
     budget = f"{r.budget_bytes / 2**20:.1f} MiB" if r.budget_bytes else "none"
     what = f"{r.turns} chat turns, " if r.mode == "chat" else ""
     lines = [f"{what}{r.tokens} tokens generated in {r.seconds:.1f} s ({r.tokens / max(r.seconds, 1e-9):.1f} tok/s), "
-             f"{r.ctx_shifts} context shifts" + (f", {r.restarts} restarts after end of generation"
-                                                 if r.mode == "generate" else
-                                                 f", {r.turns_dropped} oldest turns dropped from the history"),
+             f"{r.ctx_shifts} context shifts"
+             + (f", {r.restarts} restarts after end of generation" if r.mode == "generate" else
+                f", {r.turns_dropped} oldest messages dropped from the history at the end"),
              f"peak memory  = {r.peak_bytes / 2**20:.1f} MiB (budget {budget}): "
              + ("within" if r.within_budget else "OVER"),
              f"RSS          = {r.samples[0][1] / 2**20:.1f} MiB after load, {r.samples[-1][1] / 2**20:.1f} MiB at the "
