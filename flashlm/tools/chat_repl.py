@@ -38,7 +38,7 @@ def run_repl(model, opts: GenerationOptions, system_prompt: str | None, stats: b
             messages = list(base)
             continue
         messages.append({"role": "user", "content": line})
-        answer, timings = [], None
+        answer, timings, r = [], None, None
         try:
             responses = model.chat(messages, stream=True, options=opts)
         except ContextLengthError as e:  # the history no longer fits ("stop"): say so, keep the session
@@ -54,6 +54,9 @@ def run_repl(model, opts: GenerationOptions, system_prompt: str | None, stats: b
         except KeyboardInterrupt:
             click.echo(" [stopped]", err=True, nl=False)
         click.echo()
+        if r is not None and r.finish_reason == "length" and r.timings.eval_tokens != opts.max_tokens:
+            click.echo(f"[the context of {model.n_ctx} tokens is full: the answer was cut; --ctx-overflow shift "
+                       "goes on]", err=True)
         messages.append({"role": "assistant", "content": "".join(answer)})
         if stats and timings is not None:
             click.echo(f"[prompt {timings.prompt_tokens} tokens ({timings.cached_tokens} cached), "
