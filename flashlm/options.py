@@ -101,7 +101,7 @@ class SamplingOptions:
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    max_tokens: int = 256  # -1: until EOS or the context is full
+    max_tokens: int = 256  # -1: until EOS or the context is full (with ctx_overflow="shift": until EOS)
     stop: tuple[str, ...] = ()
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     # A full context: "stop" ends with finish_reason "length"; "shift" keeps the first 4 tokens (attention sinks)
