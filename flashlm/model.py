@@ -123,6 +123,10 @@ class Model:
                 "rope": vars(a.rope)}
 
     def close(self) -> None:
+        """Release the file and, for a flash store, the reader threads (the FFN's reader is the head's too)."""
+        ffn = getattr(self._loaded.engine.executor, "ffn", None)
+        if ffn is not None:
+            ffn.close()
         self._loaded.file.close()
 
     def __enter__(self):

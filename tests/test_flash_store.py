@@ -179,3 +179,17 @@ def test_cli_generate_under_budget_prints_streaming_stats(resident, flash_path):
         assert label in proc.stderr
     info = run_cli("info", flash_path, "--memory-budget", str(budget), "-c", "512")
     assert info.returncode == 0 and "memory plan" in info.stdout and "hot neurons" in info.stdout
+
+
+def test_close_releases_the_reader_threads(flash_path):
+    import threading
+
+    import flashlm
+
+    m = flashlm.load(flash_path, threads=2, ctx_size=128)
+    m.generate("Hello", max_tokens=2, temperature=0)
+    threads = list(m.engine.executor.ffn.reader._pool._threads)
+    assert threads and all(t in threading.enumerate() for t in threads)
+    m.close()
+    assert not any(t.is_alive() for t in threads)
+    m.close()  # twice is fine
