@@ -82,3 +82,18 @@ def test_planner_streams_ffn_first_then_the_head_and_refuses_the_impossible():
     assert part.hot_neurons == 1536 and 0 < part.head_resident_rows < 200_000 and not part.head_resident
     assert part.head_resident_rows % 4096 == 0 and part.total_bytes <= part.budget_bytes
     assert f"{part.head_resident_rows}/200000 output rows" in part.describe()
+
+
+def test_loading_the_kernels_keeps_subnormals():
+    """-ffast-math on the link line would load crtfastmath.o, setting flush-to-zero for the whole process."""
+    import ctypes
+
+    from flashlm.flash_store.head_sketch import SKETCH_SOURCE
+    from flashlm.quant.bundle_kernel import build_library
+
+    for source in (None, SKETCH_SOURCE):
+        path = build_library() if source is None else build_library(source)
+        if path is None:
+            pytest.skip("no C compiler")
+        ctypes.CDLL(path)
+    assert np.float32(1e-39) * np.float32(1.0) != 0

@@ -45,11 +45,13 @@ def build_library(source: str = SOURCE) -> str | None:
     if cc is None:
         return None
     # -ffast-math lets the float reductions vectorize (a fixed reassociation, chosen at compile time: results stay
-    # deterministic); -fno-finite-math-only keeps inf/nan semantics.
-    flags = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-shared", "-fPIC"]
+    # deterministic); -fno-finite-math-only keeps inf/nan semantics. It is given to the compile step only: on the
+    # link line GCC adds crtfastmath.o, which sets flush-to-zero for the whole process when the library loads
+    # (numpy's subnormals became 0 and hypothesis refused to run in the same process).
+    flags = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-fPIC"]
     flags += os.environ.get("FLASHLM_KERNEL_CFLAGS", "").split()  # e.g. "-mno-avx512vnni -mno-avxvnni" (tests)
     with open(source, "rb") as f:
-        key = hashlib.sha256(f.read() + " ".join([cc, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(f.read() + " ".join([cc, *flags, "link-apart", _cpu_flags()]).encode()).hexdigest()[:16]
     stem = os.path.splitext(os.path.basename(source))[0]
     path = os.path.join(_cache_dir(), f"{stem}-{key}.so")
     if os.path.exists(path):
@@ -57,13 +59,18 @@ def build_library(source: str = SOURCE) -> str | None:
     os.makedirs(_cache_dir(), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
     os.close(fd)
+    obj = tmp + ".o"
     try:
-        subprocess.run([cc, *flags, "-o", tmp, source, "-lm"], check=True, capture_output=True)
+        subprocess.run([cc, *flags, "-c", "-o", obj, source], check=True, capture_output=True)
+        subprocess.run([cc, "-shared", "-fopenmp", "-o", tmp, obj, "-lm"], check=True, capture_output=True)
         os.replace(tmp, path)
     except (OSError, subprocess.CalledProcessError):
         if os.path.exists(tmp):
             os.unlink(tmp)
         return None
+    finally:
+        if os.path.exists(obj):
+            os.unlink(obj)
     return path
 
 
