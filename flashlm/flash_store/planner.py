@@ -61,7 +61,6 @@ class FlashPlan:
     n_layers: int
     record_bytes: int
     batch_size: int
-    head_stream_depth: int = 0  # slices of a streamed output matrix in flight (set by the loader's plan)
 
     @property
     def head_resident(self) -> bool:

@@ -6,7 +6,6 @@ the FFN streams through the neuron caches, the output matrix is resident or stre
 
 from __future__ import annotations
 
-import dataclasses
 import mmap
 from types import ModuleType
 
@@ -14,7 +13,6 @@ import numpy as np
 import psutil
 from gguf.constants import GGMLQuantizationType as QT
 
-from ..errors import BudgetError
 from ..flash_store.head_sketch import SketchHead, sketch_bytes
 from ..flash_store.io_engine import FlashReader
 from ..flash_store.planner import FlashPlan, plan_flash
@@ -31,7 +29,6 @@ from .weights import require, vector
 
 HEAD_SLICE_ROWS = 4096
 HEAD_STREAM_DEPTH = 4  # slices of a streamed output matrix in flight: one computed while the next ones are read
-HEAD_STREAM_MIN_DEPTH = 2  # under the tightest budgets
 KV_DTYPE = np.float16  # attention runs in numpy here: a half-size cache, as llama.cpp's default
 
 
@@ -55,25 +52,15 @@ def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: Loa
         attention, head_bytes = 0, 0
     if opts.output_head == "sketch":  # resident sketch + row cache instead of the matrix: nothing streams in bulk
         head_bytes = sketch_bytes(info.shape[0], args.d_model, info.nbytes // info.shape[0])
+    head_stream = 0 if gpu_resident else HEAD_STREAM_DEPTH * (HEAD_SLICE_ROWS * (info.nbytes // info.shape[0]) + 2 * 4096)
     kv_per_token = 0 if gpu_resident else 2 * args.n_layers * args.n_kv_heads * args.head_dim * np.dtype(KV_DTYPE).itemsize
     scorer = args.n_layers * args.n_ff * resident_bytes_per_neuron(store.layout, opts.sparsity_score) \
         if opts.sparsity else 0
-    baseline = baseline or psutil.Process().memory_info().rss
-    # a streamed output matrix keeps HEAD_STREAM_DEPTH slices in flight; where that does not fit, 2 (one computed
-    # while the next is read) lowers the smallest workable budget by the other slices (SmolLM2: 5 MB)
-    for depth in (HEAD_STREAM_DEPTH, HEAD_STREAM_MIN_DEPTH):
-        head_stream = 0 if gpu_resident else depth * (HEAD_SLICE_ROWS * (info.nbytes // info.shape[0]) + 2 * 4096)
-        try:
-            plan = plan_flash(budget=opts.memory_budget, baseline=baseline, attention_bytes=attention,
-                              head_bytes=head_bytes, n_layers=args.n_layers, n_ff=args.n_ff,
-                              record_bytes=store.record_bytes, kv_bytes_per_token=kv_per_token, n_ctx=n_ctx,
-                              batch_size=opts.batch_size, n_heads=args.n_heads, head_stream_bytes=head_stream,
-                              head_rows=head_rows, scorer_bytes=scorer, head_streamable=opts.output_head == "exact")
-        except BudgetError:
-            if depth == HEAD_STREAM_MIN_DEPTH:
-                raise
-            continue
-        return dataclasses.replace(plan, head_stream_depth=depth)
+    return plan_flash(budget=opts.memory_budget, baseline=baseline or psutil.Process().memory_info().rss,
+                      attention_bytes=attention, head_bytes=head_bytes, n_layers=args.n_layers, n_ff=args.n_ff,
+                      record_bytes=store.record_bytes, kv_bytes_per_token=kv_per_token, n_ctx=n_ctx,
+                      batch_size=opts.batch_size, n_heads=args.n_heads, head_stream_bytes=head_stream,
+                      head_rows=head_rows, scorer_bytes=scorer, head_streamable=opts.output_head == "exact")
 
 
 def _row_matrix(f: GGUFFile, name: str, bias_name: str | None) -> RowMatrix:
@@ -120,7 +107,7 @@ def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: 
         else:
             head = StreamedHead(reader, kernel, info.offset, info.shape[0], info.nbytes // info.shape[0],
                                 info.ggml_type, norm, args.norm_eps, plan.head_resident_rows, HEAD_SLICE_ROWS,
-                                plan.head_stream_depth)
+                                HEAD_STREAM_DEPTH)
         ffn = StreamedFFN(store, reader, plan, kernel, opts.sparsity, opts.sparsity_score)
     except BaseException:
         reader.close()
