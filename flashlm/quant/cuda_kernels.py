@@ -6,7 +6,8 @@ thread block per output row, the row staged in shared memory with 16-byte loads,
 block (16-bit reads: blocks are 2-byte aligned), x read as float4. Measured on the H200 (4096 x 11008 Q4_0, CUDA
 graph, 25.4 MB): a warp per row reading blocks directly 42 us; a row per block, staged, 24.4 us (64 threads);
 8 rows staged per block, a warp each, 28.5 us; int8 x + dp4a 21.7 us; nibbles to float by bit tricks instead of
-int-to-float conversions 23.9 us; a plain 16-byte streaming read of the same
+int-to-float conversions 23.9 us; a persistent grid (16 blocks per SM walking the rows, the next row prefetched
+into registers while this one computes) 29.9 us; a plain 16-byte streaming read of the same
 bytes 7.8 us (3.25 TB/s). So the products are far from the memory's speed: the 50% bar is not met. Longer prompts (S > MAX_S) dequantize one matrix at a time into a scratch buffer of at
 most DEQUANT_MAX_BYTES and use cuBLAS (larger matrices go MAX_S tokens at a time through the fused kernel).
 
