@@ -138,7 +138,7 @@ def load_cuda_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: L
     opts.gpu_memory_budget, the next records pinned in host memory within opts.memory_budget, the rest streamed.
     `naive`: the baseline that copies every layer's weights to the GPU for every token."""
     from ..quant.cuda_kernels import CudaKernels
-    from ..runtime.cuda_executor import CudaExecutor, GpuFFN, GpuHead, GpuKVCache, GpuLayer, GpuMatrix, import_cupy
+    from ..runtime.cuda_executor import CudaExecutor, GpuFFN, GpuHead, GpuLayer, GpuMatrix, import_cupy
 
     cp = import_cupy()
     cp.zeros(1)  # the CUDA context: its host memory belongs in the baseline the host plan measures
@@ -176,7 +176,7 @@ def load_cuda_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: L
         reader.close()
         raise
     rope = family.rope_tables(f, args, n_ctx)
-    kv = GpuKVCache(cp, args.n_layers, args.n_kv_heads, args.head_dim, n_ctx, np.float16)
+    kv = KVCache(args.n_layers, args.n_kv_heads, args.head_dim, n_ctx, np.float16, xp=cp)
     embed = family.load_embedding(f, args)
     f._mmap.madvise(mmap.MADV_DONTNEED)
     return CudaExecutor(cp, args, layers, ffn, head, embed, kv, rope, plan), host_plan

@@ -126,77 +126,6 @@ __device__ __forceinline__ const u8* stage(const u8* src, int nbytes, u8* smem) 
     return smem + lead;
 }
 
-// y[s * y_stride + r] = W[r] . x[s]; one row per thread block of ROW_THREADS, staged in shared memory, then
-// 4 lanes per 32-weight block.
-extern "C" __global__ void matvec(const u8* W, long long row_stride, int n_rows, int K, int fmt, int block_bytes,
-                                  const float* x, int S, float* y, int y_stride) {
-    extern __shared__ __align__(16) u8 smem[];
-    __shared__ float red[ROW_THREADS / 32];
-    int row = blockIdx.x;
-    int nb = K >> 5, t = threadIdx.x & 3;
-    const u8* w = stage(W + (long long)row * row_stride, nb * block_bytes, smem);
-    float acc[MAX_S] = {0.f};
-    for (int b = threadIdx.x >> 2; b < nb; b += ROW_THREADS / 4)
-        quarter_dot(fmt, w + b * block_bytes, t, x + b * 32, K, S, acc);
-    #pragma unroll
-    for (int s = 0; s < MAX_S; s++) {
-        if (s >= S) break;
-        float v = row_sum(acc[s], red);
-        if (threadIdx.x == 0) y[(long long)s * y_stride + row] = v;
-    }
-}
-
-__device__ __forceinline__ float activate(float g, int act) {
-    if (act == 0) return g / (1.f + __expf(-g));
-    return 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
-}
-
-// h[s * n + i] = act(gate_i . x_s) * (up_i . x_s) for records i < n at R + i * rb; one record per thread block
-extern "C" __global__ void bundle_gate_up(const u8* R, long long rb, int n, int K, int gfmt, int gbytes, int ufmt,
-                                          int ubytes, long long up_off, int act, const float* x, int S, float* h) {
-    extern __shared__ __align__(16) u8 smem[];
-    __shared__ float red[ROW_THREADS / 32];
-    int i = blockIdx.x;
-    int nb = K >> 5, t = threadIdx.x & 3;
-    const u8* rec = stage(R + (long long)i * rb, (int)up_off + nb * ubytes, smem);
-    float g[MAX_S] = {0.f}, u[MAX_S] = {0.f};
-    for (int b = threadIdx.x >> 2; b < nb; b += ROW_THREADS / 4) {
-        quarter_dot(gfmt, rec + (long long)b * gbytes, t, x + b * 32, K, S, g);
-        quarter_dot(ufmt, rec + up_off + (long long)b * ubytes, t, x + b * 32, K, S, u);
-    }
-    #pragma unroll
-    for (int s = 0; s < MAX_S; s++) {
-        if (s >= S) break;
-        float gs = row_sum(g[s], red), us = row_sum(u[s], red);
-        if (threadIdx.x == 0) h[(long long)s * n + i] = activate(gs, act) * us;
-    }
-}
-
-// y[s * d + j] += sum_{i in chunk} h[s * n + i] * down_i[j]; down column of record i at R + i * rb + down_off
-extern "C" __global__ void bundle_down(const u8* R, long long rb, int n, int d, int dfmt, int dbytes,
-                                       long long down_off, const float* h, int S, float* y, int chunk) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= d) return;
-    int i0 = blockIdx.y * chunk, i1 = min(n, i0 + chunk);
-    int blk = j >> 5, e = j & 31;
-    float acc[MAX_S] = {0.f};
-    for (int i = i0; i < i1; i++) {
-        const u8* b = R + (long long)i * rb + down_off + (long long)blk * dbytes;
-        float w;
-        if (dfmt == 2) {
-            w = ld_half(b) * (float)(signed char)b[2 + e];
-        } else {
-            const u8* q = b + (dfmt == 1 ? 4 : 2);
-            int v = e < 16 ? (q[e] & 15) : (q[e - 16] >> 4);
-            w = dfmt == 1 ? ld_half(b) * v + ld_half(b + 2) : ld_half(b) * (v - 8);
-        }
-        #pragma unroll
-        for (int s = 0; s < MAX_S; s++) if (s < S) acc[s] += h[(long long)s * n + i] * w;
-    }
-    #pragma unroll
-    for (int s = 0; s < MAX_S; s++) if (s < S) atomicAdd(y + (long long)s * d + j, acc[s]);
-}
-
 // ---- int8 activations (decode, S <= MAX_S): x quantized per 32-block once per product, dp4a dot products ----
 // xq[s*K + k] int8, xd[s*nb + b] its scale, xs[s*nb + b] the exact float sum of the block (Q4_1's offset term)
 extern "C" __global__ void quantize_x(const float* x, int K, int S, signed char* xq, float* xd, float* xs) {
@@ -254,9 +183,18 @@ __device__ __forceinline__ void quarter_dot_q8(int fmt, const u8* b, int t, int 
     }
 }
 
-extern "C" __global__ void matvec_q8(const u8* W, long long row_stride, int n_rows, int K, int fmt, int block_bytes,
-                                     const signed char* xq, const float* xd, const float* xs, int S, float* y,
-                                     int y_stride) {
+// One quarter-block dot, float x or (xq != 0) the int8 x that quantize_x made: a branch uniform over the grid.
+__device__ __forceinline__ void dot_any(int fmt, const u8* blk, int t, int b, const float* x, const signed char* xq,
+                                        const float* xd, const float* xs, int K, int nb, int S, float* acc) {
+    if (xq) quarter_dot_q8(fmt, blk, t, b, xq, xd, xs, K, nb, S, acc);
+    else quarter_dot(fmt, blk, t, x + b * 32, K, S, acc);
+}
+
+// y[s * y_stride + r] = W[r] . x[s]; one row per thread block of ROW_THREADS, staged in shared memory, then
+// 4 lanes per 32-weight block.
+extern "C" __global__ void matvec(const u8* W, long long row_stride, int n_rows, int K, int fmt, int block_bytes,
+                                  const float* x, const signed char* xq, const float* xd, const float* xs, int S,
+                                  float* y, int y_stride) {
     extern __shared__ __align__(16) u8 smem[];
     __shared__ float red[ROW_THREADS / 32];
     int row = blockIdx.x;
@@ -264,7 +202,7 @@ extern "C" __global__ void matvec_q8(const u8* W, long long row_stride, int n_ro
     const u8* w = stage(W + (long long)row * row_stride, nb * block_bytes, smem);
     float acc[MAX_S] = {0.f};
     for (int b = threadIdx.x >> 2; b < nb; b += ROW_THREADS / 4)
-        quarter_dot_q8(fmt, w + (long long)b * block_bytes, t, b, xq, xd, xs, K, nb, S, acc);
+        dot_any(fmt, w + b * block_bytes, t, b, x, xq, xd, xs, K, nb, S, acc);
     #pragma unroll
     for (int s = 0; s < MAX_S; s++) {
         if (s >= S) break;
@@ -273,9 +211,15 @@ extern "C" __global__ void matvec_q8(const u8* W, long long row_stride, int n_ro
     }
 }
 
-extern "C" __global__ void bundle_gate_up_q8(const u8* R, long long rb, int n, int K, int gfmt, int gbytes, int ufmt,
-                                             int ubytes, long long up_off, int act, const signed char* xq,
-                                             const float* xd, const float* xs, int S, float* h) {
+__device__ __forceinline__ float activate(float g, int act) {
+    if (act == 0) return g / (1.f + __expf(-g));
+    return 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+}
+
+// h[s * n + i] = act(gate_i . x_s) * (up_i . x_s) for records i < n at R + i * rb; one record per thread block
+extern "C" __global__ void bundle_gate_up(const u8* R, long long rb, int n, int K, int gfmt, int gbytes, int ufmt,
+                                          int ubytes, long long up_off, int act, const float* x,
+                                          const signed char* xq, const float* xd, const float* xs, int S, float* h) {
     extern __shared__ __align__(16) u8 smem[];
     __shared__ float red[ROW_THREADS / 32];
     int i = blockIdx.x;
@@ -283,8 +227,8 @@ extern "C" __global__ void bundle_gate_up_q8(const u8* R, long long rb, int n, i
     const u8* rec = stage(R + (long long)i * rb, (int)up_off + nb * ubytes, smem);
     float g[MAX_S] = {0.f}, u[MAX_S] = {0.f};
     for (int b = threadIdx.x >> 2; b < nb; b += ROW_THREADS / 4) {
-        quarter_dot_q8(gfmt, rec + (long long)b * gbytes, t, b, xq, xd, xs, K, nb, S, g);
-        quarter_dot_q8(ufmt, rec + up_off + (long long)b * ubytes, t, b, xq, xd, xs, K, nb, S, u);
+        dot_any(gfmt, rec + (long long)b * gbytes, t, b, x, xq, xd, xs, K, nb, S, g);
+        dot_any(ufmt, rec + up_off + (long long)b * ubytes, t, b, x, xq, xd, xs, K, nb, S, u);
     }
     #pragma unroll
     for (int s = 0; s < MAX_S; s++) {
@@ -292,6 +236,31 @@ extern "C" __global__ void bundle_gate_up_q8(const u8* R, long long rb, int n, i
         float gs = row_sum(g[s], red), us = row_sum(u[s], red);
         if (threadIdx.x == 0) h[(long long)s * n + i] = activate(gs, act) * us;
     }
+}
+
+// y[s * d + j] += sum_{i in chunk} h[s * n + i] * down_i[j]; down column of record i at R + i * rb + down_off
+extern "C" __global__ void bundle_down(const u8* R, long long rb, int n, int d, int dfmt, int dbytes,
+                                       long long down_off, const float* h, int S, float* y, int chunk) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    int i0 = blockIdx.y * chunk, i1 = min(n, i0 + chunk);
+    int blk = j >> 5, e = j & 31;
+    float acc[MAX_S] = {0.f};
+    for (int i = i0; i < i1; i++) {
+        const u8* b = R + (long long)i * rb + down_off + (long long)blk * dbytes;
+        float w;
+        if (dfmt == 2) {
+            w = ld_half(b) * (float)(signed char)b[2 + e];
+        } else {
+            const u8* q = b + (dfmt == 1 ? 4 : 2);
+            int v = e < 16 ? (q[e] & 15) : (q[e - 16] >> 4);
+            w = dfmt == 1 ? ld_half(b) * v + ld_half(b + 2) : ld_half(b) * (v - 8);
+        }
+        #pragma unroll
+        for (int s = 0; s < MAX_S; s++) if (s < S) acc[s] += h[(long long)s * n + i] * w;
+    }
+    #pragma unroll
+    for (int s = 0; s < MAX_S; s++) if (s < S) atomicAdd(y + (long long)s * d + j, acc[s]);
 }
 
 // out[r * K + k] = W[r][k] as float32 (one matrix at a time, for prompt batches through cuBLAS)
@@ -337,9 +306,7 @@ class CudaKernels:
         module = cupy.RawModule(code=SOURCE, options=("--use_fast_math", "-std=c++17",
                                                       f"-DROW_THREADS={row_threads}"))
         self._matvec = module.get_function("matvec")
-        self._matvec_q8 = module.get_function("matvec_q8")
         self._gate_up = module.get_function("bundle_gate_up")
-        self._gate_up_q8 = module.get_function("bundle_gate_up_q8")
         self._down = module.get_function("bundle_down")
         self._dequant = module.get_function("dequantize_rows")
         self._quantize_x = module.get_function("quantize_x")
@@ -361,6 +328,13 @@ class CudaKernels:
         self._quantize_x(((S * nb * 32 + 255) // 256,), (256,), (x, np.int32(k), np.int32(S), xq, xd, xs))
         return xq, xd, xs
 
+    def _x_int8(self, x, xq) -> tuple:
+        """The kernels' (xq, xd, xs) arguments: x quantized (or the given quantization) with int8 activations,
+        null pointers (float x) without."""
+        if not self.int8:
+            return (np.uint64(0),) * 3
+        return xq if xq is not None else self.quantize(x)
+
     def matvec(self, ptr: int, row_stride: int, n_rows: int, k: int, qtype, x, y, xq=None) -> None:
         """y (S, >=n_rows; row stride y.shape[1]) = rows @ x.T for x (S, k) float32; rows at device pointer ptr.
         xq: x already quantized (quantize(x)), to share one quantization between products of the same input."""
@@ -378,14 +352,9 @@ class CudaKernels:
                                                           np.int32(k), np.int32(fmt), np.int32(bb), w))
             y[:, :n_rows] = x @ w.T
             return
-        common = (np.uint64(ptr), np.int64(row_stride), np.int32(n_rows), np.int32(k), np.int32(fmt), np.int32(bb))
-        if self.int8:
-            xq = xq or self.quantize(x)
-            self._matvec_q8((n_rows,), (self.row_threads,), (*common, *xq, np.int32(s_total), y,
-                                                              np.int32(y.shape[1])), shared_mem=k // 32 * bb + 32)
-        else:
-            self._matvec((n_rows,), (self.row_threads,), (*common, x, np.int32(s_total), y, np.int32(y.shape[1])),
-                         shared_mem=k // 32 * bb + 32)
+        self._matvec((n_rows,), (self.row_threads,), (
+            np.uint64(ptr), np.int64(row_stride), np.int32(n_rows), np.int32(k), np.int32(fmt), np.int32(bb), x,
+            *self._x_int8(x, xq), np.int32(s_total), y, np.int32(y.shape[1])), shared_mem=k // 32 * bb + 32)
 
     def bundle(self, ptr: int, n: int, layout, activation: str, x, y, h, xq=None) -> None:
         """y (S, d) += FFN over n records at device pointer ptr; h: scratch (>= S*n float32). xq: quantize(x)
@@ -399,15 +368,11 @@ class CudaKernels:
         for s0 in range(0, x.shape[0], MAX_S):
             xs, ys = x[s0:s0 + MAX_S], y[s0:s0 + MAX_S]
             S = xs.shape[0]
-            common = (np.uint64(ptr), np.int64(rb), np.int32(n), np.int32(d), np.int32(gf), np.int32(gb),
-                      np.int32(uf), np.int32(ub), np.int64(layout.gate_bytes), np.int32(ACTIVATIONS[activation]))
-            if self.int8:
-                q = xq if (xq is not None and x.shape[0] <= MAX_S) else self.quantize(xs)
-                self._gate_up_q8((n,), (self.row_threads,), (*common, *q, np.int32(S), h),
-                                 shared_mem=layout.gate_bytes + layout.up_bytes + 32)
-            else:
-                self._gate_up((n,), (self.row_threads,), (*common, xs, np.int32(S), h),
-                              shared_mem=layout.gate_bytes + layout.up_bytes + 32)
+            q = self._x_int8(xs, xq if x.shape[0] <= MAX_S else None)
+            self._gate_up((n,), (self.row_threads,), (
+                np.uint64(ptr), np.int64(rb), np.int32(n), np.int32(d), np.int32(gf), np.int32(gb), np.int32(uf),
+                np.int32(ub), np.int64(layout.gate_bytes), np.int32(ACTIVATIONS[activation]), xs, *q, np.int32(S),
+                h), shared_mem=layout.gate_bytes + layout.up_bytes + 32)
             self._down(((d + 255) // 256, (n + DOWN_CHUNK - 1) // DOWN_CHUNK), (256,), (
                 np.uint64(ptr), np.int64(rb), np.int32(n), np.int32(d), np.int32(df), np.int32(db),
                 np.int64(layout.gate_bytes + layout.up_bytes), h, np.int32(S), ys, np.int32(DOWN_CHUNK)))

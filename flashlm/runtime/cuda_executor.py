@@ -25,8 +25,8 @@ import numpy as np
 from ..errors import BudgetError, InvalidOptionError
 from ..flash_store.io_engine import ALIGN, FlashReader, aligned_buffer
 from ..quant.cuda_kernels import MAX_S, STAGE_SLACK, CudaKernels, upload
-from .kernel_executor import apply_rope
-from .kv_cache import GROW_STEP, KVCache
+from .kernel_executor import attend, rms_norm
+from .kv_cache import KVCache
 from .streaming import FFNStats
 
 GPU_SCRATCH_BYTES = 64 << 20  # activations, logits, cuBLAS workspace for prompt batches (dequantized transients)
@@ -86,32 +86,6 @@ def plan_gpu(gpu_budget: int | None, host_hot: int, n_ff: int, rb: int, n_layers
     return GpuPlan(gpu_budget, fixed + stage, hot, max(hot, host_hot), n_ff, rb, n_layers)
 
 
-class GpuKVCache(KVCache):
-    """The KVCache interface with CuPy buffers (1, n_kv, capacity, hd)."""
-
-    def __init__(self, cp, *args, **kw):
-        self.cp = cp
-        super().__init__(*args, **kw)
-
-    def empty_like(self) -> "GpuKVCache":
-        return GpuKVCache(self.cp, self.n_layers, self.n_kv_heads, self.head_dim, self.max_tokens, self.dtype)
-
-    def reserve(self, n_tokens: int) -> None:
-        if n_tokens <= self.capacity:
-            return
-        new_cap = min(self.max_tokens, max(n_tokens, -(-n_tokens // GROW_STEP) * GROW_STEP, 2 * self.capacity))
-        for buffers in (self.keys, self.values):
-            old = list(buffers)
-            buffers.clear()
-            for i in range(self.n_layers):
-                new = self.cp.zeros((1, self.n_kv_heads, new_cap, self.head_dim), self.dtype)
-                if old:
-                    new[:, :, :self.n_past] = old[i][:, :, :self.n_past]
-                buffers.append(new)
-        self.capacity = new_cap
-        self.generation += 1
-
-
 class GpuMatrix:
     """A quantized (or float32) matrix on the GPU in its GGUF rows."""
 
@@ -168,7 +142,8 @@ class GpuFFN:
         self.read_bufs = [self._pinned(cold * rb + 2 * ALIGN) for _ in range(2)] if cold else []
         self.copied = [None, None]  # events: the copy out of read buffer k has finished
         self._pending: dict[int, object] = {}
-        self.h = None
+        self.h = cp.empty(MAX_S * n_ff, cp.float32)  # activations of up to MAX_S tokens (bundle calls go by MAX_S)
+        self.warm_bytes = (self.host_hot - self.gpu_hot) * rb
         # GPU-side split, from CUDA events per layer: host->GPU copies and the FFN kernels (collect() sums them)
         self.transfer_s = self.gpu_ffn_s = 0.0
         self._events: list[tuple] = []
@@ -198,19 +173,15 @@ class GpuFFN:
         self._issue(0)
 
     def _drain(self) -> None:
-        for fut in self._pending.values():
-            try:
-                fut.result()
-            except Exception:  # the interrupted pass already reported it; this pass reads again
-                pass
         self._pending.clear()
+        self.reader.drain()
 
     def run(self, i: int, x, y) -> None:
         """y (S, d) += FFN_i(x (S, d)), CuPy float32."""
-        cp, rb, st = self.cp, self.rb, self.stats
+        cp, st = self.cp, self.stats
         t0 = time.perf_counter()
         stage = self.stage[i % 2] if self.stage else None
-        warm = (self.host_hot - self.gpu_hot) * rb
+        warm = self.warm_bytes
         marks = [cp.cuda.Event()]  # pairs of events around each copy: the GPU idles between them while we wait
         marks[0].record()
         if warm:
@@ -233,8 +204,6 @@ class GpuFFN:
         t1 = time.perf_counter()
         self._issue(i + 1)
         S = x.shape[0]
-        if self.h is None or self.h.size < min(S, 8) * self.n_ff:
-            self.h = cp.empty(8 * self.n_ff, cp.float32)
         e_kernels = cp.cuda.Event()
         e_kernels.record()
         t2 = time.perf_counter()
@@ -293,7 +262,7 @@ class GpuLayer:
 class CudaExecutor:
     """Same interface as KernelExecutor (forward, kv, ffn, head_stream)."""
 
-    def __init__(self, cp, args, layers: list[GpuLayer], ffn: GpuFFN, head: GpuHead, embed, kv: GpuKVCache,
+    def __init__(self, cp, args, layers: list[GpuLayer], ffn: GpuFFN, head: GpuHead, embed, kv: KVCache,
                  rope: dict[str, np.ndarray], plan: GpuPlan):
         self.cp, self.args, self.layers, self.ffn, self.head_stream = cp, args, layers, ffn, head
         self.kernels = ffn.kernels
@@ -301,8 +270,7 @@ class CudaExecutor:
         self.rope = {name: cp.asarray(t, dtype=cp.float32) for name, t in rope.items()}
 
     def _rms(self, x, w):
-        cp = self.cp
-        return x / cp.sqrt((x * x).mean(-1, keepdims=True) + self.args.norm_eps) * w
+        return rms_norm(x, w, self.args.norm_eps)  # numpy's ufuncs run CuPy arrays on the GPU
 
     def _attention(self, i: int, w: GpuLayer, h, start: int):
         cp, a = self.cp, self.args
@@ -320,24 +288,7 @@ class CudaExecutor:
         keys, values = self.kv.keys[i][0], self.kv.values[i][0]
         cos, sin = (self.rope[name] for name in a.rope_names(i))
         window = a.sliding_window if a.is_local(i) else 0
-        total = start + n
-        q = apply_rope(q, cos[start:total], sin[start:total], a.rope.interleaved, cp)
-        k = apply_rope(k, cos[start:total], sin[start:total], a.rope.interleaved, cp)
-        keys[:, start:total] = k.transpose(1, 0, 2)
-        values[:, start:total] = v.transpose(1, 0, 2)
-        group = a.n_heads // a.n_kv_heads
-        qg = q.transpose(1, 0, 2).reshape(a.n_kv_heads, group * n, a.head_dim)
-        kk = keys[:, :total].astype(cp.float32)
-        scores = qg @ kk.transpose(0, 2, 1) * np.float32(a.head_dim ** -0.5)
-        if n > 1 or window:
-            dist = (start + cp.arange(n))[:, None] - cp.arange(total)[None, :]
-            allowed = (dist >= 0) & (dist < window) if window else dist >= 0
-            scores = cp.where(cp.tile(allowed, (group, 1))[None], scores, np.float32(-np.inf))
-        scores -= scores.max(-1, keepdims=True)
-        probs = cp.exp(scores)
-        probs /= probs.sum(-1, keepdims=True)
-        out = (probs @ values[:, :total].astype(cp.float32)).reshape(a.n_heads, n, a.head_dim)
-        out = cp.ascontiguousarray(out.transpose(1, 0, 2).reshape(n, -1))
+        out = cp.ascontiguousarray(attend(a, q, k, v, keys, values, start, cos, sin, window, cp))
         o = w.o(out)
         h1 = h + (o if w.post_attn_norm is None else self._rms(o, w.post_attn_norm))
         return cp.ascontiguousarray(self._rms(h1, w.ffn_norm), dtype=cp.float32), h1

@@ -77,6 +77,32 @@ def apply_rope(x, cos, sin, interleaved: bool, xp=np):
     return xp.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
 
 
+def attend(a, q, k, v, keys, values, start: int, cos, sin, window: int, xp=np):
+    """Attention of n new positions (start..start+n-1): RoPE, cache write, causal (and windowed) softmax over the
+    cached keys, in the array module xp (numpy here, CuPy for the GPU executor). q (n, heads, hd), k and v
+    (n, kv_heads, hd); keys/values (kv_heads, capacity, hd). Returns (n, heads * hd)."""
+    n = q.shape[0]
+    total = start + n
+    cos, sin = cos[start:total], sin[start:total]
+    q = apply_rope(q, cos, sin, a.rope.interleaved, xp)
+    k = apply_rope(k, cos, sin, a.rope.interleaved, xp)
+    keys[:, start:total] = k.transpose(1, 0, 2)
+    values[:, start:total] = v.transpose(1, 0, 2)
+    group = a.n_heads // a.n_kv_heads
+    qg = q.transpose(1, 0, 2).reshape(a.n_kv_heads, group * n, a.head_dim)  # heads grouped by their KV head
+    kk = keys[:, :total].astype(xp.float32, copy=False)  # a float16 cache: products in float32
+    vv = values[:, :total].astype(xp.float32, copy=False)
+    scores = qg @ kk.transpose(0, 2, 1) * np.float32(a.head_dim ** -0.5)  # (n_kv, group*n, T)
+    if n > 1 or window:  # causal: query j (position start+j) sees keys up to start+j (and within the window)
+        dist = (start + xp.arange(n))[:, None] - xp.arange(total)[None, :]
+        allowed = (dist >= 0) & (dist < window) if window else dist >= 0
+        scores = xp.where(xp.tile(allowed, (group, 1))[None], scores, np.float32(-np.inf))
+    scores -= scores.max(-1, keepdims=True)
+    probs = xp.exp(scores)
+    probs /= probs.sum(-1, keepdims=True)
+    return (probs @ vv).reshape(a.n_heads, n, a.head_dim).transpose(1, 0, 2).reshape(n, -1)
+
+
 class KernelExecutor:
     """Same interface as Executor (forward, kv, ffn, head_stream), for flash stores."""
 
@@ -103,7 +129,7 @@ class KernelExecutor:
         if n == 1 and k_.attention_decode is not None and keys.dtype == np.float16:
             out = self._attention_decode(q, k, v, keys, values, start, cos, sin, window)
         else:
-            out = self._attention_numpy(q, k, v, keys, values, start, cos, sin, window)
+            out = attend(a, q, k, v, keys, values, start, cos, sin, window)
         o = w.o(k_, np.ascontiguousarray(out, dtype=np.float32))
         h1 = h + (o if w.post_attn_norm is None else rms_norm(o, w.post_attn_norm, a.norm_eps))
         return rms_norm(h1, w.ffn_norm, a.norm_eps), np.ascontiguousarray(h1, dtype=np.float32)
@@ -125,27 +151,6 @@ class KernelExecutor:
         if status != 0:
             raise RuntimeError(f"attention_decode failed ({status})")
         return out[None]
-
-    def _attention_numpy(self, q, k, v, keys, values, start: int, cos, sin, window: int) -> np.ndarray:
-        a = self.args
-        n = q.shape[0]
-        total = start + n
-        cos, sin = cos[start:total], sin[start:total]
-        q = apply_rope(q, cos, sin, a.rope.interleaved)
-        k = apply_rope(k, cos, sin, a.rope.interleaved)
-        keys[:, start:total] = k.transpose(1, 0, 2)
-        values[:, start:total] = v.transpose(1, 0, 2)
-        group = a.n_heads // a.n_kv_heads
-        qg = q.transpose(1, 0, 2).reshape(a.n_kv_heads, group * n, a.head_dim)  # heads grouped by their KV head
-        scores = qg @ keys[:, :total].transpose(0, 2, 1) * np.float32(a.head_dim ** -0.5)  # (n_kv, group*n, T)
-        if n > 1 or window:  # causal: query j (position start+j) sees keys up to start+j (and within the window)
-            dist = (start + np.arange(n))[:, None] - np.arange(total)[None, :]
-            allowed = (dist >= 0) & (dist < window) if window else dist >= 0
-            scores = np.where(np.tile(allowed, (group, 1))[None], scores, np.float32(-np.inf))
-        scores -= scores.max(-1, keepdims=True)
-        probs = np.exp(scores, dtype=np.float32)
-        probs /= probs.sum(-1, keepdims=True)
-        return (probs @ values[:, :total]).reshape(a.n_heads, n, a.head_dim).transpose(1, 0, 2).reshape(n, -1)
 
     def forward(self, ids: np.ndarray, all_logits: bool = False) -> np.ndarray:
         n = len(ids)

@@ -13,10 +13,10 @@ GROW_STEP = 256
 
 
 class KVCache:
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_tokens: int, dtype=np.float32):
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_tokens: int, dtype=np.float32, xp=np):
         """dtype: float32 for onnxruntime's GroupQueryAttention; float16 (as llama.cpp's default) where attention
-        runs in numpy, halving the cache."""
-        self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
+        runs in numpy, halving the cache. xp: the array module of the buffers (CuPy for the GPU executor)."""
+        self.n_layers, self.n_kv_heads, self.head_dim, self.xp = n_layers, n_kv_heads, head_dim, xp
         self.dtype = np.dtype(dtype)
         self.max_tokens = max_tokens
         self.n_past = 0
@@ -26,12 +26,8 @@ class KVCache:
         self.generation = 0  # bumped whenever the buffers are replaced, so bindings know to refresh
 
     def empty_like(self) -> "KVCache":
-        """An empty cache of the same shape and kind (a session's own cache)."""
-        return KVCache(self.n_layers, self.n_kv_heads, self.head_dim, self.max_tokens, self.dtype)
-
-    def empty_like(self) -> "KVCache":
-        """A new empty cache of the same shape and dtype (a session's own: runtime/executor.py Engine.fork)."""
-        return KVCache(self.n_layers, self.n_kv_heads, self.head_dim, self.max_tokens, self.dtype)
+        """A new empty cache of the same shape, dtype and device (a session's own: runtime/executor.py Engine.fork)."""
+        return KVCache(self.n_layers, self.n_kv_heads, self.head_dim, self.max_tokens, self.dtype, self.xp)
 
     def bytes_per_token(self) -> int:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * self.dtype.itemsize
@@ -50,7 +46,7 @@ class KVCache:
             old = list(buffers)
             buffers.clear()
             for i in range(self.n_layers):
-                new = np.zeros(shape, self.dtype)
+                new = self.xp.zeros(shape, self.dtype)
                 if old:
                     new[:, :, :self.n_past] = old[i][:, :, :self.n_past]
                 buffers.append(new)

@@ -44,30 +44,39 @@ def _graph_ms(cp, rounds: int, launch) -> float:
 
 
 def check_kernels(rounds: int = 50) -> dict:
+    """Kernel errors against gguf.quants / the numpy bundle reference (float and int8 x), then the bandwidth of the
+    4096 x 11008 Q4_0 product."""
+    rng = np.random.default_rng(0)
+    report = _kernel_errors(rng)
+    report.update(_matvec_bandwidth(rng, rounds))
+    return report
+
+
+def _kernel_errors(rng) -> dict:
     import cupy as cp
     import gguf
 
+    from ..flash_store.format import RecordLayout
+    from ..quant.bundle_kernel import reference_ffn
     from ..quant.cuda_kernels import CudaKernels, upload
 
-    kern = CudaKernels(int8_activations=False)
-    kern8 = CudaKernels(int8_activations=True)
-    rng = np.random.default_rng(0)
+    kernels = ((CudaKernels(int8_activations=False), "errors"), (CudaKernels(int8_activations=True), "errors_int8"))
     report = {"errors": {}, "errors_int8": {}}
+
+    def record(key, name, got, ref):
+        report[key][name] = float(np.abs(cp.asnumpy(got) - ref).max() / np.abs(ref).max())
+
     for qtype in (QT.Q4_0, QT.Q4_1, QT.Q8_0):
         rows = _random_rows(qtype, 300, 512, rng)
         w = gguf.quants.dequantize(rows, qtype).astype(np.float64)
+        g = upload(cp, rows)
         for S in (1, 3, 8, 13):
             x = rng.standard_normal((S, 512)).astype(np.float32)
-            g = upload(cp, rows)
-            ref = x.astype(np.float64) @ w.T
-            for kk, key in ((kern, "errors"), (kern8, "errors_int8")):
+            for kk, key in kernels:
                 y = cp.empty((S, 300), cp.float32)
                 kk.matvec(g.data.ptr, rows.shape[1], 300, 512, qtype, cp.asarray(x), y)
-                report[key][f"{qtype.name} S={S}"] = float(np.abs(cp.asnumpy(y) - ref).max() / np.abs(ref).max())
+                record(key, f"{qtype.name} S={S}", y, x.astype(np.float64) @ w.T)
     # bundle records [gate | up | down column] against the numpy reference (float64)
-    from ..flash_store.format import RecordLayout
-    from ..quant.bundle_kernel import reference_ffn
-
     for gt, act in ((QT.Q4_0, "silu"), (QT.Q4_1, "gelu_tanh"), (QT.Q8_0, "silu")):
         layout, n = RecordLayout(256, gt, gt, QT.Q8_0), 200
         g, u, dn = layout.slices()
@@ -75,27 +84,30 @@ def check_kernels(rounds: int = 50) -> dict:
         records[:, g] = _random_rows(gt, n, 256, rng)
         records[:, u] = _random_rows(gt, n, 256, rng)
         records[:, dn] = _random_rows(QT.Q8_0, n, 256, rng)
+        gr = upload(cp, records)
         for S in (1, 5, 11):
             x = (rng.standard_normal((S, 256)) * 0.1).astype(np.float32)
             ref, _ = reference_ffn(records, layout, x, act)
-            gr = upload(cp, records)
-            for kk, key in ((kern, "errors"), (kern8, "errors_int8")):
+            for kk, key in kernels:
                 y = cp.zeros((S, 256), cp.float32)
                 kk.bundle(gr.data.ptr, n, layout, act, cp.asarray(x), y, cp.empty(8 * n, cp.float32))
-                report[key][f"bundle {gt.name} {act} S={S}"] = float(
-                    np.abs(cp.asnumpy(y) - ref).max() / np.abs(ref).max())
-    # bandwidth: W (11008 rows x 4096) Q4_0 = 25.4 MB; 8 copies (203 MB) rotated so no product is served from L2
+                record(key, f"bundle {gt.name} {act} S={S}", y, ref)
+    return report
+
+
+def _matvec_bandwidth(rng, rounds: int) -> dict:
+    """W (11008 rows x 4096) Q4_0 = 25.4 MB; 8 copies (203 MB) rotated so no product is served from L2. GPU time:
+    the products captured in a CUDA graph and replayed (a Python launch costs more than the kernel), for each
+    number of threads per row and float / int8 x; the fastest is reported."""
+    import cupy as cp
+
+    from ..quant.cuda_kernels import ROW_THREADS, CudaKernels, upload
+
     n, k = 11008, 4096
     rows = _random_rows(QT.Q4_0, n, k, rng)
     copies = [upload(cp, rows) for _ in range(8)]
     x = cp.asarray(rng.standard_normal((1, k)).astype(np.float32))
     y = cp.empty((1, n), cp.float32)
-    for c in copies:
-        kern.matvec(c.data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y)
-    # GPU time: the products captured in a CUDA graph and replayed (a Python launch costs more than the kernel),
-    # for each number of threads per row; the fastest is reported
-    from ..quant.cuda_kernels import ROW_THREADS
-
     by_threads = {}
     for int8 in (False, True):
         for threads in sorted({32, 64, 128, 256, ROW_THREADS}):
@@ -118,25 +130,22 @@ def check_kernels(rounds: int = 50) -> dict:
     blocks = cp.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"] * 8
     read_ms = _graph_ms(cp, rounds, lambda r: read_all((blocks,), (256,), (copies[r % len(copies)],
                                                                            np.int64(rows.nbytes // 16), sink)))
-    report["plain_read_ms"] = read_ms
-    report["plain_read_gb_s"] = rows.nbytes / read_ms / 1e6
-    report["matvec_ms_by_row_threads"] = by_threads
     best = min(by_threads, key=by_threads.get)
     ms = by_threads[best]
-    report["matvec_best"] = best
+    kern8 = CudaKernels(int8_activations=True)
     t = time.perf_counter()
     for r in range(rounds):
         kern8.matvec(copies[r % len(copies)].data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y)
     cp.cuda.Device().synchronize()
-    report["python_launched_ms"] = (time.perf_counter() - t) / rounds * 1e3
     props = cp.cuda.runtime.getDeviceProperties(0)
-    bus_bits = props["memoryBusWidth"]
     clock_khz = props["memoryClockRate"]
-    peak = 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz else float("nan")  # DDR: two transfers a clock
-    report.update(device=props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
-                  matvec_ms=ms, matvec_bytes=int(rows.nbytes), matvec_gb_s=rows.nbytes / ms / 1e6,
-                  card_peak_gb_s=peak, fraction_of_peak=rows.nbytes / ms / 1e6 / peak)
-    return report
+    peak = 2 * clock_khz * 1e3 * props["memoryBusWidth"] / 8 / 1e9 if clock_khz else float("nan")  # DDR
+    return {"plain_read_ms": read_ms, "plain_read_gb_s": rows.nbytes / read_ms / 1e6,
+            "matvec_ms_by_row_threads": by_threads, "matvec_best": best,
+            "python_launched_ms": (time.perf_counter() - t) / rounds * 1e3,
+            "device": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+            "matvec_ms": ms, "matvec_bytes": int(rows.nbytes), "matvec_gb_s": rows.nbytes / ms / 1e6,
+            "card_peak_gb_s": peak, "fraction_of_peak": rows.nbytes / ms / 1e6 / peak}
 
 
 def _greedy(m, prompt: str, n: int) -> list[int]:
@@ -199,6 +208,10 @@ def naive_vs_tiers(path: str, gpu_budget: str, host_budget: str, n_tokens: int) 
     from ..options import LoadOptions
     from ..runtime.executor import Engine
 
+    import cupy as cp
+
+    from .memory import peak_rss_bytes
+
     report = {}
     ids = list(range(1000, 1016))
     for name, naive in (("flashlm", False), ("naive", True)):
@@ -210,17 +223,11 @@ def naive_vs_tiers(path: str, gpu_budget: str, host_budget: str, n_tokens: int) 
         load_s = time.perf_counter() - t
         engine = Engine(executor, 256, 32)
         rate, split = _decode_rate(engine, ids, n_tokens)
-        import cupy as cp
-
-        from .memory import peak_rss_bytes
-
         report[name] = {"tok_s": rate, "load_s": load_s, "plan": executor.gpu_plan.describe(), **split,
                         "gpu_pool_mb": cp.get_default_memory_pool().total_bytes() / 1e6,
                         "host_peak_rss_mb": peak_rss_bytes() / 1e6}
         executor.ffn.close()
         del engine, executor
-        import cupy as cp
-
         cp.get_default_memory_pool().free_all_blocks()
         f.close()
     report["speedup"] = report["flashlm"]["tok_s"] / report["naive"]["tok_s"]
