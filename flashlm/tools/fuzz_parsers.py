@@ -407,6 +407,14 @@ CONFIG_VALUES = (0, -1, 1, 2, 3, 7, 2**31, 2**63, 10**400, 1.5, -0.0, 1e308, flo
                  {"sliding_attention": {"rope_theta": "a"}}, "default", "linear")
 
 
+def _json_for_mutation(raw: bytes):
+    """json.loads for a mutator, refusing deep nesting up front: whether the C parser hits the recursion limit
+    depends on the caller's stack depth (hypothesis replays at another depth), and a mutator's draws must not."""
+    if raw.count(b"[") + raw.count(b"{") > 256:
+        raise ValueError("nested too deep to mutate")
+    return json.loads(raw)
+
+
 class HFTarget:
     def __init__(self, workdir: str, src_path: str):
         small = os.path.join(workdir, "seed.gguf")
@@ -454,7 +462,7 @@ class HFTarget:
 
     @staticmethod
     def _mutate_config(rng: random.Random, files: dict) -> str:
-        config = json.loads(files["config.json"])
+        config = _json_for_mutation(files["config.json"])
         key = rng.choice(sorted(config) + ["rope_scaling", "sliding_window", "layer_types", "rope_parameters"])
         r = rng.random()
         if r < 0.15:
@@ -479,7 +487,7 @@ class HFTarget:
         name = rng.choice(sorted(n for n in files if n.endswith(".safetensors")))
         data = files[name]
         (n,) = struct.unpack_from("<Q", data)
-        header = json.loads(data[8: 8 + n])
+        header = _json_for_mutation(data[8: 8 + n])
         body = data[8 + n:]
         r = rng.random()
         if r < 0.15:  # the length field
@@ -516,7 +524,7 @@ class HFTarget:
     @staticmethod
     def _mutate_index(rng: random.Random, files: dict) -> str:
         index_name = "model.safetensors.index.json"
-        index = json.loads(files[index_name]) if index_name in files else {"weight_map": {}}
+        index = _json_for_mutation(files[index_name]) if index_name in files else {"weight_map": {}}
         shards = sorted(n for n in files if n.endswith(".safetensors"))
         r = rng.random()
         wm = index.setdefault("weight_map", {})
