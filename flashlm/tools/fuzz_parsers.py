@@ -81,6 +81,14 @@ class Field:
     kind: str  # count | length | vtype | itype | n_dims | dim | ttype | toffset | value
 
 
+def _pick(rng: random.Random, seq):
+    """rng.choice that refuses an empty sequence before drawing: hypothesis's Random records a draw from an empty
+    range and its replay then disagrees (FlakyStrategyDefinition)."""
+    if not seq:
+        raise IndexError("nothing to choose from")
+    return rng.choice(seq)
+
+
 def gguf_fields(data: bytes, max_array_items: int = 64) -> list[Field]:
     """Every integer field of a valid GGUF header: where a rewrite is interesting."""
     fields = [Field(8, 8, "count"), Field(16, 8, "count")]
@@ -145,7 +153,7 @@ def mutate_gguf(rng: random.Random, seed: bytes, fields: list[Field], header_end
     ti_end = next(f.offset for f in fields if f.kind == "ti_end")
     fields = [f for f in fields if f.kind not in ("kv", "ti_end")]
     if rng.random() < 0.2:  # one KV's value re-encoded as another type (header re-padded: tensor data still found)
-        span = rng.choice(spans)
+        span = _pick(rng, spans)
         value, desc = _random_value(rng)
         shift = len(value) - span.size
         new_end = ti_end + shift
@@ -163,14 +171,14 @@ def mutate_gguf(rng: random.Random, seed: bytes, fields: list[Field], header_end
                 data[at] ^= 1 << rng.randrange(8) if rng.random() < 0.7 else rng.randrange(1, 256)
             what.append(f"flip {n} byte(s) near {at}")
         elif op < 0.35:  # truncation at a field boundary (or one byte either side), or anywhere
-            f = rng.choice(fields)
+            f = _pick(rng, fields)
             at = max(0, f.offset + rng.choice((0, 0, -1, 1, f.size)) if rng.random() < 0.8
                      else rng.randrange(len(data)))
             del data[at:]
             what.append(f"truncate at {at}")
             break
         elif op < 0.75:  # field rewrite
-            f = rng.choice(fields)
+            f = _pick(rng, fields)
             old = _get(data, f) if f.offset + f.size <= len(data) else 0
             r = rng.random()
             if f.kind in ("vtype", "itype", "ttype", "n_dims"):
@@ -195,7 +203,7 @@ def mutate_gguf(rng: random.Random, seed: bytes, fields: list[Field], header_end
                 data[at:at] = data[at: at + n]
                 what.append(f"duplicate {n} at {at}")
         else:  # splice: copy one field's bytes over another's (type ids into lengths, offsets into counts...)
-            a, b = rng.choice(fields), rng.choice(fields)
+            a, b = _pick(rng, fields), _pick(rng, fields)
             if max(a.offset + a.size, b.offset + b.size) <= len(data):
                 _put(data, b, _get(data, a))
             what.append(f"copy {a.kind}@{a.offset} -> {b.kind}@{b.offset}")
@@ -447,7 +455,7 @@ class HFTarget:
     @staticmethod
     def _mutate_bytes(rng: random.Random, files: dict) -> str:
         """Raw bytes of any file: a flip in its first 4 KiB (headers, config) or a truncation."""
-        name = rng.choice(sorted(files))
+        name = _pick(rng, sorted(files))
         data = bytearray(files[name])
         if rng.random() < 0.5 and data:
             at = rng.randrange(min(len(data), 4096))
@@ -484,7 +492,7 @@ class HFTarget:
 
     @staticmethod
     def _mutate_safetensors(rng: random.Random, files: dict) -> str:
-        name = rng.choice(sorted(n for n in files if n.endswith(".safetensors")))
+        name = _pick(rng, sorted(n for n in files if n.endswith(".safetensors")))
         data = files[name]
         (n,) = struct.unpack_from("<Q", data)
         header = _json_for_mutation(data[8: 8 + n])
@@ -494,7 +502,7 @@ class HFTarget:
             value = rng.choice(HUGE + (0, 1, n - 1, n + 1, len(data)))
             files[name] = struct.pack("<Q", value % 2**64) + data[8:]
             return f"{name}: header length {n} -> {value}"
-        tensor = rng.choice(sorted(k for k in header if k != "__metadata__"))
+        tensor = _pick(rng, sorted(k for k in header if k != "__metadata__"))
         entry = header[tensor]
         if r < 0.4:
             start, stop = entry["data_offsets"]
