@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from flashlm.loaders.tokenizer import StreamDecoder
@@ -66,3 +69,15 @@ def test_bos_and_eog_come_from_the_vocabulary(model, reference):
     assert tok.bos_id == reference.token_bos() and tok.eos_id == reference.token_eos()
     assert tok.is_eog(tok.eos_id)
     assert not tok.is_eog(model.tokenize("hello")[0])
+
+
+def test_generation_imports_no_package_it_does_not_use(smollm_path):
+    """A lean baseline: tokenizing and generating loads llama.cpp's ctypes bindings, not llama_cpp's package
+    (jinja2, diskcache: ~10 MB), and gguf's constants, not its writer and yaml (flashlm/_bare_import.py)."""
+    code = ("import sys, flashlm; m = flashlm.load(sys.argv[1], threads=1, ctx_size=64);"
+            "print(m.generate('Hi', max_tokens=2, temperature=0) is not None,"
+            " sorted(n for n in ('llama_cpp.llama', 'jinja2', 'diskcache', 'gguf.gguf_writer', 'yaml')"
+            " if n in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, smollm_path], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "[]"], out.stdout

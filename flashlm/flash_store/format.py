@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+from ..loaders.gguf_reader import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 FORMAT_VERSION = 1
 DATA_ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffers aligned to the logical block size (<= 4096)

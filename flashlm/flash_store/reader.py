@@ -15,11 +15,11 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 from ..errors import ModelFileError
-from ..loaders.gguf_reader import GGUFFile
+from ..loaders.gguf_reader import GGML_QUANT_SIZES, GGUFFile, GGMLQuantizationType as QT
 from . import format as fmt
+
 
 
 def is_flash_store(f: GGUFFile) -> bool:

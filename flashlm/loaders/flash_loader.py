@@ -11,7 +11,6 @@ from types import ModuleType
 
 import numpy as np
 import psutil
-from gguf.constants import GGMLQuantizationType as QT
 
 from ..flash_store.head_sketch import SketchHead, sketch_bytes
 from ..flash_store.io_engine import FlashReader
@@ -24,7 +23,7 @@ from ..quant.bundle_kernel import SUPPORTED_ROW_TYPES, BundleKernel
 from ..runtime.kernel_executor import AttentionWeights, KernelExecutor, RowMatrix
 from ..runtime.kv_cache import KVCache
 from ..runtime.streaming import StreamedFFN, StreamedHead
-from .gguf_reader import GGUFFile
+from .gguf_reader import GGUFFile, GGMLQuantizationType as QT
 from .weights import require, vector
 
 HEAD_SLICE_ROWS = 4096

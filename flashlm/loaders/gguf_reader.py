@@ -20,9 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
+from .._bare_import import bare_import
 from ..errors import ModelFileError
+
+_gguf = bare_import("gguf.constants")  # not `import gguf` (yaml, metadata, writer): see _bare_import
+GGML_QUANT_SIZES, GGMLQuantizationType = _gguf.GGML_QUANT_SIZES, _gguf.GGMLQuantizationType
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)

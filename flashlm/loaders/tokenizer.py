@@ -17,7 +17,9 @@ import contextlib
 import ctypes
 import os
 import threading
+import weakref
 
+from .._bare_import import bare_import
 from ..errors import ModelFileError
 from .gguf_reader import GGUFFile
 
@@ -62,26 +64,52 @@ def _has_hf_tokenizer(path: str) -> bool:
         return False  # llama.cpp then reports what is wrong with the file, as before
 
 
+_LIB_LOCK = threading.Lock()
+_BACKEND_READY = False
+
+
+def llama_lib():
+    """llama-cpp-python's ctypes bindings, without its package __init__ (see _bare_import), backend initialized."""
+    global _BACKEND_READY
+    lib = bare_import("llama_cpp.llama_cpp")
+    with _LIB_LOCK:
+        if not _BACKEND_READY:
+            with _quiet_stderr():
+                lib.llama_backend_init()
+            _BACKEND_READY = True
+    return lib
+
+
 class LlamaCppTokenizer(Tokenizer):
     def __init__(self, path: str, verbose: bool = False):
-        import llama_cpp
-
-        self._llama_cpp = llama_cpp
-        try:
-            ctx = contextlib.nullcontext() if verbose else _quiet_stderr()
-            with ctx:
-                self._llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=verbose)
-        except (ValueError, RuntimeError) as e:
-            raise ModelFileError(f"{path}: llama.cpp could not load the vocabulary ({e})") from None
-        self._vocab = self._llm._model.vocab
-        self.n_vocab = self._llm.n_vocab()
-        self.bos_id = self._llm.token_bos()
-        self.eos_id = self._llm.token_eos()
+        lib = self._llama_cpp = llama_lib()
+        if not os.path.isfile(path):
+            raise ModelFileError(f"{path}: no such model file")
+        params = lib.llama_model_default_params()
+        params.vocab_only = True
+        with contextlib.nullcontext() if verbose else _quiet_stderr():
+            model = lib.llama_model_load_from_file(path.encode("utf-8"), params)
+        if not model:
+            raise ModelFileError(f"{path}: llama.cpp could not load the vocabulary (run with --verbose for its log)")
+        weakref.finalize(self, lib.llama_model_free, model)
+        self._model = model  # the vocabulary lives as long as the model handle
+        self._vocab = lib.llama_model_get_vocab(model)
+        self.n_vocab = lib.llama_vocab_n_tokens(self._vocab)
+        self.bos_id = lib.llama_vocab_bos(self._vocab)
+        self.eos_id = lib.llama_vocab_eos(self._vocab)
 
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Text -> ids. add_special adds BOS (and EOS) where the model's metadata asks for them; parse_special
         turns text like "<|im_start|>" into its special token, as llama.cpp's tools do for prompts."""
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
+        lib, raw = self._llama_cpp, text.encode("utf-8")
+        size = len(raw) + 2  # llama.cpp never makes more tokens than bytes, plus BOS and EOS
+        for _ in range(2):
+            out = (lib.llama_token * size)()
+            n = lib.llama_tokenize(self._vocab, raw, len(raw), out, size, add_special, parse_special)
+            if n >= 0:
+                return list(out[:n])
+            size = -n  # too small: llama.cpp returns the count it needs, negated
+        raise RuntimeError(f"llama_tokenize failed on a text of {len(raw)} bytes")
 
     def piece(self, token: int) -> bytes:
         """The bytes one token stands for in generated text (special tokens render as nothing)."""
@@ -110,7 +138,9 @@ class LlamaCppTokenizer(Tokenizer):
 
     def token_text(self, token: int) -> str:
         """The token's own text (special tokens included), e.g. the BOS/EOS strings a chat template needs."""
-        return self._llm._model.token_get_text(token) if token >= 0 else ""
+        if not 0 <= token < self.n_vocab:
+            return ""
+        return self._llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
 
 
 def _byte_decoder() -> dict[str, int]:

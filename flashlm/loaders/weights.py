@@ -6,12 +6,10 @@ import os
 
 import numpy as np
 
-from gguf.constants import GGMLQuantizationType as QT
-
 from ..errors import ModelFileError, StorageError, UnsupportedModelError
 from ..quant.formats import codec_for, dequantize, to_nbits
 from ..quant.kernels import Linear
-from .gguf_reader import GGUFFile
+from .gguf_reader import GGUFFile, GGMLQuantizationType as QT
 
 
 def require(f: GGUFFile, name: str):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..loaders.gguf_reader import GGUFFile
-from ..loaders.weights import EmbeddingTable, linear, vector
+from ..loaders.weights import EmbeddingTable, vector
 from ..quant.kernels import emit_linears
 from ..runtime.onnx_graph import MS_DOMAIN, GraphBuilder
 from . import llama

@@ -17,7 +17,7 @@ import tempfile
 
 import numpy as np
 
-from gguf.constants import GGMLQuantizationType as QT
+from ..loaders.gguf_reader import GGMLQuantizationType as QT
 
 from ..quant.formats import dequantize
 

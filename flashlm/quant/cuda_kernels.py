@@ -21,7 +21,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from gguf.constants import GGMLQuantizationType as QT
+
+from ..loaders.gguf_reader import GGMLQuantizationType as QT
 
 MAX_S = 8  # activations per fused decode product; longer batches dequantize + cuBLAS
 FORMATS = {QT.Q4_0: 0, QT.Q4_1: 1, QT.Q8_0: 2}

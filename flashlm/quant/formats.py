@@ -37,10 +37,11 @@ from typing import Callable
 
 import numpy as np
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
-from gguf.quants import dequantize as _gguf_dequantize
-
+from .._bare_import import bare_import
 from ..errors import UnsupportedModelError
+from ..loaders.gguf_reader import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+
+_gguf_dequantize = bare_import("gguf.quants").dequantize  # not `import gguf`: see _bare_import
 
 NBITS_BLOCK = 32  # MatMulNBits block_size of every format but Q6_K (16-wide sub-blocks)
 
