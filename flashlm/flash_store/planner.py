@@ -19,7 +19,11 @@ from ..errors import BudgetError
 
 MB = 1_000_000
 # A flash store runs on the bundle kernel: attention and output matrices are held as their own GGUF bytes.
-SCRATCH_BYTES = 18 * MB  # activations, BLAS and OpenMP buffers, reader threads, Python objects (measured +15 MB)
+# Activations, BLAS and OpenMP buffers, reader threads, Python objects. Measured as peak RSS (VmHWM) after a
+# 64-token generation and a 200-token prompt minus the plan's other lines: SmolLM2 -c 256 at 150 MB 9.4 MB,
+# at 125 MB 6.3 MB; Gemma 3 -c 512 at 300 MB under 9 MB. In a cgroup of the budget's size 12 MB left major page
+# faults at 0.00-0.02 per token (150, 135, 120 MB); 9 MB let them rise to 0.08-0.4 (code pages evicted).
+SCRATCH_BYTES = 12 * MB
 HOT_ALIGN = 64  # hot-set sizes are multiples of this, so cold ranges start on aligned record boundaries
 HEAD_ROW_ALIGN = 4096  # resident output rows: a multiple of this, so streamed reads start page-aligned
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -103,13 +104,16 @@ def worker(engine: str, path: str, n_gen: int, threads: int, ctx: int, budget: i
     out = [tok]
     ffn = getattr(m.engine.executor, "ffn", None) if engine == "flashlm" else None
     before = ffn.stats.copy() if ffn else None
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     t = time.perf_counter()
     for _ in range(n_gen - 1):
         step(tok)
         tok = int(np.argmax(logits()))
         out.append(tok)
     dt = time.perf_counter() - t
-    result = {"decode_tps": (n_gen - 1) / dt, "tokens": out}
+    # major page faults per token: pages of code or an mmap'd model read back from disk after the limit evicted them
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults) / (n_gen - 1)
+    result = {"decode_tps": (n_gen - 1) / dt, "tokens": out, "major_faults_per_token": faults}
     if ffn:
         io = ffn.stats.since(before).io
         plan = m._loaded.plan
