@@ -63,13 +63,24 @@ class Model:
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Teacher-forced logits (len(ids), vocab) from an empty context."""
+        ids = self._checked_ids(ids)
+        with self._session._gate:
+            return self.engine.logits_all(ids)
+
+    def score(self, ids: list[int], first: int = 0) -> np.ndarray:
+        """Teacher-forced negative log-likelihoods (float64) of ids[t + 1] after ids[:t + 1], t = first ..
+        len(ids) - 2. Unlike logits(), it holds only a few rows of logits at a time (perplexity under a budget)."""
+        ids = self._checked_ids(ids)
+        with self._session._gate:
+            return self.engine.score(ids, first)
+
+    def _checked_ids(self, ids: list[int]) -> list[int]:
         ids = [int(i) for i in ids]
         check_prompt(len(ids), self.n_ctx + 1)
         bad = [i for i in ids if not 0 <= i < self.args.vocab_size]
         if bad:
             raise InvalidOptionError(f"token id {bad[0]} is outside the vocabulary (0..{self.args.vocab_size - 1})")
-        with self._session._gate:
-            return self.engine.logits_all(ids)
+        return ids
 
     # -- generation (the default session) ------------------------------------------------------------------
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:

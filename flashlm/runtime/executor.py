@@ -8,6 +8,7 @@ The forward pass never touches files: embeddings come from the loader's table, w
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -98,6 +99,19 @@ class Executor:
                 out[:, lo:hi] = part
         self.kv.n_past = total
         return out if all_logits else out.copy()
+
+
+SCORE_LOGITS_BYTES = 3 << 19  # Engine.score: logits rows held at once (1.5 MB: 7 rows of SmolLM2, 1 of Gemma 3)
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] per row, in float64 as llama-perplexity sums it (float max, double sum of
+    exponentials), one row at a time: no float64 copy of the whole block."""
+    out = np.empty(len(targets), dtype=np.float64)
+    for r, (row, t) in enumerate(zip(logits, targets)):
+        m = float(row.max())
+        out[r] = m + math.log(float(np.exp(row - m).sum(dtype=np.float64))) - float(row[t])
+    return out
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -193,3 +207,32 @@ class Engine:
         with self.lock:
             self.reset()
             return self._eval(ids, all_logits=True)
+
+    def score(self, ids: list[int], first: int) -> np.ndarray:
+        """Negative log-likelihoods (float64) of ids[t + 1] after ids[:t + 1], for t = first .. len(ids) - 2, from
+        an empty context, in full batches. A chunk's full logits are n_ctx x vocab floats (100 MB for SmolLM2 at
+        -c 512, 537 MB for Gemma 3), which would break any memory budget: an executor that can split its forward
+        pass (`hidden`, then `logits` of chosen rows: the flash-store executors) computes SCORE_LOGITS_BYTES of
+        logits rows at a time; the others give a batch's logits at once (n_batch x vocab)."""
+        n, ex = len(ids), self.executor
+        split = hasattr(ex, "hidden") and hasattr(ex, "logits")
+        group = max(1, SCORE_LOGITS_BYTES // (4 * ex.vocab_size))
+        out = []
+        with self.lock:
+            self.reset()
+            ex.kv = self.kv
+            for start in range(0, n, self.n_batch):
+                chunk = np.asarray(ids[start:start + self.n_batch], dtype=np.int64)
+                lo, hi = max(first, start), min(start + len(chunk), n - 1)  # positions scored in this batch
+                if lo >= hi:
+                    ex.forward(chunk, False)
+                elif split:
+                    h = ex.hidden(chunk)
+                    for g in range(lo, hi, group):
+                        rows = np.arange(g, min(g + group, hi)) - start
+                        out.append(token_nll(ex.logits(h, rows), np.asarray(ids[g + 1:g + 1 + len(rows)])))
+                else:
+                    logits = ex.forward(chunk, True)
+                    out.append(token_nll(logits[lo - start:hi - start], np.asarray(ids[lo + 1:hi + 1])))
+                self.tokens.extend(int(t) for t in chunk)
+        return np.concatenate(out) if out else np.zeros(0)

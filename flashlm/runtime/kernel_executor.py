@@ -153,6 +153,11 @@ class KernelExecutor:
         return out[None]
 
     def forward(self, ids: np.ndarray, all_logits: bool = False) -> np.ndarray:
+        h = self.hidden(ids)
+        return self.logits(h, np.arange(len(ids)) if all_logits else np.array([len(ids) - 1]))
+
+    def hidden(self, ids: np.ndarray) -> np.ndarray:
+        """Append ids at the cache's position; returns the last layer's hidden states (len(ids), d)."""
         n = len(ids)
         start = self.kv.n_past
         self.kv.reserve(start + n)
@@ -166,11 +171,14 @@ class KernelExecutor:
                 y = np.zeros_like(h)
                 self.ffn.run(i, x, y)
                 h += rms_norm(y, w.post_ffw_norm, self.args.norm_eps)
-        rows = np.arange(n) if all_logits else np.array([n - 1])
+        self.kv.n_past = start + n
+        return h
+
+    def logits(self, h: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Logits (len(rows), vocab) of the given rows of hidden states: final norm, output matrix, soft-cap."""
         out = np.empty((len(rows), self.vocab_size), np.float32)
         self.head_stream.run(h, rows, out)
         cap = getattr(self.args, "logit_softcap", 0.0)
         if cap:
             np.multiply(np.tanh(out / cap), cap, out=out)
-        self.kv.n_past = start + n
         return out

@@ -25,13 +25,6 @@ class PerplexityResult:
     chunk_ppl: list[float]
 
 
-def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    logz = m[:, 0] + np.log(np.exp(x - m).sum(-1))
-    return logz - x[np.arange(len(targets)), targets]
-
-
 def perplexity(model, text: str, n_ctx: int, max_chunks: int | None = None, progress=None) -> PerplexityResult:
     if n_ctx < 16:
         raise InvalidOptionError(f"perplexity needs a context of at least 16 tokens, got {n_ctx}")
@@ -51,8 +44,7 @@ def perplexity(model, text: str, n_ctx: int, max_chunks: int | None = None, prog
         chunk = list(tokens[c * n_ctx:(c + 1) * n_ctx])
         if adds_bos:
             chunk[0] = bos
-        logits = model.logits(chunk)
-        nll = _nll(logits[first:n_ctx - 1], np.asarray(chunk[first + 1:], dtype=np.int64))
+        nll = model.score(chunk, first)  # a few rows of logits at a time: within a memory budget
         nlls.append(nll)
         chunk_ppl.append(float(np.exp(nll.mean())))
         if progress:
