@@ -334,14 +334,18 @@ def probe_disk(path, seconds, verbose):
 @click.option("-r", "--repetitions", type=int, default=3, show_default=True, help="Timed runs (median reported).")
 @click.option("-c", "--ctx-size", type=int, default=1024, show_default=True, help="Context size for both engines.")
 @click.option("--engines", default="flashlm,llama.cpp", show_default=True, help="Engines to run, comma-separated.")
+@click.option("--flash", "flash", type=str, default=None,
+              help="flashlm runs this .flash conversion of the model (llama.cpp still runs the GGUF).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def bench(model, n_prompt, n_gen, threads, repetitions, ctx_size, engines, as_json, verbose):
+def bench(model, n_prompt, n_gen, threads, repetitions, ctx_size, engines, flash, as_json, verbose):
     """flashlm and llama.cpp side by side: prompt tok/s, decode tok/s, peak memory and their ratios."""
     from .tools.bench import run_bench
 
+    if flash is not None and not os.path.isfile(flash):
+        _fail(f"{flash}: no such file", EXIT_USAGE)
     run_bench(_resolve_model(model), n_prompt, n_gen, threads, repetitions, ctx_size,
-              [e.strip() for e in engines.split(",") if e.strip()], as_json)
+              [e.strip() for e in engines.split(",") if e.strip()], as_json, flash=flash)
 
 
 @cli.command()

@@ -52,7 +52,9 @@ def test_bundles_metadata_and_alignment(flash_path, smollm_path):
 
 
 def test_flash_perplexity_close_to_source(resident, model, gpl_text):
-    ids = model.tokenize(gpl_text)[:257]
+    # 512 tokens (the resident fixture's context): on the first 257 alone the int8-activation FFN measured +1.1%
+    # against the float one, on 1,024 +0.04% (not systematic; both 0.4% from llama.cpp there)
+    ids = model.tokenize(gpl_text)[:512]
 
     def ppl(logits):
         lp = logits[:-1].astype(np.float64)

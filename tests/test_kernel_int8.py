@@ -154,3 +154,55 @@ def test_fallback_builds(flags, kernel, monkeypatch):
                   len(raw), 2) == 0
         exact_err, float_err = errors(out, x, raw, qtype)
         assert exact_err < EXACT_TOL and float_err < FLOAT_TOL, (qtype.name, exact_err, float_err)
+
+
+def _records(qtype, source, request, n=300):
+    """Records of n neurons: gate and up rows of qtype (real Gemma rows or synthetic ones), a Q8_0 down column."""
+    from flashlm.flash_store.format import RecordLayout
+
+    gate = rows_for(qtype, source, request, n)[:n]
+    up = np.roll(gate, 1, axis=0)
+    d = gate.shape[1] // gguf.GGML_QUANT_SIZES[qtype][1] * gguf.GGML_QUANT_SIZES[qtype][0]
+    w = np.random.default_rng(3).standard_normal((len(gate), d)).astype(np.float32) * 0.05
+    layout = RecordLayout(d, qtype, qtype, QT.Q8_0)
+    records = np.zeros((len(gate), layout.record_bytes), np.uint8)
+    g, u, dn = layout.slices()
+    records[:, g], records[:, u], records[:, dn] = gate, up, gguf.quants.quantize(w, QT.Q8_0)
+    return layout, records
+
+
+@pytest.mark.parametrize("S", [1, 3, 8, 9, 20])  # token groups of 8 and their remainders
+@pytest.mark.parametrize("qtype,source", CASES)
+def test_int8_bundle_ffn(qtype, source, S, request):
+    """bundle_ffn_i8 (the FFN for every token count when int8 activations are on): (a) against x quantized as the
+    kernel does and float64 products: float32 accumulation only; (b) against float x: the int8 rounding of x,
+    under FLOAT_TOL as for rows_matvec_i8; (c) a batch gives each token what it gets alone (up to float32 rounding:
+    each token count is its own specialised loop, and -ffast-math may order its float sums differently)."""
+    layout, records = _records(qtype, source, request)
+    k = bk.BundleKernel(layout, "silu", threads=2)
+    if k._ffn_i8 is None or not bk.FFN_INT8:
+        pytest.skip("no int8 FFN kernel in this build (needs AVX2 and FMA) or int8 activations switched off")
+    d = layout.d_model
+    x = np.random.default_rng(S).standard_normal((S, d)).astype(np.float32)
+    addresses = (records.ctypes.data + layout.record_bytes * np.arange(len(records))).astype(np.uint64)
+    y = np.zeros_like(x)
+    k.run(addresses, x, y)
+    g, u, dn = layout.slices()
+    wg = gguf.quants.dequantize(records[:, g], qtype).astype(np.float64)
+    wu = gguf.quants.dequantize(records[:, u], qtype).astype(np.float64)
+    wd = gguf.quants.dequantize(records[:, dn], QT.Q8_0).astype(np.float64)
+    q, dx = quantize_x(x)
+    xq = (q.reshape(S, -1, 32) * dx[..., None].astype(np.float64)).reshape(S, d)
+
+    def ffn(xx):
+        a = xx @ wg.T
+        return (a / (1 + np.exp(-a)) * (xx @ wu.T)) @ wd
+
+    exact, ref = ffn(xq), ffn(x.astype(np.float64))
+    scale = np.abs(ref).max()
+    assert np.abs(y - exact).max() / scale < 1e-4
+    assert np.abs(y - ref).max() / scale < FLOAT_TOL
+    for s in range(S):
+        alone = np.zeros((1, d), np.float32)
+        k.run(addresses, x[s:s + 1], alone)
+        assert np.abs(alone[0] - y[s]).max() / scale < 1e-6

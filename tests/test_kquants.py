@@ -184,8 +184,12 @@ def _records(qtype: QT, source: str, request, n: int = 96):
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("S", [1, 3, 9])  # fused decode, per-token dequantized rows, the BLAS prompt path
 @pytest.mark.parametrize("qtype,source", SOURCES)
-def test_bundle_ffn(qtype, source, S, native, request):
+def test_bundle_ffn(qtype, source, S, native, request, monkeypatch):
+    """The float-x paths (the int8-activation FFN is tested in test_kernel_int8.py)."""
+    from flashlm.quant import bundle_kernel
     from flashlm.quant.bundle_kernel import BundleKernel, reference_ffn
+
+    monkeypatch.setattr(bundle_kernel, "FFN_INT8", False)
 
     layout, records = _records(qtype, source, request)
     k = BundleKernel(layout, "gelu_tanh", threads=2)

@@ -822,6 +822,129 @@ int rows_matvec_i8(const uint8_t *rows, int64_t n, int64_t row_bytes, int type, 
     return 0;
 }
 
+#ifdef HAVE_FUSED
+/* ---- The bundle FFN with int8 activations, for any number of tokens -------------------------------------------
+ * gate . x_s and up . x_s as rows_matvec_i8 computes them (x quantized per 32-block, integer dot products), then
+ * a = act(gate . x) * (up . x) and y_s += a * down in float, DOWN_GROUP neurons at a time (down_axpy_group).
+ * Records are the outer loop (each group's bytes are read from memory once, then stay in L1 while every token
+ * uses them); tokens go in groups of up to I8_MAX_TOKENS through row dot products specialised per (type, count).
+ * Deterministic for a given n_threads, as bundle_ffn. Replaces the prompt path's dequantize + BLAS products and
+ * the float-x decode path (measurements in bundle_kernel.py). */
+typedef void (*dots_fn)(const uint8_t *row, const xq_t *X, float *res);
+#define DOTS_FN(T, S_) \
+    static void dots_##T##_##S_(const uint8_t *row, const xq_t *X, float *res) { row_dots_i8(row, T, S_, X, res); }
+#define DOTS_FNS(T) DOTS_FN(T, 1) DOTS_FN(T, 2) DOTS_FN(T, 3) DOTS_FN(T, 4) DOTS_FN(T, 5) DOTS_FN(T, 6) \
+                    DOTS_FN(T, 7) DOTS_FN(T, 8)
+DOTS_FNS(T_Q8_0) DOTS_FNS(T_Q4_0) DOTS_FNS(T_Q4_1) DOTS_FNS(T_Q5_0) DOTS_FNS(T_Q5_1) DOTS_FNS(T_Q4_K)
+DOTS_FNS(T_Q5_K) DOTS_FNS(T_Q6_K)
+#define DOTS_TABLE(T) \
+    case T: { static const dots_fn f[8] = {dots_##T##_1, dots_##T##_2, dots_##T##_3, dots_##T##_4, dots_##T##_5, \
+                                           dots_##T##_6, dots_##T##_7, dots_##T##_8}; return f[S - 1]; }
+
+static dots_fn dots_for(int type, int S) {
+    switch (type) {
+        DOTS_TABLE(T_Q8_0) DOTS_TABLE(T_Q4_0) DOTS_TABLE(T_Q4_1) DOTS_TABLE(T_Q5_0) DOTS_TABLE(T_Q5_1)
+        DOTS_TABLE(T_Q4_K) DOTS_TABLE(T_Q5_K) DOTS_TABLE(T_Q6_K)
+    }
+    return NULL;
+}
+
+/* The quantized x of tokens s0.. (a view into X). */
+static xq_t xq_from(const xq_t *X, int s0) {
+    xq_t v = *X;
+    v.q += (size_t)s0 * X->d;
+    v.dx += (size_t)s0 * X->nb;
+    v.fs += (size_t)s0 * X->nb;
+    v.sums += (size_t)s0 * 2 * X->nb;
+    v.kinit += (size_t)s0 * X->nb;
+    return v;
+}
+
+/* y_s += sum_k a[s][k] * down_k for m tokens: each 8-value slice of the g down columns is converted to float once
+ * and used by every token (down_axpy_group per token converted it m times). */
+static void down_axpy_tokens(const uint8_t *const *down, float a[][DOWN_GROUP], int g, int m, float *y, int d) {
+    for (int b = 0; b < d / 32; b++) {
+        float sc[DOWN_GROUP];
+        for (int k = 0; k < g; k++) sc[k] = f16_to_f32(down[k] + 34 * b);
+        float c[I8_MAX_TOKENS][DOWN_GROUP];
+        for (int s = 0; s < m; s++)
+            for (int k = 0; k < g; k++) c[s][k] = a[s][k] * sc[k];
+        for (int v = 0; v < 4; v++) {
+            __m256 w[DOWN_GROUP];
+            for (int k = 0; k < g; k++)
+                w[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                    _mm_loadl_epi64((const __m128i *)(down[k] + 34 * b + 2 + 8 * v))));
+            for (int s = 0; s < m; s++) {
+                float *yv = y + (size_t)s * d + 32 * b + 8 * v;
+                __m256 acc = _mm256_loadu_ps(yv);
+                for (int k = 0; k < g; k++) acc = _mm256_fmadd_ps(_mm256_set1_ps(c[s][k]), w[k], acc);
+                _mm256_storeu_ps(yv, acc);
+            }
+        }
+    }
+}
+
+int bundle_ffn_i8(const uint8_t *const *rows, int64_t n, int d, int gate_type, int up_type, int64_t up_offset,
+                  int64_t down_offset, int act, const float *x, int S, float *y, int n_threads) {
+    if (!row_ok(gate_type, d) || !row_ok(up_type, d) || !row_ok(T_Q8_0, d)) return -1;
+    if (!i8_type_ok(gate_type) || !i8_type_ok(up_type) || S < 1) return -3;
+    if (n_threads < 1) n_threads = 1;
+#ifndef _OPENMP
+    n_threads = 1;
+#endif
+    const int nb = d / 32;
+    const size_t sd = (size_t)S * d, snb = (size_t)S * nb;
+    int8_t *q = malloc(sd);
+    float *dx = malloc(sizeof(float) * 2 * snb), *fs = dx ? dx + snb : NULL;
+    int32_t *sums = malloc(sizeof(int32_t) * 4 * snb), *kg = sums ? sums + 2 * snb : NULL, *ku = kg ? kg + snb : NULL;
+    float *partial = calloc((size_t)n_threads * sd, sizeof(float));
+    if (!q || !dx || !sums || !partial) { free(q); free(dx); free(sums); free(partial); return -2; }
+    quantize_x_i8(x, S, d, q, dx, sums);
+    const int Kg = i8_offset(gate_type), Ku = i8_offset(up_type);
+    for (size_t i = 0; i < snb; i++) {
+        int32_t t = sums[2 * i] + sums[2 * i + 1];
+        fs[i] = dx[i] * (float)t;
+        kg[i] = -Kg * t;
+        ku[i] = -Ku * t;
+    }
+    const xq_t XG = {q, dx, fs, sums, kg, d, nb}, XU = {q, dx, fs, sums, ku, d, nb};
+#ifdef _OPENMP
+#pragma omp parallel num_threads(n_threads)
+#endif
+    {
+        int tid = 0, nt = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        const int64_t lo = n * tid / nt, hi = n * (tid + 1) / nt;
+        float *ylocal = partial + (size_t)tid * sd;
+        for (int64_t i = lo; i < hi; i += DOWN_GROUP) {
+            const int g = (int)(hi - i < DOWN_GROUP ? hi - i : DOWN_GROUP);
+            const uint8_t *down[DOWN_GROUP];
+            for (int k = 0; k < g; k++) down[k] = rows[i + k] + down_offset;
+            for (int s0 = 0; s0 < S; s0 += I8_MAX_TOKENS) {
+                const int m = S - s0 < I8_MAX_TOKENS ? S - s0 : I8_MAX_TOKENS;
+                const dots_fn fg = dots_for(gate_type, m), fu = dots_for(up_type, m);
+                const xq_t xg = xq_from(&XG, s0), xu = xq_from(&XU, s0);
+                float a[I8_MAX_TOKENS][DOWN_GROUP];
+                for (int k = 0; k < g; k++) {
+                    float gv[I8_MAX_TOKENS], uv[I8_MAX_TOKENS];
+                    fg(rows[i + k], &xg, gv);
+                    fu(rows[i + k] + up_offset, &xu, uv);
+                    for (int s = 0; s < m; s++) a[s][k] = activate(gv[s], act) * uv[s];
+                }
+                down_axpy_tokens(down, a, g, m, ylocal + (size_t)s0 * d, d);
+            }
+        }
+    }
+    for (int t = 0; t < n_threads; t++)
+        for (size_t k = 0; k < sd; k++) y[k] += partial[(size_t)t * sd + k];
+    free(q); free(dx); free(sums); free(partial);
+    return 0;
+}
+#endif
+
 /* Dequantize records (gate, up, down of each) into float32 (n, d) matrices: the prompt path, where a BLAS
  * matrix product over many tokens beats per-token dot products. */
 int dequant_records(const uint8_t *const *rows, int64_t n, int d, int gate_type, int up_type, int64_t up_offset,

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import numpy as np
 
@@ -111,21 +112,22 @@ def _openblas_local_threads():
 
 
 class _OneBlasThread:
-    """with _OneBlasThread(fn): BLAS calls from this thread run single-threaded (restored afterwards)."""
+    """with _OneBlasThread(fn): BLAS calls from this thread run single-threaded (restored afterwards). Nests: the
+    forward pass holds it and the BLAS prompt paths inside take it again."""
 
     def __init__(self, fn):
-        self.fn, self.previous = fn, None
+        self.fn, self._local = fn, threading.local()
 
     def __enter__(self):
         if self.fn is not None:
-            self.previous = self.fn(1)
+            self._local.__dict__.setdefault("saved", []).append(self.fn(1))
 
     def __exit__(self, *exc):
-        if self.fn is not None and self.previous is not None:
-            self.fn(self.previous)
+        if self.fn is not None:
+            self.fn(self._local.saved.pop())
 
 
-BLAS_MIN_TOKENS = 8  # from this many tokens on, dequantize a chunk of records and use a BLAS product
+BLAS_MIN_TOKENS = 8  # without bundle_ffn_i8: from this many tokens on, dequantize records and use BLAS products
 BLAS_CHUNK_NEURONS = 256  # bounds the float scratch: 3 * 256 * d floats
 # rows_matvec for up to this many tokens quantizes x to int8 per 32-block and takes integer dot products
 # (rows_matvec_i8 in bundle_kernel.c, which has the measurements); INT8_ACTIVATIONS = False (environment:
@@ -133,6 +135,15 @@ BLAS_CHUNK_NEURONS = 256  # bounds the float scratch: 3 * 256 * d floats
 INT8_ACTIVATIONS = os.environ.get("FLASHLM_INT8_ACTIVATIONS", "1") != "0"
 INT8_MAX_TOKENS = BLAS_MIN_TOKENS - 1  # up to the BLAS path: S = 5..7 ran 7-25x faster than float x (measured)
 INT8_ROW_TYPES = SUPPORTED_ROW_TYPES
+INT8_GROUP_TOKENS = 8  # rows_matvec_i8 takes up to 8 tokens per call (I8_MAX_TOKENS in bundle_kernel.c)
+# The FFN itself with int8 activations (bundle_ffn_i8), for any number of tokens; FLASHLM_FFN_INT8=0 (or
+# FLASHLM_INT8_ACTIVATIONS=0) keeps the float-x decode path and the dequantize + BLAS prompt path. Measured on
+# SmolLM2's layer 0 (1536 records, Q4_1 gate/up, Q8_0 down), AMD EPYC 2 threads, best of 15, ms per call:
+#   tokens            1      2      7      8     16     32    128
+#   float x / BLAS  0.124  0.383  0.852  2.602  2.907  4.070  13.04
+#   int8 x          0.081  0.133  0.418  0.416  0.904  2.071   9.12
+# max |difference| / max |float result| 0.4-0.75% (as rows_matvec_i8's; llama.cpp quantizes x the same way).
+FFN_INT8 = INT8_ACTIVATIONS and os.environ.get("FLASHLM_FFN_INT8", "1") != "0"
 
 
 class BundleKernel:
@@ -145,7 +156,7 @@ class BundleKernel:
         if layout.down_type != QT.Q8_0:
             raise ValueError("bundle kernel: down columns must be Q8_0")
         self.layout, self.activation, self.threads = layout, activation, threads
-        self.attention_decode = None
+        self.attention_decode = self._ffn_i8 = None
         path = build_library()
         self.native = path is not None
         if self.native:
@@ -174,6 +185,10 @@ class BundleKernel:
             dq.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
                            ctypes.c_void_p, ctypes.c_int]
             self._dequant_rows = dq
+            self._ffn_i8 = getattr(lib, "bundle_ffn_i8", None)  # x86 (AVX2) builds only
+            if self._ffn_i8 is not None:
+                self._ffn_i8.restype = ctypes.c_int
+                self._ffn_i8.argtypes = fn.argtypes[:10] + [ctypes.c_void_p, ctypes.c_int]
             self.attention_decode = getattr(lib, "attention_decode", None)  # x86 builds only
             if self.attention_decode is not None:
                 ad = self.attention_decode
@@ -191,6 +206,14 @@ class BundleKernel:
         `rows` (n, record_bytes) is needed only by the numpy fallback. mask (S, n) bool: per token, the neurons
         that count (sparsity over a prompt batch)."""
         n, S = len(row_addresses), x.shape[0]
+        if self.native and self._ffn_i8 is not None and FFN_INT8 and act_out is None and mask is None:
+            status = self._ffn_i8(row_addresses.ctypes.data, n, self.layout.d_model, int(self.layout.gate_type),
+                                  int(self.layout.up_type), self._up_offset, self._down_offset,
+                                  ACTIVATIONS[self.activation], x.ctypes.data, S, y.ctypes.data, self.threads)
+            if status == 0:
+                return
+            if status != -3:
+                raise RuntimeError(f"bundle kernel (int8) failed ({status})")
         if self.native and (S >= BLAS_MIN_TOKENS or mask is not None) and act_out is None:
             with self.one_blas_thread:
                 self._run_blas(row_addresses, x, y, mask)
@@ -242,6 +265,14 @@ def rows_matvec(kernel: "BundleKernel", rows: np.ndarray, qtype: QT, x: np.ndarr
     n, d, S = rows.shape[0], x.shape[1], x.shape[0]
     if not kernel.native:
         out[...] = x @ dequantize(rows, qtype).reshape(n, d).T
+        return
+    if INT8_ACTIVATIONS and qtype in INT8_ROW_TYPES and S > INT8_MAX_TOKENS:
+        for s0 in range(0, S, INT8_GROUP_TOKENS):  # groups of tokens, each an int8 product over all rows
+            s1 = min(S, s0 + INT8_GROUP_TOKENS)
+            status = kernel._matvec_i8(rows.ctypes.data, n, rows.shape[1], int(qtype), d, x[s0:s1].ctypes.data,
+                                       s1 - s0, out[s0:].ctypes.data, out.strides[0] // 4, kernel.threads)
+            if status != 0:
+                raise RuntimeError(f"rows_matvec_i8 failed ({status})")
         return
     if S >= BLAS_MIN_TOKENS:
         w = np.empty((min(n, 1024), d), np.float32)  # 2.4 MB at d 576 (4096 rows: +7 MB of peak RSS, no faster)

@@ -163,21 +163,23 @@ class KernelExecutor:
         self.kv.reserve(start + n)
         h = self.embed.lookup(ids).astype(np.float32)
         self.ffn.begin(n)
-        for i, w in enumerate(self.layers):
-            x, h = self._attention(i, w, h, start)
-            if w.post_ffw_norm is None:
-                self.ffn.run(i, x, h)  # h += FFN(x), in place
-            else:
-                y = np.zeros_like(h)
-                self.ffn.run(i, x, y)
-                h += rms_norm(y, w.post_ffw_norm, self.args.norm_eps)
+        with self.kernel.one_blas_thread:  # numpy's attention products next to the OpenMP kernels (see there)
+            for i, w in enumerate(self.layers):
+                x, h = self._attention(i, w, h, start)
+                if w.post_ffw_norm is None:
+                    self.ffn.run(i, x, h)  # h += FFN(x), in place
+                else:
+                    y = np.zeros_like(h)
+                    self.ffn.run(i, x, y)
+                    h += rms_norm(y, w.post_ffw_norm, self.args.norm_eps)
         self.kv.n_past = start + n
         return h
 
     def logits(self, h: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Logits (len(rows), vocab) of the given rows of hidden states: final norm, output matrix, soft-cap."""
         out = np.empty((len(rows), self.vocab_size), np.float32)
-        self.head_stream.run(h, rows, out)
+        with self.kernel.one_blas_thread:
+            self.head_stream.run(h, rows, out)
         cap = getattr(self.args, "logit_softcap", 0.0)
         if cap:
             np.multiply(np.tanh(out / cap), cap, out=out)

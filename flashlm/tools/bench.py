@@ -110,7 +110,8 @@ def _spread(values: list[float]) -> str:
 
 
 def run_bench(path: str, n_prompt: int, n_gen: int, threads: int, reps: int, ctx: int, engines: list[str],
-              as_json: bool) -> dict:
+              as_json: bool, flash: str | None = None) -> dict:
+    """flash: flashlm runs this .flash conversion of `path` instead of `path` itself."""
     from ..errors import InvalidOptionError
 
     unknown = [e for e in engines if e not in ENGINES]
@@ -120,13 +121,14 @@ def run_bench(path: str, n_prompt: int, n_gen: int, threads: int, reps: int, ctx
         raise InvalidOptionError("bench needs n_prompt, n_gen, threads, repetitions >= 1 and n_prompt + n_gen <= ctx")
     results = {}
     for engine in engines:
-        cmd = [sys.executable, "-m", "flashlm.tools.bench", engine, path, str(n_prompt), str(n_gen), str(threads),
+        own = flash if flash and engine == "flashlm" else path
+        cmd = [sys.executable, "-m", "flashlm.tools.bench", engine, own, str(n_prompt), str(n_gen), str(threads),
                str(reps), str(ctx)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{engine} benchmark failed:\n{proc.stderr[-2000:]}")
         results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
-    report = {"model": path, "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen, "repetitions": reps,
+    report = {"model": path, "flash": flash, "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen, "repetitions": reps,
               "engines": results}
     if "flashlm" in results and "llama.cpp" in results:
         a, b = results["flashlm"], results["llama.cpp"]
@@ -137,7 +139,7 @@ def run_bench(path: str, n_prompt: int, n_gen: int, threads: int, reps: int, ctx
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"model {os.path.basename(path)}, {threads} threads, prompt {n_prompt} tokens, {n_gen} generated, "
+        print(f"model {os.path.basename(path)}{f' (flashlm: {os.path.basename(flash)})' if flash else ''}, {threads} threads, prompt {n_prompt} tokens, {n_gen} generated, "
               f"median of {reps}")
         print(f"{'engine':<10} {'prompt tok/s':>16} {'decode tok/s':>16} {'peak MiB':>9} {'load ms':>8}")
         for r in results.values():
