@@ -133,7 +133,7 @@ def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_
     if not head_resident and (not head_streamable or plan(0, False).total_bytes > budget):
         smallest = plan(0, not head_streamable)
         raise BudgetError(f"a memory budget of {budget / MB:.0f} MB cannot hold this model: the smallest workable "
-                          f"budget is {smallest.total_bytes / MB:.0f} MB at a context of {n_ctx} tokens "
+                          f"budget is {-(-smallest.total_bytes // MB)} MB at a context of {n_ctx} tokens "
                           f"(baseline {baseline / MB:.0f} MB, resident {smallest.resident_bytes / MB:.0f} MB, "
                           f"KV cache {kv / MB:.0f} MB; a smaller -c lowers it)")
     spare = budget - plan(0, head_resident).total_bytes + 2 * n_ff * record_bytes

@@ -104,7 +104,7 @@ def worker(engine: str, path: str, n_gen: int, threads: int, ctx: int, budget: i
     out = [tok]
     ffn = getattr(m.engine.executor, "ffn", None) if engine == "flashlm" else None
     before = ffn.stats.copy() if ffn else None
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     t = time.perf_counter()
     for _ in range(n_gen - 1):
         step(tok)
@@ -112,14 +112,21 @@ def worker(engine: str, path: str, n_gen: int, threads: int, ctx: int, budget: i
         out.append(tok)
     dt = time.perf_counter() - t
     # major page faults per token: pages of code or an mmap'd model read back from disk after the limit evicted them
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults) / (n_gen - 1)
-    result = {"decode_tps": (n_gen - 1) / dt, "tokens": out, "major_faults_per_token": faults}
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    result = {"decode_tps": (n_gen - 1) / dt, "tokens": out,
+              "major_faults_per_token": (after.ru_majflt - usage.ru_majflt) / (n_gen - 1),
+              "minor_faults_per_token": (after.ru_minflt - usage.ru_minflt) / (n_gen - 1),
+              "cpu_ms_per_token": {"user": (after.ru_utime - usage.ru_utime) * 1e3 / (n_gen - 1),
+                                   "sys": (after.ru_stime - usage.ru_stime) * 1e3 / (n_gen - 1)}}
     if ffn:
-        io = ffn.stats.since(before).io
+        d = ffn.stats.since(before)
+        io = d.io
         plan = m._loaded.plan
         result.update(read_mb_per_token=io.bytes_read / (n_gen - 1) / 1e6, reads_per_token=io.reads / (n_gen - 1),
                       effective_read_mb_s=io.effective_mb_s, hot_neurons=plan.hot_neurons,
-                      head_resident=plan.head_resident)
+                      head_resident=plan.head_resident, ms_per_token={
+                          "io_wait": d.io_wait_s * 1e3 / (n_gen - 1), "ffn": d.compute_s * 1e3 / (n_gen - 1),
+                          "manage": d.manage_s * 1e3 / (n_gen - 1), "all": dt * 1e3 / (n_gen - 1)})
     return result
 
 
