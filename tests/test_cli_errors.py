@@ -58,3 +58,5 @@ def test_usage_and_runtime_errors_have_distinct_codes(smollm_path, tmp_path):
                           "context", code=2)
     proc = run_cli("convert", smollm_path, "-o", str(tmp_path / "no_such_dir" / "x.flash"))  # an OSError
     assert_one_line_error(proc, "x.flash", code=1)
+    assert_one_line_error(run_cli("bench", "-m", smollm_path, "--flash", str(tmp_path / "absent.flash")),
+                          "absent.flash", code=2)
