@@ -171,15 +171,16 @@ def _records(qtype, source, request, n=300):
     return layout, records
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("S", [1, 3, 8, 9, 20])  # token groups of 8 and their remainders
 @pytest.mark.parametrize("qtype,source", CASES)
-def test_int8_bundle_ffn(qtype, source, S, request):
+def test_int8_bundle_ffn(qtype, source, S, activation, request):
     """bundle_ffn_i8 (the FFN for every token count when int8 activations are on): (a) against x quantized as the
     kernel does and float64 products: float32 accumulation only; (b) against float x: the int8 rounding of x,
     under FLOAT_TOL as for rows_matvec_i8; (c) a batch gives each token what it gets alone (up to float32 rounding:
     each token count is its own specialised loop, and -ffast-math may order its float sums differently)."""
     layout, records = _records(qtype, source, request)
-    k = bk.BundleKernel(layout, "silu", threads=2)
+    k = bk.BundleKernel(layout, activation, threads=2)
     if k._ffn_i8 is None or not bk.FFN_INT8:
         pytest.skip("no int8 FFN kernel in this build (needs AVX2 and FMA) or int8 activations switched off")
     d = layout.d_model
@@ -196,7 +197,11 @@ def test_int8_bundle_ffn(qtype, source, S, request):
 
     def ffn(xx):
         a = xx @ wg.T
-        return (a / (1 + np.exp(-a)) * (xx @ wu.T)) @ wd
+        if activation == "silu":
+            act = a / (1 + np.exp(-a))
+        else:
+            act = 0.5 * a * (1 + np.tanh(0.7978845608 * (a + 0.044715 * a ** 3)))
+        return (act * (xx @ wu.T)) @ wd
 
     exact, ref = ffn(xq), ffn(x.astype(np.float64))
     scale = np.abs(ref).max()

@@ -849,6 +849,41 @@ static dots_fn dots_for(int type, int S) {
     return NULL;
 }
 
+/* exp for 8 floats: Cephes' expf (as in avx_mathfun's exp256_ps), relative error ~1e-7; inputs clamped to
+ * +-88.38 (exp(-88.38) comes out 0). */
+static inline __m256 v_expf(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 z = _mm256_mul_ps(x, x), y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, z, x), _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(0x7f)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* act(g[s]) for 8 values at once (SiLU g / (1 + e^-g); GELU-tanh with tanh(y) = 1 - 2 / (1 + e^2y)): a scalar
+ * expf or tanhf per neuron and token took 40% of Gemma 3's decode FFN time and a fifth of its prompt batches'. */
+static inline void activate_8(const float *g, int act, float *out) {
+    const __m256 x = _mm256_loadu_ps(g), one = _mm256_set1_ps(1.0f);
+    __m256 r;
+    if (act == ACT_GELU_TANH) {
+        __m256 y = _mm256_mul_ps(_mm256_set1_ps(0.7978845608f),
+                                 _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), x), _mm256_mul_ps(x, x), x));
+        __m256 t = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f),
+                                                    _mm256_add_ps(one, v_expf(_mm256_add_ps(y, y)))));
+        r = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(one, t));
+    } else {
+        r = _mm256_div_ps(x, _mm256_add_ps(one, v_expf(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+    }
+    _mm256_storeu_ps(out, r);
+}
+
 /* The quantized x of tokens s0.. (a view into X). */
 static xq_t xq_from(const xq_t *X, int s0) {
     xq_t v = *X;
@@ -929,10 +964,11 @@ int bundle_ffn_i8(const uint8_t *const *rows, int64_t n, int d, int gate_type, i
                 const xq_t xg = xq_from(&XG, s0), xu = xq_from(&XU, s0);
                 float a[I8_MAX_TOKENS][DOWN_GROUP];
                 for (int k = 0; k < g; k++) {
-                    float gv[I8_MAX_TOKENS], uv[I8_MAX_TOKENS];
+                    float gv[I8_MAX_TOKENS] = {0}, uv[I8_MAX_TOKENS], av[I8_MAX_TOKENS];
                     fg(rows[i + k], &xg, gv);
                     fu(rows[i + k] + up_offset, &xu, uv);
-                    for (int s = 0; s < m; s++) a[s][k] = activate(gv[s], act) * uv[s];
+                    activate_8(gv, act, av);
+                    for (int s = 0; s < m; s++) a[s][k] = av[s] * uv[s];
                 }
                 down_axpy_tokens(down, a, g, m, ylocal + (size_t)s0 * d, d);
             }
