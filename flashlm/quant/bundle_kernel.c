@@ -350,6 +350,19 @@ static inline float activate(float g, int act) {
     return g / (1.0f + expf(-g));
 }
 
+/* Inside an OpenMP parallel region: this thread's share [lo, hi) of n items, a static partition (so the per-thread
+ * partial sums, added in thread order, do not depend on timing). Returns the thread's index. */
+static inline int thread_range(int64_t n, int64_t *lo, int64_t *hi) {
+    int tid = 0, nt = 1;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+    nt = omp_get_num_threads();
+#endif
+    *lo = n * tid / nt;
+    *hi = n * (tid + 1) / nt;
+    return tid;
+}
+
 /* rows: n pointers to records, in the order their contributions are summed (callers pass neuron-id order, so the
  * result does not depend on where each record sits); gate at offset 0, up at up_offset, down at down_offset.
  * x: (S, d), y: (S, d) accumulated into (not cleared), act_out: (S, n) or NULL. Deterministic for a given n_threads:
@@ -381,12 +394,8 @@ int bundle_ffn(const uint8_t *const *rows, int64_t n, int d, int gate_type, int 
 #pragma omp parallel num_threads(n_threads)
 #endif
     {
-        int tid = 0, nt = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
-        int64_t lo = n * tid / nt, hi = n * (tid + 1) / nt;
+        int64_t lo, hi;
+        const int tid = thread_range(n, &lo, &hi);
         float *ylocal = partial + (size_t)tid * sd;
         float *gf = scratch + (size_t)tid * 3 * d, *uf = gf + d, *df = uf + d;
 #ifdef HAVE_FUSED
@@ -947,12 +956,8 @@ int bundle_ffn_i8(const uint8_t *const *rows, int64_t n, int d, int gate_type, i
 #pragma omp parallel num_threads(n_threads)
 #endif
     {
-        int tid = 0, nt = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
-        const int64_t lo = n * tid / nt, hi = n * (tid + 1) / nt;
+        int64_t lo, hi;
+        const int tid = thread_range(n, &lo, &hi);
         float *ylocal = partial + (size_t)tid * sd;
         for (int64_t i = lo; i < hi; i += DOWN_GROUP) {
             const int g = (int)(hi - i < DOWN_GROUP ? hi - i : DOWN_GROUP);
