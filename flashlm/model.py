@@ -71,6 +71,8 @@ class Model:
         """Teacher-forced negative log-likelihoods (float64) of ids[t + 1] after ids[:t + 1], t = first ..
         len(ids) - 2. Unlike logits(), it holds only a few rows of logits at a time (perplexity under a budget)."""
         ids = self._checked_ids(ids)
+        if not isinstance(first, int) or first < 0:
+            raise InvalidOptionError(f"first must be an int >= 0, got {first!r}")
         with self._session._gate:
             return self.engine.score(ids, first)
 
