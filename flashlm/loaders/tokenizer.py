@@ -88,7 +88,7 @@ class LlamaCppTokenizer(Tokenizer):
         params = lib.llama_model_default_params()
         params.vocab_only = True
         with contextlib.nullcontext() if verbose else _quiet_stderr():
-            model = lib.llama_model_load_from_file(path.encode("utf-8"), params)
+            model = lib.llama_model_load_from_file(os.fsencode(path), params)
         if not model:
             raise ModelFileError(f"{path}: llama.cpp could not load the vocabulary (run with --verbose for its log)")
         weakref.finalize(self, lib.llama_model_free, model)
