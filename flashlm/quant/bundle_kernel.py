@@ -40,6 +40,22 @@ def _cache_dir() -> str:
     return os.path.join(base, "flashlm")
 
 
+def _source_files(source: str) -> list[str]:
+    """source, then the local files it #includes ("name"), recursively: all of what the build's cache key covers."""
+    import re
+
+    files, todo = [], [source]
+    while todo:
+        path = todo.pop()
+        if path in files:
+            continue
+        files.append(path)
+        with open(path, encoding="utf-8") as f:
+            for name in re.findall(r'^\s*#include\s+"([^"]+)"', f.read(), flags=re.M):
+                todo.append(os.path.join(os.path.dirname(path), name))
+    return files
+
+
 def build_library(source: str = SOURCE) -> str | None:
     """Path of the compiled C source (this kernel's by default), building it if needed; None without a C compiler."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -51,8 +67,11 @@ def build_library(source: str = SOURCE) -> str | None:
     # (numpy's subnormals became 0 and hypothesis refused to run in the same process).
     flags = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-fPIC"]
     flags += os.environ.get("FLASHLM_KERNEL_CFLAGS", "").split()  # e.g. "-mno-avx512vnni -mno-avxvnni" (tests)
-    with open(source, "rb") as f:
-        key = hashlib.sha256(f.read() + " ".join([cc, *flags, "link-apart", _cpu_flags()]).encode()).hexdigest()[:16]
+    text = b""
+    for part in _source_files(source):  # the source and the files it #includes from its own directory
+        with open(part, "rb") as f:
+            text += f.read()
+    key = hashlib.sha256(text + " ".join([cc, *flags, "link-apart", _cpu_flags()]).encode()).hexdigest()[:16]
     stem = os.path.splitext(os.path.basename(source))[0]
     path = os.path.join(_cache_dir(), f"{stem}-{key}.so")
     if os.path.exists(path):
