@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -42,8 +43,6 @@ def _cache_dir() -> str:
 
 def _source_files(source: str) -> list[str]:
     """source, then the local files it #includes ("name"), recursively: all of what the build's cache key covers."""
-    import re
-
     files, todo = [], [source]
     while todo:
         path = todo.pop()

@@ -239,6 +239,19 @@ extern "C" __global__ void bundle_gate_up(const u8* R, long long rb, int n, int 
     }
 }
 
+// Value e (0..31) of the block at b: fmt 0 Q4_0, 1 Q4_1, 2 Q8_0
+__device__ __forceinline__ float block_value(const u8* b, int fmt, int e) {
+    float w;
+    if (fmt == 2) {
+        w = ld_half(b) * (float)(signed char)b[2 + e];
+    } else {
+        const u8* q = b + (fmt == 1 ? 4 : 2);
+        int v = e < 16 ? (q[e] & 15) : (q[e - 16] >> 4);
+        w = fmt == 1 ? ld_half(b) * v + ld_half(b + 2) : ld_half(b) * (v - 8);
+    }
+    return w;
+}
+
 // y[s * d + j] += sum_{i in chunk} h[s * n + i] * down_i[j]; down column of record i at R + i * rb + down_off
 extern "C" __global__ void bundle_down(const u8* R, long long rb, int n, int d, int dfmt, int dbytes,
                                        long long down_off, const float* h, int S, float* y, int chunk) {
@@ -248,15 +261,7 @@ extern "C" __global__ void bundle_down(const u8* R, long long rb, int n, int d, 
     int blk = j >> 5, e = j & 31;
     float acc[MAX_S] = {0.f};
     for (int i = i0; i < i1; i++) {
-        const u8* b = R + (long long)i * rb + down_off + (long long)blk * dbytes;
-        float w;
-        if (dfmt == 2) {
-            w = ld_half(b) * (float)(signed char)b[2 + e];
-        } else {
-            const u8* q = b + (dfmt == 1 ? 4 : 2);
-            int v = e < 16 ? (q[e] & 15) : (q[e - 16] >> 4);
-            w = dfmt == 1 ? ld_half(b) * v + ld_half(b + 2) : ld_half(b) * (v - 8);
-        }
+        float w = block_value(R + (long long)i * rb + down_off + (long long)blk * dbytes, dfmt, e);
         #pragma unroll
         for (int s = 0; s < MAX_S; s++) if (s < S) acc[s] += h[(long long)s * n + i] * w;
     }
@@ -270,16 +275,7 @@ extern "C" __global__ void dequantize_rows(const u8* W, long long row_stride, in
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= (long long)n_rows * K) return;
     int r = t / K, k = t % K, e = k & 31;
-    const u8* b = W + (long long)r * row_stride + (long long)(k >> 5) * block_bytes;
-    float w;
-    if (fmt == 2) {
-        w = ld_half(b) * (float)(signed char)b[2 + e];
-    } else {
-        const u8* q = b + (fmt == 1 ? 4 : 2);
-        int v = e < 16 ? (q[e] & 15) : (q[e - 16] >> 4);
-        w = fmt == 1 ? ld_half(b) * v + ld_half(b + 2) : ld_half(b) * (v - 8);
-    }
-    out[t] = w;
+    out[t] = block_value(W + (long long)r * row_stride + (long long)(k >> 5) * block_bytes, fmt, e);
 }
 """
 
