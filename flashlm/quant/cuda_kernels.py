@@ -54,7 +54,6 @@ __device__ __forceinline__ float u8_to_float(unsigned int n) {
 // Q8_0: bytes 8t..8t+7 are elements 8t..8t+7. x is read as float4 (a warp's 8 groups read 8 consecutive blocks).
 __device__ __forceinline__ void quarter_dot(int fmt, const u8* b, int t, const float* x, int K, int S, float* acc) {
     float w[8];
-    const float* xo;
     if (fmt == 2) {
         float d = ld_half(b);
         const u16* q = (const u16*)(b + 2 + 8 * t);
