@@ -37,15 +37,7 @@ def kernel():
     return k
 
 
-def quantize_x(x: np.ndarray):
-    """numpy mirror of quantize_x_i8: per 32 values dx = max|x| * float32(1/127), q = rint(x * (1/dx)), float32."""
-    S, d = x.shape
-    xb = x.reshape(S, d // 32, 32).astype(np.float32)
-    dx = np.abs(xb).max(-1) * (np.float32(1.0) / np.float32(127.0))
-    with np.errstate(divide="ignore"):
-        inv = np.where(dx != 0, np.float32(1.0) / dx, np.float32(0.0)).astype(np.float32)
-    q = np.clip(np.rint(xb * inv[..., None]), -127, 127).astype(np.int8)
-    return q.reshape(S, d), dx.astype(np.float32)
+quantize_x = bk.quantize_x_reference
 
 
 def c_quantize_x(lib, x: np.ndarray):

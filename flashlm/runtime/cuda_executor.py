@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import BudgetError, InvalidOptionError
 from ..flash_store.io_engine import ALIGN, FlashReader, aligned_buffer
-from ..quant.cuda_kernels import MAX_S, STAGE_SLACK, CudaKernels, upload
+from ..quant.cuda_kernels import MAX_S, CudaKernels
 from .kernel_executor import attend, rms_norm
 from .kv_cache import KVCache
 from .streaming import FFNStats
@@ -92,14 +92,13 @@ class GpuMatrix:
     def __init__(self, cp, kernels: CudaKernels, rows: np.ndarray, qtype, bias, k: int, keep_on_gpu: bool = True):
         self.cp, self.kernels, self.qtype, self.k = cp, kernels, qtype, k
         self.host = rows if not keep_on_gpu else None  # naive: copied to the GPU at each use
-        self.rows = upload(cp, rows) if keep_on_gpu and rows.dtype != np.float32 else \
-            (cp.asarray(rows) if keep_on_gpu else None)
+        self.rows = cp.asarray(np.ascontiguousarray(rows)) if keep_on_gpu else None
         self.n = rows.shape[0]
         self.bias = None if bias is None else cp.asarray(bias)
         self.nbytes = rows.nbytes
 
     def __call__(self, x, xq=None):
-        rows = self.rows if self.rows is not None else upload(self.cp, self.host)
+        rows = self.rows if self.rows is not None else self.cp.asarray(np.ascontiguousarray(self.host))
         if rows.dtype == np.float32:
             out = x @ rows.T
         else:
@@ -125,7 +124,7 @@ class GpuFFN:
         for i, layer in enumerate(store.layers):
             records = reader.read(layer.offset, n_ff * rb, scratch).result()
             store.check_layer(i, records)
-            self.gpu_records.append(upload(cp, records[:self.gpu_hot * rb]) if self.gpu_hot else None)
+            self.gpu_records.append(cp.asarray(records[:self.gpu_hot * rb]) if self.gpu_hot else None)
             warm = (self.host_hot - self.gpu_hot) * rb
             if warm:
                 buf = self._pinned(warm)[:warm]
@@ -138,7 +137,7 @@ class GpuFFN:
         self.stats.io = reader.stats
         rest = n_ff - self.gpu_hot
         cold = n_ff - self.host_hot
-        self.stage = [cp.empty(rest * rb + STAGE_SLACK, cp.uint8)[:rest * rb] for _ in range(2)] if rest else []
+        self.stage = [cp.empty(rest * rb, cp.uint8) for _ in range(2)] if rest else []
         self.read_bufs = [self._pinned(cold * rb + 2 * ALIGN) for _ in range(2)] if cold else []
         self.copied = [None, None]  # events: the copy out of read buffer k has finished
         self._pending: dict[int, object] = {}
@@ -207,7 +206,7 @@ class GpuFFN:
         e_kernels = cp.cuda.Event()
         e_kernels.record()
         t2 = time.perf_counter()
-        xq = self.kernels.quantize(x) if self.kernels.int8 and S <= MAX_S else None  # shared by both tiers
+        xq = self.kernels.quantize(x) if S <= MAX_S else None  # shared by both tiers
         if self.gpu_hot:
             self.kernels.bundle(self.gpu_records[i].data.ptr, self.gpu_hot, self.layout, self.activation, x, y,
                                 self.h, xq)
@@ -276,7 +275,7 @@ class CudaExecutor:
         cp, a = self.cp, self.args
         n = h.shape[0]
         x = cp.ascontiguousarray(self._rms(h, w.attn_norm))
-        xq = self.kernels.quantize(x) if self.kernels.int8 and n <= MAX_S and len(w.qkv) > 1 else None
+        xq = self.kernels.quantize(x) if n <= MAX_S and len(w.qkv) > 1 else None
         outs = [m(x, xq) for m in w.qkv]
         qkv = outs[0] if len(outs) == 1 else cp.concatenate(outs, axis=1)
         nq, nkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim

@@ -1,6 +1,6 @@
 """GPU checks and benchmarks (needs CuPy and an NVIDIA GPU).
 
-    python -m flashlm.tools.gpu_bench kernels                 # kernels vs gguf.quants; 4096 x 11008 Q4_0 GB/s
+    python -m flashlm.tools.gpu_bench kernels                 # kernels vs references; 4096 x 11008 Q4_0 GB/s
     python -m flashlm.tools.gpu_bench compare MODEL.flash     # GPU vs CPU backend: greedy 3 x 64, teacher-forced
     python -m flashlm.tools.gpu_bench naive MODEL.flash --gpu-memory-budget 2GB --memory-budget 4GB -n 8
                                                               # flashlm's tiers vs copying every layer every token
@@ -27,7 +27,7 @@ def _random_rows(qtype, n: int, k: int, rng) -> np.ndarray:
 
 def _graph_ms(cp, rounds: int, launch) -> float:
     """GPU milliseconds per launch(r), r = 0..rounds-1, captured in a CUDA graph and replayed once warm (a Python
-    launch costs more than these kernels)."""
+    launch costs more than these kernels); the median of 5 replays."""
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         stream.begin_capture()
@@ -35,17 +35,20 @@ def _graph_ms(cp, rounds: int, launch) -> float:
             launch(r)
         graph = stream.end_capture()
     graph.launch(stream)
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    start.record(stream)
-    graph.launch(stream)
-    stop.record(stream)
-    stop.synchronize()
-    return cp.cuda.get_elapsed_time(start, stop) / rounds
+    times = []
+    for _ in range(5):
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record(stream)
+        graph.launch(stream)
+        stop.record(stream)
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop) / rounds)
+    return float(np.median(times))
 
 
 def check_kernels(rounds: int = 50) -> dict:
-    """Kernel errors against gguf.quants / the numpy bundle reference (float and int8 x), then the bandwidth of the
-    4096 x 11008 Q4_0 product."""
+    """Kernel errors against gguf.quants / the numpy references, then the bandwidth of the 4096 x 11008 Q4_0
+    product."""
     rng = np.random.default_rng(0)
     report = _kernel_errors(rng)
     report.update(_matvec_bandwidth(rng, rounds))
@@ -53,69 +56,82 @@ def check_kernels(rounds: int = 50) -> dict:
 
 
 def _kernel_errors(rng) -> dict:
+    """errors: max |GPU - float64 reference with float x| / max |reference| (int8 x costs 0.15-0.85%);
+    errors_exact: the same against float64 products of the dequantized int8 x the kernels use (float32 rounding
+    only); quantize_equal_cpu: quantize_x equals the CPU's int8 quantization bit for bit."""
     import cupy as cp
     import gguf
 
     from ..flash_store.format import RecordLayout
-    from ..quant.bundle_kernel import reference_ffn
-    from ..quant.cuda_kernels import CudaKernels, upload
+    from ..quant.bundle_kernel import quantize_x_reference, reference_ffn
+    from ..quant.cuda_kernels import CudaKernels
 
-    kernels = ((CudaKernels(int8_activations=False), "errors"), (CudaKernels(int8_activations=True), "errors_int8"))
-    report = {"errors": {}, "errors_int8": {}}
+    kk = CudaKernels()
+    report = {"errors": {}, "errors_exact": {}, "quantize_equal_cpu": True}
 
-    def record(key, name, got, ref):
-        report[key][name] = float(np.abs(cp.asnumpy(got) - ref).max() / np.abs(ref).max())
+    def x_int8(x):  # what the kernels multiply by: the dequantized int8 x, and a check of quantize_x
+        q, dx = quantize_x_reference(x)
+        gq, gd, gs = (cp.asnumpy(a) for a in kk.quantize(cp.asarray(x)))
+        report["quantize_equal_cpu"] &= bool((gq == q).all() and (gd == dx).all() and
+                                             (gs == q.reshape(len(x), -1, 32).astype(np.int32).sum(-1)).all())
+        return (q.reshape(len(x), -1, 32) * dx[..., None].astype(np.float64)).reshape(x.shape)
+
+    def record(name, got, ref, ref_exact):
+        got = cp.asnumpy(got)
+        report["errors"][name] = float(np.abs(got - ref).max() / np.abs(ref).max())
+        report["errors_exact"][name] = float(np.abs(got - ref_exact).max() / np.abs(ref_exact).max())
 
     for qtype in (QT.Q4_0, QT.Q4_1, QT.Q8_0):
-        rows = _random_rows(qtype, 300, 512, rng)
+        rows = _random_rows(qtype, 301, 512, rng)
         w = gguf.quants.dequantize(rows, qtype).astype(np.float64)
-        g = upload(cp, rows)
+        g = cp.asarray(rows)
         for S in (1, 3, 8, 13):
             x = rng.standard_normal((S, 512)).astype(np.float32)
-            for kk, key in kernels:
-                y = cp.empty((S, 300), cp.float32)
-                kk.matvec(g.data.ptr, rows.shape[1], 300, 512, qtype, cp.asarray(x), y)
-                record(key, f"{qtype.name} S={S}", y, x.astype(np.float64) @ w.T)
+            x[0, :32] *= 1e-3  # a block of small values
+            y = cp.full((S, 301), np.nan, cp.float32)
+            kk.matvec(g.data.ptr, rows.shape[1], 301, 512, qtype, cp.asarray(x), y)
+            exact = x_int8(x) @ w.T if S <= 8 else x.astype(np.float64) @ w.T  # S > 8: float x through cuBLAS
+            record(f"{qtype.name} S={S}", y, x.astype(np.float64) @ w.T, exact)
     # bundle records [gate | up | down column] against the numpy reference (float64)
-    for gt, act in ((QT.Q4_0, "silu"), (QT.Q4_1, "gelu_tanh"), (QT.Q8_0, "silu")):
-        layout, n = RecordLayout(256, gt, gt, QT.Q8_0), 200
+    for gt, ut, act in ((QT.Q4_0, QT.Q4_0, "silu"), (QT.Q4_1, QT.Q4_1, "gelu_tanh"), (QT.Q8_0, QT.Q8_0, "silu"),
+                        (QT.Q4_0, QT.Q8_0, "silu")):
+        layout, n = RecordLayout(256, gt, ut, QT.Q8_0), 200
         g, u, dn = layout.slices()
         records = np.zeros((n, layout.record_bytes), np.uint8)
         records[:, g] = _random_rows(gt, n, 256, rng)
-        records[:, u] = _random_rows(gt, n, 256, rng)
+        records[:, u] = _random_rows(ut, n, 256, rng)
         records[:, dn] = _random_rows(QT.Q8_0, n, 256, rng)
-        gr = upload(cp, records)
+        gr = cp.asarray(records)
         for S in (1, 5, 11):
             x = (rng.standard_normal((S, 256)) * 0.1).astype(np.float32)
             ref, _ = reference_ffn(records, layout, x, act)
-            for kk, key in kernels:
-                y = cp.zeros((S, 256), cp.float32)
-                kk.bundle(gr.data.ptr, n, layout, act, cp.asarray(x), y, cp.empty(8 * n, cp.float32))
-                record(key, f"bundle {gt.name} {act} S={S}", y, ref)
+            exact = np.concatenate([reference_ffn(records, layout, x_int8(x[s:s + 8]).astype(np.float32), act)[0]
+                                    for s in range(0, S, 8)])
+            y = cp.zeros((S, 256), cp.float32)
+            kk.bundle(gr.data.ptr, n, layout, act, cp.asarray(x), y, cp.empty(8 * n, cp.float32))
+            record(f"bundle {gt.name}/{ut.name} {act} S={S}", y, ref, exact)
     return report
 
 
 def _matvec_bandwidth(rng, rounds: int) -> dict:
-    """W (11008 rows x 4096) Q4_0 = 25.4 MB; 8 copies (203 MB) rotated so no product is served from L2. GPU time:
-    the products captured in a CUDA graph and replayed (a Python launch costs more than the kernel), for each
-    number of threads per row and float / int8 x; the fastest is reported."""
+    """W (11008 rows x 4096) Q4_0 = 25.4 MB; 8 copies (203 MB) rotated so no product is served from the 60 MB L2.
+    GPU time: the products captured in a CUDA graph and replayed (a Python launch costs more than the kernel):
+    the product alone (x quantized once beforehand, as the engine shares one quantization between the products
+    of one input), and with the quantization of x in each round."""
     import cupy as cp
 
-    from ..quant.cuda_kernels import ROW_THREADS, CudaKernels, upload
+    from ..quant.cuda_kernels import CudaKernels
 
     n, k = 11008, 4096
     rows = _random_rows(QT.Q4_0, n, k, rng)
-    copies = [upload(cp, rows) for _ in range(8)]
+    copies = [cp.asarray(rows) for _ in range(8)]
     x = cp.asarray(rng.standard_normal((1, k)).astype(np.float32))
     y = cp.empty((1, n), cp.float32)
-    by_threads = {}
-    for int8 in (False, True):
-        for threads in sorted({32, 64, 128, 256, ROW_THREADS}):
-            kt = CudaKernels(threads, int8_activations=int8)
-            kt.matvec(copies[0].data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y)  # compiled, warm
-            # int8: the quantization of x is in the product's time
-            by_threads[f"{'int8' if int8 else 'float'} x, {threads} threads/row"] = _graph_ms(
-                cp, rounds, lambda r: kt.matvec(copies[r % len(copies)].data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y))
+    kk = CudaKernels()
+    xq = kk.quantize(x)
+    kk.matvec(copies[0].data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y, xq)  # compiled, warm
+    ms = _graph_ms(cp, rounds, lambda r: kk.matvec(copies[r % 8].data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y, xq))
+    ms_q = _graph_ms(cp, rounds, lambda r: kk.matvec(copies[r % 8].data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y))
     # the same bytes read by a plain streaming kernel (16-byte loads, grid-stride, one atomic per block): what a
     # single 25 MB read can reach on this card, launch and ramp included
     read_all = cp.RawKernel(r"""
@@ -127,25 +143,19 @@ def _matvec_bandwidth(rng, rounds: int) -> dict:
         if (acc == 0x12345678u) atomicAdd(out, 1u);
     }""", "read_all")
     sink = cp.zeros(1, cp.uint32)
-    blocks = cp.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"] * 8
-    read_ms = _graph_ms(cp, rounds, lambda r: read_all((blocks,), (256,), (copies[r % len(copies)],
-                                                                           np.int64(rows.nbytes // 16), sink)))
-    best = min(by_threads, key=by_threads.get)
-    ms = by_threads[best]
-    kern8 = CudaKernels(int8_activations=True)
-    t = time.perf_counter()
-    for r in range(rounds):
-        kern8.matvec(copies[r % len(copies)].data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y)
-    cp.cuda.Device().synchronize()
     props = cp.cuda.runtime.getDeviceProperties(0)
+    blocks = props["multiProcessorCount"] * 16
+    read_ms = _graph_ms(cp, rounds, lambda r: read_all((blocks,), (256,), (copies[r % 8], np.int64(rows.nbytes // 16),
+                                                                           sink)))
     clock_khz = props["memoryClockRate"]
     peak = 2 * clock_khz * 1e3 * props["memoryBusWidth"] / 8 / 1e9 if clock_khz else float("nan")  # DDR
-    return {"plain_read_ms": read_ms, "plain_read_gb_s": rows.nbytes / read_ms / 1e6,
-            "matvec_ms_by_row_threads": by_threads, "matvec_best": best,
-            "python_launched_ms": (time.perf_counter() - t) / rounds * 1e3,
-            "device": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
-            "matvec_ms": ms, "matvec_bytes": int(rows.nbytes), "matvec_gb_s": rows.nbytes / ms / 1e6,
-            "card_peak_gb_s": peak, "fraction_of_peak": rows.nbytes / ms / 1e6 / peak}
+    gb_s = rows.nbytes / ms / 1e6
+    return {"device": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+            "matvec_bytes": int(rows.nbytes), "matvec_ms": ms, "matvec_gb_s": gb_s,
+            "matvec_with_quantize_ms": ms_q, "matvec_with_quantize_gb_s": rows.nbytes / ms_q / 1e6,
+            "plain_read_ms": read_ms, "plain_read_gb_s": rows.nbytes / read_ms / 1e6,
+            "card_peak_gb_s": peak, "fraction_of_peak": gb_s / peak,
+            "fraction_of_peak_with_quantize": rows.nbytes / ms_q / 1e6 / peak}
 
 
 def _greedy(m, prompt: str, n: int) -> list[int]:
