@@ -14,9 +14,8 @@ Measured on the H200 (4096 x 11008 Q4_0, 25.4 MB, 8 copies rotated, CUDA graph; 
     float x instead of int8 (lane per block, repacked; 1 / 2 rows per warp)     47.3 / 29.7 us
     x quantized inside the product (each thread block, no separate launch)         10.6 us
     quantize_x alone 1.2 us; an empty kernel 0.5 us; a plain 16-byte read of the same bytes 6.6 us (3.40 TB/s)
-The repack gained 3-7%, so the GGUF bytes stay as stored (one layout for the flash store, host and GPU).
-Longer prompts (S > MAX_S) dequantize at most DEQUANT_MAX_BYTES of rows at a time and use cuBLAS; bundles go
-MAX_S tokens at a time through the same int8 kernels.
+Longer batches (prompts) go MAX_S tokens at a time through the same kernels, as the CPU path takes int8
+products for any number of tokens: CPU and GPU results then differ only by the order of float sums.
 
 The down projection of a bundle (y[j] += sum_i h[i] * down_i[j], down columns stored per neuron) runs one thread
 per output position j over a chunk of neurons and adds its partial sum atomically: the summation order differs
@@ -29,13 +28,14 @@ import numpy as np
 
 from ..loaders.gguf_reader import GGMLQuantizationType as QT
 
-MAX_S = 8  # activations per fused decode product; longer batches dequantize + cuBLAS
+MAX_S = 8  # decode products (int8 x) take up to this many tokens; longer batches dequantize + cuBLAS
 FORMATS = {QT.Q4_0: 0, QT.Q4_1: 1, QT.Q8_0: 2}
 BLOCK_BYTES = {QT.Q4_0: 18, QT.Q4_1: 20, QT.Q8_0: 34}
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 DOWN_CHUNK = 64  # neurons per thread block in the down projection
-THREADS = 128  # threads per thread block of the warp-per-row kernels (64-256 within 1% on the H200)
-DEQUANT_MAX_BYTES = 32 << 20  # largest float32 transient of dequantized rows for a prompt batch through cuBLAS
+THREADS = 128  # threads per thread block of the row-pair kernels (4 warps)
+BLOCKS_PER_SM = 8  # persistent grid: 32 warps per multiprocessor (H200 lab: 4 / 8 / 16 blocks 8.3 / 8.0 / 8.4 us)
+DEQUANT_MAX_BYTES = 8 << 20  # float32 rows dequantized at a time for a prompt batch through cuBLAS
 
 SOURCE = r"""
 #include <cuda_fp16.h>
@@ -133,29 +133,32 @@ template <> struct Blk<2> {  // Q8_0: half d, 32 signed bytes
     }
 };
 
-// acc[r][s] += row r . x[s] for the R rows at base + min(r, last) * stride (a warp; lane takes blocks lane,
-// lane + 32, ...). IN_FLIGHT blocks of every row are loaded before the first is used, so a warp has
-// R * IN_FLIGHT * 32 blocks in flight; x (int8, L1-resident) is read once per block for all R rows.
-template <int F, int R>
-__device__ __forceinline__ void dot_rows(const u8* base, long long stride, int last, int nb, int K,
-                                         const signed char* xq, const float* xd, const int* xs, int S,
-                                         float (&acc)[R][MAX_S]) {
-    typedef Blk<F> B;
-    int lane = threadIdx.x & 31;
-    for (int b0 = 0; b0 < nb; b0 += 32 * IN_FLIGHT) {
-        int w[R][IN_FLIGHT][B::WORDS];
-        float d[R][IN_FLIGHT], m[R][IN_FLIGHT];
+// Two rows (a matrix's rows 2p and 2p + 1, or a record's gate and up rows), formats F0 and F1, dotted with x by one
+// warp: lane takes blocks lane, lane + 32, ... of a chunk of 32 * NF blocks. A Tile holds one chunk of both rows in
+// registers, so a warp loads its next chunk (of this pair or its next pair) before it computes this one.
+template <int F0, int F1> struct Tile {
+    static constexpr int NF = (Blk<F0>::WORDS + Blk<F1>::WORDS) <= 8 ? 4 : 2;  // blocks per lane in flight
+    int w0[NF][Blk<F0>::WORDS], w1[NF][Blk<F1>::WORDS];
+    float d0[NF], m0[NF], d1[NF], m1[NF];
+
+    __device__ __forceinline__ void load(const u8* row0, const u8* row1, int b0, int nb) {
+        int lane = threadIdx.x & 31;
         #pragma unroll
-        for (int r = 0; r < R; r++) {
-            const u8* row = base + (long long)min(r, last) * stride;
-            #pragma unroll
-            for (int i = 0; i < IN_FLIGHT; i++) {
-                int b = b0 + lane + 32 * i;
-                if (b < nb) B::load(row + (long long)b * B::BYTES, w[r][i], d[r][i], m[r][i]);
+        for (int i = 0; i < NF; i++) {
+            int b = b0 + lane + 32 * i;
+            if (b < nb) {
+                Blk<F0>::load(row0 + (long long)b * Blk<F0>::BYTES, w0[i], d0[i], m0[i]);
+                Blk<F1>::load(row1 + (long long)b * Blk<F1>::BYTES, w1[i], d1[i], m1[i]);
             }
         }
+    }
+
+    // acc[r][s] += this chunk of row r . x[s]; x (int8, L1-resident) read once per block for both rows
+    __device__ __forceinline__ void dot(int b0, int nb, int K, const signed char* xq, const float* xd, const int* xs,
+                                        int S, float (&acc)[2][MAX_S]) const {
+        int lane = threadIdx.x & 31;
         #pragma unroll
-        for (int i = 0; i < IN_FLIGHT; i++) {
+        for (int i = 0; i < NF; i++) {
             int b = b0 + lane + 32 * i;
             if (b >= nb) break;
             #pragma unroll
@@ -165,33 +168,70 @@ __device__ __forceinline__ void dot_rows(const u8* base, long long stride, int l
                 int4 x0 = __ldg(xb), x1 = __ldg(xb + 1);
                 float dx = __ldg(xd + s * nb + b);
                 int sx = __ldg(xs + s * nb + b);
-                #pragma unroll
-                for (int r = 0; r < R; r++) acc[r][s] += B::dot(w[r][i], d[r][i], m[r][i], x0, x1, dx, sx);
+                acc[0][s] += Blk<F0>::dot(w0[i], d0[i], m0[i], x0, x1, dx, sx);
+                acc[1][s] += Blk<F1>::dot(w1[i], d1[i], m1[i], x0, x1, dx, sx);
             }
         }
     }
+};
+
+// Rows of pair p: row0 = base + p * pair_stride, row1 = row0 + row_gap (or row0 again where p's second row is
+// past the end: n_last_single). Warps walk pairs p = warp, warp + n_warps, ... (a persistent grid of a few thread
+// blocks per multiprocessor), each pair's chunks in order, always one chunk ahead in registers.
+// finish(p, acc) gets the pair's warp-summed dot products (lane 0 writes).
+// H200, 4096 x 11008 Q4_0 (repacked lab copy): one pair per warp, no prefetch 9.6 us; persistent + prefetch 8.0 us.
+template <int F0, int F1, class Finish>
+__device__ __forceinline__ void walk_pairs(const u8* base, long long pair_stride, long long row_gap, int n_pairs,
+                                           bool last_single, int K, const signed char* xq, const float* xd,
+                                           const int* xs, int S, Finish finish) {
+    typedef Tile<F0, F1> T;
+    int nb = K >> 5, step = 32 * T::NF;
+    int n_warps = (gridDim.x * blockDim.x) >> 5;
+    int p = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (p >= n_pairs) return;
+    auto row0 = [&](int q) { return base + (long long)q * pair_stride; };
+    auto row1 = [&](int q) { return row0(q) + (last_single && q == n_pairs - 1 ? 0 : row_gap); };
+    T cur, nxt;
+    int b0 = 0;
+    cur.load(row0(p), row1(p), 0, nb);
+    float acc[2][MAX_S] = {};
+    while (true) {
+        int np = p, nb0 = b0 + step;
+        if (nb0 >= nb) { np = p + n_warps; nb0 = 0; }
+        if (np < n_pairs) nxt.load(row0(np), row1(np), nb0, nb);
+        cur.dot(b0, nb, K, xq, xd, xs, S, acc);
+        if (np != p) {
+            #pragma unroll
+            for (int s = 0; s < MAX_S; s++) {
+                if (s >= S) break;
+                acc[0][s] = warp_sum(acc[0][s]);
+                acc[1][s] = warp_sum(acc[1][s]);
+            }
+            finish(p, acc);
+            #pragma unroll
+            for (int s = 0; s < MAX_S; s++) acc[0][s] = acc[1][s] = 0.f;
+            if (np >= n_pairs) return;
+        }
+        p = np; b0 = nb0;
+        cur = nxt;
+    }
 }
 
-// y[s * y_stride + row] = W[row] . x[s] for S <= MAX_S tokens: a warp per 2 rows (llama.cpp's mmvq shape, x
-// quantized once per product by quantize_x). H200, 4096 x 11008 Q4_0: 10.3 us (2.46 TB/s) with 1 row per warp.
+// y[s * y_stride + row] = W[row] . x[s] for S <= MAX_S tokens (x quantized by quantize_x)
 template <int F>
 __device__ __forceinline__ void matvec_t(const u8* W, long long row_stride, int n_rows, int K, const signed char* xq,
                                          const float* xd, const int* xs, int S, float* y, int y_stride) {
-    int row0 = 2 * ((blockIdx.x * blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
-    if (row0 >= n_rows) return;
-    float acc[2][MAX_S] = {};
-    int last = min(1, n_rows - 1 - row0);
-    dot_rows<F, 2>(W + (long long)row0 * row_stride, row_stride, last, K >> 5, K, xq, xd, xs, S, acc);
-    #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        if (r > last) break;
+    int lane = threadIdx.x & 31;
+    walk_pairs<F, F>(W, 2 * row_stride, row_stride, (n_rows + 1) / 2, n_rows & 1, K, xq, xd, xs, S,
+                     [&](int p, const float (&acc)[2][MAX_S]) {
+        if (lane != 0) return;
         #pragma unroll
-        for (int s = 0; s < MAX_S; s++) {
+        for (int s = 0; s < MAX_S; s++) {  // unrolled with a guard: acc stays in registers
             if (s >= S) break;
-            float v = warp_sum(acc[r][s]);
-            if (lane == 0) y[(long long)s * y_stride + row0 + r] = v;
+            y[(long long)s * y_stride + 2 * p] = acc[0][s];
+            if (2 * p + 1 < n_rows) y[(long long)s * y_stride + 2 * p + 1] = acc[1][s];
         }
-    }
+    });
 }
 
 __device__ __forceinline__ float activate(float g, int act) {
@@ -199,31 +239,20 @@ __device__ __forceinline__ float activate(float g, int act) {
     return 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
 }
 
-// h[s * n + i] = act(gate_i . x_s) * (up_i . x_s) for records i < n at R + i * rb: a warp per record, its gate
-// and up rows as the two rows of dot_rows where they share a format
+// h[s * n + i] = act(gate_i . x_s) * (up_i . x_s) for records i < n at R + i * rb: the pairs are the records' gate
+// and up rows
 template <int GF, int UF>
 __device__ __forceinline__ void gate_up_t(const u8* Rb, long long rb, int n, int K, long long up_off, int act,
                                           const signed char* xq, const float* xd, const int* xs, int S, float* h) {
-    int i = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    if (i >= n) return;
-    const u8* rec = Rb + (long long)i * rb;
-    int nb = K >> 5;
-    float gu[2][MAX_S] = {};
-    if (GF == UF) {
-        dot_rows<GF, 2>(rec, up_off, 1, nb, K, xq, xd, xs, S, gu);
-    } else {
-        float g[1][MAX_S] = {}, u[1][MAX_S] = {};
-        dot_rows<GF, 1>(rec, 0, 0, nb, K, xq, xd, xs, S, g);
-        dot_rows<UF, 1>(rec + up_off, 0, 0, nb, K, xq, xd, xs, S, u);
+    int lane = threadIdx.x & 31;
+    walk_pairs<GF, UF>(Rb, rb, up_off, n, false, K, xq, xd, xs, S, [&](int i, const float (&acc)[2][MAX_S]) {
+        if (lane != 0) return;
         #pragma unroll
-        for (int s = 0; s < MAX_S; s++) { gu[0][s] = g[0][s]; gu[1][s] = u[0][s]; }
-    }
-    #pragma unroll
-    for (int s = 0; s < MAX_S; s++) {
-        if (s >= S) break;
-        float gs = warp_sum(gu[0][s]), us = warp_sum(gu[1][s]);
-        if (lane == 0) h[(long long)s * n + i] = activate(gs, act) * us;
-    }
+        for (int s = 0; s < MAX_S; s++) {
+            if (s >= S) break;
+            h[(long long)s * n + i] = activate(acc[0][s], act) * acc[1][s];
+        }
+    });
 }
 
 #define MATVEC(F, NAME)                                                                                             \
@@ -267,13 +296,14 @@ extern "C" __global__ void bundle_down(const u8* R, long long rb, int n, int d, 
     for (int s = 0; s < MAX_S; s++) if (s < S) atomicAdd(y + (long long)s * d + j, acc[s]);
 }
 
-// out[r * K + k] = W[r][k] as float32 (rows of one matrix, for prompt batches through cuBLAS)
+// out[r * K + k] = W[r][k] as float32 (rows r < n_rows at W + r * row_stride: a matrix's rows, or the gate / up /
+// down rows of records), for prompt batches through cuBLAS
 extern "C" __global__ void dequantize_rows(const u8* W, long long row_stride, int n_rows, int K, int fmt,
                                            int block_bytes, float* out) {
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= (long long)n_rows * K) return;
-    int r = t / K, k = t % K, e = k & 31;
-    out[t] = block_value(W + (long long)r * row_stride + (long long)(k >> 5) * block_bytes, fmt, e);
+    int r = t / K, k = t % K;
+    out[t] = block_value(W + (long long)r * row_stride + (long long)(k >> 5) * block_bytes, fmt, k & 31);
 }
 """
 
@@ -293,6 +323,8 @@ class CudaKernels:
         self._down = module.get_function("bundle_down")
         self._dequant = module.get_function("dequantize_rows")
         self._quantize_x = module.get_function("quantize_x")
+        sms = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["multiProcessorCount"]
+        self.max_blocks = sms * BLOCKS_PER_SM
 
     @staticmethod
     def fmt(qtype) -> tuple[int, int]:
@@ -312,47 +344,68 @@ class CudaKernels:
                                                                   np.int32(k), np.int32(S), xq, xd, xs))
         return xq, xd, xs
 
+    def _grid(self, n_pairs: int) -> tuple[int]:
+        """Thread blocks of a row-pair walk: one pair per warp, at most BLOCKS_PER_SM blocks per multiprocessor."""
+        return (max(1, min(self.max_blocks, (n_pairs * 32 + THREADS - 1) // THREADS)),)
+
     def matvec(self, ptr: int, row_stride: int, n_rows: int, k: int, qtype, x, y, xq=None) -> None:
         """y (S, >=n_rows; row stride y.shape[1]) = rows @ x.T for x (S, k) float32; rows at device pointer ptr.
-        xq: quantize(x) already made, to share one quantization between products of the same input."""
+        Decode (S <= MAX_S): int8 x; xq: quantize(x) already made, to share one quantization between products
+        of the same input. Prompt batches: float32 x, rows dequantized a slice at a time, cuBLAS."""
         fmt, bb = self.fmt(qtype)
         S = x.shape[0]
         if S > MAX_S:
-            self._dequant_matmul(ptr, row_stride, n_rows, k, fmt, bb, x, y)
+            chunk = max(1, min(n_rows, DEQUANT_MAX_BYTES // (4 * k)))
+            w = self.cp.empty((chunk, k), self.cp.float32)
+            for r0 in range(0, n_rows, chunk):
+                r = min(chunk, n_rows - r0)
+                self._dequantize(ptr + r0 * row_stride, row_stride, r, k, fmt, bb, w)
+                y[:, r0:r0 + r] = x @ w[:r].T
             return
-        xq, xd, xs = xq if xq is not None else self.quantize(x)
-        grid = ((n_rows + 1) // 2 * 32 + THREADS - 1) // THREADS
-        self._matvec[fmt]((grid,), (THREADS,), (np.uint64(ptr), np.int64(row_stride), np.int32(n_rows), np.int32(k),
-                                                xq, xd, xs, np.int32(S), y, np.int32(y.shape[1])))
+        q = xq if xq is not None else self.quantize(x)
+        self._matvec[fmt](self._grid((n_rows + 1) // 2), (THREADS,), (
+            np.uint64(ptr), np.int64(row_stride), np.int32(n_rows), np.int32(k), *q, np.int32(S), y,
+            np.int32(y.shape[1])))
 
-    def _dequant_matmul(self, ptr: int, row_stride: int, n_rows: int, k: int, fmt: int, bb: int, x, y) -> None:
-        """A prompt batch: rows dequantized DEQUANT_MAX_BYTES at a time into a float32 scratch, then cuBLAS."""
-        chunk = max(1, min(n_rows, DEQUANT_MAX_BYTES // (4 * k)))
-        w = self.cp.empty((chunk, k), self.cp.float32)
-        for r0 in range(0, n_rows, chunk):
-            r = min(chunk, n_rows - r0)
-            n = r * k
-            self._dequant(((n + 255) // 256,), (256,), (np.uint64(ptr + r0 * row_stride), np.int64(row_stride),
-                                                          np.int32(r), np.int32(k), np.int32(fmt), np.int32(bb), w))
-            y[:, r0:r0 + r] = x @ w[:r].T
+    def _dequantize(self, ptr: int, row_stride: int, n_rows: int, k: int, fmt: int, bb: int, out) -> None:
+        n = n_rows * k
+        self._dequant(((n + 255) // 256,), (256,), (np.uint64(ptr), np.int64(row_stride), np.int32(n_rows),
+                                                      np.int32(k), np.int32(fmt), np.int32(bb), out))
 
     def bundle(self, ptr: int, n: int, layout, activation: str, x, y, h, xq=None) -> None:
-        """y (S, d) += FFN over n records at device pointer ptr; h: scratch (>= MAX_S*n float32). xq: quantize(x)
-        when x has at most MAX_S rows and was quantized already."""
+        """y (S, d) += FFN over n records at device pointer ptr. Decode (S <= MAX_S): int8 x, h scratch
+        (>= MAX_S*n float32), xq: quantize(x) if made already. Prompt batches: float32 x, the records' gate, up
+        and down rows dequantized a slice of neurons at a time, cuBLAS."""
         if n == 0:
             return
         d, rb = layout.d_model, layout.record_bytes
-        gf, _ = self.fmt(layout.gate_type)
-        uf, _ = self.fmt(layout.up_type)
+        gf, gb = self.fmt(layout.gate_type)
+        uf, ub = self.fmt(layout.up_type)
         df, db = self.fmt(layout.down_type)
-        gate_up = self._gate_up[(gf, uf)]
-        for s0 in range(0, x.shape[0], MAX_S):
-            xs, ys = x[s0:s0 + MAX_S], y[s0:s0 + MAX_S]
-            S = xs.shape[0]
-            q = xq if xq is not None and x.shape[0] <= MAX_S else self.quantize(xs)
-            gate_up(((n * 32 + THREADS - 1) // THREADS,), (THREADS,), (
-                np.uint64(ptr), np.int64(rb), np.int32(n), np.int32(d), np.int64(layout.gate_bytes),
-                np.int32(ACTIVATIONS[activation]), *q, np.int32(S), h))
-            self._down(((d + 255) // 256, (n + DOWN_CHUNK - 1) // DOWN_CHUNK), (256,), (
-                np.uint64(ptr), np.int64(rb), np.int32(n), np.int32(d), np.int32(df), np.int32(db),
-                np.int64(layout.gate_bytes + layout.up_bytes), h, np.int32(S), ys, np.int32(DOWN_CHUNK)))
+        S = x.shape[0]
+        if S > MAX_S:
+            self._bundle_float(ptr, n, layout, activation, x, y, ((gf, gb), (uf, ub), (df, db)))
+            return
+        q = xq if xq is not None else self.quantize(x)
+        self._gate_up[(gf, uf)](self._grid(n), (THREADS,), (
+            np.uint64(ptr), np.int64(rb), np.int32(n), np.int32(d), np.int64(layout.gate_bytes),
+            np.int32(ACTIVATIONS[activation]), *q, np.int32(S), h))
+        self._down(((d + 255) // 256, (n + DOWN_CHUNK - 1) // DOWN_CHUNK), (256,), (
+            np.uint64(ptr), np.int64(rb), np.int32(n), np.int32(d), np.int32(df), np.int32(db),
+            np.int64(layout.gate_bytes + layout.up_bytes), h, np.int32(S), y, np.int32(DOWN_CHUNK)))
+
+    def _bundle_float(self, ptr: int, n: int, layout, activation: str, x, y, fmts) -> None:
+        cp, d, rb = self.cp, layout.d_model, layout.record_bytes
+        chunk = max(1, min(n, DEQUANT_MAX_BYTES // (3 * 4 * d)))
+        w = cp.empty((3, chunk, d), cp.float32)
+        offsets = (0, layout.gate_bytes, layout.gate_bytes + layout.up_bytes)
+        for n0 in range(0, n, chunk):
+            c = min(chunk, n - n0)
+            for part, ((f, bb), off) in enumerate(zip(fmts, offsets)):
+                self._dequantize(ptr + n0 * rb + off, rb, c, d, f, bb, w[part])
+            g, u = x @ w[0, :c].T, x @ w[1, :c].T
+            if activation == "silu":
+                g = g / (1 + cp.exp(-g))
+            else:
+                g = 0.5 * g * (1 + cp.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+            y += (g * u) @ w[2, :c]

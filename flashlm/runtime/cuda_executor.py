@@ -29,7 +29,7 @@ from .kernel_executor import attend, rms_norm
 from .kv_cache import KVCache
 from .streaming import FFNStats
 
-GPU_SCRATCH_BYTES = 64 << 20  # activations, logits, cuBLAS workspace for prompt batches (dequantized transients)
+GPU_SCRATCH_BYTES = 64 << 20  # activations, logits and int8 x of a prompt batch, attention scores
 
 
 def import_cupy():

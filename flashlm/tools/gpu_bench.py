@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -57,8 +58,9 @@ def check_kernels(rounds: int = 50) -> dict:
 
 def _kernel_errors(rng) -> dict:
     """errors: max |GPU - float64 reference with float x| / max |reference| (int8 x costs 0.15-0.85%);
-    errors_exact: the same against float64 products of the dequantized int8 x the kernels use (float32 rounding
-    only); quantize_equal_cpu: quantize_x equals the CPU's int8 quantization bit for bit."""
+    errors_exact: the same against float64 products of the x the kernels use: the dequantized int8 x for up to
+    8 tokens, float x for more (float32 rounding only); quantize_equal_cpu: quantize_x equals the CPU's int8
+    quantization bit for bit."""
     import cupy as cp
     import gguf
 
@@ -90,7 +92,7 @@ def _kernel_errors(rng) -> dict:
             x[0, :32] *= 1e-3  # a block of small values
             y = cp.full((S, 301), np.nan, cp.float32)
             kk.matvec(g.data.ptr, rows.shape[1], 301, 512, qtype, cp.asarray(x), y)
-            exact = x_int8(x) @ w.T if S <= 8 else x.astype(np.float64) @ w.T  # S > 8: float x through cuBLAS
+            exact = (x_int8(x) if S <= 8 else x.astype(np.float64)) @ w.T  # S > 8: float x, cuBLAS
             record(f"{qtype.name} S={S}", y, x.astype(np.float64) @ w.T, exact)
     # bundle records [gate | up | down column] against the numpy reference (float64)
     for gt, ut, act in ((QT.Q4_0, QT.Q4_0, "silu"), (QT.Q4_1, QT.Q4_1, "gelu_tanh"), (QT.Q8_0, QT.Q8_0, "silu"),
@@ -105,8 +107,7 @@ def _kernel_errors(rng) -> dict:
         for S in (1, 5, 11):
             x = (rng.standard_normal((S, 256)) * 0.1).astype(np.float32)
             ref, _ = reference_ffn(records, layout, x, act)
-            exact = np.concatenate([reference_ffn(records, layout, x_int8(x[s:s + 8]).astype(np.float32), act)[0]
-                                    for s in range(0, S, 8)])
+            exact = reference_ffn(records, layout, x_int8(x).astype(np.float32), act)[0] if S <= 8 else ref
             y = cp.zeros((S, 256), cp.float32)
             kk.bundle(gr.data.ptr, n, layout, act, cp.asarray(x), y, cp.empty(8 * n, cp.float32))
             record(f"bundle {gt.name}/{ut.name} {act} S={S}", y, ref, exact)
@@ -162,8 +163,50 @@ def _greedy(m, prompt: str, n: int) -> list[int]:
     return [r.token for r in m.stream(prompt, max_tokens=n, temperature=0.0) if r.token is not None]
 
 
-def compare(path: str, n_tokens: int = 64, gpu_budget: str | None = None, text: str | None = None) -> dict:
-    """GPU vs CPU backend on the same .flash: greedy tokens, and teacher-forced top-1 / perplexity ratio."""
+@contextlib.contextmanager
+def _cpu_float_x():
+    """The CPU backend with float32 activations (FLASHLM_INT8_ACTIVATIONS=0) inside the block."""
+    from ..quant import bundle_kernel as bk
+
+    saved = bk.INT8_ACTIVATIONS, bk.FFN_INT8
+    bk.INT8_ACTIVATIONS = bk.FFN_INT8 = False
+    try:
+        yield
+    finally:
+        bk.INT8_ACTIVATIONS, bk.FFN_INT8 = saved
+
+
+def _stepped_logits(m, ids: list[int]) -> np.ndarray:
+    """Teacher-forced logits through decode steps (one token per forward pass: the decode kernels)."""
+    engine = m._loaded.engine
+    with engine.lock:
+        engine.reset()
+    out = [engine.prefill(ids[:1])]
+    out += [engine.step(t) for t in ids[1:]]
+    return np.concatenate(out)
+
+
+def _agreement(ref: np.ndarray, got: np.ndarray, ids: list[int]) -> dict:
+    def ppl(lg_):
+        z = lg_.astype(np.float64)
+        z -= z.max(-1, keepdims=True)
+        lp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        return float(np.exp(-lp[np.arange(len(ids) - 1), ids[1:]].mean()))
+
+    return {"top1": float((ref[:-1].argmax(-1) == got[:-1].argmax(-1)).mean()), "ppl_ref": ppl(ref),
+            "ppl": ppl(got), "max_rel_logit_diff": float(np.abs(ref - got).max() / np.abs(ref).max())}
+
+
+def compare(path: str, n_tokens: int = 64, gpu_budget: str | None = None, text: str | None = None,
+            n_text: int = 512, n_decode: int = 256) -> dict:
+    """GPU vs CPU backend on the same .flash.
+    greedy: 3 prompts x n_tokens against the CPU backend as it runs by default (int8 x decode).
+    prompt: teacher-forced logits of n_text tokens in one batch (GPU: float x, cuBLAS) against the CPU backend
+    with float x (prompt_float) and with its default int8 x (prompt_int8).
+    decode: teacher-forced through n_decode single-token steps (GPU: the int8 decode kernels) against the CPU
+    backend's own decode steps (int8 x, decode_int8) and the CPU float-x batch (decode_vs_float); beside them
+    the CPU backend's decode steps against its own int8 batch (cpu_steps_vs_cpu_batch): int8 x turns float
+    rounding differences into different roundings of x, so two int8 paths differ by this much at least."""
     import flashlm
 
     cpu = flashlm.load(path, threads=4, ctx_size=1024)
@@ -175,17 +218,19 @@ def compare(path: str, n_tokens: int = 64, gpu_budget: str | None = None, text: 
         report["greedy"].append({"prompt": p, "equal": a == b, "first_difference": first_diff})
     if text:
         with open(text, encoding="utf-8") as fh:
-            ids = cpu.tokenize(fh.read())[:512]
-        lc, lg = cpu.logits(ids), gpu.logits(ids)
-
-        def ppl(lg_):
-            z = lg_.astype(np.float64)
-            z -= z.max(-1, keepdims=True)
-            lp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-            return float(np.exp(-lp[np.arange(len(ids) - 1), ids[1:]].mean()))
-
-        report.update(top1=float((lc[:-1].argmax(-1) == lg[:-1].argmax(-1)).mean()), ppl_cpu=ppl(lc),
-                      ppl_gpu=ppl(lg), max_rel_logit_diff=float(np.abs(lc - lg).max() / np.abs(lc).max()))
+            ids = cpu.tokenize(fh.read())[:n_text]
+        with _cpu_float_x():
+            cpu_float = cpu.logits(ids)
+        gpu_batch = gpu.logits(ids)
+        report["prompt_float"] = _agreement(cpu_float, gpu_batch, ids)
+        report["prompt_int8"] = _agreement(cpu.logits(ids), gpu_batch, ids)
+        d = ids[:n_decode]
+        gpu_steps = _stepped_logits(gpu, d)
+        cpu_steps = _stepped_logits(cpu, d)
+        report["decode_int8"] = _agreement(cpu_steps, gpu_steps, d)
+        report["decode_vs_float"] = _agreement(cpu_float[:len(d)], gpu_steps, d)
+        # the noise floor of int8 x: the CPU backend's own decode steps against its own int8 batch
+        report["cpu_steps_vs_cpu_batch"] = _agreement(cpu.logits(d), cpu_steps, d)
     report["gpu_plan"] = gpu._loaded.engine.executor.gpu_plan.describe()
     return report
 
