@@ -42,16 +42,8 @@ SOURCE = r"""
 typedef unsigned char u8;
 typedef unsigned short u16;
 #define MAX_S 8
-#define IN_FLIGHT 4  // blocks per lane loaded before the first is used
 
-__device__ __forceinline__ float ld_half(const u8* p) {
-    return __half2float(__ushort_as_half(__ldg((const u16*)p)));
-}
-
-__device__ __forceinline__ int ld_int_b2(const u8* p) {  // 4 bytes from a 2-byte aligned address
-    const u16* q = (const u16*)p;
-    return (int)__ldg(q) | ((int)__ldg(q + 1) << 16);
-}
+__device__ __forceinline__ float half_at(const u16* p) { return __half2float(__ushort_as_half(__ldg(p))); }
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
@@ -76,18 +68,16 @@ extern "C" __global__ void quantize_x(const float* x, int K, int S, signed char*
     if (lane == 0) { xd[blk] = d; xs[blk] = s; }
 }
 
-// One GGUF block dotted with 32 int8 x values (x0: x[0..15], x1: x[16..31]), scale dx, int sum sx:
+// ---- Block formats. In GPU memory a row of nb blocks is stored planar: the same bytes as the GGUF row,
+// rearranged by planarize (below) into WORDS planes of nb 32-bit words (plane j: quant bytes 4j..4j+3 of every
+// block), then the planes of nb float16 scales (d; Q4_1: then m). Lane b of a warp then reads word b of a plane:
+// 128 contiguous bytes per load instruction, where GGUF's 18 / 20 / 34-byte blocks need 2-byte loads.
+// A block dotted with 32 int8 x values (x0: x[0..15], x1: x[16..31]), scale dx, int sum sx:
 //   Q4_0: d * dx * (u . q - 8 * sx)    Q4_1: d * dx * (u . q) + m * dx * sx    Q8_0: d * dx * (w . q)
-// as the CPU's int8 decode path (bundle_kernel_i8.c) and llama.cpp's vec_dot_q4_0_q8_1 compute them. Blocks are
-// 2-byte aligned (18 / 20 / 34 bytes): 16-bit loads.
+// as the CPU's int8 decode path (bundle_kernel_i8.c) and llama.cpp's vec_dot_q4_0_q8_1 compute them.
 template <int F> struct Blk;
 template <> struct Blk<0> {  // Q4_0: half d, 16 bytes: element j low nibble of byte j, element j + 16 high nibble
-    static constexpr int BYTES = 18, WORDS = 4;
-    __device__ static void load(const u8* b, int* w, float& d, float& m) {
-        d = ld_half(b); m = 0.f;
-        #pragma unroll
-        for (int j = 0; j < 4; j++) w[j] = ld_int_b2(b + 2 + 4 * j);
-    }
+    static constexpr int BYTES = 18, WORDS = 4, HALVES = 1;
     __device__ static int udot(const int* w, int4 x0, int4 x1) {
         int s = __dp4a(w[0] & 0x0F0F0F0F, x0.x, 0);
         s = __dp4a(w[1] & 0x0F0F0F0F, x0.y, s);
@@ -103,23 +93,13 @@ template <> struct Blk<0> {  // Q4_0: half d, 16 bytes: element j low nibble of 
     }
 };
 template <> struct Blk<1> {  // Q4_1: half d, half m, nibbles as Q4_0; w = d * u + m
-    static constexpr int BYTES = 20, WORDS = 4;
-    __device__ static void load(const u8* b, int* w, float& d, float& m) {
-        d = ld_half(b); m = ld_half(b + 2);
-        #pragma unroll
-        for (int j = 0; j < 4; j++) w[j] = ld_int_b2(b + 4 + 4 * j);
-    }
+    static constexpr int BYTES = 20, WORDS = 4, HALVES = 2;
     __device__ static float dot(const int* w, float d, float m, int4 x0, int4 x1, float dx, int sx) {
         return d * dx * (float)Blk<0>::udot(w, x0, x1) + m * dx * (float)sx;
     }
 };
 template <> struct Blk<2> {  // Q8_0: half d, 32 signed bytes
-    static constexpr int BYTES = 34, WORDS = 8;
-    __device__ static void load(const u8* b, int* w, float& d, float& m) {
-        d = ld_half(b); m = 0.f;
-        #pragma unroll
-        for (int j = 0; j < 8; j++) w[j] = ld_int_b2(b + 2 + 4 * j);
-    }
+    static constexpr int BYTES = 34, WORDS = 8, HALVES = 1;
     __device__ static float dot(const int* w, float d, float m, int4 x0, int4 x1, float dx, int sx) {
         int s = __dp4a(w[0], x0.x, 0);
         s = __dp4a(w[1], x0.y, s);
@@ -132,6 +112,61 @@ template <> struct Blk<2> {  // Q8_0: half d, 32 signed bytes
         return d * dx * (float)s;
     }
 };
+
+// Block b of a planar row: its words, d and m (Q4_1)
+template <int F>
+__device__ __forceinline__ void load_block(const u8* row, int nb, int b, int* w, float& d, float& m) {
+    const int* q = (const int*)row;
+    #pragma unroll
+    for (int j = 0; j < Blk<F>::WORDS; j++) w[j] = __ldg(q + j * nb + b);
+    const u16* h = (const u16*)(q + Blk<F>::WORDS * nb);
+    d = half_at(h + b);
+    m = Blk<F>::HALVES == 2 ? half_at(h + nb + b) : 0.f;
+}
+
+// GGUF rows -> planar rows (same size): n_rows rows of nb blocks at src + r * stride, written at dst + r * stride
+// (src and dst distinct; rows 4-byte aligned). One thread per block.
+template <int F>
+__device__ __forceinline__ void planarize_t(const u8* src, u8* dst, int n_rows, long long stride, int nb) {
+    long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (long long)n_rows * nb) return;
+    long long r = t / nb;
+    int b = (int)(t - r * nb);
+    const u16* blk = (const u16*)(src + r * stride + (long long)b * Blk<F>::BYTES);  // 2-byte aligned
+    int* q = (int*)(dst + r * stride);
+    #pragma unroll
+    for (int j = 0; j < Blk<F>::WORDS; j++) {
+        int o = Blk<F>::HALVES + 2 * j;  // quant bytes follow the halves
+        q[j * nb + b] = (int)blk[o] | ((int)blk[o + 1] << 16);
+    }
+    u16* h = (u16*)(q + Blk<F>::WORDS * nb);
+    #pragma unroll
+    for (int k = 0; k < Blk<F>::HALVES; k++) h[k * nb + b] = blk[k];
+}
+
+// Value e (0..31) of block b of a row: planar (gate and up rows, matrices) or as GGUF stores it (down columns)
+template <int F>
+__device__ __forceinline__ float block_value(const u8* row, int nb, int b, int e, bool planar) {
+    int j = F == 2 ? e : e & 15, word;  // quant byte j holds the value (Q4: high nibble for e >= 16)
+    float d, m;
+    if (planar) {
+        const int* q = (const int*)row;
+        word = __ldg(q + (j >> 2) * nb + b);
+        const u16* h = (const u16*)(q + Blk<F>::WORDS * nb);
+        d = half_at(h + b);
+        m = Blk<F>::HALVES == 2 ? half_at(h + nb + b) : 0.f;
+    } else {
+        const u16* blk = (const u16*)(row + (long long)b * Blk<F>::BYTES);
+        const u16* w2 = blk + Blk<F>::HALVES + 2 * (j >> 2);
+        word = (int)__ldg(w2) | ((int)__ldg(w2 + 1) << 16);
+        d = half_at(blk);
+        m = Blk<F>::HALVES == 2 ? half_at(blk + 1) : 0.f;
+    }
+    int byte = (word >> (8 * (j & 3))) & 0xFF;
+    if (F == 2) return d * (float)(signed char)byte;
+    int v = e < 16 ? byte & 15 : byte >> 4;
+    return F == 1 ? d * (float)v + m : d * (float)(v - 8);
+}
 
 // Two rows (a matrix's rows 2p and 2p + 1, or a record's gate and up rows), formats F0 and F1, dotted with x by one
 // warp: lane takes blocks lane, lane + 32, ... of a chunk of 32 * NF blocks. A Tile holds one chunk of both rows in
@@ -147,8 +182,8 @@ template <int F0, int F1> struct Tile {
         for (int i = 0; i < NF; i++) {
             int b = b0 + lane + 32 * i;
             if (b < nb) {
-                Blk<F0>::load(row0 + (long long)b * Blk<F0>::BYTES, w0[i], d0[i], m0[i]);
-                Blk<F1>::load(row1 + (long long)b * Blk<F1>::BYTES, w1[i], d1[i], m1[i]);
+                load_block<F0>(row0, nb, b, w0[i], d0[i], m0[i]);
+                load_block<F1>(row1, nb, b, w1[i], d1[i], m1[i]);
             }
         }
     }
@@ -175,11 +210,10 @@ template <int F0, int F1> struct Tile {
     }
 };
 
-// Rows of pair p: row0 = base + p * pair_stride, row1 = row0 + row_gap (or row0 again where p's second row is
-// past the end: n_last_single). Warps walk pairs p = warp, warp + n_warps, ... (a persistent grid of a few thread
-// blocks per multiprocessor), each pair's chunks in order, always one chunk ahead in registers.
-// finish(p, acc) gets the pair's warp-summed dot products (lane 0 writes).
-// H200, 4096 x 11008 Q4_0 (repacked lab copy): one pair per warp, no prefetch 9.6 us; persistent + prefetch 8.0 us.
+// Rows of pair p: row0 = base + p * pair_stride, row1 = row0 + row_gap (row0 again for the last pair of an odd
+// count: last_single). Warps walk pairs p = warp, warp + n_warps, ... (a persistent grid of a few thread blocks
+// per multiprocessor), each pair's chunks in order, always one chunk ahead in registers. finish(p, acc) gets the
+// pair's warp-summed dot products (lane 0 writes them).
 template <int F0, int F1, class Finish>
 __device__ __forceinline__ void walk_pairs(const u8* base, long long pair_stride, long long row_gap, int n_pairs,
                                            bool last_single, int K, const signed char* xq, const float* xd,
@@ -255,40 +289,17 @@ __device__ __forceinline__ void gate_up_t(const u8* Rb, long long rb, int n, int
     });
 }
 
-#define MATVEC(F, NAME)                                                                                             \
-extern "C" __global__ void NAME(const u8* W, long long row_stride, int n_rows, int K, const signed char* xq,       \
-                                const float* xd, const int* xs, int S, float* y, int y_stride) {                  \
-    matvec_t<F>(W, row_stride, n_rows, K, xq, xd, xs, S, y, y_stride);                                             \
-}
-MATVEC(0, matvec_0) MATVEC(1, matvec_1) MATVEC(2, matvec_2)
-
-#define GATE_UP(G, U, NAME)                                                                                         \
-extern "C" __global__ void NAME(const u8* Rb, long long rb, int n, int K, long long up_off, int act,               \
-                                const signed char* xq, const float* xd, const int* xs, int S, float* h) {         \
-    gate_up_t<G, U>(Rb, rb, n, K, up_off, act, xq, xd, xs, S, h);                                                  \
-}
-GATE_UP(0, 0, gate_up_00) GATE_UP(0, 1, gate_up_01) GATE_UP(0, 2, gate_up_02)
-GATE_UP(1, 0, gate_up_10) GATE_UP(1, 1, gate_up_11) GATE_UP(1, 2, gate_up_12)
-GATE_UP(2, 0, gate_up_20) GATE_UP(2, 1, gate_up_21) GATE_UP(2, 2, gate_up_22)
-
-// Value e (0..31) of the block at b: fmt 0 Q4_0, 1 Q4_1, 2 Q8_0
-__device__ __forceinline__ float block_value(const u8* b, int fmt, int e) {
-    if (fmt == 2) return ld_half(b) * (float)(signed char)b[2 + e];
-    const u8* q = b + (fmt == 1 ? 4 : 2);
-    int v = e < 16 ? (q[e] & 15) : (q[e - 16] >> 4);
-    return fmt == 1 ? ld_half(b) * v + ld_half(b + 2) : ld_half(b) * (v - 8);
-}
-
-// y[s * d + j] += sum_{i in chunk} h[s * n + i] * down_i[j]; down column of record i at R + i * rb + down_off
-extern "C" __global__ void bundle_down(const u8* R, long long rb, int n, int d, int dfmt, int dbytes,
-                                       long long down_off, const float* h, int S, float* y, int chunk) {
+// y[s * d + j] += sum_{i in chunk} h[s * n + i] * down_i[j]; down column of record i at R + i * rb + down_off, as
+// GGUF stores it (a warp reads one block's bytes: 2 sectors, where planar would touch one per word)
+template <int F>
+__device__ __forceinline__ void down_t(const u8* R, long long rb, int n, int d, long long down_off, const float* h,
+                                       int S, float* y, int chunk) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= d) return;
     int i0 = blockIdx.y * chunk, i1 = min(n, i0 + chunk);
-    int blk = j >> 5, e = j & 31;
     float acc[MAX_S] = {0.f};
     for (int i = i0; i < i1; i++) {
-        float w = block_value(R + (long long)i * rb + down_off + (long long)blk * dbytes, dfmt, e);
+        float w = block_value<F>(R + (long long)i * rb + down_off, d >> 5, j >> 5, j & 31, false);
         #pragma unroll
         for (int s = 0; s < MAX_S; s++) if (s < S) acc[s] += h[(long long)s * n + i] * w;
     }
@@ -297,19 +308,48 @@ extern "C" __global__ void bundle_down(const u8* R, long long rb, int n, int d, 
 }
 
 // out[r * K + k] = W[r][k] as float32 (rows r < n_rows at W + r * row_stride: a matrix's rows, or the gate / up /
-// down rows of records), for prompt batches through cuBLAS
-extern "C" __global__ void dequantize_rows(const u8* W, long long row_stride, int n_rows, int K, int fmt,
-                                           int block_bytes, float* out) {
+// down rows of records; planar or not), for prompt batches through cuBLAS
+template <int F>
+__device__ __forceinline__ void dequantize_t(const u8* W, long long row_stride, int n_rows, int K, int planar,
+                                             float* out) {
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= (long long)n_rows * K) return;
-    int r = t / K, k = t % K;
-    out[t] = block_value(W + (long long)r * row_stride + (long long)(k >> 5) * block_bytes, fmt, k & 31);
+    long long r = t / K;
+    int k = (int)(t - r * K);
+    out[t] = block_value<F>(W + r * row_stride, K >> 5, k >> 5, k & 31, planar);
 }
+
+#define PER_FORMAT(F)                                                                                               \
+extern "C" __global__ void matvec_##F(const u8* W, long long row_stride, int n_rows, int K, const signed char* xq, \
+                                      const float* xd, const int* xs, int S, float* y, int y_stride) {            \
+    matvec_t<F>(W, row_stride, n_rows, K, xq, xd, xs, S, y, y_stride);                                             \
+}                                                                                                                   \
+extern "C" __global__ void down_##F(const u8* R, long long rb, int n, int d, long long down_off, const float* h,   \
+                                    int S, float* y, int chunk) {                                                  \
+    down_t<F>(R, rb, n, d, down_off, h, S, y, chunk);                                                              \
+}                                                                                                                   \
+extern "C" __global__ void dequantize_##F(const u8* W, long long row_stride, int n_rows, int K, int planar,      \
+                                          float* out) {                                                            \
+    dequantize_t<F>(W, row_stride, n_rows, K, planar, out);                                                        \
+}                                                                                                                   \
+extern "C" __global__ void planarize_##F(const u8* src, u8* dst, int n_rows, long long stride, int nb) {           \
+    planarize_t<F>(src, dst, n_rows, stride, nb);                                                                  \
+}
+PER_FORMAT(0) PER_FORMAT(1) PER_FORMAT(2)
+
+#define GATE_UP(G, U)                                                                                               \
+extern "C" __global__ void gate_up_##G##U(const u8* Rb, long long rb, int n, int K, long long up_off, int act,     \
+                                          const signed char* xq, const float* xd, const int* xs, int S, float* h) {\
+    gate_up_t<G, U>(Rb, rb, n, K, up_off, act, xq, xd, xs, S, h);                                                  \
+}
+GATE_UP(0, 0) GATE_UP(0, 1) GATE_UP(0, 2) GATE_UP(1, 0) GATE_UP(1, 1) GATE_UP(1, 2) GATE_UP(2, 0) GATE_UP(2, 1)
+GATE_UP(2, 2)
 """
 
 
 class CudaKernels:
-    """The compiled module and launch helpers. Arrays are CuPy arrays on the current device."""
+    """The compiled module and launch helpers. Arrays are CuPy arrays on the current device. Quantized rows on
+    the GPU are planar (SOURCE): upload_rows / upload_records / records_to_planar make them from GGUF bytes."""
 
     def __init__(self):
         import cupy
@@ -317,12 +357,11 @@ class CudaKernels:
         self.cp = cupy
         # no fast math: quantize_x must round as the CPU does (and keep denormals); activate uses __expf itself
         module = cupy.RawModule(code=SOURCE, options=("-std=c++17",))
-        self._matvec = {f: module.get_function(f"matvec_{f}") for f in FORMATS.values()}
-        self._gate_up = {(g, u): module.get_function(f"gate_up_{g}{u}") for g in FORMATS.values()
-                         for u in FORMATS.values()}
-        self._down = module.get_function("bundle_down")
-        self._dequant = module.get_function("dequantize_rows")
-        self._quantize_x = module.get_function("quantize_x")
+        fn = module.get_function
+        self._matvec, self._down, self._dequant, self._planarize = (
+            {f: fn(f"{name}_{f}") for f in FORMATS.values()} for name in ("matvec", "down", "dequantize", "planarize"))
+        self._gate_up = {(g, u): fn(f"gate_up_{g}{u}") for g in FORMATS.values() for u in FORMATS.values()}
+        self._quantize_x = fn("quantize_x")
         sms = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["multiProcessorCount"]
         self.max_blocks = sms * BLOCKS_PER_SM
 
@@ -333,6 +372,41 @@ class CudaKernels:
 
             raise UnsupportedModelError(f"{QT(qtype).name} has no GPU kernel yet (Q4_0, Q4_1, Q8_0 do)")
         return FORMATS[QT(qtype)], BLOCK_BYTES[QT(qtype)]
+
+    # ---- GGUF bytes -> planar rows on the GPU
+    def _to_planar(self, src_ptr: int, dst_ptr: int, n_rows: int, stride: int, k: int, qtype) -> None:
+        fmt, bb = self.fmt(qtype)
+        if stride % 4 or (src_ptr | dst_ptr) % 4:
+            from ..errors import UnsupportedModelError
+
+            raise UnsupportedModelError(f"rows of {k} {QT(qtype).name} weights ({k // 32 * bb} bytes) are not "
+                                        f"4-byte aligned: the GPU kernels need rows of a multiple of 64 weights")
+        n = n_rows * (k // 32)
+        self._planarize[fmt](((n + 255) // 256,), (256,), (np.uint64(src_ptr), np.uint64(dst_ptr), np.int32(n_rows),
+                                                           np.int64(stride), np.int32(k // 32)))
+
+    def upload_rows(self, rows: np.ndarray, qtype, k: int):
+        """A matrix's GGUF rows (n, row_bytes) -> planar rows on the GPU (a transient GGUF copy on the way)."""
+        src = self.cp.asarray(np.ascontiguousarray(rows))
+        dst = self.cp.empty_like(src)
+        self._to_planar(src.data.ptr, dst.data.ptr, rows.shape[0], rows.shape[1], k, qtype)
+        return dst
+
+    def records_to_planar(self, src, dst, n: int, layout) -> None:
+        """n flash-store records (GPU, GGUF bytes) -> dst: gate and up rows planar, down columns as stored."""
+        if n == 0:
+            return
+        rb = layout.record_bytes
+        dst[:n * rb] = src[:n * rb]
+        for off, qtype in ((0, layout.gate_type), (layout.gate_bytes, layout.up_type)):
+            self._to_planar(src.data.ptr + off, dst.data.ptr + off, n, rb, layout.d_model, qtype)
+
+    def upload_records(self, records: np.ndarray, layout):
+        """Flash-store records (host bytes) -> GPU records in records_to_planar's form (flat uint8)."""
+        src = self.cp.asarray(np.ascontiguousarray(records).reshape(-1).view(np.uint8))
+        dst = self.cp.empty_like(src)
+        self.records_to_planar(src, dst, src.nbytes // layout.record_bytes, layout)
+        return dst
 
     def quantize(self, x) -> tuple:
         """x (S, K) float32, S <= MAX_S -> (int8 (S, K), scales (S, K/32), int32 block sums (S, K/32))."""
@@ -348,18 +422,23 @@ class CudaKernels:
         """Thread blocks of a row-pair walk: one pair per warp, at most BLOCKS_PER_SM blocks per multiprocessor."""
         return (max(1, min(self.max_blocks, (n_pairs * 32 + THREADS - 1) // THREADS)),)
 
+    def _dequantize(self, ptr: int, row_stride: int, n_rows: int, k: int, fmt: int, planar: bool, out) -> None:
+        n = n_rows * k
+        self._dequant[fmt](((n + 255) // 256,), (256,), (np.uint64(ptr), np.int64(row_stride), np.int32(n_rows),
+                                                          np.int32(k), np.int32(planar), out))
+
     def matvec(self, ptr: int, row_stride: int, n_rows: int, k: int, qtype, x, y, xq=None) -> None:
-        """y (S, >=n_rows; row stride y.shape[1]) = rows @ x.T for x (S, k) float32; rows at device pointer ptr.
-        Decode (S <= MAX_S): int8 x; xq: quantize(x) already made, to share one quantization between products
+        """y (S, >=n_rows; row stride y.shape[1]) = rows @ x.T for x (S, k) float32; planar rows at device pointer
+        ptr. Decode (S <= MAX_S): int8 x; xq: quantize(x) already made, to share one quantization between products
         of the same input. Prompt batches: float32 x, rows dequantized a slice at a time, cuBLAS."""
-        fmt, bb = self.fmt(qtype)
+        fmt, _ = self.fmt(qtype)
         S = x.shape[0]
         if S > MAX_S:
             chunk = max(1, min(n_rows, DEQUANT_MAX_BYTES // (4 * k)))
             w = self.cp.empty((chunk, k), self.cp.float32)
             for r0 in range(0, n_rows, chunk):
                 r = min(chunk, n_rows - r0)
-                self._dequantize(ptr + r0 * row_stride, row_stride, r, k, fmt, bb, w)
+                self._dequantize(ptr + r0 * row_stride, row_stride, r, k, fmt, True, w)
                 y[:, r0:r0 + r] = x @ w[:r].T
             return
         q = xq if xq is not None else self.quantize(x)
@@ -367,42 +446,37 @@ class CudaKernels:
             np.uint64(ptr), np.int64(row_stride), np.int32(n_rows), np.int32(k), *q, np.int32(S), y,
             np.int32(y.shape[1])))
 
-    def _dequantize(self, ptr: int, row_stride: int, n_rows: int, k: int, fmt: int, bb: int, out) -> None:
-        n = n_rows * k
-        self._dequant(((n + 255) // 256,), (256,), (np.uint64(ptr), np.int64(row_stride), np.int32(n_rows),
-                                                      np.int32(k), np.int32(fmt), np.int32(bb), out))
-
     def bundle(self, ptr: int, n: int, layout, activation: str, x, y, h, xq=None) -> None:
-        """y (S, d) += FFN over n records at device pointer ptr. Decode (S <= MAX_S): int8 x, h scratch
-        (>= MAX_S*n float32), xq: quantize(x) if made already. Prompt batches: float32 x, the records' gate, up
-        and down rows dequantized a slice of neurons at a time, cuBLAS."""
+        """y (S, d) += FFN over n records (records_to_planar's form) at device pointer ptr. Decode (S <= MAX_S):
+        int8 x, h scratch (>= MAX_S*n float32), xq: quantize(x) if made already. Prompt batches: float32 x, the
+        records' gate, up and down rows dequantized a slice of neurons at a time, cuBLAS."""
         if n == 0:
             return
         d, rb = layout.d_model, layout.record_bytes
-        gf, gb = self.fmt(layout.gate_type)
-        uf, ub = self.fmt(layout.up_type)
-        df, db = self.fmt(layout.down_type)
+        gf, _ = self.fmt(layout.gate_type)
+        uf, _ = self.fmt(layout.up_type)
+        df, _ = self.fmt(layout.down_type)
         S = x.shape[0]
         if S > MAX_S:
-            self._bundle_float(ptr, n, layout, activation, x, y, ((gf, gb), (uf, ub), (df, db)))
+            self._bundle_float(ptr, n, layout, activation, x, y, (gf, uf, df))
             return
         q = xq if xq is not None else self.quantize(x)
         self._gate_up[(gf, uf)](self._grid(n), (THREADS,), (
             np.uint64(ptr), np.int64(rb), np.int32(n), np.int32(d), np.int64(layout.gate_bytes),
             np.int32(ACTIVATIONS[activation]), *q, np.int32(S), h))
-        self._down(((d + 255) // 256, (n + DOWN_CHUNK - 1) // DOWN_CHUNK), (256,), (
-            np.uint64(ptr), np.int64(rb), np.int32(n), np.int32(d), np.int32(df), np.int32(db),
-            np.int64(layout.gate_bytes + layout.up_bytes), h, np.int32(S), y, np.int32(DOWN_CHUNK)))
+        self._down[df](((d + 255) // 256, (n + DOWN_CHUNK - 1) // DOWN_CHUNK), (256,), (
+            np.uint64(ptr), np.int64(rb), np.int32(n), np.int32(d), np.int64(layout.gate_bytes + layout.up_bytes),
+            h, np.int32(S), y, np.int32(DOWN_CHUNK)))
 
     def _bundle_float(self, ptr: int, n: int, layout, activation: str, x, y, fmts) -> None:
         cp, d, rb = self.cp, layout.d_model, layout.record_bytes
         chunk = max(1, min(n, DEQUANT_MAX_BYTES // (3 * 4 * d)))
         w = cp.empty((3, chunk, d), cp.float32)
-        offsets = (0, layout.gate_bytes, layout.gate_bytes + layout.up_bytes)
+        parts = ((0, True), (layout.gate_bytes, True), (layout.gate_bytes + layout.up_bytes, False))
         for n0 in range(0, n, chunk):
             c = min(chunk, n - n0)
-            for part, ((f, bb), off) in enumerate(zip(fmts, offsets)):
-                self._dequantize(ptr + n0 * rb + off, rb, c, d, f, bb, w[part])
+            for i, (f, (off, planar)) in enumerate(zip(fmts, parts)):
+                self._dequantize(ptr + n0 * rb + off, rb, c, d, f, planar, w[i])
             g, u = x @ w[0, :c].T, x @ w[1, :c].T
             if activation == "silu":
                 g = g / (1 + cp.exp(-g))

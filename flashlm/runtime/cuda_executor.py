@@ -92,13 +92,18 @@ class GpuMatrix:
     def __init__(self, cp, kernels: CudaKernels, rows: np.ndarray, qtype, bias, k: int, keep_on_gpu: bool = True):
         self.cp, self.kernels, self.qtype, self.k = cp, kernels, qtype, k
         self.host = rows if not keep_on_gpu else None  # naive: copied to the GPU at each use
-        self.rows = cp.asarray(np.ascontiguousarray(rows)) if keep_on_gpu else None
+        self.rows = self._upload(rows) if keep_on_gpu else None
         self.n = rows.shape[0]
         self.bias = None if bias is None else cp.asarray(bias)
         self.nbytes = rows.nbytes
 
+    def _upload(self, rows: np.ndarray):
+        if rows.dtype == np.float32:
+            return self.cp.asarray(rows)
+        return self.kernels.upload_rows(rows, self.qtype, self.k)  # planar (quant/cuda_kernels.py)
+
     def __call__(self, x, xq=None):
-        rows = self.rows if self.rows is not None else self.cp.asarray(np.ascontiguousarray(self.host))
+        rows = self.rows if self.rows is not None else self._upload(self.host)
         if rows.dtype == np.float32:
             out = x @ rows.T
         else:
@@ -124,7 +129,7 @@ class GpuFFN:
         for i, layer in enumerate(store.layers):
             records = reader.read(layer.offset, n_ff * rb, scratch).result()
             store.check_layer(i, records)
-            self.gpu_records.append(cp.asarray(records[:self.gpu_hot * rb]) if self.gpu_hot else None)
+            self.gpu_records.append(kernels.upload_records(records[:self.gpu_hot * rb], self.layout) if self.gpu_hot else None)
             warm = (self.host_hot - self.gpu_hot) * rb
             if warm:
                 buf = self._pinned(warm)[:warm]
@@ -137,7 +142,9 @@ class GpuFFN:
         self.stats.io = reader.stats
         rest = n_ff - self.gpu_hot
         cold = n_ff - self.host_hot
-        self.stage = [cp.empty(rest * rb, cp.uint8) for _ in range(2)] if rest else []
+        # non-resident records land in GGUF bytes, then go planar for the kernels: two buffers (one stream orders
+        # each layer's copies, conversion and kernels after the last layer's)
+        self.landing, self.stage = (cp.empty(rest * rb, cp.uint8) for _ in range(2)) if rest else (None, None)
         self.read_bufs = [self._pinned(cold * rb + 2 * ALIGN) for _ in range(2)] if cold else []
         self.copied = [None, None]  # events: the copy out of read buffer k has finished
         self._pending: dict[int, object] = {}
@@ -179,13 +186,13 @@ class GpuFFN:
         """y (S, d) += FFN_i(x (S, d)), CuPy float32."""
         cp, st = self.cp, self.stats
         t0 = time.perf_counter()
-        stage = self.stage[i % 2] if self.stage else None
+        landing, stage = self.landing, self.stage
         warm = self.warm_bytes
         marks = [cp.cuda.Event()]  # pairs of events around each copy: the GPU idles between them while we wait
         marks[0].record()
         if warm:
             src = self.host_records[i]
-            stage.data.copy_from_host_async(src.ctypes.data, warm)
+            landing.data.copy_from_host_async(src.ctypes.data, warm)
         marks.append(cp.cuda.Event())
         marks[1].record()
         if i in self._pending:
@@ -193,7 +200,7 @@ class GpuFFN:
             t_io = time.perf_counter() - t0
             marks.append(cp.cuda.Event())
             marks[2].record()
-            stage[warm:].data.copy_from_host_async(data.ctypes.data, data.nbytes)
+            landing[warm:].data.copy_from_host_async(data.ctypes.data, data.nbytes)
             ev = cp.cuda.Event()
             ev.record()
             self.copied[i % 2] = ev
@@ -206,6 +213,8 @@ class GpuFFN:
         e_kernels = cp.cuda.Event()
         e_kernels.record()
         t2 = time.perf_counter()
+        if stage is not None:
+            self.kernels.records_to_planar(landing, stage, self.n_ff - self.gpu_hot, self.layout)
         xq = self.kernels.quantize(x) if S <= MAX_S else None  # shared by both tiers
         if self.gpu_hot:
             self.kernels.bundle(self.gpu_records[i].data.ptr, self.gpu_hot, self.layout, self.activation, x, y,

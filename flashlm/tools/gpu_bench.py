@@ -86,7 +86,7 @@ def _kernel_errors(rng) -> dict:
     for qtype in (QT.Q4_0, QT.Q4_1, QT.Q8_0):
         rows = _random_rows(qtype, 301, 512, rng)
         w = gguf.quants.dequantize(rows, qtype).astype(np.float64)
-        g = cp.asarray(rows)
+        g = kk.upload_rows(rows, qtype, 512)
         for S in (1, 3, 8, 13):
             x = rng.standard_normal((S, 512)).astype(np.float32)
             x[0, :32] *= 1e-3  # a block of small values
@@ -103,7 +103,7 @@ def _kernel_errors(rng) -> dict:
         records[:, g] = _random_rows(gt, n, 256, rng)
         records[:, u] = _random_rows(ut, n, 256, rng)
         records[:, dn] = _random_rows(QT.Q8_0, n, 256, rng)
-        gr = cp.asarray(records)
+        gr = kk.upload_records(records, layout)
         for S in (1, 5, 11):
             x = (rng.standard_normal((S, 256)) * 0.1).astype(np.float32)
             ref, _ = reference_ffn(records, layout, x, act)
@@ -125,10 +125,10 @@ def _matvec_bandwidth(rng, rounds: int) -> dict:
 
     n, k = 11008, 4096
     rows = _random_rows(QT.Q4_0, n, k, rng)
-    copies = [cp.asarray(rows) for _ in range(8)]
+    kk = CudaKernels()
+    copies = [kk.upload_rows(rows, QT.Q4_0, k) for _ in range(8)]
     x = cp.asarray(rng.standard_normal((1, k)).astype(np.float32))
     y = cp.empty((1, n), cp.float32)
-    kk = CudaKernels()
     xq = kk.quantize(x)
     kk.matvec(copies[0].data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y, xq)  # compiled, warm
     ms = _graph_ms(cp, rounds, lambda r: kk.matvec(copies[r % 8].data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y, xq))
