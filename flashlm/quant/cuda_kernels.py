@@ -24,6 +24,8 @@ from the CPU kernel's, so GPU and CPU logits agree to float32 rounding, not bit 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..loaders.gguf_reader import GGMLQuantizationType as QT
@@ -68,16 +70,18 @@ extern "C" __global__ void quantize_x(const float* x, int K, int S, signed char*
     if (lane == 0) { xd[blk] = d; xs[blk] = s; }
 }
 
-// ---- Block formats. In GPU memory a row of nb blocks is stored planar: the same bytes as the GGUF row,
-// rearranged by planarize (below) into WORDS planes of nb 32-bit words (plane j: quant bytes 4j..4j+3 of every
-// block), then the planes of nb float16 scales (d; Q4_1: then m). Lane b of a warp then reads word b of a plane:
-// 128 contiguous bytes per load instruction, where GGUF's 18 / 20 / 34-byte blocks need 2-byte loads.
+// ---- Block formats. In GPU memory a row of nb blocks is stored planar: the bytes of the GGUF row rearranged by
+// planarize (below) into the quant bytes of every block (16 or 32 each, 16-byte aligned), then the nb float16
+// scales (d; Q4_1: then the nb m), the row padded to 16 bytes. Lane b of a warp reads block b's quants with 16-byte
+// loads, 512 contiguous bytes per warp and instruction, where GGUF's 18 / 20 / 34-byte blocks need 2-byte loads.
+// H200, 4096 x 11008 Q4_0: 2-byte loads of GGUF blocks 14.9 us; planes of 4-byte words 11.0 us; 16-byte loads
+// (this layout) in the lab 8.0 us.
 // A block dotted with 32 int8 x values (x0: x[0..15], x1: x[16..31]), scale dx, int sum sx:
 //   Q4_0: d * dx * (u . q - 8 * sx)    Q4_1: d * dx * (u . q) + m * dx * sx    Q8_0: d * dx * (w . q)
 // as the CPU's int8 decode path (bundle_kernel_i8.c) and llama.cpp's vec_dot_q4_0_q8_1 compute them.
 template <int F> struct Blk;
 template <> struct Blk<0> {  // Q4_0: half d, 16 bytes: element j low nibble of byte j, element j + 16 high nibble
-    static constexpr int BYTES = 18, WORDS = 4, HALVES = 1;
+    static constexpr int BYTES = 18, WORDS = 4, HALVES = 1;  // WORDS: 32-bit words of quants
     __device__ static int udot(const int* w, int4 x0, int4 x1) {
         int s = __dp4a(w[0] & 0x0F0F0F0F, x0.x, 0);
         s = __dp4a(w[1] & 0x0F0F0F0F, x0.y, s);
@@ -113,33 +117,38 @@ template <> struct Blk<2> {  // Q8_0: half d, 32 signed bytes
     }
 };
 
-// Block b of a planar row: its words, d and m (Q4_1)
+// Block b of a planar row (16-byte aligned): its quant words, d and m (Q4_1)
 template <int F>
 __device__ __forceinline__ void load_block(const u8* row, int nb, int b, int* w, float& d, float& m) {
-    const int* q = (const int*)row;
+    const uint4* q = (const uint4*)row + b * (Blk<F>::WORDS / 4);
     #pragma unroll
-    for (int j = 0; j < Blk<F>::WORDS; j++) w[j] = __ldg(q + j * nb + b);
-    const u16* h = (const u16*)(q + Blk<F>::WORDS * nb);
+    for (int v = 0; v < Blk<F>::WORDS / 4; v++) {
+        uint4 t = __ldg(q + v);
+        w[4 * v] = (int)t.x; w[4 * v + 1] = (int)t.y; w[4 * v + 2] = (int)t.z; w[4 * v + 3] = (int)t.w;
+    }
+    const u16* h = (const u16*)(row + 4 * Blk<F>::WORDS * nb);
     d = half_at(h + b);
     m = Blk<F>::HALVES == 2 ? half_at(h + nb + b) : 0.f;
 }
 
-// GGUF rows -> planar rows (same size): n_rows rows of nb blocks at src + r * stride, written at dst + r * stride
-// (src and dst distinct; rows 4-byte aligned). One thread per block.
+// GGUF rows -> planar rows: n_rows rows of nb blocks at src + r * src_stride, written at dst + r * dst_stride
+// (16-byte aligned). One thread per block.
 template <int F>
-__device__ __forceinline__ void planarize_t(const u8* src, u8* dst, int n_rows, long long stride, int nb) {
+__device__ __forceinline__ void planarize_t(const u8* src, long long src_stride, u8* dst, long long dst_stride,
+                                            int n_rows, int nb) {
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= (long long)n_rows * nb) return;
     long long r = t / nb;
     int b = (int)(t - r * nb);
-    const u16* blk = (const u16*)(src + r * stride + (long long)b * Blk<F>::BYTES);  // 2-byte aligned
-    int* q = (int*)(dst + r * stride);
+    const u16* blk = (const u16*)(src + r * src_stride + (long long)b * Blk<F>::BYTES);  // 2-byte aligned
+    u8* row = dst + r * dst_stride;
+    int* q = (int*)row + b * Blk<F>::WORDS;
     #pragma unroll
     for (int j = 0; j < Blk<F>::WORDS; j++) {
         int o = Blk<F>::HALVES + 2 * j;  // quant bytes follow the halves
-        q[j * nb + b] = (int)blk[o] | ((int)blk[o + 1] << 16);
+        q[j] = (int)blk[o] | ((int)blk[o + 1] << 16);
     }
-    u16* h = (u16*)(q + Blk<F>::WORDS * nb);
+    u16* h = (u16*)(row + 4 * Blk<F>::WORDS * nb);
     #pragma unroll
     for (int k = 0; k < Blk<F>::HALVES; k++) h[k * nb + b] = blk[k];
 }
@@ -151,7 +160,7 @@ __device__ __forceinline__ float block_value(const u8* row, int nb, int b, int e
     float d, m;
     if (planar) {
         const int* q = (const int*)row;
-        word = __ldg(q + (j >> 2) * nb + b);
+        word = __ldg(q + b * Blk<F>::WORDS + (j >> 2));
         const u16* h = (const u16*)(q + Blk<F>::WORDS * nb);
         d = half_at(h + b);
         m = Blk<F>::HALVES == 2 ? half_at(h + nb + b) : 0.f;
@@ -189,15 +198,16 @@ template <int F0, int F1> struct Tile {
     }
 
     // acc[r][s] += this chunk of row r . x[s]; x (int8, L1-resident) read once per block for both rows
+    template <int SMAX>
     __device__ __forceinline__ void dot(int b0, int nb, int K, const signed char* xq, const float* xd, const int* xs,
-                                        int S, float (&acc)[2][MAX_S]) const {
+                                        int S, float (&acc)[2][SMAX]) const {
         int lane = threadIdx.x & 31;
         #pragma unroll
         for (int i = 0; i < NF; i++) {
             int b = b0 + lane + 32 * i;
             if (b >= nb) break;
             #pragma unroll
-            for (int s = 0; s < MAX_S; s++) {
+            for (int s = 0; s < SMAX; s++) {
                 if (s >= S) break;
                 const int4* xb = (const int4*)(xq + (long long)s * K + 32 * b);
                 int4 x0 = __ldg(xb), x1 = __ldg(xb + 1);
@@ -213,12 +223,16 @@ template <int F0, int F1> struct Tile {
 // Rows of pair p: row0 = base + p * pair_stride, row1 = row0 + row_gap (row0 again for the last pair of an odd
 // count: last_single). Warps walk pairs p = warp, warp + n_warps, ... (a persistent grid of a few thread blocks
 // per multiprocessor), each pair's chunks in order, always one chunk ahead in registers. finish(p, acc) gets the
-// pair's warp-summed dot products (lane 0 writes them).
-template <int F0, int F1, class Finish>
+// pair's warp-summed dot products (lane 0 writes them). NS: the number of tokens where known at compile time
+// (1: decode), else 0 (S <= MAX_S at run time). The S = 1 kernels are 5x smaller: the generic ones unroll every
+// token count, and their code outgrows the instruction cache (H200, 4096 x 11008 Q4_0: 13.8 us before).
+template <int F0, int F1, int NS, class Finish>
 __device__ __forceinline__ void walk_pairs(const u8* base, long long pair_stride, long long row_gap, int n_pairs,
                                            bool last_single, int K, const signed char* xq, const float* xd,
                                            const int* xs, int S, Finish finish) {
     typedef Tile<F0, F1> T;
+    constexpr int SMAX = NS ? NS : MAX_S;
+    if (NS) S = NS;
     int nb = K >> 5, step = 32 * T::NF;
     int n_warps = (gridDim.x * blockDim.x) >> 5;
     int p = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -228,22 +242,22 @@ __device__ __forceinline__ void walk_pairs(const u8* base, long long pair_stride
     T cur, nxt;
     int b0 = 0;
     cur.load(row0(p), row1(p), 0, nb);
-    float acc[2][MAX_S] = {};
+    float acc[2][SMAX] = {};
     while (true) {
         int np = p, nb0 = b0 + step;
         if (nb0 >= nb) { np = p + n_warps; nb0 = 0; }
         if (np < n_pairs) nxt.load(row0(np), row1(np), nb0, nb);
-        cur.dot(b0, nb, K, xq, xd, xs, S, acc);
+        cur.template dot<SMAX>(b0, nb, K, xq, xd, xs, S, acc);
         if (np != p) {
             #pragma unroll
-            for (int s = 0; s < MAX_S; s++) {
+            for (int s = 0; s < SMAX; s++) {
                 if (s >= S) break;
                 acc[0][s] = warp_sum(acc[0][s]);
                 acc[1][s] = warp_sum(acc[1][s]);
             }
-            finish(p, acc);
+            finish(p, acc, S);
             #pragma unroll
-            for (int s = 0; s < MAX_S; s++) acc[0][s] = acc[1][s] = 0.f;
+            for (int s = 0; s < SMAX; s++) acc[0][s] = acc[1][s] = 0.f;
             if (np >= n_pairs) return;
         }
         p = np; b0 = nb0;
@@ -252,15 +266,15 @@ __device__ __forceinline__ void walk_pairs(const u8* base, long long pair_stride
 }
 
 // y[s * y_stride + row] = W[row] . x[s] for S <= MAX_S tokens (x quantized by quantize_x)
-template <int F>
+template <int F, int NS>
 __device__ __forceinline__ void matvec_t(const u8* W, long long row_stride, int n_rows, int K, const signed char* xq,
                                          const float* xd, const int* xs, int S, float* y, int y_stride) {
     int lane = threadIdx.x & 31;
-    walk_pairs<F, F>(W, 2 * row_stride, row_stride, (n_rows + 1) / 2, n_rows & 1, K, xq, xd, xs, S,
-                     [&](int p, const float (&acc)[2][MAX_S]) {
+    walk_pairs<F, F, NS>(W, 2 * row_stride, row_stride, (n_rows + 1) / 2, n_rows & 1, K, xq, xd, xs, S,
+                         [&](int p, const float (&acc)[2][NS + !NS * MAX_S], int S) {
         if (lane != 0) return;
         #pragma unroll
-        for (int s = 0; s < MAX_S; s++) {  // unrolled with a guard: acc stays in registers
+        for (int s = 0; s < NS + !NS * MAX_S; s++) {  // unrolled with a guard: acc stays in registers
             if (s >= S) break;
             y[(long long)s * y_stride + 2 * p] = acc[0][s];
             if (2 * p + 1 < n_rows) y[(long long)s * y_stride + 2 * p + 1] = acc[1][s];
@@ -275,14 +289,15 @@ __device__ __forceinline__ float activate(float g, int act) {
 
 // h[s * n + i] = act(gate_i . x_s) * (up_i . x_s) for records i < n at R + i * rb: the pairs are the records' gate
 // and up rows
-template <int GF, int UF>
+template <int GF, int UF, int NS>
 __device__ __forceinline__ void gate_up_t(const u8* Rb, long long rb, int n, int K, long long up_off, int act,
                                           const signed char* xq, const float* xd, const int* xs, int S, float* h) {
     int lane = threadIdx.x & 31;
-    walk_pairs<GF, UF>(Rb, rb, up_off, n, false, K, xq, xd, xs, S, [&](int i, const float (&acc)[2][MAX_S]) {
+    walk_pairs<GF, UF, NS>(Rb, rb, up_off, n, false, K, xq, xd, xs, S,
+                           [&](int i, const float (&acc)[2][NS + !NS * MAX_S], int S) {
         if (lane != 0) return;
         #pragma unroll
-        for (int s = 0; s < MAX_S; s++) {
+        for (int s = 0; s < NS + !NS * MAX_S; s++) {
             if (s >= S) break;
             h[(long long)s * n + i] = activate(acc[0][s], act) * acc[1][s];
         }
@@ -322,7 +337,11 @@ __device__ __forceinline__ void dequantize_t(const u8* W, long long row_stride, 
 #define PER_FORMAT(F)                                                                                               \
 extern "C" __global__ void matvec_##F(const u8* W, long long row_stride, int n_rows, int K, const signed char* xq, \
                                       const float* xd, const int* xs, int S, float* y, int y_stride) {            \
-    matvec_t<F>(W, row_stride, n_rows, K, xq, xd, xs, S, y, y_stride);                                             \
+    matvec_t<F, 0>(W, row_stride, n_rows, K, xq, xd, xs, S, y, y_stride);                                          \
+}                                                                                                                   \
+extern "C" __global__ void matvec1_##F(const u8* W, long long row_stride, int n_rows, int K, const signed char* xq,\
+                                       const float* xd, const int* xs, int S, float* y, int y_stride) {           \
+    matvec_t<F, 1>(W, row_stride, n_rows, K, xq, xd, xs, S, y, y_stride);                                          \
 }                                                                                                                   \
 extern "C" __global__ void down_##F(const u8* R, long long rb, int n, int d, long long down_off, const float* h,   \
                                     int S, float* y, int chunk) {                                                  \
@@ -332,19 +351,49 @@ extern "C" __global__ void dequantize_##F(const u8* W, long long row_stride, int
                                           float* out) {                                                            \
     dequantize_t<F>(W, row_stride, n_rows, K, planar, out);                                                        \
 }                                                                                                                   \
-extern "C" __global__ void planarize_##F(const u8* src, u8* dst, int n_rows, long long stride, int nb) {           \
-    planarize_t<F>(src, dst, n_rows, stride, nb);                                                                  \
+extern "C" __global__ void planarize_##F(const u8* src, long long src_stride, u8* dst, long long dst_stride,      \
+                                          int n_rows, int nb) {                                                    \
+    planarize_t<F>(src, src_stride, dst, dst_stride, n_rows, nb);                                                  \
 }
 PER_FORMAT(0) PER_FORMAT(1) PER_FORMAT(2)
 
 #define GATE_UP(G, U)                                                                                               \
 extern "C" __global__ void gate_up_##G##U(const u8* Rb, long long rb, int n, int K, long long up_off, int act,     \
                                           const signed char* xq, const float* xd, const int* xs, int S, float* h) {\
-    gate_up_t<G, U>(Rb, rb, n, K, up_off, act, xq, xd, xs, S, h);                                                  \
+    gate_up_t<G, U, 0>(Rb, rb, n, K, up_off, act, xq, xd, xs, S, h);                                               \
+}                                                                                                                   \
+extern "C" __global__ void gate_up1_##G##U(const u8* Rb, long long rb, int n, int K, long long up_off, int act,    \
+                                           const signed char* xq, const float* xd, const int* xs, int S, float* h) {\
+    gate_up_t<G, U, 1>(Rb, rb, n, K, up_off, act, xq, xd, xs, S, h);                                               \
 }
 GATE_UP(0, 0) GATE_UP(0, 1) GATE_UP(0, 2) GATE_UP(1, 0) GATE_UP(1, 1) GATE_UP(1, 2) GATE_UP(2, 0) GATE_UP(2, 1)
 GATE_UP(2, 2)
 """
+
+
+def _round16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
+def gpu_row_bytes(k: int, qtype) -> int:
+    """Bytes of one planar row of k weights on the GPU: the GGUF row's, padded to 16."""
+    return _round16(k // 32 * BLOCK_BYTES[QT(qtype)])
+
+
+@dataclass(frozen=True)
+class GpuRecords:
+    """Flash-store records as the GPU keeps them: [gate row planar | up row planar | down column as stored], each
+    part 16-byte aligned (records_to_planar converts)."""
+
+    record_bytes: int
+    up_off: int
+    down_off: int
+
+    @staticmethod
+    def of(layout) -> "GpuRecords":
+        up = _round16(layout.gate_bytes)
+        down = up + _round16(layout.up_bytes)
+        return GpuRecords(down + _round16(layout.down_bytes), up, down)
 
 
 class CudaKernels:
@@ -358,9 +407,11 @@ class CudaKernels:
         # no fast math: quantize_x must round as the CPU does (and keep denormals); activate uses __expf itself
         module = cupy.RawModule(code=SOURCE, options=("-std=c++17",))
         fn = module.get_function
-        self._matvec, self._down, self._dequant, self._planarize = (
-            {f: fn(f"{name}_{f}") for f in FORMATS.values()} for name in ("matvec", "down", "dequantize", "planarize"))
-        self._gate_up = {(g, u): fn(f"gate_up_{g}{u}") for g in FORMATS.values() for u in FORMATS.values()}
+        self._matvec, self._matvec1, self._down, self._dequant, self._planarize = (
+            {f: fn(f"{name}_{f}") for f in FORMATS.values()}
+            for name in ("matvec", "matvec1", "down", "dequantize", "planarize"))
+        self._gate_up, self._gate_up1 = ({(g, u): fn(f"{name}_{g}{u}") for g in FORMATS.values()
+                                          for u in FORMATS.values()} for name in ("gate_up", "gate_up1"))
         self._quantize_x = fn("quantize_x")
         sms = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["multiProcessorCount"]
         self.max_blocks = sms * BLOCKS_PER_SM
@@ -374,38 +425,43 @@ class CudaKernels:
         return FORMATS[QT(qtype)], BLOCK_BYTES[QT(qtype)]
 
     # ---- GGUF bytes -> planar rows on the GPU
-    def _to_planar(self, src_ptr: int, dst_ptr: int, n_rows: int, stride: int, k: int, qtype) -> None:
-        fmt, bb = self.fmt(qtype)
-        if stride % 4 or (src_ptr | dst_ptr) % 4:
-            from ..errors import UnsupportedModelError
-
-            raise UnsupportedModelError(f"rows of {k} {QT(qtype).name} weights ({k // 32 * bb} bytes) are not "
-                                        f"4-byte aligned: the GPU kernels need rows of a multiple of 64 weights")
+    def _to_planar(self, src_ptr: int, src_stride: int, dst_ptr: int, dst_stride: int, n_rows: int, k: int,
+                   qtype) -> None:
+        fmt, _ = self.fmt(qtype)
+        if dst_ptr % 16 or dst_stride % 16 or src_ptr % 2 or src_stride % 2:
+            raise ValueError("planar rows need 16-byte aligned destinations")
         n = n_rows * (k // 32)
-        self._planarize[fmt](((n + 255) // 256,), (256,), (np.uint64(src_ptr), np.uint64(dst_ptr), np.int32(n_rows),
-                                                           np.int64(stride), np.int32(k // 32)))
+        self._planarize[fmt](((n + 255) // 256,), (256,), (np.uint64(src_ptr), np.int64(src_stride),
+                                                           np.uint64(dst_ptr), np.int64(dst_stride),
+                                                           np.int32(n_rows), np.int32(k // 32)))
 
     def upload_rows(self, rows: np.ndarray, qtype, k: int):
-        """A matrix's GGUF rows (n, row_bytes) -> planar rows on the GPU (a transient GGUF copy on the way)."""
+        """A matrix's GGUF rows (n, row_bytes) -> planar rows on the GPU, (n, gpu_row_bytes) (a transient GGUF
+        copy on the way)."""
         src = self.cp.asarray(np.ascontiguousarray(rows))
-        dst = self.cp.empty_like(src)
-        self._to_planar(src.data.ptr, dst.data.ptr, rows.shape[0], rows.shape[1], k, qtype)
+        dst = self.cp.empty((rows.shape[0], gpu_row_bytes(k, qtype)), self.cp.uint8)
+        self._to_planar(src.data.ptr, rows.shape[1], dst.data.ptr, dst.shape[1], rows.shape[0], k, qtype)
         return dst
 
     def records_to_planar(self, src, dst, n: int, layout) -> None:
-        """n flash-store records (GPU, GGUF bytes) -> dst: gate and up rows planar, down columns as stored."""
+        """n flash-store records (GPU, GGUF bytes, layout.record_bytes each) -> dst in the GPU record layout
+        (GpuRecords): gate and up rows planar, down columns as stored."""
         if n == 0:
             return
+        g = GpuRecords.of(layout)
         rb = layout.record_bytes
-        dst[:n * rb] = src[:n * rb]
-        for off, qtype in ((0, layout.gate_type), (layout.gate_bytes, layout.up_type)):
-            self._to_planar(src.data.ptr + off, dst.data.ptr + off, n, rb, layout.d_model, qtype)
+        down = layout.gate_bytes + layout.up_bytes
+        dst.reshape(-1, g.record_bytes)[:n, g.down_off:g.down_off + layout.down_bytes] = \
+            src[:n * rb].reshape(n, rb)[:, down:]
+        for off, goff, qtype in ((0, 0, layout.gate_type), (layout.gate_bytes, g.up_off, layout.up_type)):
+            self._to_planar(src.data.ptr + off, rb, dst.data.ptr + goff, g.record_bytes, n, layout.d_model, qtype)
 
     def upload_records(self, records: np.ndarray, layout):
-        """Flash-store records (host bytes) -> GPU records in records_to_planar's form (flat uint8)."""
+        """Flash-store records (host bytes) -> GPU records (GpuRecords layout, flat uint8)."""
         src = self.cp.asarray(np.ascontiguousarray(records).reshape(-1).view(np.uint8))
-        dst = self.cp.empty_like(src)
-        self.records_to_planar(src, dst, src.nbytes // layout.record_bytes, layout)
+        n = src.nbytes // layout.record_bytes
+        dst = self.cp.empty(n * GpuRecords.of(layout).record_bytes, self.cp.uint8)
+        self.records_to_planar(src, dst, n, layout)
         return dst
 
     def quantize(self, x) -> tuple:
@@ -442,7 +498,7 @@ class CudaKernels:
                 y[:, r0:r0 + r] = x @ w[:r].T
             return
         q = xq if xq is not None else self.quantize(x)
-        self._matvec[fmt](self._grid((n_rows + 1) // 2), (THREADS,), (
+        (self._matvec1 if S == 1 else self._matvec)[fmt](self._grid((n_rows + 1) // 2), (THREADS,), (
             np.uint64(ptr), np.int64(row_stride), np.int32(n_rows), np.int32(k), *q, np.int32(S), y,
             np.int32(y.shape[1])))
 
@@ -452,27 +508,28 @@ class CudaKernels:
         records' gate, up and down rows dequantized a slice of neurons at a time, cuBLAS."""
         if n == 0:
             return
-        d, rb = layout.d_model, layout.record_bytes
+        d, g = layout.d_model, GpuRecords.of(layout)
+        rb = g.record_bytes
         gf, _ = self.fmt(layout.gate_type)
         uf, _ = self.fmt(layout.up_type)
         df, _ = self.fmt(layout.down_type)
         S = x.shape[0]
         if S > MAX_S:
-            self._bundle_float(ptr, n, layout, activation, x, y, (gf, uf, df))
+            self._bundle_float(ptr, n, g, d, activation, x, y, (gf, uf, df))
             return
         q = xq if xq is not None else self.quantize(x)
-        self._gate_up[(gf, uf)](self._grid(n), (THREADS,), (
-            np.uint64(ptr), np.int64(rb), np.int32(n), np.int32(d), np.int64(layout.gate_bytes),
+        (self._gate_up1 if S == 1 else self._gate_up)[(gf, uf)](self._grid(n), (THREADS,), (
+            np.uint64(ptr), np.int64(rb), np.int32(n), np.int32(d), np.int64(g.up_off),
             np.int32(ACTIVATIONS[activation]), *q, np.int32(S), h))
         self._down[df](((d + 255) // 256, (n + DOWN_CHUNK - 1) // DOWN_CHUNK), (256,), (
-            np.uint64(ptr), np.int64(rb), np.int32(n), np.int32(d), np.int64(layout.gate_bytes + layout.up_bytes),
-            h, np.int32(S), y, np.int32(DOWN_CHUNK)))
+            np.uint64(ptr), np.int64(rb), np.int32(n), np.int32(d), np.int64(g.down_off), h, np.int32(S), y,
+            np.int32(DOWN_CHUNK)))
 
-    def _bundle_float(self, ptr: int, n: int, layout, activation: str, x, y, fmts) -> None:
-        cp, d, rb = self.cp, layout.d_model, layout.record_bytes
+    def _bundle_float(self, ptr: int, n: int, g: "GpuRecords", d: int, activation: str, x, y, fmts) -> None:
+        cp, rb = self.cp, g.record_bytes
         chunk = max(1, min(n, DEQUANT_MAX_BYTES // (3 * 4 * d)))
         w = cp.empty((3, chunk, d), cp.float32)
-        parts = ((0, True), (layout.gate_bytes, True), (layout.gate_bytes + layout.up_bytes, False))
+        parts = ((0, True), (g.up_off, True), (g.down_off, False))
         for n0 in range(0, n, chunk):
             c = min(chunk, n - n0)
             for i, (f, (off, planar)) in enumerate(zip(fmts, parts)):

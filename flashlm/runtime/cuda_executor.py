@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import BudgetError, InvalidOptionError
 from ..flash_store.io_engine import ALIGN, FlashReader, aligned_buffer
-from ..quant.cuda_kernels import MAX_S, CudaKernels
+from ..quant.cuda_kernels import MAX_S, CudaKernels, GpuRecords
 from .kernel_executor import attend, rms_norm
 from .kv_cache import KVCache
 from .streaming import FFNStats
@@ -64,25 +64,28 @@ class GpuPlan:
 
 
 def plan_gpu(gpu_budget: int | None, host_hot: int, n_ff: int, rb: int, n_layers: int, resident_bytes: int,
-             kv_bytes: int, naive: bool = False) -> GpuPlan:
-    """gpu_hot: as many records per layer as the GPU budget leaves room for after the fixed parts and the two
-    staging buffers (one layer's non-resident records each)."""
+             kv_bytes: int, naive: bool = False, gpu_rb: int | None = None) -> GpuPlan:
+    """gpu_hot: as many records per layer as the GPU budget leaves room for after the fixed parts and the
+    staging of one layer's non-resident records (where they land as stored, rb each, and their planar copy for
+    the kernels, gpu_rb each: GpuRecords)."""
+    g = gpu_rb or rb
+    stage_per = rb + g  # per non-resident record
     if naive:
-        return GpuPlan(gpu_budget, resident_bytes + kv_bytes + 2 * n_ff * rb + GPU_SCRATCH_BYTES, 0, 0, n_ff, rb,
-                       n_layers)
+        return GpuPlan(gpu_budget, resident_bytes + kv_bytes + n_ff * stage_per + GPU_SCRATCH_BYTES, 0, 0, n_ff,
+                       rb, n_layers)
     fixed = resident_bytes + kv_bytes + GPU_SCRATCH_BYTES
     if gpu_budget is None:
         return GpuPlan(None, fixed, n_ff, n_ff, n_ff, rb, n_layers)
-    # budget >= fixed + L*hot*rb + 2*(n_ff - hot)*rb  (no staging when hot == n_ff)
-    if fixed + n_layers * n_ff * rb <= gpu_budget:
+    # budget >= fixed + L*hot*g + (n_ff - hot)*stage_per  (no staging when hot == n_ff)
+    if fixed + n_layers * n_ff * g <= gpu_budget:
         hot = n_ff
     else:
-        hot = max(0, min(n_ff - 1, (gpu_budget - fixed - 2 * n_ff * rb) // (rb * max(1, n_layers - 2))))
-        if fixed + 2 * n_ff * rb > gpu_budget:
+        if fixed + n_ff * stage_per > gpu_budget:
             raise BudgetError(f"a GPU memory budget of {gpu_budget / 1e6:.0f} MB cannot hold this model: the "
-                              f"smallest workable GPU budget is {(fixed + 2 * n_ff * rb) / 1e6:.0f} MB (attention, "
-                              f"output matrix, KV cache and two layers of staging)")
-    stage = 0 if hot == n_ff else 2 * (n_ff - hot) * rb
+                              f"smallest workable GPU budget is {(fixed + n_ff * stage_per) / 1e6:.0f} MB "
+                              f"(attention, output matrix, KV cache and one layer's staging)")
+        hot = max(0, min(n_ff - 1, (gpu_budget - fixed - n_ff * stage_per) // max(1, n_layers * g - stage_per)))
+    stage = 0 if hot == n_ff else (n_ff - hot) * stage_per
     return GpuPlan(gpu_budget, fixed + stage, hot, max(hot, host_hot), n_ff, rb, n_layers)
 
 
@@ -129,7 +132,8 @@ class GpuFFN:
         for i, layer in enumerate(store.layers):
             records = reader.read(layer.offset, n_ff * rb, scratch).result()
             store.check_layer(i, records)
-            self.gpu_records.append(kernels.upload_records(records[:self.gpu_hot * rb], self.layout) if self.gpu_hot else None)
+            self.gpu_records.append(kernels.upload_records(records[:self.gpu_hot * rb], self.layout)
+                                    if self.gpu_hot else None)
             warm = (self.host_hot - self.gpu_hot) * rb
             if warm:
                 buf = self._pinned(warm)[:warm]
@@ -144,7 +148,8 @@ class GpuFFN:
         cold = n_ff - self.host_hot
         # non-resident records land in GGUF bytes, then go planar for the kernels: two buffers (one stream orders
         # each layer's copies, conversion and kernels after the last layer's)
-        self.landing, self.stage = (cp.empty(rest * rb, cp.uint8) for _ in range(2)) if rest else (None, None)
+        self.landing = cp.empty(rest * rb, cp.uint8) if rest else None
+        self.stage = cp.empty(rest * GpuRecords.of(self.layout).record_bytes, cp.uint8) if rest else None
         self.read_bufs = [self._pinned(cold * rb + 2 * ALIGN) for _ in range(2)] if cold else []
         self.copied = [None, None]  # events: the copy out of read buffer k has finished
         self._pending: dict[int, object] = {}

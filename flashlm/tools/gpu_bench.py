@@ -91,7 +91,7 @@ def _kernel_errors(rng) -> dict:
             x = rng.standard_normal((S, 512)).astype(np.float32)
             x[0, :32] *= 1e-3  # a block of small values
             y = cp.full((S, 301), np.nan, cp.float32)
-            kk.matvec(g.data.ptr, rows.shape[1], 301, 512, qtype, cp.asarray(x), y)
+            kk.matvec(g.data.ptr, g.shape[1], 301, 512, qtype, cp.asarray(x), y)
             exact = (x_int8(x) if S <= 8 else x.astype(np.float64)) @ w.T  # S > 8: float x, cuBLAS
             record(f"{qtype.name} S={S}", y, x.astype(np.float64) @ w.T, exact)
     # bundle records [gate | up | down column] against the numpy reference (float64)
@@ -130,9 +130,9 @@ def _matvec_bandwidth(rng, rounds: int) -> dict:
     x = cp.asarray(rng.standard_normal((1, k)).astype(np.float32))
     y = cp.empty((1, n), cp.float32)
     xq = kk.quantize(x)
-    kk.matvec(copies[0].data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y, xq)  # compiled, warm
-    ms = _graph_ms(cp, rounds, lambda r: kk.matvec(copies[r % 8].data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y, xq))
-    ms_q = _graph_ms(cp, rounds, lambda r: kk.matvec(copies[r % 8].data.ptr, rows.shape[1], n, k, QT.Q4_0, x, y))
+    kk.matvec(copies[0].data.ptr, copies[0].shape[1], n, k, QT.Q4_0, x, y, xq)  # compiled, warm
+    ms = _graph_ms(cp, rounds, lambda r: kk.matvec(copies[r % 8].data.ptr, copies[0].shape[1], n, k, QT.Q4_0, x, y, xq))
+    ms_q = _graph_ms(cp, rounds, lambda r: kk.matvec(copies[r % 8].data.ptr, copies[0].shape[1], n, k, QT.Q4_0, x, y))
     # the same bytes read by a plain streaming kernel (16-byte loads, grid-stride, one atomic per block): what a
     # single 25 MB read can reach on this card, launch and ramp included
     read_all = cp.RawKernel(r"""
