@@ -130,9 +130,10 @@ def _matvec_bandwidth(rng, rounds: int) -> dict:
     x = cp.asarray(rng.standard_normal((1, k)).astype(np.float32))
     y = cp.empty((1, n), cp.float32)
     xq = kk.quantize(x)
-    kk.matvec(copies[0].data.ptr, copies[0].shape[1], n, k, QT.Q4_0, x, y, xq)  # compiled, warm
-    ms = _graph_ms(cp, rounds, lambda r: kk.matvec(copies[r % 8].data.ptr, copies[0].shape[1], n, k, QT.Q4_0, x, y, xq))
-    ms_q = _graph_ms(cp, rounds, lambda r: kk.matvec(copies[r % 8].data.ptr, copies[0].shape[1], n, k, QT.Q4_0, x, y))
+    stride = copies[0].shape[1]
+    kk.matvec(copies[0].data.ptr, stride, n, k, QT.Q4_0, x, y, xq)  # compiled, warm
+    ms = _graph_ms(cp, rounds, lambda r: kk.matvec(copies[r % 8].data.ptr, stride, n, k, QT.Q4_0, x, y, xq))
+    ms_q = _graph_ms(cp, rounds, lambda r: kk.matvec(copies[r % 8].data.ptr, stride, n, k, QT.Q4_0, x, y))
     # the same bytes read by a plain streaming kernel (16-byte loads, grid-stride, one atomic per block): what a
     # single 25 MB read can reach on this card, launch and ramp included
     read_all = cp.RawKernel(r"""
