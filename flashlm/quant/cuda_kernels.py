@@ -452,7 +452,7 @@ class CudaKernels:
         rb = layout.record_bytes
         down = layout.gate_bytes + layout.up_bytes
         dst.reshape(-1, g.record_bytes)[:n, g.down_off:g.down_off + layout.down_bytes] = \
-            src[:n * rb].reshape(n, rb)[:, down:]
+            src[:n * rb].reshape(n, rb)[:, down:down + layout.down_bytes]
         for off, goff, qtype in ((0, 0, layout.gate_type), (layout.gate_bytes, g.up_off, layout.up_type)):
             self._to_planar(src.data.ptr + off, rb, dst.data.ptr + goff, g.record_bytes, n, layout.d_model, qtype)
 
