@@ -78,8 +78,12 @@ def test_gpu_backend_matches_cpu_backend(smol_flash, gpl_text, tmp_path):
 def test_gpu_tiers_stream_and_give_the_resident_logits(smol_flash, gpl_text):
     """A GPU budget that holds part of the FFN and a host budget that holds part of the rest: records come from
     all three tiers, and the logits equal the all-on-GPU run's to float32 rounding (the down projection adds
-    partial sums atomically, so GPU runs agree to rounding, not bit for bit)."""
+    partial sums atomically, so GPU runs agree to rounding, not bit for bit). Decode steps (int8 x, where a
+    rounding difference can flip a rounding of x) agree to the int8 noise the CPU backend has between its own
+    batch and decode paths (gpu_bench.compare: top-1 98%)."""
     import gc
+
+    from flashlm.tools.gpu_bench import _agreement, _stepped_logits
 
     import cupy
     import psutil
@@ -93,7 +97,7 @@ def test_gpu_tiers_stream_and_give_the_resident_logits(smol_flash, gpl_text):
     ids = tiered.tokenize(gpl_text)[:64]
     b = tiered.logits(ids)
     before = ffn.stats.io.snapshot()
-    out = tiered.generate("The history of the printing press", max_tokens=8, temperature=0)
+    steps_b = _stepped_logits(tiered, ids)
     streamed = ffn.stats.io.since(before).bytes_read
     tiered.close()
     del tiered, ffn
@@ -105,5 +109,7 @@ def test_gpu_tiers_stream_and_give_the_resident_logits(smol_flash, gpl_text):
     # 30 layers (measured 4e-4 of the largest logit)
     assert abs(a - b).max() / abs(a).max() < 2e-3
     assert (a[:-1].argmax(-1) == b[:-1].argmax(-1)).mean() >= 0.97
-    assert out == full.generate("The history of the printing press", max_tokens=8, temperature=0)
+    steps = _agreement(_stepped_logits(full, ids), steps_b, ids)
+    print(steps)
+    assert steps["top1"] >= 0.9 and abs(steps["ppl"] / steps["ppl_ref"] - 1) < 0.02
     assert streamed > 0  # some records came from flash
