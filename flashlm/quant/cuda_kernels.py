@@ -1,21 +1,28 @@
-"""GPU kernels on GGUF blocks as stored (CuPy RawModule, compiled by NVRTC on first use).
+"""GPU kernels on GGUF blocks (CuPy RawModule, compiled by NVRTC on first use).
 
-The same bytes the CPU bundle kernel reads: matrix rows of Q4_0 / Q4_1 / Q8_0 blocks, and flash-store records
-[gate row | up row | down column]. Nothing is dequantized ahead for decode products (S <= MAX_S tokens): x is
-quantized to int8 per 32-block once (quantize_x: the CPU decode path's quantization, bit for bit), then a warp
-takes two rows (or one record's gate and up rows), each lane whole blocks with IN_FLIGHT of them loaded before the
-first is used, and dp4a integer dot products, as llama.cpp's CUDA mmvq computes them.
+The same blocks the CPU bundle kernel reads (Q4_0 / Q4_1 / Q8_0: matrix rows, and flash-store records [gate row |
+up row | down column]), never dequantized copies, but rearranged on the GPU after each upload into planar rows
+(SOURCE: quant bytes of every block 16-byte aligned, then the scales; GpuRecords for records). Decode products
+(S <= MAX_S tokens) quantize x to int8 per 32-block once (quantize_x: the CPU decode path's quantization, bit for
+bit) and take dp4a integer dot products, as llama.cpp's CUDA mmvq does; a persistent grid of warps walks row pairs
+(two rows of a matrix, or a record's gate and up rows), a lane per block, the next chunk's loads issued before
+this one is computed. Prompt batches dequantize a slice of rows at a time and use cuBLAS in float32.
 
-Measured on the H200 (4096 x 11008 Q4_0, 25.4 MB, 8 copies rotated, CUDA graph; .gpu_work lab, one run):
-    the previous kernel (a row per thread block, staged in shared memory, float x)  26.9 us   0.94 TB/s
-    a warp per row, lane per block, int8 x, GGUF bytes as stored                    10.3 us   2.46 TB/s
-    the same on a repacked copy (quants and scales apart, 16-byte loads)            10.0 us   2.53 TB/s
-      ... 2 rows per warp                                                            9.6 us   2.65 TB/s
-    float x instead of int8 (lane per block, repacked; 1 / 2 rows per warp)     47.3 / 29.7 us
-    x quantized inside the product (each thread block, no separate launch)         10.6 us
-    quantize_x alone 1.2 us; an empty kernel 0.5 us; a plain 16-byte read of the same bytes 6.6 us (3.40 TB/s)
-Longer batches (prompts) go MAX_S tokens at a time through the same kernels, as the CPU path takes int8
-products for any number of tokens: CPU and GPU results then differ only by the order of float sums.
+Measured on the H200, 4096 x 11008 Q4_0 (25.4 MB, 8 copies rotated, CUDA graph; variants in benchmarks/gpu_matvec_lab*.py,
+one run each; a plain 16-byte read of the same bytes 6.6-7.3 us):
+    a row per thread block staged in shared memory, float x (the previous kernel)   26.9 us   0.94 TB/s
+    float x, a lane per block (repacked; 1 / 2 rows per warp)                       47.3 / 29.7 us
+    int8 x, a warp per row, a lane per block, 2-byte loads of GGUF blocks            10.3 us   2.46 TB/s
+      ... 2 rows per warp                                                            11.3 us
+      ... persistent walk with prefetch                                              14.9 us (2-byte loads in flight
+                                                                                     hold many registers)
+    int8 x, quants and scales apart, 16-byte loads, 2 rows per warp (lab)             9.6 us
+      ... persistent walk with prefetch (lab, S = 1 only)                             8.0 us   3.16 TB/s
+    this module: planar 16-byte loads, persistent walk, S = 1 kernel                  9.3 us   2.72 TB/s
+      (planes of 4-byte words instead: 11.0 us; one kernel for all S <= 8: 13.8 us, its code outgrew the
+      instruction cache)
+    x quantized inside the product (each thread block) instead of quantize_x          10.6 us (lab)
+    quantize_x alone 1.2 us; an empty kernel 0.5 us
 
 The down projection of a bundle (y[j] += sum_i h[i] * down_i[j], down columns stored per neuron) runs one thread
 per output position j over a chunk of neurons and adds its partial sum atomically: the summation order differs
