@@ -38,8 +38,11 @@ import numpy as np
 from ..loaders.gguf_reader import GGMLQuantizationType as QT
 
 MAX_S = 8  # decode products (int8 x) take up to this many tokens; longer batches dequantize + cuBLAS
-FORMATS = {QT.Q4_0: 0, QT.Q4_1: 1, QT.Q8_0: 2}
-BLOCK_BYTES = {QT.Q4_0: 18, QT.Q4_1: 20, QT.Q8_0: 34}
+FORMATS = {QT.Q4_0: 0, QT.Q4_1: 1, QT.Q8_0: 2, QT.Q5_0: 3, QT.Q4_K: 4}  # Blk<F> in SOURCE
+UNIT_BYTES = {0: 18, 1: 20, 2: 34, 3: 22, 4: 24}  # planar bytes per 32 values on the GPU
+DOWN_FORMATS = {0, 1, 2}  # down columns (kept as GGUF stores them)
+# gate / up formats with a kernel: every pair of the first three, and each newer format with itself
+GATE_UP_PAIRS = [(g, u) for g in range(3) for u in range(3)] + [(3, 3), (4, 4)]
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 DOWN_CHUNK = 64  # neurons per thread block in the down projection
 THREADS = 128  # threads per thread block of the row-pair kernels (4 warps)
@@ -77,18 +80,19 @@ extern "C" __global__ void quantize_x(const float* x, int K, int S, signed char*
     if (lane == 0) { xd[blk] = d; xs[blk] = s; }
 }
 
-// ---- Block formats. In GPU memory a row of nb blocks is stored planar: the bytes of the GGUF row rearranged by
-// planarize (below) into the quant bytes of every block (16 or 32 each, 16-byte aligned), then the nb float16
-// scales (d; Q4_1: then the nb m), the row padded to 16 bytes. Lane b of a warp reads block b's quants with 16-byte
-// loads, 512 contiguous bytes per warp and instruction, where GGUF's 18 / 20 / 34-byte blocks need 2-byte loads.
-// H200, 4096 x 11008 Q4_0: 2-byte loads of GGUF blocks 14.9 us; planes of 4-byte words 11.0 us; 16-byte loads
-// (this layout) in the lab 8.0 us.
-// A block dotted with 32 int8 x values (x0: x[0..15], x1: x[16..31]), scale dx, int sum sx:
-//   Q4_0: d * dx * (u . q - 8 * sx)    Q4_1: d * dx * (u . q) + m * dx * sx    Q8_0: d * dx * (w . q)
-// as the CPU's int8 decode path (bundle_kernel_i8.c) and llama.cpp's vec_dot_q4_0_q8_1 compute them.
+// ---- Block formats. In GPU memory a row of nb units of 32 values is stored planar: planarize (below) rearranges the
+// GGUF row into the quant bytes of every unit (QW words, 16-byte aligned), then XW extra words per unit (Q5_0's high
+// bits), then the scales: HALVES float16 planes (d; Q4_1: then m) or FLOATS float32 planes. Lane b of a warp reads
+// unit b's quants with 16-byte loads, 512 contiguous bytes per warp and instruction, where GGUF's 18 / 20 / 34-byte
+// blocks need 2-byte loads. Q4_K is re-encoded per 32 values in Q4_1's form with float32 scale d * sc and offset
+// -dmin * m (the same values, 24 bytes per 32 instead of 18). H200, 4096 x 11008 Q4_0: 2-byte loads of GGUF blocks
+// 14.9 us; planes of 4-byte words 11.0 us; this layout 9.3 us.
+// A unit dotted with 32 int8 x values (x0: x[0..15], x1: x[16..31]), scale dx, int sum sx:
+//   Q4_0: d dx (u.q - 8 sx)   Q4_1, Q4_K: d dx (u.q) + m dx sx   Q8_0: d dx (w.q)   Q5_0: d dx (u.q - 16 sx)
+// as the CPU's int8 decode path (bundle_kernel_i8.c) and llama.cpp's vec_dot_*_q8_1 compute them.
 template <int F> struct Blk;
 template <> struct Blk<0> {  // Q4_0: half d, 16 bytes: element j low nibble of byte j, element j + 16 high nibble
-    static constexpr int BYTES = 18, WORDS = 4, HALVES = 1;  // WORDS: 32-bit words of quants
+    static constexpr int BYTES = 18, QOFF = 2, QW = 4, XW = 0, HALVES = 1, FLOATS = 0;
     __device__ static int udot(const int* w, int4 x0, int4 x1) {
         int s = __dp4a(w[0] & 0x0F0F0F0F, x0.x, 0);
         s = __dp4a(w[1] & 0x0F0F0F0F, x0.y, s);
@@ -102,15 +106,21 @@ template <> struct Blk<0> {  // Q4_0: half d, 16 bytes: element j low nibble of 
     __device__ static float dot(const int* w, float d, float m, int4 x0, int4 x1, float dx, int sx) {
         return d * dx * (float)(udot(w, x0, x1) - 8 * sx);
     }
+    __device__ static float value(int byte, int xw, float d, float m, int e) {
+        return d * (float)((e < 16 ? byte & 15 : byte >> 4) - 8);
+    }
 };
 template <> struct Blk<1> {  // Q4_1: half d, half m, nibbles as Q4_0; w = d * u + m
-    static constexpr int BYTES = 20, WORDS = 4, HALVES = 2;
+    static constexpr int BYTES = 20, QOFF = 4, QW = 4, XW = 0, HALVES = 2, FLOATS = 0;
     __device__ static float dot(const int* w, float d, float m, int4 x0, int4 x1, float dx, int sx) {
         return d * dx * (float)Blk<0>::udot(w, x0, x1) + m * dx * (float)sx;
     }
+    __device__ static float value(int byte, int xw, float d, float m, int e) {
+        return d * (float)(e < 16 ? byte & 15 : byte >> 4) + m;
+    }
 };
 template <> struct Blk<2> {  // Q8_0: half d, 32 signed bytes
-    static constexpr int BYTES = 34, WORDS = 8, HALVES = 1;
+    static constexpr int BYTES = 34, QOFF = 2, QW = 8, XW = 0, HALVES = 1, FLOATS = 0;
     __device__ static float dot(const int* w, float d, float m, int4 x0, int4 x1, float dx, int sx) {
         int s = __dp4a(w[0], x0.x, 0);
         s = __dp4a(w[1], x0.y, s);
@@ -122,74 +132,133 @@ template <> struct Blk<2> {  // Q8_0: half d, 32 signed bytes
         s = __dp4a(w[7], x1.w, s);
         return d * dx * (float)s;
     }
+    __device__ static float value(int byte, int xw, float d, float m, int e) { return d * (float)(signed char)byte; }
+};
+// bits 0..3 of b -> bit 4 of bytes 0..3 (Q5_0's fifth bit; llama.cpp's vec_dot_q5_0_q8_1 does the same)
+__device__ __forceinline__ int spread4(int b) {
+    return ((b << 4) & 0x10) | ((b << 11) & 0x1000) | ((b << 18) & 0x100000) | ((b << 25) & 0x10000000);
+}
+template <> struct Blk<3> {  // Q5_0: half d, 4 bytes qh (bit i: fifth bit of element i), nibbles as Q4_0
+    static constexpr int BYTES = 22, QOFF = 6, QW = 4, XW = 1, HALVES = 1, FLOATS = 0;
+    __device__ static float dot(const int* w, float d, float m, int4 x0, int4 x1, float dx, int sx) {
+        int qh = w[4];
+        int s = __dp4a((w[0] & 0x0F0F0F0F) | spread4(qh), x0.x, 0);
+        s = __dp4a((w[1] & 0x0F0F0F0F) | spread4(qh >> 4), x0.y, s);
+        s = __dp4a((w[2] & 0x0F0F0F0F) | spread4(qh >> 8), x0.z, s);
+        s = __dp4a((w[3] & 0x0F0F0F0F) | spread4(qh >> 12), x0.w, s);
+        s = __dp4a(((w[0] >> 4) & 0x0F0F0F0F) | spread4(qh >> 16), x1.x, s);
+        s = __dp4a(((w[1] >> 4) & 0x0F0F0F0F) | spread4(qh >> 20), x1.y, s);
+        s = __dp4a(((w[2] >> 4) & 0x0F0F0F0F) | spread4(qh >> 24), x1.z, s);
+        s = __dp4a(((w[3] >> 4) & 0x0F0F0F0F) | spread4((qh >> 28) & 15), x1.w, s);
+        return d * dx * (float)(s - 16 * sx);
+    }
+    __device__ static float value(int byte, int xw, float d, float m, int e) {
+        int v = (e < 16 ? byte & 15 : byte >> 4) | (((xw >> e) & 1) << 4);
+        return d * (float)(v - 16);
+    }
+};
+template <> struct Blk<4> : Blk<1> {  // Q4_K re-encoded per 32: Q4_1's nibbles, float32 d and m
+    static constexpr int BYTES = 144, QOFF = 0, QW = 4, XW = 0, HALVES = 0, FLOATS = 2;
 };
 
-// Block b of a planar row (16-byte aligned): its quant words, d and m (Q4_1)
+// Unit b of a planar row (16-byte aligned): its words (QW quant words, then XW extra), d and m
 template <int F>
 __device__ __forceinline__ void load_block(const u8* row, int nb, int b, int* w, float& d, float& m) {
-    const uint4* q = (const uint4*)row + b * (Blk<F>::WORDS / 4);
+    typedef Blk<F> B;
+    const uint4* q = (const uint4*)row + b * (B::QW / 4);
     #pragma unroll
-    for (int v = 0; v < Blk<F>::WORDS / 4; v++) {
+    for (int v = 0; v < B::QW / 4; v++) {
         uint4 t = __ldg(q + v);
         w[4 * v] = (int)t.x; w[4 * v + 1] = (int)t.y; w[4 * v + 2] = (int)t.z; w[4 * v + 3] = (int)t.w;
     }
-    const u16* h = (const u16*)(row + 4 * Blk<F>::WORDS * nb);
-    d = half_at(h + b);
-    m = Blk<F>::HALVES == 2 ? half_at(h + nb + b) : 0.f;
+    const u8* rest = row + 4 * B::QW * nb;
+    if (B::XW) w[B::QW] = __ldg((const int*)rest + b);
+    rest += 4 * B::XW * nb;
+    if (B::FLOATS) {
+        d = __ldg((const float*)rest + b);
+        m = __ldg((const float*)rest + nb + b);
+    } else {
+        d = half_at((const u16*)rest + b);
+        m = B::HALVES == 2 ? half_at((const u16*)rest + nb + b) : 0.f;
+    }
 }
 
-// GGUF rows -> planar rows: n_rows rows of nb blocks at src + r * src_stride, written at dst + r * dst_stride
-// (16-byte aligned). One thread per block.
+// Q4_K's 6-bit scale and min of sub-block j (ggml's get_scale_min_k4)
+__device__ __forceinline__ void scale_min_k4(int j, const u8* q, int& sc, int& mn) {
+    if (j < 4) { sc = q[j] & 63; mn = q[j + 4] & 63; }
+    else { sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4); mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
+}
+
+// GGUF rows -> planar rows: n_rows rows of nb units at src + r * src_stride, written at dst + r * dst_stride
+// (16-byte aligned). One thread per unit of 32 values.
 template <int F>
 __device__ __forceinline__ void planarize_t(const u8* src, long long src_stride, u8* dst, long long dst_stride,
                                             int n_rows, int nb) {
+    typedef Blk<F> B;
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= (long long)n_rows * nb) return;
     long long r = t / nb;
     int b = (int)(t - r * nb);
-    const u16* blk = (const u16*)(src + r * src_stride + (long long)b * Blk<F>::BYTES);  // 2-byte aligned
     u8* row = dst + r * dst_stride;
-    int* q = (int*)row + b * Blk<F>::WORDS;
-    #pragma unroll
-    for (int j = 0; j < Blk<F>::WORDS; j++) {
-        int o = Blk<F>::HALVES + 2 * j;  // quant bytes follow the halves
-        q[j] = (int)blk[o] | ((int)blk[o + 1] << 16);
+    u8* qd = row + 16 * (B::QW / 4) * b;
+    u8* rest = row + 4 * B::QW * nb;
+    if (F == 4) {  // Q4_K: superblock b / 8 (d, dmin, 12 bytes of scales, 128 bytes of nibbles), sub-block b % 8
+        const u8* sb = src + r * src_stride + (long long)(b >> 3) * 144;
+        int j = b & 7, sc, mn;
+        scale_min_k4(j, sb + 4, sc, mn);
+        float d = __half2float(__ushort_as_half(*(const u16*)sb)), dmin = __half2float(__ushort_as_half(*(const u16*)(sb + 2)));
+        const u8* qs = sb + 16 + 32 * (j >> 1);
+        int shift = 4 * (j & 1);
+        for (int i = 0; i < 16; i++) qd[i] = ((qs[i] >> shift) & 15) | (((qs[i + 16] >> shift) & 15) << 4);
+        ((float*)rest)[b] = d * (float)sc;
+        ((float*)rest)[nb + b] = -dmin * (float)mn;
+        return;
     }
-    u16* h = (u16*)(row + 4 * Blk<F>::WORDS * nb);
+    const u8* blk = src + r * src_stride + (long long)b * B::BYTES;  // 2-byte aligned
     #pragma unroll
-    for (int k = 0; k < Blk<F>::HALVES; k++) h[k * nb + b] = blk[k];
+    for (int j = 0; j < 4 * B::QW; j++) qd[j] = blk[B::QOFF + j];
+    if (B::XW) ((int*)rest)[b] = (int)((const u16*)blk)[1] | ((int)((const u16*)blk)[2] << 16);  // Q5_0's qh
+    rest += 4 * B::XW * nb;
+    #pragma unroll
+    for (int k = 0; k < B::HALVES; k++) ((u16*)rest)[k * nb + b] = ((const u16*)blk)[k];
 }
 
-// Value e (0..31) of block b of a row: planar (gate and up rows, matrices) or as GGUF stores it (down columns)
+// Value e (0..31) of unit b of a row: planar (gate and up rows, matrices) or as GGUF stores it (down columns of
+// records: Q4_0 / Q4_1 / Q8_0)
 template <int F>
 __device__ __forceinline__ float block_value(const u8* row, int nb, int b, int e, bool planar) {
-    int j = F == 2 ? e : e & 15, word;  // quant byte j holds the value (Q4: high nibble for e >= 16)
+    typedef Blk<F> B;
+    int j = B::QW == 8 ? e : e & 15, word, xw = 0;  // quant byte j holds the value (4-bit: high nibble for e >= 16)
     float d, m;
     if (planar) {
-        const int* q = (const int*)row;
-        word = __ldg(q + b * Blk<F>::WORDS + (j >> 2));
-        const u16* h = (const u16*)(q + Blk<F>::WORDS * nb);
-        d = half_at(h + b);
-        m = Blk<F>::HALVES == 2 ? half_at(h + nb + b) : 0.f;
+        word = __ldg((const int*)row + b * B::QW + (j >> 2));
+        const u8* rest = row + 4 * B::QW * nb;
+        if (B::XW) xw = __ldg((const int*)rest + b);
+        rest += 4 * B::XW * nb;
+        if (B::FLOATS) {
+            d = __ldg((const float*)rest + b);
+            m = __ldg((const float*)rest + nb + b);
+        } else {
+            d = half_at((const u16*)rest + b);
+            m = B::HALVES == 2 ? half_at((const u16*)rest + nb + b) : 0.f;
+        }
     } else {
-        const u16* blk = (const u16*)(row + (long long)b * Blk<F>::BYTES);
-        const u16* w2 = blk + Blk<F>::HALVES + 2 * (j >> 2);
+        const u16* blk = (const u16*)(row + (long long)b * B::BYTES);
+        const u16* w2 = (const u16*)((const u8*)blk + B::QOFF + 4 * (j >> 2));
         word = (int)__ldg(w2) | ((int)__ldg(w2 + 1) << 16);
         d = half_at(blk);
-        m = Blk<F>::HALVES == 2 ? half_at(blk + 1) : 0.f;
+        m = B::HALVES == 2 ? half_at(blk + 1) : 0.f;
     }
-    int byte = (word >> (8 * (j & 3))) & 0xFF;
-    if (F == 2) return d * (float)(signed char)byte;
-    int v = e < 16 ? byte & 15 : byte >> 4;
-    return F == 1 ? d * (float)v + m : d * (float)(v - 8);
+    return B::value((word >> (8 * (j & 3))) & 0xFF, xw, d, m, e);
 }
 
 // Two rows (a matrix's rows 2p and 2p + 1, or a record's gate and up rows), formats F0 and F1, dotted with x by one
 // warp: lane takes blocks lane, lane + 32, ... of a chunk of 32 * NF blocks. A Tile holds one chunk of both rows in
 // registers, so a warp loads its next chunk (of this pair or its next pair) before it computes this one.
 template <int F0, int F1> struct Tile {
-    static constexpr int NF = (Blk<F0>::WORDS + Blk<F1>::WORDS) <= 8 ? 4 : 2;  // blocks per lane in flight
-    int w0[NF][Blk<F0>::WORDS], w1[NF][Blk<F1>::WORDS];
+    static constexpr int W0 = Blk<F0>::QW + Blk<F0>::XW, W1 = Blk<F1>::QW + Blk<F1>::XW;
+    static constexpr int NF = W0 + W1 <= 10 ? 4 : 2;  // units per lane in flight
+    int w0[NF][W0], w1[NF][W1];
     float d0[NF], m0[NF], d1[NF], m1[NF];
 
     __device__ __forceinline__ void load(const u8* row0, const u8* row1, int b0, int nb) {
@@ -350,10 +419,6 @@ extern "C" __global__ void matvec1_##F(const u8* W, long long row_stride, int n_
                                        const float* xd, const int* xs, int S, float* y, int y_stride) {           \
     matvec_t<F, 1>(W, row_stride, n_rows, K, xq, xd, xs, S, y, y_stride);                                          \
 }                                                                                                                   \
-extern "C" __global__ void down_##F(const u8* R, long long rb, int n, int d, long long down_off, const float* h,   \
-                                    int S, float* y, int chunk) {                                                  \
-    down_t<F>(R, rb, n, d, down_off, h, S, y, chunk);                                                              \
-}                                                                                                                   \
 extern "C" __global__ void dequantize_##F(const u8* W, long long row_stride, int n_rows, int K, int planar,      \
                                           float* out) {                                                            \
     dequantize_t<F>(W, row_stride, n_rows, K, planar, out);                                                        \
@@ -362,7 +427,14 @@ extern "C" __global__ void planarize_##F(const u8* src, long long src_stride, u8
                                           int n_rows, int nb) {                                                    \
     planarize_t<F>(src, src_stride, dst, dst_stride, n_rows, nb);                                                  \
 }
-PER_FORMAT(0) PER_FORMAT(1) PER_FORMAT(2)
+PER_FORMAT(0) PER_FORMAT(1) PER_FORMAT(2) PER_FORMAT(3) PER_FORMAT(4)
+
+#define DOWN(F)  /* down columns as GGUF stores them: Q4_0, Q4_1, Q8_0 */                                          \
+extern "C" __global__ void down_##F(const u8* R, long long rb, int n, int d, long long down_off, const float* h,   \
+                                    int S, float* y, int chunk) {                                                  \
+    down_t<F>(R, rb, n, d, down_off, h, S, y, chunk);                                                              \
+}
+DOWN(0) DOWN(1) DOWN(2)
 
 #define GATE_UP(G, U)                                                                                               \
 extern "C" __global__ void gate_up_##G##U(const u8* Rb, long long rb, int n, int K, long long up_off, int act,     \
@@ -374,7 +446,7 @@ extern "C" __global__ void gate_up1_##G##U(const u8* Rb, long long rb, int n, in
     gate_up_t<G, U, 1>(Rb, rb, n, K, up_off, act, xq, xd, xs, S, h);                                               \
 }
 GATE_UP(0, 0) GATE_UP(0, 1) GATE_UP(0, 2) GATE_UP(1, 0) GATE_UP(1, 1) GATE_UP(1, 2) GATE_UP(2, 0) GATE_UP(2, 1)
-GATE_UP(2, 2)
+GATE_UP(2, 2) GATE_UP(3, 3) GATE_UP(4, 4)
 """
 
 
@@ -383,8 +455,8 @@ def _round16(n: int) -> int:
 
 
 def gpu_row_bytes(k: int, qtype) -> int:
-    """Bytes of one planar row of k weights on the GPU: the GGUF row's, padded to 16."""
-    return _round16(k // 32 * BLOCK_BYTES[QT(qtype)])
+    """Bytes of one planar row of k weights on the GPU (UNIT_BYTES per 32, padded to 16)."""
+    return _round16(k // 32 * UNIT_BYTES[CudaKernels.fmt(qtype)])
 
 
 @dataclass(frozen=True)
@@ -398,8 +470,8 @@ class GpuRecords:
 
     @staticmethod
     def of(layout) -> "GpuRecords":
-        up = _round16(layout.gate_bytes)
-        down = up + _round16(layout.up_bytes)
+        up = gpu_row_bytes(layout.d_model, layout.gate_type)
+        down = up + gpu_row_bytes(layout.d_model, layout.up_type)
         return GpuRecords(down + _round16(layout.down_bytes), up, down)
 
 
@@ -414,27 +486,31 @@ class CudaKernels:
         # no fast math: quantize_x must round as the CPU does (and keep denormals); activate uses __expf itself
         module = cupy.RawModule(code=SOURCE, options=("-std=c++17",))
         fn = module.get_function
-        self._matvec, self._matvec1, self._down, self._dequant, self._planarize = (
+        self._matvec, self._matvec1, self._dequant, self._planarize = (
             {f: fn(f"{name}_{f}") for f in FORMATS.values()}
-            for name in ("matvec", "matvec1", "down", "dequantize", "planarize"))
-        self._gate_up, self._gate_up1 = ({(g, u): fn(f"{name}_{g}{u}") for g in FORMATS.values()
-                                          for u in FORMATS.values()} for name in ("gate_up", "gate_up1"))
+            for name in ("matvec", "matvec1", "dequantize", "planarize"))
+        self._down = {f: fn(f"down_{f}") for f in DOWN_FORMATS}
+        self._gate_up, self._gate_up1 = ({(g, u): fn(f"{name}_{g}{u}") for g, u in GATE_UP_PAIRS}
+                                         for name in ("gate_up", "gate_up1"))
         self._quantize_x = fn("quantize_x")
         sms = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["multiProcessorCount"]
         self.max_blocks = sms * BLOCKS_PER_SM
 
     @staticmethod
-    def fmt(qtype) -> tuple[int, int]:
-        if QT(qtype) not in FORMATS:
+    def fmt(qtype, allowed=None) -> int:
+        """The kernels' format number of a GGUF type; UnsupportedModelError where there is no kernel."""
+        f = FORMATS.get(QT(qtype))
+        if f is None or (allowed is not None and f not in allowed):
             from ..errors import UnsupportedModelError
 
-            raise UnsupportedModelError(f"{QT(qtype).name} has no GPU kernel yet (Q4_0, Q4_1, Q8_0 do)")
-        return FORMATS[QT(qtype)], BLOCK_BYTES[QT(qtype)]
+            have = ", ".join(t.name for t, g in FORMATS.items() if allowed is None or g in allowed)
+            raise UnsupportedModelError(f"{QT(qtype).name} has no GPU kernel yet ({have} do)")
+        return f
 
     # ---- GGUF bytes -> planar rows on the GPU
     def _to_planar(self, src_ptr: int, src_stride: int, dst_ptr: int, dst_stride: int, n_rows: int, k: int,
                    qtype) -> None:
-        fmt, _ = self.fmt(qtype)
+        fmt = self.fmt(qtype)
         if dst_ptr % 16 or dst_stride % 16 or src_ptr % 2 or src_stride % 2:
             raise ValueError("planar rows need 16-byte aligned destinations")
         n = n_rows * (k // 32)
@@ -494,7 +570,7 @@ class CudaKernels:
         """y (S, >=n_rows; row stride y.shape[1]) = rows @ x.T for x (S, k) float32; planar rows at device pointer
         ptr. Decode (S <= MAX_S): int8 x; xq: quantize(x) already made, to share one quantization between products
         of the same input. Prompt batches: float32 x, rows dequantized a slice at a time, cuBLAS."""
-        fmt, _ = self.fmt(qtype)
+        fmt = self.fmt(qtype)
         S = x.shape[0]
         if S > MAX_S:
             chunk = max(1, min(n_rows, DEQUANT_MAX_BYTES // (4 * k)))
@@ -517,9 +593,13 @@ class CudaKernels:
             return
         d, g = layout.d_model, GpuRecords.of(layout)
         rb = g.record_bytes
-        gf, _ = self.fmt(layout.gate_type)
-        uf, _ = self.fmt(layout.up_type)
-        df, _ = self.fmt(layout.down_type)
+        gf, uf = self.fmt(layout.gate_type), self.fmt(layout.up_type)
+        df = self.fmt(layout.down_type, DOWN_FORMATS)
+        if (gf, uf) not in GATE_UP_PAIRS:
+            from ..errors import UnsupportedModelError
+
+            raise UnsupportedModelError(f"gate rows {QT(layout.gate_type).name} with up rows "
+                                        f"{QT(layout.up_type).name}: no GPU kernel for this pair")
         S = x.shape[0]
         if S > MAX_S:
             self._bundle_float(ptr, n, g, d, activation, x, y, (gf, uf, df))

@@ -20,9 +20,14 @@ PROMPTS = ["The history of the printing press", "def fibonacci(n):", "Three thin
 
 
 def _random_rows(qtype, n: int, k: int, rng) -> np.ndarray:
-    """Valid GGUF rows: quantized from random floats by gguf-py's reference quantizer."""
+    """Valid GGUF rows: quantized from random floats by gguf-py's reference quantizer; Q4_K (which it cannot
+    quantize): random superblocks with float16 d, dmin of 0.01-0.03."""
     import gguf
 
+    if qtype == QT.Q4_K:
+        raw = rng.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
+        raw[..., :4] = rng.uniform(0.01, 0.03, (n, k // 256, 2)).astype(np.float16).view(np.uint8)
+        return raw.reshape(n, -1)
     return gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
 
 
@@ -83,7 +88,7 @@ def _kernel_errors(rng) -> dict:
         report["errors"][name] = float(np.abs(got - ref).max() / np.abs(ref).max())
         report["errors_exact"][name] = float(np.abs(got - ref_exact).max() / np.abs(ref_exact).max())
 
-    for qtype in (QT.Q4_0, QT.Q4_1, QT.Q8_0):
+    for qtype in (QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q5_0, QT.Q4_K):
         rows = _random_rows(qtype, 301, 512, rng)
         w = gguf.quants.dequantize(rows, qtype).astype(np.float64)
         g = kk.upload_rows(rows, qtype, 512)
@@ -96,7 +101,7 @@ def _kernel_errors(rng) -> dict:
             record(f"{qtype.name} S={S}", y, x.astype(np.float64) @ w.T, exact)
     # bundle records [gate | up | down column] against the numpy reference (float64)
     for gt, ut, act in ((QT.Q4_0, QT.Q4_0, "silu"), (QT.Q4_1, QT.Q4_1, "gelu_tanh"), (QT.Q8_0, QT.Q8_0, "silu"),
-                        (QT.Q4_0, QT.Q8_0, "silu")):
+                        (QT.Q4_0, QT.Q8_0, "silu"), (QT.Q5_0, QT.Q5_0, "gelu_tanh"), (QT.Q4_K, QT.Q4_K, "silu")):
         layout, n = RecordLayout(256, gt, ut, QT.Q8_0), 200
         g, u, dn = layout.slices()
         records = np.zeros((n, layout.record_bytes), np.uint8)
