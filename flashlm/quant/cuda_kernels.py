@@ -1,7 +1,7 @@
 """GPU kernels on GGUF blocks (CuPy RawModule, compiled by NVRTC on first use).
 
-The same blocks the CPU bundle kernel reads (Q4_0 / Q4_1 / Q8_0: matrix rows, and flash-store records [gate row |
-up row | down column]), never dequantized copies, but rearranged on the GPU after each upload into planar rows
+The same blocks the CPU bundle kernel reads (Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q4_K: matrix rows, and flash-store records
+[gate row | up row | down column]), never dequantized copies, but rearranged on the GPU after each upload into planar rows
 (SOURCE: quant bytes of every block 16-byte aligned, then the scales; GpuRecords for records). Decode products
 (S <= MAX_S tokens) quantize x to int8 per 32-block once (quantize_x: the CPU decode path's quantization, bit for
 bit) and take dp4a integer dot products, as llama.cpp's CUDA mmvq does; a persistent grid of warps walks row pairs
