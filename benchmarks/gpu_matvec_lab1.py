@@ -4,6 +4,7 @@ repository root: python3 benchmarks/gpu_matvec_lab1.py. Figures: the quant/cuda_
 import json
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -58,8 +59,26 @@ __device__ __forceinline__ int dot_q4(uint4 v, int4 x0, int4 x1) {
     return s;
 }
 
+// 4 blocks of R consecutive rows (repacked: quants, scales apart) per lane; CS: evict-first (streaming) loads
+template <int R, bool CS>
+__device__ __forceinline__ void load_rows(const uint4* qs, const __half* d, int n_rows, int nb, int row0, int b0,
+                                          int lane, uint4 (&v)[R][4], __half (&dd)[R][4]) {
+    #pragma unroll
+    for (int r = 0; r < R; r++) {
+        long long row = min(row0 + r, n_rows - 1);
+        #pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int b = b0 + lane + 32 * i;
+            if (b < nb) {
+                v[r][i] = CS ? __ldcs(qs + row * nb + b) : __ldg(qs + row * nb + b);
+                dd[r][i] = CS ? __ldcs(d + row * nb + b) : d[row * nb + b];
+            }
+        }
+    }
+}
+
 // K1: SoA, int8 x, a warp per row (R rows per warp, the same blocks of R consecutive rows), 4 blocks per lane in flight
-template <int R>
+template <int R, bool CS = false>
 __device__ __forceinline__ void soa_i8(const uint4* qs, const __half* d, int n_rows, int nb, const int4* xq,
                                        const float* xd, const int* xsum, float* y) {
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
@@ -71,15 +90,7 @@ __device__ __forceinline__ void soa_i8(const uint4* qs, const __half* d, int n_r
     for (int b0 = 0; b0 < nb; b0 += 128) {
         uint4 v[R][4];
         __half dd[R][4];
-        #pragma unroll
-        for (int r = 0; r < R; r++) {
-            int row = min(row0 + r, n_rows - 1);
-            #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                int b = b0 + lane + 32 * i;
-                if (b < nb) { v[r][i] = __ldg(qs + (long long)row * nb + b); dd[r][i] = d[(long long)row * nb + b]; }
-            }
-        }
+        load_rows<R, CS>(qs, d, n_rows, nb, row0, b0, lane, v, dd);
         #pragma unroll
         for (int i = 0; i < 4; i++) {
             int b = b0 + lane + 32 * i;
@@ -108,7 +119,7 @@ extern "C" __global__ void k1_r2(const uint4* qs, const __half* d, int n, int nb
 __device__ __forceinline__ float nib(unsigned int v, int k) {  // byte k of v (0..255) as float, via 2^23 bits
     return __int_as_float(__byte_perm(v, 0x4B000000u, 0x7540 + k)) - 8388616.f;  // minus 2^23 + 8 (Q4_0 offset)
 }
-template <int R>
+template <int R, bool CS = false>
 __device__ __forceinline__ void soa_f32(const uint4* qs, const __half* d, int n_rows, int nb, const float4* x,
                                         float* y) {
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
@@ -120,15 +131,7 @@ __device__ __forceinline__ void soa_f32(const uint4* qs, const __half* d, int n_
     for (int b0 = 0; b0 < nb; b0 += 128) {
         uint4 v[R][4];
         __half dd[R][4];
-        #pragma unroll
-        for (int r = 0; r < R; r++) {
-            int row = min(row0 + r, n_rows - 1);
-            #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                int b = b0 + lane + 32 * i;
-                if (b < nb) { v[r][i] = __ldg(qs + (long long)row * nb + b); dd[r][i] = d[(long long)row * nb + b]; }
-            }
-        }
+        load_rows<R, CS>(qs, d, n_rows, nb, row0, b0, lane, v, dd);
         #pragma unroll
         for (int i = 0; i < 4; i++) {
             int b = b0 + lane + 32 * i;
@@ -256,16 +259,20 @@ def graph_us(cp, rounds, launch, reps=5):
     return float(np.median(times)), float(min(times)), float(max(times))
 
 
-def main():
+NAMES = ("quant_x", "repack_q4_0", "k1_r1", "k1_r2", "k2_r1", "k2_r2", "k3_aos", "k4_fused", "empty_k", "read_all")
+
+
+def setup(src: str, names):
+    """The kernels of src compiled, W (11008 x 4096 Q4_0) in 8 copies as stored and repacked, x and its int8 form,
+    the float64 reference, and launches(name, threads) for the round-1 kernels: the variables as a namespace."""
     import cupy as cp
     import gguf
 
     upload = lambda cp_, a: cp_.asarray(a)  # noqa: E731
     from gguf.constants import GGMLQuantizationType as QT
 
-    mod = cp.RawModule(code=SRC, options=("--use_fast_math", "-std=c++17"), name_expressions=None)
-    F = {n: mod.get_function(n) for n in ("quant_x", "repack_q4_0", "k1_r1", "k1_r2", "k2_r1", "k2_r2", "k3_aos",
-                                          "k4_fused", "empty_k", "read_all")}
+    mod = cp.RawModule(code=src, options=("--use_fast_math", "-std=c++17"), name_expressions=None)
+    F = {n: mod.get_function(n) for n in names}
     props = cp.cuda.runtime.getDeviceProperties(0)
     sms = props["multiProcessorCount"]
     peak = 2 * props["memoryClockRate"] * 1e3 * props["memoryBusWidth"] / 8 / 1e9
@@ -305,6 +312,13 @@ def main():
             return lambda r: F[name](grid, (threads,), (aos[r % ncopy], np.int32(n), np.int32(nb), xq, xd, xs, y))
         raise KeyError(name)
 
+    return SimpleNamespace(**locals())
+
+
+def main():
+    L = setup(SRC, NAMES)
+    cp, F, n, nb, ref, x, y, qs, dd = L.cp, L.F, L.n, L.nb, L.ref, L.x, L.y, L.qs, L.dd
+    ncopy, sms, bytes_, out, quant, launches = L.ncopy, L.sms, L.bytes_, L.out, L.quant, L.launches
     results = {}
     rounds = 200
     for name in ("k1_r1", "k1_r2", "k2_r1", "k2_r2", "k3_aos"):

@@ -161,6 +161,22 @@ template <> struct Blk<4> : Blk<1> {  // Q4_K re-encoded per 32: Q4_1's nibbles,
     static constexpr int BYTES = 144, QOFF = 0, QW = 4, XW = 0, HALVES = 0, FLOATS = 2;
 };
 
+// The planar row's tail for unit b: its extra word (Q5_0's qh; xw untouched without), d and m
+template <int F>
+__device__ __forceinline__ void planar_tail(const u8* row, int nb, int b, int& xw, float& d, float& m) {
+    typedef Blk<F> B;
+    const u8* rest = row + 4 * B::QW * nb;
+    if (B::XW) xw = __ldg((const int*)rest + b);
+    rest += 4 * B::XW * nb;
+    if (B::FLOATS) {
+        d = __ldg((const float*)rest + b);
+        m = __ldg((const float*)rest + nb + b);
+    } else {
+        d = half_at((const u16*)rest + b);
+        m = B::HALVES == 2 ? half_at((const u16*)rest + nb + b) : 0.f;
+    }
+}
+
 // Unit b of a planar row (16-byte aligned): its words (QW quant words, then XW extra), d and m
 template <int F>
 __device__ __forceinline__ void load_block(const u8* row, int nb, int b, int* w, float& d, float& m) {
@@ -171,16 +187,9 @@ __device__ __forceinline__ void load_block(const u8* row, int nb, int b, int* w,
         uint4 t = __ldg(q + v);
         w[4 * v] = (int)t.x; w[4 * v + 1] = (int)t.y; w[4 * v + 2] = (int)t.z; w[4 * v + 3] = (int)t.w;
     }
-    const u8* rest = row + 4 * B::QW * nb;
-    if (B::XW) w[B::QW] = __ldg((const int*)rest + b);
-    rest += 4 * B::XW * nb;
-    if (B::FLOATS) {
-        d = __ldg((const float*)rest + b);
-        m = __ldg((const float*)rest + nb + b);
-    } else {
-        d = half_at((const u16*)rest + b);
-        m = B::HALVES == 2 ? half_at((const u16*)rest + nb + b) : 0.f;
-    }
+    int xw = 0;
+    planar_tail<F>(row, nb, b, xw, d, m);
+    if (B::XW) w[B::QW] = xw;
 }
 
 // Q4_K's 6-bit scale and min of sub-block j (ggml's get_scale_min_k4)
@@ -232,16 +241,7 @@ __device__ __forceinline__ float block_value(const u8* row, int nb, int b, int e
     float d, m;
     if (planar) {
         word = __ldg((const int*)row + b * B::QW + (j >> 2));
-        const u8* rest = row + 4 * B::QW * nb;
-        if (B::XW) xw = __ldg((const int*)rest + b);
-        rest += 4 * B::XW * nb;
-        if (B::FLOATS) {
-            d = __ldg((const float*)rest + b);
-            m = __ldg((const float*)rest + nb + b);
-        } else {
-            d = half_at((const u16*)rest + b);
-            m = B::HALVES == 2 ? half_at((const u16*)rest + nb + b) : 0.f;
-        }
+        planar_tail<F>(row, nb, b, xw, d, m);
     } else {
         const u16* blk = (const u16*)(row + (long long)b * B::BYTES);
         const u16* w2 = (const u16*)((const u8*)blk + B::QOFF + 4 * (j >> 2));
