@@ -66,10 +66,10 @@ class GpuPlan:
 def plan_gpu(gpu_budget: int | None, host_hot: int, n_ff: int, rb: int, n_layers: int, resident_bytes: int,
              kv_bytes: int, naive: bool = False, gpu_rb: int | None = None) -> GpuPlan:
     """gpu_hot: as many records per layer as the GPU budget leaves room for after the fixed parts and the
-    staging of one layer's non-resident records (where they land as stored, rb each, and their planar copy for
+    staging of the non-resident records (two layers' landing buffers as stored, rb each, and one planar copy for
     the kernels, gpu_rb each: GpuRecords)."""
     g = gpu_rb or rb
-    stage_per = rb + g  # per non-resident record
+    stage_per = 2 * rb + g  # per non-resident record: two landing buffers and the planar copy
     if naive:
         return GpuPlan(gpu_budget, resident_bytes + kv_bytes + n_ff * stage_per + GPU_SCRATCH_BYTES, 0, 0, n_ff,
                        rb, n_layers)
@@ -83,7 +83,7 @@ def plan_gpu(gpu_budget: int | None, host_hot: int, n_ff: int, rb: int, n_layers
         if fixed + n_ff * stage_per > gpu_budget:
             raise BudgetError(f"a GPU memory budget of {gpu_budget / 1e6:.0f} MB cannot hold this model: the "
                               f"smallest workable GPU budget is {(fixed + n_ff * stage_per) / 1e6:.0f} MB "
-                              f"(attention, output matrix, KV cache and one layer's staging)")
+                              f"(attention, output matrix, KV cache and staging)")
         hot = max(0, min(n_ff - 1, (gpu_budget - fixed - n_ff * stage_per) // max(1, n_layers * g - stage_per)))
     stage = 0 if hot == n_ff else (n_ff - hot) * stage_per
     return GpuPlan(gpu_budget, fixed + stage, hot, max(hot, host_hot), n_ff, rb, n_layers)
@@ -146,10 +146,13 @@ class GpuFFN:
         self.stats.io = reader.stats
         rest = n_ff - self.gpu_hot
         cold = n_ff - self.host_hot
-        # non-resident records land in GGUF bytes, then go planar for the kernels: two buffers (one stream orders
-        # each layer's copies, conversion and kernels after the last layer's)
-        self.landing = cp.empty(rest * rb, cp.uint8) if rest else None
+        # non-resident records land as stored (two buffers: layer i + 1's copies run while layer i computes),
+        # then go planar for the kernels; copies on their own stream (non-blocking: it does not wait for the
+        # compute stream's work, nor that for it, except through the events below)
+        self.landing = [cp.empty(rest * rb, cp.uint8) if rest else None for _ in range(2)]
         self.stage = cp.empty(rest * GpuRecords.of(self.layout).record_bytes, cp.uint8) if rest else None
+        self.copy_stream = cp.cuda.Stream(non_blocking=True)
+        self.landed = [None, None]  # events: landing buffer k converted (free for the copies of layer k + 2)
         self.read_bufs = [self._pinned(cold * rb + 2 * ALIGN) for _ in range(2)] if cold else []
         self.copied = [None, None]  # events: the copy out of read buffer k has finished
         self._pending: dict[int, object] = {}
@@ -188,48 +191,62 @@ class GpuFFN:
         self.reader.drain()
 
     def run(self, i: int, x, y) -> None:
-        """y (S, d) += FFN_i(x (S, d)), CuPy float32."""
+        """y (S, d) += FFN_i(x (S, d)), CuPy float32. The non-resident records are copied on their own stream
+        into landing buffer i % 2 while the compute stream works on layer i's GPU-resident records (and, the host
+        running ahead, on the layers before); the compute stream waits for the copies only before converting them
+        (records_to_planar) and computing with them."""
         cp, st = self.cp, self.stats
         t0 = time.perf_counter()
-        landing, stage = self.landing, self.stage
+        k = i % 2
+        landing, stage = self.landing[k], self.stage
         warm = self.warm_bytes
-        marks = [cp.cuda.Event()]  # pairs of events around each copy: the GPU idles between them while we wait
-        marks[0].record()
-        if warm:
-            src = self.host_records[i]
-            landing.data.copy_from_host_async(src.ctypes.data, warm)
-        marks.append(cp.cuda.Event())
-        marks[1].record()
-        if i in self._pending:
-            data = self._pending.pop(i).result()
-            t_io = time.perf_counter() - t0
-            marks.append(cp.cuda.Event())
-            marks[2].record()
-            landing[warm:].data.copy_from_host_async(data.ctypes.data, data.nbytes)
-            ev = cp.cuda.Event()
-            ev.record()
-            self.copied[i % 2] = ev
-            marks.append(ev)
-        else:
-            t_io = 0.0
+        copies = self.copy_stream
+        if self.landed[k] is not None:
+            copies.wait_event(self.landed[k])  # layer i - 2 has been converted out of this landing buffer
+        marks = []  # pairs of events around each copy, on the copy stream
+        t_io = 0.0
+        with copies:
+            if warm:
+                marks.append(cp.cuda.Event())
+                marks[-1].record()
+                landing.data.copy_from_host_async(self.host_records[i].ctypes.data, warm)
+                marks.append(cp.cuda.Event())
+                marks[-1].record()
+            if i in self._pending:
+                data = self._pending.pop(i).result()
+                t_io = time.perf_counter() - t0
+                marks.append(cp.cuda.Event())
+                marks[-1].record()
+                landing[warm:].data.copy_from_host_async(data.ctypes.data, data.nbytes)
+                ev = cp.cuda.Event()
+                ev.record()
+                self.copied[k] = ev  # the read buffer k may be reused after this
+                marks.append(ev)
         t1 = time.perf_counter()
         self._issue(i + 1)
         S = x.shape[0]
         e_kernels = cp.cuda.Event()
         e_kernels.record()
         t2 = time.perf_counter()
-        if stage is not None:
-            self.kernels.records_to_planar(landing, stage, self.n_ff - self.gpu_hot, self.layout)
+        waits = None
         xq = self.kernels.quantize(x) if S <= MAX_S else None  # shared by both tiers
         if self.gpu_hot:
             self.kernels.bundle(self.gpu_records[i].data.ptr, self.gpu_hot, self.layout, self.activation, x, y,
                                 self.h, xq)
         if stage is not None:
+            if marks:  # the compute stream waits for the copies (the wait is timed apart from the kernels)
+                waits = (cp.cuda.Event(), cp.cuda.Event())
+                waits[0].record()
+                cp.cuda.get_current_stream().wait_event(marks[-1])
+                waits[1].record()
+            self.kernels.records_to_planar(landing, stage, self.n_ff - self.gpu_hot, self.layout)
+            self.landed[k] = cp.cuda.Event()
+            self.landed[k].record()
             self.kernels.bundle(stage.data.ptr, self.n_ff - self.gpu_hot, self.layout, self.activation, x, y,
                                 self.h, xq)
         e_done = cp.cuda.Event()
         e_done.record()
-        self._events.append((marks, e_kernels, e_done))
+        self._events.append((marks, e_kernels, e_done, waits))
         st.calls += 1
         st.io_wait_s += t_io
         st.manage_s += t1 - t0 - t_io + (t2 - t1)
@@ -238,11 +255,13 @@ class GpuFFN:
         st.neurons_from_cache += self.host_hot
 
     def collect(self) -> None:
-        """Add this pass's event timings to transfer_s / gpu_ffn_s (the pass is finished: logits are on the host)."""
+        """Add this pass's event timings to transfer_s (host->GPU copies, on the copy stream: they overlap the
+        compute stream's work) and gpu_ffn_s (FFN kernels, waits for copies excluded). The pass is finished:
+        logits are on the host."""
         get = self.cp.cuda.get_elapsed_time
-        for marks, kernels, done in self._events:
+        for marks, kernels, done, waits in self._events:
             self.transfer_s += sum(get(marks[k], marks[k + 1]) for k in range(0, len(marks), 2)) / 1e3
-            self.gpu_ffn_s += get(kernels, done) / 1e3
+            self.gpu_ffn_s += (get(kernels, done) - (get(*waits) if waits else 0.0)) / 1e3
         self._events.clear()
 
     def close(self) -> None:

@@ -255,8 +255,10 @@ def _decode_rate(engine, ids: list[int], n: int) -> tuple[float, dict]:
     split = {"ms_per_token": dt / n * 1e3, "io_wait_ms": d.io_wait_s / n * 1e3,
              "host_ms": (d.manage_s + d.compute_s) / n * 1e3,
              "read_mb_per_token": d.io.bytes_read / n / 1e6}
-    split["transfer_ms"] = (ffn.transfer_s - transfer0) / n * 1e3  # host->GPU copies (CUDA events)
-    split["gpu_ffn_ms"] = (ffn.gpu_ffn_s - gpu0) / n * 1e3  # FFN kernels (CUDA events)
+    split["transfer_ms"] = (ffn.transfer_s - transfer0) / n * 1e3  # host->GPU copies (CUDA events, copy stream)
+    split["gpu_ffn_ms"] = (ffn.gpu_ffn_s - gpu0) / n * 1e3  # FFN kernels (CUDA events, compute stream)
+    # copies overlap the compute stream: the part of a token neither copying, computing the FFN nor waiting for
+    # flash, when they do not overlap (negative where they do)
     split["other_ms"] = split["ms_per_token"] - split["io_wait_ms"] - split["transfer_ms"] - split["gpu_ffn_ms"]
     return n / dt, split
 
