@@ -85,9 +85,10 @@ def model_options(f):
                      help="FFN neurons skipped per token on a .flash model: off, auto or a fraction (e.g. 0.3)."),
         click.option("--sparsity-score", type=click.Choice(["exact", "cats"]), default=_L.sparsity_score,
                      show_default=True, help="How neurons are ranked: exact |act(gate)*up| or CATS |act(gate)|."),
-        click.option("--output-head", type=click.Choice(["exact", "sketch"]), default=_L.output_head,
+        click.option("--output-head", type=click.Choice(["exact", "sketch", "auto"]), default=_L.output_head,
                      show_default=True, help="Output matrix of a .flash model under a budget: exact (stream what "
-                     "does not fit) or sketch (1-bit sketch + exact candidate rows; approximate, see README)."),
+                     "does not fit), sketch (1-bit sketch + exact candidate rows; approximate, see README) or auto "
+                     "(exact where the budget holds the whole matrix, else sketch)."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default=_L.device, show_default=True,
                      help="Where to compute: cpu, or cuda (a .flash model; needs CuPy and an NVIDIA GPU)."),
         click.option("--gpu-memory-budget", type=str, default=None,
@@ -379,7 +380,7 @@ def perplexity(text_file, chunks, **kw):
 @click.option("-c", "--ctx-size", type=int, default=512, show_default=True)
 @click.option("--timeout", type=float, default=300, show_default=True, help="Seconds per engine and budget.")
 @click.option("--plot", type=str, default="budget.png", show_default=True, help="PNG plot of tok/s vs budget.")
-@click.option("--output-head", type=click.Choice(["exact", "sketch"]), default="exact", show_default=True,
+@click.option("--output-head", type=click.Choice(["exact", "sketch", "auto"]), default="exact", show_default=True,
               help="flashlm's output head (see generate --help).")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--verbose", is_flag=True)

@@ -30,8 +30,9 @@ class LoadOptions:
     # (flash_store/predictor.py: "exact" or "cats").
     sparsity: float | str = "off"
     sparsity_score: str = "exact"
-    # Output matrix of a flash store: "exact" (resident, or streamed in full where the budget says so) or "sketch"
-    # (flash_store/head_sketch.py: a 1-bit sketch picks candidates, their exact rows give their logits).
+    # Output matrix of a flash store: "exact" (resident, or streamed in full where the budget says so), "sketch"
+    # (flash_store/head_sketch.py: a 1-bit sketch picks candidates, their exact rows give their logits) or "auto"
+    # (exact where the budget keeps the whole matrix resident, else sketch).
     output_head: str = "exact"
     # "cpu", or "cuda" (runtime/cuda_executor.py; a .flash store, CuPy and an NVIDIA GPU): attention, output matrix
     # and the hot neurons on the GPU within gpu_memory_budget (bytes or "2GB"; None: all of it on the GPU).
@@ -63,8 +64,8 @@ class LoadOptions:
         object.__setattr__(self, "sparsity", parse_sparsity(self.sparsity))
         _check(self.sparsity_score in SCORES,
                f"sparsity_score must be one of {', '.join(SCORES)}, got {self.sparsity_score!r}")
-        _check(self.output_head in ("exact", "sketch"),
-               f"output_head must be 'exact' or 'sketch', got {self.output_head!r}")
+        _check(self.output_head in ("exact", "sketch", "auto"),
+               f"output_head must be 'exact', 'sketch' or 'auto', got {self.output_head!r}")
         _check(self.memory_budget is None or (isinstance(self.memory_budget, int) and self.memory_budget > 0),
                f"memory_budget must be a positive size, got {self.memory_budget!r}")
         return self

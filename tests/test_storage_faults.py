@@ -229,8 +229,9 @@ def test_signals_during_streamed_generation_change_nothing(flash_path, baseline)
 
 
 def test_sketch_head_row_read_fault(flash_path, monkeypatch):
-    """--output-head sketch: its single-row reads on the generating thread (read 60: among the first token's
-    candidates, after the 48 slices of the sketch's one pass over the matrix) fail the same way."""
+    """--output-head sketch: its single-row reads (FlashReader.read_rows, on the reader's threads; read 60: among
+    the first token's candidates, after the 48 slices of the sketch's one pass over the matrix) fail the same
+    way."""
     for at in (60,):
         m = load_streaming(flash_path, output_head="sketch")
         ex = m.engine.executor

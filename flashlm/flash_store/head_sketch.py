@@ -92,7 +92,6 @@ class SketchHead:
         self.rows_read = 0
         self.outliers: np.ndarray | None = None  # chosen on the first call (see _build)
         self.set_cache_rows(cache_rows)
-        self._page = aligned_buffer(row_bytes + 2 * ALIGN)
         self._scores = np.empty(n_rows, np.float32)
         self._sketch = _SketchKernel()
         self.record: list | None = None  # set to a list to collect each position's candidate ids (fidelity tool)
@@ -141,10 +140,6 @@ class SketchHead:
     def _split(self, x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(np.concatenate([x[self.rest], x[self.outliers]]), dtype=np.float32)
 
-    def _read_row(self, row: int, dest: np.ndarray) -> None:
-        """One row by positional read of the aligned pages around it, on this thread (counted in the I/O stats)."""
-        dest[:] = self.reader.read_now(self.offset + row * self.row_bytes, self.row_bytes, self._page)
-
     def _rows_for(self, cand: np.ndarray) -> np.ndarray:
         """Cache slots holding the candidates' rows, reading the missing ones (least recently used slots go)."""
         self.clock += 1
@@ -159,14 +154,16 @@ class SketchHead:
                 age = self.last_used.copy()
                 age[slots[slots >= 0]] = np.iinfo(np.int64).max  # this token's cached candidates stay
                 age[victims] = np.iinfo(np.int64).max
-                victims = np.concatenate([victims, np.argpartition(age, len(missing) - free)[:len(missing) - free]])
-            for k, slot in zip(missing[np.argsort(cand[missing])], victims):
-                old = self.row_in_slot[slot]
-                if old >= 0:
-                    self.slot_of[old] = -1
-                self._read_row(int(cand[k]), self.cache[slot])
-                self.row_in_slot[slot], self.slot_of[cand[k]] = cand[k], slot
-                slots[k] = slot
+                need = len(missing) - free  # the least recently used (kth = need - 1: need may be all slots)
+                victims = np.concatenate([victims, np.argpartition(age, need - 1)[:need]])
+            order = missing[np.argsort(cand[missing])]  # file order
+            victims = victims[:len(order)]
+            old = self.row_in_slot[victims]
+            self.slot_of[old[old >= 0]] = -1
+            self.reader.read_rows(self.offset + cand[order].astype(np.int64) * self.row_bytes, self.row_bytes,
+                                  [self.cache[v] for v in victims])
+            self.row_in_slot[victims], self.slot_of[cand[order]] = cand[order], victims
+            slots[order] = victims
             self.rows_read += len(missing)
             self.io_wait_s += time.perf_counter() - t
         self.last_used[slots] = self.clock

@@ -84,7 +84,9 @@ class FlashReader:
         self.file_size = os.fstat(fd).st_size
         self.stats = IOStats()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="flashlm-io")
+        self.threads = max(1, threads)
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="flashlm-io")
+        self._row_pages: list[np.ndarray] = []  # read_rows' page buffers, one per thread (grown on demand)
         self.failure: StorageError | None = None  # the first failed read; no read is issued after it
         self._buffered_fd = -1  # opened without O_DIRECT to finish a read that a short read left unaligned
         self._outstanding: set[Future] = set()  # requests not finished yet (drain waits for them)
@@ -156,6 +158,34 @@ class FlashReader:
             self.stats.bytes_read += nbytes
             self.stats.request_s += time.perf_counter() - t
         return page_buf[file_offset - start:file_offset - start + nbytes]
+
+    def read_rows(self, offsets, nbytes: int, dests) -> None:
+        """Scattered small reads (a row each: [offsets[i], offsets[i] + nbytes) into dests[i]) on the pool's
+        threads, one task per thread reading its share one after another through its own page buffer; returns
+        when all are in (a failure raises StorageError after every task has stopped). Latency-bound reads gain
+        from the parallelism: SmolLM2's sketch head, 145 candidate rows of 612 bytes per token, 11 ms one by one."""
+        n = len(offsets)
+        if n == 0:
+            return
+        k = min(self.threads, n)
+        span = -(-(nbytes + ALIGN) // ALIGN) * ALIGN  # the aligned pages around any row
+        with self._lock:
+            while len(self._row_pages) < k or self._row_pages[0].nbytes < span:
+                if self._row_pages and self._row_pages[0].nbytes < span:
+                    self._row_pages.clear()
+                self._row_pages.append(aligned_buffer(span))
+            pages = self._row_pages[:k]
+
+        def task(idx, page):
+            for i in idx:
+                dests[i][:] = self.read_now(int(offsets[i]), nbytes, page)
+
+        futures = [self._pool.submit(task, idx, page)
+                   for idx, page in zip(np.array_split(np.arange(n), k), pages)]
+        wait(futures)
+        for f in futures:
+            if f.exception() is not None:
+                raise f.exception()
 
     def read(self, file_offset: int, nbytes: int, out: np.ndarray | None = None) -> Future:
         """Read [file_offset, file_offset + nbytes) in parallel chunks. The future's result is a uint8 view of

@@ -65,6 +65,7 @@ class FlashPlan:
     n_layers: int
     record_bytes: int
     batch_size: int
+    output_head: str = "exact"  # "exact" (the matrix, resident or streamed) or "sketch" (head_sketch.py)
 
     @property
     def head_resident(self) -> bool:
@@ -100,6 +101,8 @@ class FlashPlan:
         return "\n".join(lines)
 
     def _head_text(self) -> str:
+        if self.output_head == "sketch":
+            return "output sketch + row cache"
         if self.head_resident:
             return "output matrix"
         return f"{self.head_resident_rows}/{self.head_rows} output rows"
