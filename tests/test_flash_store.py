@@ -195,3 +195,54 @@ def test_close_releases_the_reader_threads(flash_path):
     m.close()
     assert not any(t.is_alive() for t in threads)
     m.close()  # twice is fine
+
+
+def test_output_head_auto_takes_the_head_that_streams_less(flash_path):
+    """--output-head auto: the exact matrix when nothing has to stream; under budgets where the exact head would
+    keep the matrix at the expense of FFN neurons, the sketch, whose plan streams fewer bytes per token. Plans are
+    arithmetic on one baseline (a process's RSS drifts between loads); one load checks the head built matches."""
+
+    from flashlm.flash_store.head_sketch import SketchHead
+    from flashlm.loaders.flash_loader import output_matrix, plan_for
+    from flashlm.loaders.model_loader import read_model
+    from flashlm.options import LoadOptions
+    from flashlm.runtime.streaming import StreamedHead
+
+    f, family, args = read_model(flash_path)
+    store = FlashStore(f, args.n_layers, args.n_ff, args.d_model)
+    info = output_matrix(f)
+    row_bytes = info.nbytes // info.shape[0]
+
+    def streamed(p):
+        return (p.n_ff - p.hot_neurons) * p.record_bytes * p.n_layers + (p.head_rows - p.head_resident_rows) * row_bytes
+
+    def plan(head, budget):
+        opts = LoadOptions(ctx_size=256, memory_budget=budget, output_head=head).validate()
+        try:
+            return plan_for(f, family, args, store, opts, 256, baseline=60_000_000)
+        except BudgetError:
+            return None
+
+    assert plan("auto", None).output_head == "exact"
+    chose_sketch = 0
+    for mb in range(100, 260, 5):
+        auto, exact, sketch = plan("auto", mb * 10 ** 6), plan("exact", mb * 10 ** 6), plan("sketch", mb * 10 ** 6)
+        if auto is None:
+            assert exact is None and sketch is None
+            continue
+        if exact is not None and streamed(exact) == 0:
+            assert auto.output_head == "exact"
+            continue
+        best = min([p for p in (exact, sketch) if p is not None], key=streamed)
+        assert streamed(auto) == streamed(best)
+        chose_sketch += auto.output_head == "sketch"
+    f.close()
+    assert chose_sketch > 0  # SmolLM2 at 150 MB: exact 44 MB of reads per token, the sketch 28.5
+    import psutil
+
+    budget = psutil.Process().memory_info().rss + 90_000_000  # about SmolLM2's 150 MB on a lean process
+    m = flashlm.load(flash_path, threads=2, ctx_size=256, memory_budget=budget, output_head="auto")
+    chosen = m.engine.executor.ffn.plan.output_head
+    assert isinstance(m.engine.executor.head_stream, SketchHead if chosen == "sketch" else StreamedHead)
+    assert len(m.generate("The history of the printing press", max_tokens=8, temperature=0)) > 0
+    m.close()
