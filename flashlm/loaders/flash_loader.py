@@ -156,15 +156,15 @@ def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: 
 def gpu_plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: LoadOptions, n_ctx: int,
                  naive: bool = False):
     """(host plan, GPU plan) for --device cuda: arithmetic only (no CUDA needed, so `flashlm info` can show it)."""
-    from ..quant.cuda_kernels import GpuRecords
+    from ..quant.cuda_kernels import GpuRecords, gpu_matrix_bytes
     from ..runtime.cuda_executor import plan_gpu
 
     host_plan = plan_for(f, family, args, store, opts, n_ctx, gpu_resident=True)
-    attention = sum(f.tensors[n].nbytes for i in range(args.n_layers) for n in _attention_names(family, i))
+    matrices = [f.tensors[n] for i in range(args.n_layers) for n in _attention_names(family, i)] + [output_matrix(f)]
+    resident = sum(gpu_matrix_bytes(t.ggml_type, t.shape[0], t.shape[1]) for t in matrices)  # as the GPU holds them
     kv_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 2 * n_ctx
     plan = plan_gpu(opts.gpu_memory_budget, 0 if naive else host_plan.hot_neurons, args.n_ff, store.record_bytes,
-                    args.n_layers, attention + output_matrix(f).nbytes, kv_bytes, naive=naive,
-                    gpu_rb=GpuRecords.of(store.layout).record_bytes)
+                    args.n_layers, resident, kv_bytes, naive=naive, gpu_rb=GpuRecords.of(store.layout).record_bytes)
     return host_plan, plan
 
 

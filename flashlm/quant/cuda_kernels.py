@@ -459,6 +459,13 @@ def gpu_row_bytes(k: int, qtype) -> int:
     return _round16(k // 32 * UNIT_BYTES[CudaKernels.fmt(qtype)])
 
 
+def gpu_matrix_bytes(qtype, n_rows: int, k: int) -> int:
+    """GPU memory of a matrix as GpuMatrix holds it: planar rows of a quantized type, float32 otherwise."""
+    if QT(qtype) in (QT.F32, QT.F16, QT.BF16):
+        return n_rows * k * 4
+    return n_rows * gpu_row_bytes(k, qtype)
+
+
 @dataclass(frozen=True)
 class GpuRecords:
     """Flash-store records as the GPU keeps them: [gate row planar | up row planar | down column as stored], each
