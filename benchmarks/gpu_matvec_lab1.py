@@ -240,22 +240,10 @@ extern "C" __global__ void read_all(const uint4* p, long long n, unsigned int* o
 
 
 def graph_us(cp, rounds, launch, reps=5):
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        stream.begin_capture()
-        for r in range(rounds):
-            launch(r)
-        graph = stream.end_capture()
-    graph.launch(stream)
-    stream.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record(stream)
-        graph.launch(stream)
-        b.record(stream)
-        b.synchronize()
-        times.append(cp.cuda.get_elapsed_time(a, b) * 1e3 / rounds)
+    """(median, min, max) microseconds per launch over `reps` CUDA-graph replays (flashlm.tools.gpu_bench)."""
+    from flashlm.tools.gpu_bench import graph_times
+
+    times = [t * 1e3 for t in graph_times(cp, rounds, launch, reps)]
     return float(np.median(times)), float(min(times)), float(max(times))
 
 

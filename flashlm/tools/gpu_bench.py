@@ -31,9 +31,9 @@ def _random_rows(qtype, n: int, k: int, rng) -> np.ndarray:
     return gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
 
 
-def _graph_ms(cp, rounds: int, launch) -> float:
-    """GPU milliseconds per launch(r), r = 0..rounds-1, captured in a CUDA graph and replayed once warm (a Python
-    launch costs more than these kernels); the median of 5 replays."""
+def graph_times(cp, rounds: int, launch, reps: int = 5) -> list[float]:
+    """GPU milliseconds per launch(r), r = 0..rounds-1, captured in a CUDA graph and replayed `reps` times once
+    warm (a Python launch costs more than these kernels)."""
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         stream.begin_capture()
@@ -42,14 +42,19 @@ def _graph_ms(cp, rounds: int, launch) -> float:
         graph = stream.end_capture()
     graph.launch(stream)
     times = []
-    for _ in range(5):
+    for _ in range(reps):
         start, stop = cp.cuda.Event(), cp.cuda.Event()
         start.record(stream)
         graph.launch(stream)
         stop.record(stream)
         stop.synchronize()
         times.append(cp.cuda.get_elapsed_time(start, stop) / rounds)
-    return float(np.median(times))
+    return times
+
+
+def _graph_ms(cp, rounds: int, launch) -> float:
+    """The median of graph_times."""
+    return float(np.median(graph_times(cp, rounds, launch)))
 
 
 def check_kernels(rounds: int = 50) -> dict:
