@@ -64,6 +64,10 @@ def build_library(source: str = SOURCE) -> str | None:
     # deterministic); -fno-finite-math-only keeps inf/nan semantics. It is given to the compile step only: on the
     # link line GCC adds crtfastmath.o, which sets flush-to-zero for the whole process when the library loads
     # (numpy's subnormals became 0 and hypothesis refused to run in the same process).
+    # OpenMP's workers spin between parallel regions (libgomp's default). Measured letting them sleep instead
+    # (OMP_WAIT_POLICY=PASSIVE), SmolLM2 .flash in a cgroup, 2 cores, 4 interleaved runs each: user CPU per token
+    # 81-91 -> 22-27 ms at 120 MB, but decode 13.0-14.8 -> 13.2-15.7 tok/s at 120 MB, 37.5-40.4 -> 32.9-37.8 at 165
+    # MB and 100-105 -> 58-64 unlimited: not set (a user who wants the CPU back can set it).
     flags = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-fPIC"]
     flags += os.environ.get("FLASHLM_KERNEL_CFLAGS", "").split()  # e.g. "-mno-avx512vnni -mno-avxvnni" (tests)
     text = b""
