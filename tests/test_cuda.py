@@ -116,3 +116,23 @@ def test_gpu_tiers_stream_and_give_the_resident_logits(smol_flash, gpl_text):
     # (Gemma 3) in perplexity; tiered vs all-on-GPU measured 2.1% on 63 tokens
     assert steps["top1"] >= 0.9 and abs(steps["ppl"] / steps["ppl_ref"] - 1) < 0.03
     assert streamed > 0  # some records came from flash
+
+
+def test_gpu_out_of_memory_at_load_is_a_budget_error(smol_flash, monkeypatch):
+    """CuPy's pool refusing an allocation while loading (a transient beyond the plan) becomes a BudgetError naming
+    the GPU budget, as an impossible host budget does (no GPU needed: the loader is replaced)."""
+    from flashlm.errors import BudgetError
+    from flashlm.loaders import model_loader
+
+    class OutOfMemoryError(MemoryError):  # cupy.cuda.memory.OutOfMemoryError's name
+        pass
+
+    def refuse(*args, **kw):
+        raise OutOfMemoryError("Out of memory allocating 33,553,408 bytes (allocated so far: 161,069,056 bytes, "
+                               "limit set to: 150,000,000 bytes).")
+
+    monkeypatch.setattr(model_loader, "load_cuda_executor", refuse)
+    with pytest.raises(BudgetError, match=r"GPU memory budget \(150 MB\) ran out while loading .*allocating"):
+        flashlm.load(smol_flash, device="cuda", gpu_memory_budget="150MB")
+    with pytest.raises(BudgetError, match="the GPU's memory ran out"):
+        flashlm.load(smol_flash, device="cuda")

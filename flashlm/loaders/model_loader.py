@@ -17,7 +17,7 @@ import numpy as np
 from dataclasses import dataclass
 from types import ModuleType
 
-from ..errors import InvalidOptionError, BudgetError
+from ..errors import BudgetError, InvalidOptionError
 from ..flash_store.reader import is_flash_store
 from ..models import family_for
 from ..models.base import Metadata, declare_segment_io
@@ -127,7 +127,16 @@ def load_model(path: str, opts: LoadOptions, taps: tuple[str, ...] = (), load_to
         if flash and opts.device == "cuda":
             if opts.sparsity:
                 raise InvalidOptionError("--sparsity is not available with --device cuda yet")
-            executor, plan = load_cuda_executor(path, f, family, args, opts, n_ctx, threads)
+            try:
+                executor, plan = load_cuda_executor(path, f, family, args, opts, n_ctx, threads)
+            except Exception as e:  # CuPy's pool refused an allocation: the GPU budget, with what loading needs
+                if type(e).__name__ != "OutOfMemoryError":
+                    raise
+                budget = opts.gpu_memory_budget
+                what = f"the GPU memory budget ({budget / 1e6:.0f} MB)" if budget else "the GPU's memory"
+                raise BudgetError(f"{what} ran out while loading {os.path.basename(path)}: "
+                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                                  "a larger --gpu-memory-budget or a smaller -c fits it") from None
             resident = sum(m.nbytes for w in executor.layers for m in (*w.qkv, w.o))
         elif flash:
             executor, plan = load_flash_executor(path, f, family, args, opts, n_ctx, threads)
