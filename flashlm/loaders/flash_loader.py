@@ -76,25 +76,26 @@ def _auto_head_plan(f: GGUFFile, family: ModuleType, args, store: FlashStore, op
     plan streams fewer bytes per token. SmolLM2 at 150 MB: exact keeps the 30 MB matrix but only 448 of 1,536
     neurons per layer (44 MB of reads per token, 22.3 tok/s); the sketch leaves room for 832 (28.5 MB, 28.8 tok/s)."""
     def plan(head):
+        return plan_for(f, family, args, store, replace(opts, output_head=head), n_ctx, baseline, gpu_resident)
+
+    def attempt(head):
         try:
-            return plan_for(f, family, args, store, replace(opts, output_head=head), n_ctx, baseline, gpu_resident)
+            return plan(head)
         except BudgetError:
             return None
 
-    row_bytes = output_matrix(f).nbytes // output_matrix(f).shape[0]
+    info = output_matrix(f)
+    row_bytes = info.nbytes // info.shape[0]
 
     def streamed(p):
         return (p.n_ff - p.hot_neurons) * p.record_bytes * p.n_layers + (p.head_rows - p.head_resident_rows) * row_bytes
 
-    exact = plan("exact")
+    exact = attempt("exact")
     if gpu_resident or (exact is not None and streamed(exact) == 0):
-        return exact if exact is not None else plan_for(f, family, args, store, replace(opts, output_head="exact"),
-                                                        n_ctx, baseline, gpu_resident)
-    sketch = plan("sketch")
-    if sketch is None or (exact is not None and streamed(exact) <= streamed(sketch)):
-        return exact if exact is not None else plan_for(f, family, args, store, replace(opts, output_head="sketch"),
-                                                        n_ctx, baseline)  # raises the budget error
-    return sketch
+        return exact if exact is not None else plan("exact")  # (raises the budget error)
+    sketch = attempt("sketch")
+    fitting = [p for p in (exact, sketch) if p is not None]
+    return min(fitting, key=streamed) if fitting else plan("sketch")  # ties: exact; none fits: the sketch's error
 
 
 def _row_matrix(f: GGUFFile, name: str, bias_name: str | None) -> RowMatrix:

@@ -31,6 +31,7 @@ from the CPU kernel's, so GPU and CPU logits agree to float32 rounding, not bit 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -81,6 +82,7 @@ class GpuRecords:
     down_off: int
 
     @staticmethod
+    @functools.lru_cache(maxsize=None)  # asked per layer and token; a RecordLayout is frozen (hashable)
     def of(layout) -> "GpuRecords":
         up = gpu_row_bytes(layout.d_model, layout.gate_type)
         down = up + gpu_row_bytes(layout.d_model, layout.up_type)

@@ -115,6 +115,13 @@ class GpuMatrix:
         return out + self.bias if self.bias is not None else out
 
 
+def _recorded(cp):
+    """A CUDA event recorded now on the current stream."""
+    event = cp.cuda.Event()
+    event.record()
+    return event
+
+
 class GpuFFN:
     """The tiered FFN (module docstring). Same stats interface as runtime/streaming.StreamedFFN."""
 
@@ -198,8 +205,7 @@ class GpuFFN:
         cp, st = self.cp, self.stats
         t0 = time.perf_counter()
         k = i % 2
-        landing, stage = self.landing[k], self.stage
-        warm = self.warm_bytes
+        landing, stage, warm = self.landing[k], self.stage, self.warm_bytes
         copies = self.copy_stream
         if self.landed[k] is not None:
             copies.wait_event(self.landed[k])  # layer i - 2 has been converted out of this landing buffer
@@ -207,49 +213,37 @@ class GpuFFN:
         t_io = 0.0
         with copies:
             if warm:
-                marks.append(cp.cuda.Event())
-                marks[-1].record()
+                marks.append(_recorded(cp))
                 landing.data.copy_from_host_async(self.host_records[i].ctypes.data, warm)
-                marks.append(cp.cuda.Event())
-                marks[-1].record()
+                marks.append(_recorded(cp))
             if i in self._pending:
                 data = self._pending.pop(i).result()
                 t_io = time.perf_counter() - t0
-                marks.append(cp.cuda.Event())
-                marks[-1].record()
+                marks.append(_recorded(cp))
                 landing[warm:].data.copy_from_host_async(data.ctypes.data, data.nbytes)
-                ev = cp.cuda.Event()
-                ev.record()
-                self.copied[k] = ev  # the read buffer k may be reused after this
-                marks.append(ev)
-        t1 = time.perf_counter()
+                self.copied[k] = _recorded(cp)  # the read buffer k may be reused after this
+                marks.append(self.copied[k])
         self._issue(i + 1)
-        S = x.shape[0]
-        e_kernels = cp.cuda.Event()
-        e_kernels.record()
+        e_kernels = _recorded(cp)
         t2 = time.perf_counter()
         waits = None
-        xq = self.kernels.quantize(x) if S <= MAX_S else None  # shared by both tiers
+        xq = self.kernels.quantize(x) if x.shape[0] <= MAX_S else None  # shared by both tiers
         if self.gpu_hot:
             self.kernels.bundle(self.gpu_records[i].data.ptr, self.gpu_hot, self.layout, self.activation, x, y,
                                 self.h, xq)
         if stage is not None:
+            rest = self.n_ff - self.gpu_hot
             if marks:  # the compute stream waits for the copies (the wait is timed apart from the kernels)
-                waits = (cp.cuda.Event(), cp.cuda.Event())
-                waits[0].record()
+                wait_start = _recorded(cp)
                 cp.cuda.get_current_stream().wait_event(marks[-1])
-                waits[1].record()
-            self.kernels.records_to_planar(landing, stage, self.n_ff - self.gpu_hot, self.layout)
-            self.landed[k] = cp.cuda.Event()
-            self.landed[k].record()
-            self.kernels.bundle(stage.data.ptr, self.n_ff - self.gpu_hot, self.layout, self.activation, x, y,
-                                self.h, xq)
-        e_done = cp.cuda.Event()
-        e_done.record()
-        self._events.append((marks, e_kernels, e_done, waits))
+                waits = (wait_start, _recorded(cp))
+            self.kernels.records_to_planar(landing, stage, rest, self.layout)
+            self.landed[k] = _recorded(cp)
+            self.kernels.bundle(stage.data.ptr, rest, self.layout, self.activation, x, y, self.h, xq)
+        self._events.append((marks, e_kernels, _recorded(cp), waits))
         st.calls += 1
         st.io_wait_s += t_io
-        st.manage_s += t1 - t0 - t_io + (t2 - t1)
+        st.manage_s += t2 - t0 - t_io
         st.compute_s += time.perf_counter() - t2  # launch time; the GPU's own time shows in the token's total
         st.neurons_used += self.n_ff
         st.neurons_from_cache += self.host_hot
