@@ -273,9 +273,12 @@ def info(model, memory_budget, ctx_size, device, gpu_memory_budget, verbose):
 @click.option("--calibration-text", type=click.Path(dir_okay=False), default=None,
               help="Text whose activations order each layer's neurons hot first (default: a built-in paragraph).")
 @click.option("--no-calibration", is_flag=True, help="Keep the source neuron order (no calibration run).")
+@click.option("--bundle", type=click.Choice(["neuron", "block"]), default="neuron", show_default=True,
+              help="FFN records: one per neuron (down column requantized to Q8_0; needed for --sparsity and "
+                   "--device cuda), or one per block of ffn_down (32 or 256 neurons, every byte as in the source).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def convert(model, output, quant, calibration_text, no_calibration, force, verbose):
+def convert(model, output, quant, calibration_text, no_calibration, bundle, force, verbose):
     """Convert a GGUF model into a flash store (row-column bundled FFN, hot neurons first), or a Hugging Face
     directory (config.json, *.safetensors, tokenizer.json) into a GGUF or a flash store."""
     from .flash_store.writer import convert as run_convert
@@ -290,10 +293,12 @@ def convert(model, output, quant, calibration_text, no_calibration, force, verbo
                    f"{quant}{fallback}, {r.nbytes / 1e6:.1f} MB")
         return
 
-    r = run_convert(model, output, "none" if no_calibration else calibration_text, force=force)
-    click.echo(f"wrote {r.path}: {r.n_layers} layers, {r.record_bytes}-byte neuron records, resident section "
-               f"{r.resident_bytes / 1e6:.1f} MB, FFN bundles {r.bundle_bytes / 1e6:.1f} MB; down columns requantized "
-               f"to Q8_0 with {r.down_rel_rms_error:.2%} relative RMS error; calibrated on {r.calibration}")
+    r = run_convert(model, output, "none" if no_calibration else calibration_text, force=force, bundle=bundle)
+    down = f"down columns requantized to {r.down_type} with {r.down_rel_rms_error:.2%} relative RMS error" \
+        if r.group == 1 else f"ffn_down blocks ({r.down_type}) as in the source"
+    click.echo(f"wrote {r.path}: {r.n_layers} layers, {r.record_bytes}-byte records of {r.group} neuron"
+               f"{'s' if r.group > 1 else ''}, resident section {r.resident_bytes / 1e6:.1f} MB, FFN bundles "
+               f"{r.bundle_bytes / 1e6:.1f} MB; {down}; calibrated on {r.calibration}")
 
 
 @cli.command()

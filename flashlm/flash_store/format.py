@@ -2,9 +2,15 @@
 
   - every tensor the model needs each token (embeddings, attention, norms, output) unchanged, in its source
     quantization: 4-bit weights are not quantized a second time;
-  - per layer one tensor `blk.{i}.ffn_bundle` of n_ff records, one per neuron (row-column bundling, the paper's
-    Sec. 3.2): gate row i and up row i in their source block format, then down column i, which GGUF stores strided
-    across rows and is therefore transposed and requantized (to DOWN_TYPE, chosen by measured error);
+  - per layer one tensor `blk.{i}.ffn_bundle` of records (row-column bundling, the paper's Sec. 3.2), in one of two
+    layouts (flashlm.bundle.group, RecordLayout below):
+      neuron (group 1, the default): one record per neuron: gate row i and up row i in their source block format,
+        then down column i, which GGUF stores strided across rows and is therefore transposed and requantized (to
+        DOWN_TYPE, chosen by measured error);
+      block (group G = the block size of ffn_down's type, `convert --bundle block`): one record per G consecutive
+        neurons: their G gate rows, their G up rows, then for each of the d_model rows of ffn_down the one block
+        covering these neurons: every byte as in the source GGUF, nothing requantized (a dense FFN reads whole
+        records anyway; per-neuron sparsity needs the neuron layout);
   - neurons of each layer ordered hot first by activation frequency on calibration text, so a hot set is one
     contiguous range; `flashlm.layer.{i}.neuron_order` maps stored position -> original neuron index;
   - records padded to RECORD_ALIGN bytes, tensor data aligned to DATA_ALIGN (general.alignment) for direct I/O;
@@ -17,6 +23,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..loaders.gguf_reader import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
@@ -50,12 +58,15 @@ def row_bytes(qtype: QT, n: int) -> int:
 
 @dataclass(frozen=True)
 class RecordLayout:
-    """Byte layout of one neuron's record: [gate row | up row | down column | padding]."""
+    """Byte layout of one record. group 1: one neuron, [gate row | up row | down column | padding]. group G > 1:
+    G neurons, [G gate rows | G up rows | d_model blocks of ffn_down (row r's block over these neurons) | padding];
+    G is then the block size of down_type."""
 
     d_model: int
     gate_type: QT
     up_type: QT
     down_type: QT
+    group: int = 1  # neurons per record
 
     @property
     def gate_bytes(self) -> int:
@@ -67,26 +78,43 @@ class RecordLayout:
 
     @property
     def down_bytes(self) -> int:
-        return row_bytes(self.down_type, self.d_model)
+        """A record's down part: its column (group 1), or d_model blocks of G values."""
+        if self.group == 1:
+            return row_bytes(self.down_type, self.d_model)
+        return self.d_model * row_bytes(self.down_type, self.group)
+
+    @property
+    def down_block_bytes(self) -> int:  # group > 1: the bytes of one of ffn_down's rows in a record
+        return row_bytes(self.down_type, self.group)
 
     @property
     def used_bytes(self) -> int:
-        return self.gate_bytes + self.up_bytes + self.down_bytes
+        return self.group * (self.gate_bytes + self.up_bytes) + self.down_bytes
 
     @property
     def record_bytes(self) -> int:
         return -(-self.used_bytes // RECORD_ALIGN) * RECORD_ALIGN
 
     def slices(self) -> tuple[slice, slice, slice]:
-        g, u, d = self.gate_bytes, self.up_bytes, self.down_bytes
+        """gate rows, up rows, down part of a record (group > 1: G rows each)."""
+        g, u, d = self.group * self.gate_bytes, self.group * self.up_bytes, self.down_bytes
         return slice(0, g), slice(g, g + u), slice(g + u, g + u + d)
 
     def to_metadata(self) -> dict[str, int]:
-        return {"flashlm.bundle.d_model": self.d_model, "flashlm.bundle.gate_type": int(self.gate_type),
+        meta = {"flashlm.bundle.d_model": self.d_model, "flashlm.bundle.gate_type": int(self.gate_type),
                 "flashlm.bundle.up_type": int(self.up_type), "flashlm.bundle.down_type": int(self.down_type),
                 "flashlm.bundle.record_bytes": self.record_bytes}
+        if self.group > 1:  # absent: group 1 (files written before the block layout existed)
+            meta[KEY_GROUP] = self.group
+        return meta
 
-    @classmethod
-    def from_metadata(cls, get) -> "RecordLayout":
-        return cls(int(get("flashlm.bundle.d_model")), QT(int(get("flashlm.bundle.gate_type"))),
-                   QT(int(get("flashlm.bundle.up_type"))), QT(int(get("flashlm.bundle.down_type"))))
+
+KEY_GROUP = "flashlm.bundle.group"
+
+
+def block_order(group: int, score: np.ndarray) -> np.ndarray:
+    """The block layout's neuron order: groups of `group` consecutive source neurons, hottest group first (by the
+    sum of its neurons' `score`, ties by index), neurons within a group in source order."""
+    sums = score.reshape(-1, group).sum(1)
+    groups = np.lexsort((np.arange(len(sums)), -sums))
+    return (groups[:, None] * group + np.arange(group)).ravel().astype(np.uint32)

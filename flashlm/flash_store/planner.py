@@ -58,14 +58,15 @@ class FlashPlan:
     kv_bytes: int
     scratch_bytes: int
     io_buffer_bytes: int  # both buffers together
-    hot_neurons: int  # per layer
+    hot_neurons: int  # records per layer (neurons, or blocks of `group` neurons)
     head_resident_rows: int  # rows of the output matrix kept in memory; the rest stream from flash each token
     head_rows: int
-    n_ff: int
+    n_ff: int  # records per layer
     n_layers: int
     record_bytes: int
     batch_size: int
     output_head: str = "exact"  # "exact" (the matrix, resident or streamed) or "sketch" (head_sketch.py)
+    group: int = 1  # neurons per record (format.RecordLayout)
 
     @property
     def head_resident(self) -> bool:
@@ -91,7 +92,8 @@ class FlashPlan:
                  f"  {'resident attention + ' + self._head_text():<46}{mb(self.resident_bytes)}",
                  f"  KV cache (full context)                       {mb(self.kv_bytes)}",
                  f"  {f'activation scratch (batch {self.batch_size})':<46}{mb(self.scratch_bytes)}",
-                 f"  {f'FFN hot neurons {self.hot_neurons}/{self.n_ff} per layer':<46}{mb(self.cache_bytes)}",
+                 f"  {f'FFN hot neurons {self.hot_neurons * self.group}/{self.n_ff * self.group} per layer':<46}"
+                 f"{mb(self.cache_bytes)}",
                  f"  I/O buffers                                   {mb(self.io_buffer_bytes)}",
                  f"  total                                         {mb(self.total_bytes)}",
                  f"  streamed per token: {self.streamed_fraction:.0%} of the FFN "
@@ -111,8 +113,10 @@ class FlashPlan:
 def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_bytes: int,
                n_layers: int, n_ff: int, record_bytes: int, kv_bytes_per_token: int, n_ctx: int, batch_size: int,
                n_heads: int, head_stream_bytes: int, head_rows: int, scorer_bytes: int = 0,
-               head_streamable: bool = True) -> FlashPlan:
-    """FFN neurons stream first; only if even a fully streamed FFN does not fit, the output matrix streams too."""
+               head_streamable: bool = True, group: int = 1) -> FlashPlan:
+    """FFN neurons stream first; only if even a fully streamed FFN does not fit, the output matrix streams too.
+    n_ff and record_bytes count records (a record holds `group` neurons)."""
+    align = max(1, HOT_ALIGN // group)
     head_row_bytes = head_bytes // head_rows
     kv = kv_bytes_per_token * n_ctx
     batch = batch_size
@@ -128,7 +132,7 @@ def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_
         io = 0 if hot >= n_ff else 2 * ((n_ff - hot) * record_bytes + 2 * 4096)
         resident = attention + rows * head_row_bytes + (0 if rows >= head_rows else head_stream_bytes)
         return FlashPlan(budget, baseline, resident, kv, scratch, io, hot, rows, head_rows, n_ff, n_layers,
-                         record_bytes, batch)
+                         record_bytes, batch, group=group)
 
     if budget is None or plan(n_ff, True).total_bytes <= budget:
         return plan(n_ff, True)
@@ -140,9 +144,9 @@ def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_
                           f"(baseline {baseline / MB:.0f} MB, resident {smallest.resident_bytes / MB:.0f} MB, "
                           f"KV cache {kv / MB:.0f} MB; a smaller -c lowers it)")
     spare = budget - plan(0, head_resident).total_bytes + 2 * n_ff * record_bytes
-    hot = min(n_ff, max(0, spare // (record_bytes * max(1, n_layers - 2))) // HOT_ALIGN * HOT_ALIGN)
+    hot = min(n_ff, max(0, spare // (record_bytes * max(1, n_layers - 2))) // align * align)
     while hot > 0 and plan(hot, head_resident).total_bytes > budget:
-        hot -= HOT_ALIGN
+        hot -= align
     if hot < n_ff or head_resident:
         return plan(max(0, hot), head_resident)
     rows = (budget - plan(n_ff, False).total_bytes) // head_row_bytes // HEAD_ROW_ALIGN * HEAD_ROW_ALIGN

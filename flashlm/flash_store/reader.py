@@ -81,25 +81,29 @@ class FlashStore:
         if type(version) is not int or version != fmt.FORMAT_VERSION:
             raise ModelFileError(f"{f.path}: flash store version {version!r:.40}{f.where(fmt.KEY_VERSION)} is not "
                                  f"supported (this flashlm reads version {fmt.FORMAT_VERSION})")
-        self.layout = self._layout(d_model)
+        self.layout = self._layout(d_model, n_ff)
         self.record_bytes = self.layout.record_bytes
+        self.group = G = self.layout.group
+        self.n_records = n_records = n_ff // G  # records per layer (neurons, or blocks of G neurons)
         self.layers: list[LayerBundle] = []
         for i in range(n_layers):
             name = fmt.bundle_name(i)
             info = f.tensors.get(name)
-            if info is None or info.shape != (n_ff, self.layout.record_bytes):
+            if info is None or info.shape != (n_records, self.layout.record_bytes):
                 raise ModelFileError(f"{f.path}: bundle tensor of layer {i} is missing or has the wrong shape "
                                      f"({info.shape if info else 'absent'}{self._at(name)}, expected "
-                                     f"{(n_ff, self.layout.record_bytes)})")
+                                     f"{(n_records, self.layout.record_bytes)})")
             key = fmt.layer_key(i, "neuron_order")
             order = f.get(key)
             if not isinstance(order, np.ndarray) or order.dtype.kind not in "iu" or len(order) != n_ff or \
                     not np.array_equal(np.sort(order), np.arange(n_ff)):
                 raise ModelFileError(f"{f.path}: {key}{f.where(key)} is not a permutation of {n_ff} neurons")
+            if G > 1 and not np.array_equal(order.reshape(-1, G) - order[::G, None], np.broadcast_to(np.arange(G), (n_records, G))):
+                raise ModelFileError(f"{f.path}: {key}{f.where(key)} does not keep blocks of {G} neurons together")
             if info.offset % fmt.DATA_ALIGN:
                 raise ModelFileError(f"{f.path}: bundle of layer {i} (data at byte {info.offset}) is not "
                                      f"{fmt.DATA_ALIGN}-aligned")
-            self.layers.append(LayerBundle(info.offset, n_ff, order.astype(np.int64),
+            self.layers.append(LayerBundle(info.offset, n_records, order.astype(np.int64),
                                            self._uint(fmt.layer_key(i, "crc32"), 32)))
         self.bundle_names = {fmt.bundle_name(i) for i in range(n_layers)}
         self.resident_crc = self._uint(fmt.KEY_RESIDENT_CRC, 32)
@@ -122,7 +126,7 @@ class FlashStore:
                                  f"not an unsigned {bits}-bit integer")
         return value
 
-    def _layout(self, d_model: int) -> fmt.RecordLayout:
+    def _layout(self, d_model: int, n_ff: int) -> fmt.RecordLayout:
         f = self.file
         types = {}
         for part in ("gate", "up", "down"):
@@ -131,14 +135,19 @@ class FlashStore:
                 types[part] = QT(self._uint(key, 32))
             except ValueError:
                 raise ModelFileError(f"{f.path}: {key} = {f.get(key)}{f.where(key)} is not a GGML type") from None
-            if types[part] not in GGML_QUANT_SIZES or d_model % GGML_QUANT_SIZES[types[part]][0]:
-                raise ModelFileError(f"{f.path}: {key} = {types[part].name}{f.where(key)} does not fit d_model "
-                                     f"{d_model}")
+            along = n_ff if part == "down" and fmt.KEY_GROUP in f.metadata else d_model  # block layout: along n_ff
+            if types[part] not in GGML_QUANT_SIZES or along % GGML_QUANT_SIZES[types[part]][0]:
+                raise ModelFileError(f"{f.path}: {key} = {types[part].name}{f.where(key)} does not fit "
+                                     f"{along} values")
         stored_d = self._uint("flashlm.bundle.d_model")
         if stored_d != d_model:
             raise ModelFileError(f"{f.path}: flashlm.bundle.d_model {stored_d}{f.where('flashlm.bundle.d_model')} "
                                  f"!= model d_model {d_model}")
-        layout = fmt.RecordLayout(d_model, types["gate"], types["up"], types["down"])
+        group = self._uint(fmt.KEY_GROUP, 32) if fmt.KEY_GROUP in f.metadata else 1
+        if group != 1 and (group != GGML_QUANT_SIZES[types["down"]][0] or n_ff % group):
+            raise ModelFileError(f"{f.path}: {fmt.KEY_GROUP} = {group}{f.where(fmt.KEY_GROUP)} is neither 1 nor the "
+                                 f"block size of {types['down'].name} dividing n_ff {n_ff}")
+        layout = fmt.RecordLayout(d_model, types["gate"], types["up"], types["down"], group)
         if self._uint("flashlm.bundle.record_bytes") != layout.record_bytes:
             raise ModelFileError(f"{f.path}: flashlm.bundle.record_bytes{f.where('flashlm.bundle.record_bytes')} "
                                  f"does not match the record layout ({layout.record_bytes} bytes)")

@@ -19,7 +19,7 @@ import gguf
 
 from ..atomic_file import commit, remove_stale_temps, temp_path
 from ..errors import InvalidOptionError, UnsupportedModelError
-from ..loaders.gguf_reader import GGUFFile, StringArray
+from ..loaders.gguf_reader import GGML_QUANT_SIZES, GGUFFile, GGMLQuantizationType as QT, StringArray
 from ..loaders.model_loader import read_model
 from ..quant.formats import codec_for, dequantize
 from . import format as fmt
@@ -35,13 +35,19 @@ class ConvertReport:
     bundle_bytes: int
     down_rel_rms_error: float  # RMS error of the requantized down columns over RMS of the source weights
     calibration: str
+    group: int = 1  # neurons per record
+    down_type: str = "Q8_0"
 
 
 def _ffn_name(i: int, key: str) -> str:
     return f"blk.{i}.{key}.weight"
 
 
-def _layout(f: GGUFFile, n_layers: int, d_model: int) -> fmt.RecordLayout:
+BUNDLES = ("neuron", "block")
+BLOCK_DOWN_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)  # the CPU kernel's
+
+
+def _layout(f: GGUFFile, n_layers: int, d_model: int, n_ff: int, bundle: str = "neuron") -> fmt.RecordLayout:
     types = {(f.tensors[_ffn_name(i, "ffn_gate")].ggml_type, f.tensors[_ffn_name(i, "ffn_up")].ggml_type)
              for i in range(n_layers)}
     if len(types) != 1:
@@ -49,13 +55,32 @@ def _layout(f: GGUFFile, n_layers: int, d_model: int) -> fmt.RecordLayout:
     gate_type, up_type = types.pop()
     for qt, name in ((gate_type, "ffn_gate"), (up_type, "ffn_up")):
         codec_for(qt, name)
-    return fmt.RecordLayout(d_model, gate_type, up_type, fmt.DOWN_TYPE)
+    if bundle not in BUNDLES:
+        raise InvalidOptionError(f"--bundle must be one of {', '.join(BUNDLES)}, got {bundle!r}")
+    if bundle == "neuron":
+        return fmt.RecordLayout(d_model, gate_type, up_type, fmt.DOWN_TYPE)
+    down_types = {f.tensors[_ffn_name(i, "ffn_down")].ggml_type for i in range(n_layers)}
+    if len(down_types) != 1:
+        raise UnsupportedModelError(f"{f.path}: --bundle block needs one ffn_down format in every layer, found "
+                                    f"{', '.join(sorted(QT(t).name for t in down_types))}; use --bundle neuron")
+    down_type = QT(down_types.pop())
+    if down_type not in BLOCK_DOWN_TYPES:
+        raise UnsupportedModelError(f"{f.path}: --bundle block: no kernel for ffn_down in {down_type.name}; "
+                                    f"use --bundle neuron")
+    group = GGML_QUANT_SIZES[down_type][0]
+    if n_ff % group:
+        raise UnsupportedModelError(f"{f.path}: --bundle block: n_ff {n_ff} is not a multiple of {down_type.name}'s "
+                                    f"block of {group}; use --bundle neuron")
+    return fmt.RecordLayout(d_model, gate_type, up_type, down_type, group)
 
 
 def build_bundle(f: GGUFFile, i: int, layout: fmt.RecordLayout, order: np.ndarray) -> tuple[np.ndarray, float]:
-    """(n_ff, record_bytes) uint8 records in `order`, and the relative RMS error of the down requantization."""
+    """(records, record_bytes) uint8 records in `order`, and the relative RMS error of the down requantization
+    (0 for the block layout, which copies the source bytes)."""
     gate = f.tensor_bytes(_ffn_name(i, "ffn_gate"))  # (n_ff, gate_bytes)
     up = f.tensor_bytes(_ffn_name(i, "ffn_up"))
+    if layout.group > 1:
+        return _build_blocks(f, i, layout, order, gate, up), 0.0
     down_info = f.tensors[_ffn_name(i, "ffn_down")]
     down_t = dequantize(f.tensor_bytes(down_info.name), down_info.ggml_type).T  # (n_ff, d_model), column i = row i
     down_q = gguf.quants.quantize(np.ascontiguousarray(down_t, dtype=np.float32), layout.down_type)
@@ -67,6 +92,19 @@ def build_bundle(f: GGUFFile, i: int, layout: fmt.RecordLayout, order: np.ndarra
     records[:, u] = up[order]
     records[:, d] = down_q[order]
     return records, rel_err
+
+
+def _build_blocks(f: GGUFFile, i: int, layout: fmt.RecordLayout, order: np.ndarray, gate, up) -> np.ndarray:
+    """Block layout: record k holds the G neurons order[k*G:(k+1)*G] (consecutive in the source, block_order)."""
+    G, d_model = layout.group, layout.d_model
+    groups = order[::G] // G
+    down = f.tensor_bytes(_ffn_name(i, "ffn_down")).reshape(d_model, -1, layout.down_block_bytes)  # (d, n_ff/G, bb)
+    records = np.zeros((len(groups), layout.record_bytes), np.uint8)
+    g, u, dn = layout.slices()
+    records[:, g] = gate.reshape(-1, G * layout.gate_bytes)[groups]
+    records[:, u] = up.reshape(-1, G * layout.up_bytes)[groups]
+    records[:, dn] = down[:, groups, :].transpose(1, 0, 2).reshape(len(groups), -1)
+    return records
 
 
 def copy_metadata(w: gguf.GGUFWriter, f: GGUFFile, keys=None) -> None:
@@ -92,7 +130,7 @@ def _progress(done: int, total: int, what: str) -> None:
 
 
 def convert(src: str, dst: str, calibration_text: str | None = None, force: bool = False,
-            calibration: Calibration | None = None) -> ConvertReport:
+            calibration: Calibration | None = None, bundle: str = "neuron") -> ConvertReport:
     remove_stale_temps(dst)
     if os.path.exists(dst) and not force:
         raise InvalidOptionError(f"{dst}: already exists (use --force to overwrite)")
@@ -102,13 +140,15 @@ def convert(src: str, dst: str, calibration_text: str | None = None, force: bool
     try:
         if any(_ffn_name(i, k) not in f.tensors for i in range(args.n_layers) for k in fmt.FFN_KEYS):
             raise UnsupportedModelError(f"{src}: not a gated FFN model with ffn_gate/ffn_up/ffn_down per layer")
-        layout = _layout(f, args.n_layers, args.d_model)
+        layout = _layout(f, args.n_layers, args.d_model, args.n_ff, bundle)
         if calibration is None and calibration_text == "none":
             zeros = np.zeros((args.n_layers, args.n_ff), np.float32)
             calibration = Calibration(zeros, zeros, "none (source neuron order)")
         if calibration is None:
             calibration = calibrate(src, calibration_text, progress=lambda d, t: _progress(d, t, "calibrating"))
-        orders = [calibration.order(i) for i in range(args.n_layers)]
+        orders = [calibration.order(i) if layout.group == 1 else
+                  fmt.block_order(layout.group, calibration.frequency[i])
+                  for i in range(args.n_layers)]
         return _write(f, args, layout, orders, calibration, src, dst)
     finally:
         f.close()
@@ -154,10 +194,10 @@ def _write(f, args, layout, orders, calibration, src, dst) -> ConvertReport:
             w.add_uint32(fmt.layer_key(i, "crc32"), crcs[i])
         for t in resident:
             w.add_tensor_info(t.name, f.tensor_bytes(t.name).shape, np.dtype(np.uint8), t.nbytes, t.ggml_type)
-        n_ff = len(orders[0])
+        n_records = len(orders[0]) // layout.group
         for i in range(args.n_layers):
-            w.add_tensor_info(fmt.bundle_name(i), (n_ff, layout.record_bytes), np.dtype(np.int8),
-                              n_ff * layout.record_bytes, fmt.BUNDLE_TYPE)
+            w.add_tensor_info(fmt.bundle_name(i), (n_records, layout.record_bytes), np.dtype(np.int8),
+                              n_records * layout.record_bytes, fmt.BUNDLE_TYPE)
         w.add_tensor_info(fmt.HEADER_CRC_TENSOR, (1,), np.dtype(np.int32), 4, fmt.HEADER_CRC_TYPE)
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -179,5 +219,5 @@ def _write(f, args, layout, orders, calibration, src, dst) -> ConvertReport:
             os.unlink(tmp)
         raise
     return ConvertReport(dst, args.n_layers, layout.record_bytes, sum(t.nbytes for t in resident),
-                         args.n_layers * len(orders[0]) * layout.record_bytes, float(np.sqrt(np.mean(np.square(errors)))),
-                         calibration.description)
+                         args.n_layers * n_records * layout.record_bytes, float(np.sqrt(np.mean(np.square(errors)))),
+                         calibration.description, layout.group, QT(layout.down_type).name)

@@ -13,7 +13,7 @@ from types import ModuleType
 import numpy as np
 import psutil
 
-from ..errors import BudgetError
+from ..errors import BudgetError, InvalidOptionError, UnsupportedModelError
 from ..flash_store.head_sketch import SketchHead, sketch_bytes
 from ..flash_store.io_engine import FlashReader
 from ..flash_store.planner import FlashPlan, plan_flash
@@ -60,13 +60,17 @@ def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: Loa
         head_bytes = sketch_bytes(info.shape[0], args.d_model, info.nbytes // info.shape[0])
     head_stream = 0 if gpu_resident else HEAD_STREAM_DEPTH * (HEAD_SLICE_ROWS * (info.nbytes // info.shape[0]) + 2 * 4096)
     kv_per_token = 0 if gpu_resident else 2 * args.n_layers * args.n_kv_heads * args.head_dim * np.dtype(KV_DTYPE).itemsize
+    if opts.sparsity and store.group > 1:
+        raise InvalidOptionError(f"--sparsity needs a flash store with one record per neuron; this one has blocks of "
+                                 f"{store.group} (convert with --bundle neuron)")
     scorer = args.n_layers * args.n_ff * resident_bytes_per_neuron(store.layout, opts.sparsity_score) \
         if opts.sparsity else 0
     plan = plan_flash(budget=opts.memory_budget, baseline=baseline or psutil.Process().memory_info().rss,
-                      attention_bytes=attention, head_bytes=head_bytes, n_layers=args.n_layers, n_ff=args.n_ff,
+                      attention_bytes=attention, head_bytes=head_bytes, n_layers=args.n_layers, n_ff=store.n_records,
                       record_bytes=store.record_bytes, kv_bytes_per_token=kv_per_token, n_ctx=n_ctx,
                       batch_size=opts.batch_size, n_heads=args.n_heads, head_stream_bytes=head_stream,
-                      head_rows=head_rows, scorer_bytes=scorer, head_streamable=opts.output_head == "exact")
+                      head_rows=head_rows, scorer_bytes=scorer, head_streamable=opts.output_head == "exact",
+                      group=store.group)
     return replace(plan, output_head=opts.output_head)
 
 
@@ -160,6 +164,9 @@ def gpu_plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts:
     from ..quant.cuda_kernels import GpuRecords, gpu_matrix_bytes
     from ..runtime.cuda_executor import plan_gpu
 
+    if store.group > 1:
+        raise UnsupportedModelError(f"{f.path}: --device cuda reads flash stores with one record per neuron; this one "
+                                    f"has blocks of {store.group} (convert with --bundle neuron)")
     host_plan = plan_for(f, family, args, store, opts, n_ctx, gpu_resident=True)
     matrices = [f.tensors[n] for i in range(args.n_layers) for n in _attention_names(family, i)] + [output_matrix(f)]
     resident = sum(gpu_matrix_bytes(t.ggml_type, t.shape[0], t.shape[1]) for t in matrices)  # as the GPU holds them

@@ -110,14 +110,25 @@ def quantize_x_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.reshape(S, d), dx.astype(np.float32)
 
 
+def dequantize_records(records: np.ndarray, layout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """numpy: records (n, record_bytes) -> float64 gate, up, down (n * group, d), one row per neuron in stored
+    order (down: the neuron's column of ffn_down)."""
+    g, u, dn = layout.slices()
+    G, d = layout.group, layout.d_model
+    n = len(records) * G
+    gate = dequantize(np.ascontiguousarray(records[:, g]), layout.gate_type).reshape(n, d).astype(np.float64)
+    up = dequantize(np.ascontiguousarray(records[:, u]), layout.up_type).reshape(n, d).astype(np.float64)
+    down = dequantize(np.ascontiguousarray(records[:, dn]), layout.down_type).astype(np.float64)
+    if G > 1:  # (records, d, G) -> (records, G, d)
+        down = down.reshape(len(records), d, G).transpose(0, 2, 1)
+    return gate, up, down.reshape(n, d)
+
+
 def reference_ffn(records: np.ndarray, layout, x: np.ndarray, activation: str = "silu",
                   mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """numpy reference: records (n, record_bytes) uint8, x (S, d) -> (y (S, d), act (S, n)); float64 inside."""
-    g, u, dn = layout.slices()
-    n, d = len(records), layout.d_model
-    gate = dequantize(records[:, g], layout.gate_type).reshape(n, d).astype(np.float64)
-    up = dequantize(records[:, u], layout.up_type).reshape(n, d).astype(np.float64)
-    down = dequantize(records[:, dn], layout.down_type).reshape(n, d).astype(np.float64)
+    """numpy reference: records (n, record_bytes) uint8, x (S, d) -> (y (S, d), act (S, n * group)); float64
+    inside."""
+    gate, up, down = dequantize_records(records, layout)
     xg, xu = x.astype(np.float64) @ gate.T, x.astype(np.float64) @ up.T
     if activation == "silu":
         act = xg / (1.0 + np.exp(-xg)) * xu
@@ -188,10 +199,12 @@ class BundleKernel:
         for t in (layout.gate_type, layout.up_type):
             if t not in SUPPORTED_ROW_TYPES:
                 raise ValueError(f"bundle kernel: unsupported row type {t.name}")
-        if layout.down_type != QT.Q8_0:
+        if layout.group == 1 and layout.down_type != QT.Q8_0:
             raise ValueError("bundle kernel: down columns must be Q8_0")
+        if layout.group > 1 and layout.down_type not in SUPPORTED_ROW_TYPES:
+            raise ValueError(f"bundle kernel: unsupported ffn_down blocks {layout.down_type.name}")
         self.layout, self.activation, self.threads = layout, activation, threads
-        self.attention_decode = self._ffn_i8 = None
+        self.attention_decode = self._ffn_i8 = self._block_i8 = None
         path = build_library()
         self.native = path is not None
         if self.native:
@@ -220,6 +233,17 @@ class BundleKernel:
             dq.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
                            ctypes.c_void_p, ctypes.c_int]
             self._dequant_rows = dq
+            self._block_i8 = getattr(lib, "bundle_ffn_block_i8", None)  # x86 (AVX2) builds only
+            if self._block_i8 is not None:
+                self._block_i8.restype = ctypes.c_int
+                self._block_i8.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_int] * 5 + [
+                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                    ctypes.c_int]
+            dbr = lib.dequant_block_records
+            dbr.restype = ctypes.c_int
+            dbr.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_int] * 5 + [
+                ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+            self._dequant_blocks = dbr
             self._ffn_i8 = getattr(lib, "bundle_ffn_i8", None)  # x86 (AVX2) builds only
             if self._ffn_i8 is not None:
                 self._ffn_i8.restype = ctypes.c_int
@@ -241,6 +265,9 @@ class BundleKernel:
         `rows` (n, record_bytes) is needed only by the numpy fallback. mask (S, n) bool: per token, the neurons
         that count (sparsity over a prompt batch)."""
         n, S = len(row_addresses), x.shape[0]
+        if self.layout.group > 1:
+            self._run_blocks(row_addresses, x, y, act_out, rows, mask)
+            return
         if self.native and self._ffn_i8 is not None and FFN_INT8 and act_out is None and mask is None:
             status = self._ffn_i8(row_addresses.ctypes.data, n, self.layout.d_model, int(self.layout.gate_type),
                                   int(self.layout.up_type), self._up_offset, self._down_offset,
@@ -269,6 +296,38 @@ class BundleKernel:
                           None if act_out is None else act_out.ctypes.data, self.threads)
         if status != 0:
             raise RuntimeError(f"bundle kernel failed ({status})")
+
+    def _run_blocks(self, row_addresses: np.ndarray, x: np.ndarray, y: np.ndarray, act_out, rows, mask) -> None:
+        """Block-layout records (format.RecordLayout, group > 1): the fused int8 kernel, else dequantize + BLAS,
+        else (no compiler) numpy. Per-neuron outputs (act_out, mask) need neuron records (refused at load)."""
+        if act_out is not None or mask is not None:
+            raise ValueError("block-layout records: no per-neuron activations or masks")
+        L, n = self.layout, len(row_addresses)
+        if self.native and self._block_i8 is not None and FFN_INT8:
+            status = self._block_i8(row_addresses.ctypes.data, n, L.d_model, int(L.gate_type), int(L.up_type),
+                                    int(L.down_type), L.group, self._up_offset, self._down_offset,
+                                    ACTIVATIONS[self.activation], x.ctypes.data, x.shape[0], y.ctypes.data,
+                                    self.threads)
+            if status != 0:
+                raise RuntimeError(f"bundle kernel (blocks) failed ({status})")
+            return
+        if not self.native:
+            if rows is None:
+                rows = np.stack([np.frombuffer((ctypes.c_uint8 * L.record_bytes).from_address(int(a)), np.uint8)
+                                 for a in row_addresses])
+            y += reference_ffn(rows, L, x, self.activation)[0]
+            return
+        d, chunk = L.d_model, max(1, BLAS_CHUNK_NEURONS // L.group)
+        gate, up, down = (np.empty((chunk * L.group, d), np.float32) for _ in range(3))
+        with self.one_blas_thread:
+            for lo in range(0, n, chunk):
+                addr = np.ascontiguousarray(row_addresses[lo:lo + chunk])
+                m = len(addr) * L.group
+                if self._dequant_blocks(addr.ctypes.data, len(addr), d, int(L.gate_type), int(L.up_type),
+                                        int(L.down_type), L.group, self._up_offset, self._down_offset,
+                                        gate.ctypes.data, up.ctypes.data, down.ctypes.data, self.threads) != 0:
+                    raise RuntimeError("dequant_block_records failed")
+                y += (activate(x @ gate[:m].T, self.activation) * (x @ up[:m].T)) @ down[:m]
 
     def _run_blas(self, row_addresses: np.ndarray, x: np.ndarray, y: np.ndarray, mask=None) -> None:
         """Prompt path: per chunk of records, dequantize (C) then three BLAS products."""

@@ -283,7 +283,7 @@ class FlashTimings:
     compute_ms: float  # FFN (bundle kernel)
     other_ms: float  # everything else in the forward passes (attention, head, Python)
     hit_rate: float
-    hot_neurons: int
+    hot_neurons: int  # neurons (not records) per layer
     used_fraction: float = 1.0  # FFN neurons computed per token / n_ff (below 1 with --sparsity)
 
 
@@ -296,5 +296,5 @@ def flash_timings(ffn: StreamedFFN, head: StreamedHead | None, before: FFNStats,
     accounted = io_wait_ms + d.manage_s * 1e3 + d.compute_s * 1e3
     return FlashTimings(tokens, d.io.bytes_read, d.io.reads, d.io.request_s, io_wait_ms, d.manage_s * 1e3,
                         d.compute_s * 1e3, max(0.0, forward_ms - accounted),
-                        d.neurons_from_cache / d.neurons_used if d.neurons_used else 0.0, ffn.hot,
+                        d.neurons_from_cache / d.neurons_used if d.neurons_used else 0.0, ffn.hot * ffn.plan.group,
                         d.neurons_used / (d.calls * ffn.n_ff) if d.calls else 1.0)

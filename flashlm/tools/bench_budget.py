@@ -123,7 +123,7 @@ def worker(engine: str, path: str, n_gen: int, threads: int, ctx: int, budget: i
         io = d.io
         plan = m._loaded.plan
         result.update(read_mb_per_token=io.bytes_read / (n_gen - 1) / 1e6, reads_per_token=io.reads / (n_gen - 1),
-                      effective_read_mb_s=io.effective_mb_s, hot_neurons=plan.hot_neurons,
+                      effective_read_mb_s=io.effective_mb_s, hot_neurons=plan.hot_neurons * plan.group,
                       head_resident=plan.head_resident, ms_per_token={
                           "io_wait": d.io_wait_s * 1e3 / (n_gen - 1), "ffn": d.compute_s * 1e3 / (n_gen - 1),
                           "manage": d.manage_s * 1e3 / (n_gen - 1), "all": dt * 1e3 / (n_gen - 1)})

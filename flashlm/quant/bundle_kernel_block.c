@@ -1,0 +1,142 @@
+/* The FFN over block-layout records (flash_store/format.py, group G > 1), compiled as part of bundle_kernel.c
+ * after bundle_kernel_i8.c (whose row dot products, x quantization and activations it uses).
+ *
+ * A record holds G consecutive neurons: their G gate rows, their G up rows, then ffn_down's d rows restricted to
+ * these neurons: one block of G values per row, the source GGUF's bytes (no requantization). For tokens x (S, d):
+ *     a[s, k] = act(gate_k . x_s) * (up_k . x_s)          k < G
+ *     y[s, r] += down_block_r . a[s, :]                     r < d
+ * The second line is llama.cpp's ffn_down product restricted to one block column: a is quantized to int8 per 32
+ * (quantize_x_i8, as llama.cpp quantizes ffn_down's input) and each block goes through row_dots_i8 as a one-block
+ * row. Records are the outer loop, split statically between threads with per-thread partial sums added in thread
+ * order (deterministic for a given n_threads, as bundle_ffn_i8). */
+
+#define BLOCK_MAX_G 256
+
+/* dequant_block_records: records -> float32 gate (n*G, d), up (n*G, d) and down (n*G, d) (neuron k of record i is
+ * row i*G + k; down row = that neuron's column of ffn_down): the prompt path without the fused kernel, and the
+ * tests' reference. */
+int dequant_block_records(const uint8_t *const *rows, int64_t n, int d, int gate_type, int up_type, int down_type,
+                          int G, int64_t up_offset, int64_t down_offset, float *gate, float *up, float *down,
+                          int n_threads) {
+    if (!row_ok(gate_type, d) || !row_ok(up_type, d) || !row_ok(down_type, G) || G > BLOCK_MAX_G) return -1;
+    if (n_threads < 1) n_threads = 1;
+    const int64_t gb = (int64_t)d / block_values(gate_type) * block_bytes(gate_type);
+    const int64_t ub = (int64_t)d / block_values(up_type) * block_bytes(up_type);
+    const int64_t bb = (int64_t)G / block_values(down_type) * block_bytes(down_type);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+#endif
+    for (int64_t i = 0; i < n; i++) {
+        float col[BLOCK_MAX_G];
+        for (int k = 0; k < G; k++) {
+            dequant_row(rows[i] + k * gb, gate_type, gate + ((size_t)i * G + k) * d, d);
+            dequant_row(rows[i] + up_offset + k * ub, up_type, up + ((size_t)i * G + k) * d, d);
+        }
+        for (int r = 0; r < d; r++) {
+            dequant_row(rows[i] + down_offset + r * bb, down_type, col, G);
+            for (int k = 0; k < G; k++) down[((size_t)i * G + k) * d + r] = col[k];
+        }
+    }
+    return 0;
+}
+
+#ifdef HAVE_FUSED
+/* y (S_, d) += for each r: down_block_r . a, the blocks contiguous (bb bytes each); type and S_ fixed per copy. */
+typedef void (*down_fn)(const uint8_t *blocks, int64_t bb, int d, const xq_t *A, float *y);
+#define DOWN_FN(T, S_)                                                                                             \
+    static void down_##T##_##S_(const uint8_t *blocks, int64_t bb, int d, const xq_t *A, float *y) {              \
+        for (int r = 0; r < d; r++) {                                                                              \
+            float res[S_];                                                                                         \
+            row_dots_i8(blocks + (size_t)r * bb, T, S_, A, res);                                                   \
+            for (int s = 0; s < S_; s++) y[(size_t)s * d + r] += res[s];                                           \
+        }                                                                                                          \
+    }
+#define DOWN_FNS(T) DOWN_FN(T, 1) DOWN_FN(T, 2) DOWN_FN(T, 3) DOWN_FN(T, 4) DOWN_FN(T, 5) DOWN_FN(T, 6) \
+                    DOWN_FN(T, 7) DOWN_FN(T, 8)
+DOWN_FNS(T_Q8_0) DOWN_FNS(T_Q4_0) DOWN_FNS(T_Q4_1) DOWN_FNS(T_Q5_0) DOWN_FNS(T_Q5_1) DOWN_FNS(T_Q4_K)
+DOWN_FNS(T_Q5_K) DOWN_FNS(T_Q6_K)
+#define DOWN_TABLE(T) \
+    case T: { static const down_fn f[8] = {down_##T##_1, down_##T##_2, down_##T##_3, down_##T##_4, down_##T##_5, \
+                                           down_##T##_6, down_##T##_7, down_##T##_8}; return f[S - 1]; }
+
+static down_fn down_for(int type, int S) {
+    switch (type) {
+        DOWN_TABLE(T_Q8_0) DOWN_TABLE(T_Q4_0) DOWN_TABLE(T_Q4_1) DOWN_TABLE(T_Q5_0) DOWN_TABLE(T_Q5_1)
+        DOWN_TABLE(T_Q4_K) DOWN_TABLE(T_Q5_K) DOWN_TABLE(T_Q6_K)
+    }
+    return NULL;
+}
+
+int bundle_ffn_block_i8(const uint8_t *const *rows, int64_t n, int d, int gate_type, int up_type, int down_type,
+                        int G, int64_t up_offset, int64_t down_offset, int act, const float *x, int S, float *y,
+                        int n_threads) {
+    if (!row_ok(gate_type, d) || !row_ok(up_type, d) || !row_ok(down_type, G) || G % 32 || G > BLOCK_MAX_G)
+        return -1;
+    if (!i8_type_ok(gate_type) || !i8_type_ok(up_type) || !i8_type_ok(down_type) || S < 1) return -3;
+    if (n_threads < 1) n_threads = 1;
+#ifndef _OPENMP
+    n_threads = 1;
+#endif
+    const int nb = d / 32;
+    const size_t sd = (size_t)S * d, snb = (size_t)S * nb;
+    const int64_t gb = (int64_t)d / block_values(gate_type) * block_bytes(gate_type);
+    const int64_t ub = (int64_t)d / block_values(up_type) * block_bytes(up_type);
+    const int64_t bb = (int64_t)G / block_values(down_type) * block_bytes(down_type);
+    int8_t *q = malloc(sd);
+    float *dx = malloc(sizeof(float) * 2 * snb), *fs = dx ? dx + snb : NULL;
+    int32_t *sums = malloc(sizeof(int32_t) * 4 * snb), *kg = sums ? sums + 2 * snb : NULL, *ku = kg ? kg + snb : NULL;
+    float *partial = calloc((size_t)n_threads * sd, sizeof(float));
+    if (!q || !dx || !sums || !partial) { free(q); free(dx); free(sums); free(partial); return -2; }
+    quantize_x_i8(x, S, d, q, dx, sums);
+    const int Kg = i8_offset(gate_type), Ku = i8_offset(up_type), Kd = i8_offset(down_type);
+    for (size_t i = 0; i < snb; i++) {
+        int32_t t = sums[2 * i] + sums[2 * i + 1];
+        fs[i] = dx[i] * (float)t;
+        kg[i] = -Kg * t;
+        ku[i] = -Ku * t;
+    }
+    const xq_t XG = {q, dx, fs, sums, kg, d, nb}, XU = {q, dx, fs, sums, ku, d, nb};
+#ifdef _OPENMP
+#pragma omp parallel num_threads(n_threads)
+#endif
+    {
+        int64_t lo, hi;
+        const int tid = thread_range(n, &lo, &hi);
+        float *ylocal = partial + (size_t)tid * sd;
+        const int anb = G / 32;
+        float a[I8_MAX_TOKENS * BLOCK_MAX_G], adx[2 * I8_MAX_TOKENS * BLOCK_MAX_G / 32];
+        int8_t aq[I8_MAX_TOKENS * BLOCK_MAX_G];
+        int32_t asums[3 * I8_MAX_TOKENS * BLOCK_MAX_G / 16];
+        for (int64_t i = lo; i < hi; i++) {
+            for (int s0 = 0; s0 < S; s0 += I8_MAX_TOKENS) {
+                const int m = S - s0 < I8_MAX_TOKENS ? S - s0 : I8_MAX_TOKENS;
+                const dots_fn fg = dots_for(gate_type, m), fu = dots_for(up_type, m);
+                const xq_t xg = xq_from(&XG, s0), xu = xq_from(&XU, s0);
+                for (int k = 0; k < G; k++) {
+                    float gv[I8_MAX_TOKENS] = {0}, uv[I8_MAX_TOKENS], av[I8_MAX_TOKENS];
+                    fg(rows[i] + k * gb, &xg, gv);
+                    fu(rows[i] + up_offset + k * ub, &xu, uv);
+                    activate_8(gv, act, av);
+                    for (int s = 0; s < m; s++) a[s * G + k] = av[s] * uv[s];
+                }
+                /* a (m, G) -> int8 per 32, with the sums and offsets row_dots_i8 expects for the down type */
+                const size_t mnb = (size_t)m * anb;
+                int32_t *akinit = asums + 2 * mnb;
+                float *afs = adx + mnb;
+                quantize_x_i8(a, m, G, aq, adx, asums);
+                for (size_t j = 0; j < mnb; j++) {
+                    int32_t t = asums[2 * j] + asums[2 * j + 1];
+                    afs[j] = adx[j] * (float)t;
+                    akinit[j] = -Kd * t;
+                }
+                const xq_t A = {aq, adx, afs, asums, akinit, G, anb};
+                down_for(down_type, m)(rows[i] + down_offset, bb, d, &A, ylocal + (size_t)s0 * d);
+            }
+        }
+    }
+    for (int t = 0; t < n_threads; t++)
+        for (size_t k = 0; k < sd; k++) y[k] += partial[(size_t)t * sd + k];
+    free(q); free(dx); free(sums); free(partial);
+    return 0;
+}
+#endif
