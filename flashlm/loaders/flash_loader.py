@@ -13,7 +13,7 @@ from types import ModuleType
 import numpy as np
 import psutil
 
-from ..errors import BudgetError, InvalidOptionError, UnsupportedModelError
+from ..errors import BudgetError, InvalidOptionError
 from ..flash_store.head_sketch import SketchHead, sketch_bytes
 from ..flash_store.io_engine import FlashReader
 from ..flash_store.planner import FlashPlan, plan_flash
@@ -164,16 +164,14 @@ def gpu_plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts:
     from ..quant.cuda_kernels import GpuRecords, gpu_matrix_bytes
     from ..runtime.cuda_executor import plan_gpu
 
-    if store.group > 1:
-        raise UnsupportedModelError(f"{f.path}: --device cuda reads flash stores with one record per neuron; this one "
-                                    f"has blocks of {store.group} (convert with --bundle neuron)")
     host_plan = plan_for(f, family, args, store, opts, n_ctx, gpu_resident=True)
     matrices = [f.tensors[n] for i in range(args.n_layers) for n in _attention_names(family, i)] + [output_matrix(f)]
     resident = sum(gpu_matrix_bytes(t.ggml_type, t.shape[0], t.shape[1]) for t in matrices)  # as the GPU holds them
     kv_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 2 * n_ctx
-    plan = plan_gpu(opts.gpu_memory_budget, 0 if naive else host_plan.hot_neurons, args.n_ff, store.record_bytes,
-                    args.n_layers, resident, kv_bytes, naive=naive, gpu_rb=GpuRecords.of(store.layout).record_bytes)
-    return host_plan, plan
+    plan = plan_gpu(opts.gpu_memory_budget, 0 if naive else host_plan.hot_neurons, store.n_records,
+                    store.record_bytes, args.n_layers, resident, kv_bytes, naive=naive,
+                    gpu_rb=GpuRecords.of(store.layout).record_bytes)
+    return host_plan, replace(plan, group=store.group)
 
 
 def load_cuda_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: LoadOptions, n_ctx: int,

@@ -148,16 +148,18 @@ __device__ __forceinline__ void scale_min_k4(int j, const u8* q, int& sc, int& m
     else { sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4); mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
 }
 
-// GGUF rows -> planar rows: n_rows rows of nb units at src + r * src_stride, written at dst + r * dst_stride
+// GGUF rows -> planar rows: n_rows rows of nb units at src + r * src_stride + (r / group) * group_gap (groups of
+// rows with a gap after each: the gate or up rows of block-layout records), written at dst + r * dst_stride
 // (16-byte aligned). One thread per unit of 32 values.
 template <int F>
 __device__ __forceinline__ void planarize_t(const u8* src, long long src_stride, u8* dst, long long dst_stride,
-                                            int n_rows, int nb) {
+                                            int n_rows, int nb, int group, long long group_gap) {
     typedef Blk<F> B;
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= (long long)n_rows * nb) return;
     long long r = t / nb;
     int b = (int)(t - r * nb);
+    src += (r / group) * group_gap;
     u8* row = dst + r * dst_stride;
     u8* qd = row + 16 * (B::QW / 4) * b;
     u8* rest = row + 4 * B::QW * nb;
@@ -348,6 +350,29 @@ __device__ __forceinline__ void down_t(const u8* R, long long rb, int n, int d, 
     for (int s = 0; s < MAX_S; s++) if (s < S) atomicAdd(y + (long long)s * d + j, acc[s]);
 }
 
+// Block-layout records (format.py, group 32): y[s * d + j] += sum_{i in chunk} sum_e h[s * 32n + 32i + e] * w_ij[e],
+// w_ij (row j of ffn_down over record i's 32 neurons) at D + i * dstride + j * BYTES, as GGUF stores it
+template <int F>
+__device__ __forceinline__ void down_block_t(const u8* D, long long dstride, int n, int d, const float* h, int S,
+                                             float* y, int chunk) {
+    typedef Blk<F> B;
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    int i0 = blockIdx.y * chunk, i1 = min(n, i0 + chunk);
+    long long n32 = (long long)n * 32;
+    float acc[MAX_S] = {0.f};
+    for (int i = i0; i < i1; i++) {
+        const u8* blk = D + (long long)i * dstride + (long long)j * B::BYTES;
+        for (int e = 0; e < 32; e++) {
+            float w = block_value<F>(blk, 1, 0, e, false);
+            #pragma unroll
+            for (int s = 0; s < MAX_S; s++) if (s < S) acc[s] += h[s * n32 + 32 * i + e] * w;
+        }
+    }
+    #pragma unroll
+    for (int s = 0; s < MAX_S; s++) if (s < S) atomicAdd(y + (long long)s * d + j, acc[s]);
+}
+
 // out[r * K + k] = W[r][k] as float32 (rows r < n_rows at W + r * row_stride: a matrix's rows, or the gate / up /
 // down rows of records; planar or not), for prompt batches through cuBLAS
 template <int F>
@@ -374,8 +399,8 @@ extern "C" __global__ void dequantize_##F(const u8* W, long long row_stride, int
     dequantize_t<F>(W, row_stride, n_rows, K, planar, out);                                                        \
 }                                                                                                                   \
 extern "C" __global__ void planarize_##F(const u8* src, long long src_stride, u8* dst, long long dst_stride,      \
-                                          int n_rows, int nb) {                                                    \
-    planarize_t<F>(src, src_stride, dst, dst_stride, n_rows, nb);                                                  \
+                                          int n_rows, int nb, int group, long long group_gap) {                    \
+    planarize_t<F>(src, src_stride, dst, dst_stride, n_rows, nb, group, group_gap);                                \
 }
 PER_FORMAT(0) PER_FORMAT(1) PER_FORMAT(2) PER_FORMAT(3) PER_FORMAT(4)
 
@@ -383,6 +408,10 @@ PER_FORMAT(0) PER_FORMAT(1) PER_FORMAT(2) PER_FORMAT(3) PER_FORMAT(4)
 extern "C" __global__ void down_##F(const u8* R, long long rb, int n, int d, long long down_off, const float* h,   \
                                     int S, float* y, int chunk) {                                                  \
     down_t<F>(R, rb, n, d, down_off, h, S, y, chunk);                                                              \
+}                                                                                                                   \
+extern "C" __global__ void down_block_##F(const u8* D, long long dstride, int n, int d, const float* h, int S,      \
+                                          float* y, int chunk) {                                                   \
+    down_block_t<F>(D, dstride, n, d, h, S, y, chunk);                                                             \
 }
 DOWN(0) DOWN(1) DOWN(2)
 

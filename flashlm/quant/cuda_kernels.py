@@ -74,18 +74,24 @@ def gpu_matrix_bytes(qtype, n_rows: int, k: int) -> int:
 
 @dataclass(frozen=True)
 class GpuRecords:
-    """Flash-store records as the GPU keeps them: [gate row planar | up row planar | down column as stored], each
-    part 16-byte aligned (records_to_planar converts)."""
+    """Flash-store records as the GPU keeps them (records_to_planar converts), each part 16-byte aligned.
+    Neuron layout: n records of [gate row planar | up row planar | down column as stored] (record_bytes each).
+    Block layout (group G): n * G sub-records [gate row planar | up row planar] (sub_bytes each), then the n
+    records' down parts as stored (d blocks each): record_bytes = G * sub_bytes + down part per record."""
 
     record_bytes: int
     up_off: int
-    down_off: int
+    down_off: int  # neuron layout: in the record; block layout: unused (the down parts follow the sub-records)
+    group: int = 1
+    sub_bytes: int = 0
 
     @staticmethod
     @functools.lru_cache(maxsize=None)  # asked per layer and token; a RecordLayout is frozen (hashable)
     def of(layout) -> "GpuRecords":
         up = gpu_row_bytes(layout.d_model, layout.gate_type)
         down = up + gpu_row_bytes(layout.d_model, layout.up_type)
+        if layout.group > 1:
+            return GpuRecords(layout.group * down + layout.down_bytes, up, -1, layout.group, down)
         return GpuRecords(down + _round16(layout.down_bytes), up, down)
 
 
@@ -104,6 +110,7 @@ class CudaKernels:
             {f: fn(f"{name}_{f}") for f in FORMATS.values()}
             for name in ("matvec", "matvec1", "dequantize", "planarize"))
         self._down = {f: fn(f"down_{f}") for f in DOWN_FORMATS}
+        self._down_block = {f: fn(f"down_block_{f}") for f in DOWN_FORMATS}
         self._gate_up, self._gate_up1 = ({(g, u): fn(f"{name}_{g}{u}") for g, u in GATE_UP_PAIRS}
                                          for name in ("gate_up", "gate_up1"))
         self._quantize_x = fn("quantize_x")
@@ -123,14 +130,16 @@ class CudaKernels:
 
     # ---- GGUF bytes -> planar rows on the GPU
     def _to_planar(self, src_ptr: int, src_stride: int, dst_ptr: int, dst_stride: int, n_rows: int, k: int,
-                   qtype) -> None:
+                   qtype, group: int = 1, group_gap: int = 0) -> None:
+        """Source row r at src_ptr + r * src_stride + (r // group) * group_gap."""
         fmt = self.fmt(qtype)
-        if dst_ptr % 16 or dst_stride % 16 or src_ptr % 2 or src_stride % 2:
+        if dst_ptr % 16 or dst_stride % 16 or src_ptr % 2 or src_stride % 2 or group_gap % 2:
             raise ValueError("planar rows need 16-byte aligned destinations")
         n = n_rows * (k // 32)
         self._planarize[fmt](((n + 255) // 256,), (256,), (np.uint64(src_ptr), np.int64(src_stride),
                                                            np.uint64(dst_ptr), np.int64(dst_stride),
-                                                           np.int32(n_rows), np.int32(k // 32)))
+                                                           np.int32(n_rows), np.int32(k // 32), np.int32(group),
+                                                           np.int64(group_gap)))
 
     def upload_rows(self, rows: np.ndarray, qtype, k: int):
         """A matrix's GGUF rows (n, row_bytes) -> planar rows on the GPU, (n, gpu_row_bytes) (a transient GGUF
@@ -147,11 +156,24 @@ class CudaKernels:
             return
         g = GpuRecords.of(layout)
         rb = layout.record_bytes
+        if g.group > 1:
+            self._blocks_to_planar(src, dst, n, layout, g)
+            return
         down = layout.gate_bytes + layout.up_bytes
         dst.reshape(-1, g.record_bytes)[:n, g.down_off:g.down_off + layout.down_bytes] = \
             src[:n * rb].reshape(n, rb)[:, down:down + layout.down_bytes]
         for off, goff, qtype in ((0, 0, layout.gate_type), (layout.gate_bytes, g.up_off, layout.up_type)):
             self._to_planar(src.data.ptr + off, rb, dst.data.ptr + goff, g.record_bytes, n, layout.d_model, qtype)
+
+    def _blocks_to_planar(self, src, dst, n: int, layout, g: "GpuRecords") -> None:
+        G, rb = g.group, layout.record_bytes
+        gate, up, down = layout.slices()
+        dst.reshape(-1)[n * G * g.sub_bytes:n * g.record_bytes].reshape(n, -1)[:] = \
+            src[:n * rb].reshape(n, rb)[:, down]
+        for part, goff, qtype, row_bytes in ((gate, 0, layout.gate_type, layout.gate_bytes),
+                                             (up, g.up_off, layout.up_type, layout.up_bytes)):
+            self._to_planar(src.data.ptr + part.start, row_bytes, dst.data.ptr + goff, g.sub_bytes, n * G,
+                            layout.d_model, qtype, G, rb - G * row_bytes)
 
     def upload_records(self, records: np.ndarray, layout):
         """Flash-store records (host bytes) -> GPU records (GpuRecords layout, flat uint8)."""
@@ -215,6 +237,10 @@ class CudaKernels:
             raise UnsupportedModelError(f"gate rows {QT(layout.gate_type).name} with up rows "
                                         f"{QT(layout.up_type).name}: no GPU kernel for this pair")
         S = x.shape[0]
+        if g.group > 1:
+            q = xq if xq is not None or S > MAX_S else self.quantize(x)
+            self._bundle_blocks(ptr, n, g, d, activation, x, y, h, q, (gf, uf, df))
+            return
         if S > MAX_S:
             self._bundle_float(ptr, n, g, d, activation, x, y, (gf, uf, df))
             return
@@ -226,6 +252,33 @@ class CudaKernels:
             np.uint64(ptr), np.int64(rb), np.int32(n), np.int32(d), np.int64(g.down_off), h, np.int32(S), y,
             np.int32(DOWN_CHUNK)))
 
+    def _bundle_blocks(self, ptr: int, n: int, g: "GpuRecords", d: int, activation: str, x, y, h, q, fmts) -> None:
+        """Block layout: the gate / up kernels over the n * G sub-records, then ffn_down's blocks (down_block_t).
+        Prompt batches: dequantized slices and cuBLAS, as for neuron records."""
+        gf, uf, df = fmts
+        G, S, down_ptr = g.group, x.shape[0], ptr + n * g.group * g.sub_bytes
+        dstride = g.record_bytes - G * g.sub_bytes
+        if S > MAX_S:
+            cp = self.cp
+            chunk = max(1, min(n, DEQUANT_MAX_BYTES // (3 * 4 * d * G)))
+            w = cp.empty((3, chunk * G, d), cp.float32)
+            wd = cp.empty((chunk * d, G), cp.float32)
+            for i0 in range(0, n, chunk):
+                c = min(chunk, n - i0)
+                sub = ptr + i0 * G * g.sub_bytes
+                self._dequantize(sub, g.sub_bytes, c * G, d, gf, True, w[0])
+                self._dequantize(sub + g.up_off, g.sub_bytes, c * G, d, uf, True, w[1])
+                self._dequantize(down_ptr + i0 * dstride, dstride // d, c * d, G, df, False, wd)
+                w[2, :c * G] = wd[:c * d].reshape(c, d, G).transpose(0, 2, 1).reshape(c * G, d)
+                y += (_activate(cp, x @ w[0, :c * G].T, activation) * (x @ w[1, :c * G].T)) @ w[2, :c * G]
+            return
+        (self._gate_up1 if S == 1 else self._gate_up)[(gf, uf)](self._grid(n * G), (THREADS,), (
+            np.uint64(ptr), np.int64(g.sub_bytes), np.int32(n * G), np.int32(d), np.int64(g.up_off),
+            np.int32(ACTIVATIONS[activation]), *q, np.int32(S), h))
+        chunk = max(1, DOWN_CHUNK // G)
+        self._down_block[df](((d + 255) // 256, (n + chunk - 1) // chunk), (256,), (
+            np.uint64(down_ptr), np.int64(dstride), np.int32(n), np.int32(d), h, np.int32(S), y, np.int32(chunk)))
+
     def _bundle_float(self, ptr: int, n: int, g: "GpuRecords", d: int, activation: str, x, y, fmts) -> None:
         cp, rb = self.cp, g.record_bytes
         chunk = max(1, min(n, DEQUANT_MAX_BYTES // (3 * 4 * d)))
@@ -235,9 +288,10 @@ class CudaKernels:
             c = min(chunk, n - n0)
             for i, (f, (off, planar)) in enumerate(zip(fmts, parts)):
                 self._dequantize(ptr + n0 * rb + off, rb, c, d, f, planar, w[i])
-            g, u = x @ w[0, :c].T, x @ w[1, :c].T
-            if activation == "silu":
-                g = g / (1 + cp.exp(-g))
-            else:
-                g = 0.5 * g * (1 + cp.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
-            y += (g * u) @ w[2, :c]
+            y += (_activate(cp, x @ w[0, :c].T, activation) * (x @ w[1, :c].T)) @ w[2, :c]
+
+
+def _activate(cp, g, activation: str):
+    if activation == "silu":
+        return g / (1 + cp.exp(-g))
+    return 0.5 * g * (1 + cp.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))

@@ -50,17 +50,18 @@ class GpuPlan:
     gpu_fixed: int  # attention + head + KV at n_ctx + staging + scratch
     gpu_hot: int  # records per layer resident on the GPU
     host_hot: int  # records per layer resident on the GPU or in pinned host memory (>= gpu_hot)
-    n_ff: int
+    n_ff: int  # records per layer
     record_bytes: int
     n_layers: int
+    group: int = 1  # neurons per record
 
     def describe(self) -> str:
-        mb = 1e6
-        return (f"GPU: {self.gpu_hot}/{self.n_ff} neurons per layer resident "
+        mb, g = 1e6, self.group
+        return (f"GPU: {self.gpu_hot * g}/{self.n_ff * g} neurons per layer resident "
                 f"({self.gpu_hot * self.record_bytes * self.n_layers / mb:.0f} MB) + {self.gpu_fixed / mb:.0f} MB "
-                f"attention, head, KV cache and staging; host: neurons {self.gpu_hot}..{self.host_hot} pinned "
+                f"attention, head, KV cache and staging; host: neurons {self.gpu_hot * g}..{self.host_hot * g} pinned "
                 f"({(self.host_hot - self.gpu_hot) * self.record_bytes * self.n_layers / mb:.0f} MB); "
-                f"{self.n_ff - self.host_hot} per layer read from flash each token")
+                f"{(self.n_ff - self.host_hot) * g} per layer read from flash each token")
 
 
 def plan_gpu(gpu_budget: int | None, host_hot: int, n_ff: int, rb: int, n_layers: int, resident_bytes: int,
@@ -163,7 +164,7 @@ class GpuFFN:
         self.read_bufs = [self._pinned(cold * rb + 2 * ALIGN) for _ in range(2)] if cold else []
         self.copied = [None, None]  # events: the copy out of read buffer k has finished
         self._pending: dict[int, object] = {}
-        self.h = cp.empty(MAX_S * n_ff, cp.float32)  # activations of up to MAX_S tokens (bundle calls go by MAX_S)
+        self.h = cp.empty(MAX_S * n_ff * store.group, cp.float32)  # activations of up to MAX_S tokens (bundle calls go by MAX_S)
         self.warm_bytes = (self.host_hot - self.gpu_hot) * rb
         # GPU-side split, from CUDA events per layer: host->GPU copies and the FFN kernels (collect() sums them)
         self.transfer_s = self.gpu_ffn_s = 0.0
