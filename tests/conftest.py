@@ -47,7 +47,9 @@ def flash_path(tmp_path_factory, smollm_path):
     from flashlm.flash_store import writer
 
     path = str(tmp_path_factory.mktemp("flash") / "smollm2.flash")
-    report = writer.convert(smollm_path, path)
+    # per-neuron records, as the paper bundles them (--sparsity needs them); the block layout, which `convert` makes
+    # of SmolLM2 by default, has its own tests (test_block_bundle.py)
+    report = writer.convert(smollm_path, path, bundle="neuron")
     print(f"converted: {report}")
     return path
 

@@ -14,7 +14,7 @@ from flashlm.flash_store.format import RecordLayout, block_order
 from flashlm.quant import bundle_kernel as bk
 
 from .test_flash_store import PROMPTS, _run
-from .test_kquants import synthetic_rows
+from .test_kquants import gemma_file, synthetic_rows  # noqa: F401  (gemma_file: a fixture)
 
 
 def _rows(qtype: QT, n: int, k: int, seed: int) -> np.ndarray:
@@ -92,7 +92,7 @@ def block_path(smollm_path, tmp_path_factory):
     from flashlm.flash_store.writer import convert
 
     path = str(tmp_path_factory.mktemp("block") / "smollm2_block.flash")
-    report = convert(smollm_path, path, bundle="block")
+    report = convert(smollm_path, path)  # bundle="auto": SmolLM2's ffn_down is Q4_1 in every layer -> block
     assert report.group == 32 and report.down_rel_rms_error == 0.0
     return path
 
@@ -150,3 +150,13 @@ def test_block_store_perplexity_matches_the_source(block_path, smollm_path, gpl_
 def test_block_store_refuses_sparsity(block_path):
     with pytest.raises(InvalidOptionError, match="--bundle neuron"):
         flashlm.load(block_path, ctx_size=256, sparsity=0.4)
+
+
+def test_auto_keeps_neuron_records_where_ffn_down_formats_differ(gemma_file, tmp_path):
+    """Gemma 3's Q4_K_M has Q6_K and Q4_K ffn_down layers: auto writes neuron records; block is refused by name."""
+    from flashlm.errors import UnsupportedModelError
+    from flashlm.flash_store.writer import _layout
+
+    assert _layout(gemma_file, 18, 640, 2048, "auto").group == 1
+    with pytest.raises(UnsupportedModelError, match="Q4_K, Q6_K; use --bundle neuron"):
+        _layout(gemma_file, 18, 640, 2048, "block")
