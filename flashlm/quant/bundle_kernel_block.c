@@ -51,19 +51,12 @@ typedef void (*down_fn)(const uint8_t *blocks, int64_t bb, int d, const xq_t *A,
             for (int s = 0; s < S_; s++) y[(size_t)s * d + r] += res[s];                                           \
         }                                                                                                          \
     }
-#define DOWN_FNS(T) DOWN_FN(T, 1) DOWN_FN(T, 2) DOWN_FN(T, 3) DOWN_FN(T, 4) DOWN_FN(T, 5) DOWN_FN(T, 6) \
-                    DOWN_FN(T, 7) DOWN_FN(T, 8)
-DOWN_FNS(T_Q8_0) DOWN_FNS(T_Q4_0) DOWN_FNS(T_Q4_1) DOWN_FNS(T_Q5_0) DOWN_FNS(T_Q5_1) DOWN_FNS(T_Q4_K)
-DOWN_FNS(T_Q5_K) DOWN_FNS(T_Q6_K)
-#define DOWN_TABLE(T) \
-    case T: { static const down_fn f[8] = {down_##T##_1, down_##T##_2, down_##T##_3, down_##T##_4, down_##T##_5, \
-                                           down_##T##_6, down_##T##_7, down_##T##_8}; return f[S - 1]; }
+#define DOWN_FNS(T) I8_COUNTS(DOWN_FN, T)
+I8_TYPES(DOWN_FNS)
+#define DOWN_CASE(T) I8_TABLE_CASE(down, T)
 
 static down_fn down_for(int type, int S) {
-    switch (type) {
-        DOWN_TABLE(T_Q8_0) DOWN_TABLE(T_Q4_0) DOWN_TABLE(T_Q4_1) DOWN_TABLE(T_Q5_0) DOWN_TABLE(T_Q5_1)
-        DOWN_TABLE(T_Q4_K) DOWN_TABLE(T_Q5_K) DOWN_TABLE(T_Q6_K)
-    }
+    switch (type) { I8_TYPES(DOWN_CASE) }
     return NULL;
 }
 
@@ -77,25 +70,15 @@ int bundle_ffn_block_i8(const uint8_t *const *rows, int64_t n, int d, int gate_t
 #ifndef _OPENMP
     n_threads = 1;
 #endif
-    const int nb = d / 32;
-    const size_t sd = (size_t)S * d, snb = (size_t)S * nb;
+    const size_t sd = (size_t)S * d;
     const int64_t gb = (int64_t)d / block_values(gate_type) * block_bytes(gate_type);
     const int64_t ub = (int64_t)d / block_values(up_type) * block_bytes(up_type);
     const int64_t bb = (int64_t)G / block_values(down_type) * block_bytes(down_type);
-    int8_t *q = malloc(sd);
-    float *dx = malloc(sizeof(float) * 2 * snb), *fs = dx ? dx + snb : NULL;
-    int32_t *sums = malloc(sizeof(int32_t) * 4 * snb), *kg = sums ? sums + 2 * snb : NULL, *ku = kg ? kg + snb : NULL;
+    const int Kd = i8_offset(down_type);
+    ffn_x_t X;
     float *partial = calloc((size_t)n_threads * sd, sizeof(float));
-    if (!q || !dx || !sums || !partial) { free(q); free(dx); free(sums); free(partial); return -2; }
-    quantize_x_i8(x, S, d, q, dx, sums);
-    const int Kg = i8_offset(gate_type), Ku = i8_offset(up_type), Kd = i8_offset(down_type);
-    for (size_t i = 0; i < snb; i++) {
-        int32_t t = sums[2 * i] + sums[2 * i + 1];
-        fs[i] = dx[i] * (float)t;
-        kg[i] = -Kg * t;
-        ku[i] = -Ku * t;
-    }
-    const xq_t XG = {q, dx, fs, sums, kg, d, nb}, XU = {q, dx, fs, sums, ku, d, nb};
+    if (!partial || ffn_x_init(&X, x, S, d, gate_type, up_type)) { free(partial); return -2; }
+    const xq_t XG = X.gate, XU = X.up;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(n_threads)
 #endif
@@ -124,11 +107,7 @@ int bundle_ffn_block_i8(const uint8_t *const *rows, int64_t n, int d, int gate_t
                 int32_t *akinit = asums + 2 * mnb;
                 float *afs = adx + mnb;
                 quantize_x_i8(a, m, G, aq, adx, asums);
-                for (size_t j = 0; j < mnb; j++) {
-                    int32_t t = asums[2 * j] + asums[2 * j + 1];
-                    afs[j] = adx[j] * (float)t;
-                    akinit[j] = -Kd * t;
-                }
+                xq_offsets(adx, asums, mnb, Kd, afs, akinit);
                 const xq_t A = {aq, adx, afs, asums, akinit, G, anb};
                 down_for(down_type, m)(rows[i] + down_offset, bb, d, &A, ylocal + (size_t)s0 * d);
             }
@@ -136,7 +115,8 @@ int bundle_ffn_block_i8(const uint8_t *const *rows, int64_t n, int d, int gate_t
     }
     for (int t = 0; t < n_threads; t++)
         for (size_t k = 0; k < sd; k++) y[k] += partial[(size_t)t * sd + k];
-    free(q); free(dx); free(sums); free(partial);
+    ffn_x_free(&X);
+    free(partial);
     return 0;
 }
 #endif

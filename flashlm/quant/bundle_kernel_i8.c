@@ -55,6 +55,11 @@ int quantize_x_i8(const float *x, int S, int d, int8_t *q, float *dx, int32_t *s
 }
 #pragma GCC pop_options
 
+/* M(T) for every type the int8 kernels cover (specialised copies, dispatch switches) */
+#define I8_TYPES(M) M(T_Q8_0) M(T_Q4_0) M(T_Q4_1) M(T_Q5_0) M(T_Q5_1) M(T_Q4_K) M(T_Q5_K) M(T_Q6_K)
+/* M(T, S) for the token counts 1..I8_MAX_TOKENS */
+#define I8_COUNTS(M, T) M(T, 1) M(T, 2) M(T, 3) M(T, 4) M(T, 5) M(T, 6) M(T, 7) M(T, 8)
+
 static int i8_type_ok(int type) {
     switch (type) {
     case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: case T_Q8_0: case T_Q4_K: case T_Q5_K: case T_Q6_K: return 1;
@@ -71,6 +76,16 @@ static int i8_offset(int type) {
     case T_Q4_0: return 8;
     case T_Q5_0: return 16;
     default: return 0;  /* Q6_K: signed q - 32 in the SIMD paths (the scalar one takes K from unpack_scalar) */
+    }
+}
+
+/* Per 32-block of quantized x: fs = dx * (sum of q) and kinit = -K * (sum of q), what row_dots_i8 needs besides q
+ * and dx for a weight type of offset K (i8_offset). */
+static void xq_offsets(const float *dx, const int32_t *sums, size_t n_blocks, int K, float *fs, int32_t *kinit) {
+    for (size_t i = 0; i < n_blocks; i++) {
+        int32_t t = sums[2 * i] + sums[2 * i + 1];
+        fs[i] = dx[i] * (float)t;
+        kinit[i] = -K * t;
     }
 }
 
@@ -343,16 +358,9 @@ int rows_matvec_i8(const uint8_t *rows, int64_t n, int64_t row_bytes, int type, 
     if (!q || !dx || !sums) { free(q); free(dx); free(sums); return -2; }
     float *fs = dx + (size_t)S * nb;
     quantize_x_i8(x, S, d, q, dx, sums);
-    int K = i8_offset(type);
-    for (size_t i = 0; i < (size_t)S * nb; i++) {
-        fs[i] = dx[i] * (float)(sums[2 * i] + sums[2 * i + 1]);
-        kinit[i] = -K * (sums[2 * i] + sums[2 * i + 1]);
-    }
+    xq_offsets(dx, sums, (size_t)S * nb, i8_offset(type), fs, kinit);
     xq_t X = {q, dx, fs, sums, kinit, d, nb};
-    switch (type) {
-        I8_CASE_T(T_Q8_0) I8_CASE_T(T_Q4_0) I8_CASE_T(T_Q4_1) I8_CASE_T(T_Q5_0) I8_CASE_T(T_Q5_1)
-        I8_CASE_T(T_Q4_K) I8_CASE_T(T_Q5_K) I8_CASE_T(T_Q6_K)
-    }
+    switch (type) { I8_TYPES(I8_CASE_T) }
     free(q); free(dx); free(sums);
     return 0;
 }
@@ -368,20 +376,45 @@ int rows_matvec_i8(const uint8_t *rows, int64_t n, int64_t row_bytes, int type, 
 typedef void (*dots_fn)(const uint8_t *row, const xq_t *X, float *res);
 #define DOTS_FN(T, S_) \
     static void dots_##T##_##S_(const uint8_t *row, const xq_t *X, float *res) { row_dots_i8(row, T, S_, X, res); }
-#define DOTS_FNS(T) DOTS_FN(T, 1) DOTS_FN(T, 2) DOTS_FN(T, 3) DOTS_FN(T, 4) DOTS_FN(T, 5) DOTS_FN(T, 6) \
-                    DOTS_FN(T, 7) DOTS_FN(T, 8)
-DOTS_FNS(T_Q8_0) DOTS_FNS(T_Q4_0) DOTS_FNS(T_Q4_1) DOTS_FNS(T_Q5_0) DOTS_FNS(T_Q5_1) DOTS_FNS(T_Q4_K)
-DOTS_FNS(T_Q5_K) DOTS_FNS(T_Q6_K)
-#define DOTS_TABLE(T) \
-    case T: { static const dots_fn f[8] = {dots_##T##_1, dots_##T##_2, dots_##T##_3, dots_##T##_4, dots_##T##_5, \
-                                           dots_##T##_6, dots_##T##_7, dots_##T##_8}; return f[S - 1]; }
+#define DOTS_FNS(T) I8_COUNTS(DOTS_FN, T)
+I8_TYPES(DOTS_FNS)
+/* case T: the table of name_T_1 .. name_T_8 (one specialised copy per token count), entry S - 1 */
+#define I8_TABLE_CASE(name, T) \
+    case T: { static const name##_fn f[8] = {name##_##T##_1, name##_##T##_2, name##_##T##_3, name##_##T##_4, \
+                                             name##_##T##_5, name##_##T##_6, name##_##T##_7, name##_##T##_8}; \
+              return f[S - 1]; }
+#define DOTS_CASE(T) I8_TABLE_CASE(dots, T)
 
 static dots_fn dots_for(int type, int S) {
-    switch (type) {
-        DOTS_TABLE(T_Q8_0) DOTS_TABLE(T_Q4_0) DOTS_TABLE(T_Q4_1) DOTS_TABLE(T_Q5_0) DOTS_TABLE(T_Q5_1)
-        DOTS_TABLE(T_Q4_K) DOTS_TABLE(T_Q5_K) DOTS_TABLE(T_Q6_K)
-    }
+    switch (type) { I8_TYPES(DOTS_CASE) }
     return NULL;
+}
+
+/* x (S, d) quantized once for a fused FFN call, with the offsets of the gate and the up rows' types */
+typedef struct {
+    int8_t *q;
+    float *dx;
+    int32_t *sums;
+    xq_t gate, up;
+} ffn_x_t;
+
+static void ffn_x_free(ffn_x_t *X) { free(X->q); free(X->dx); free(X->sums); }
+
+static int ffn_x_init(ffn_x_t *X, const float *x, int S, int d, int gate_type, int up_type) {
+    const int nb = d / 32;
+    const size_t snb = (size_t)S * nb;
+    X->q = malloc((size_t)S * d);
+    X->dx = malloc(sizeof(float) * 2 * snb);
+    X->sums = malloc(sizeof(int32_t) * 4 * snb);
+    if (!X->q || !X->dx || !X->sums) { ffn_x_free(X); return -2; }
+    float *fs = X->dx + snb;
+    int32_t *kg = X->sums + 2 * snb, *ku = kg + snb;
+    quantize_x_i8(x, S, d, X->q, X->dx, X->sums);
+    xq_offsets(X->dx, X->sums, snb, i8_offset(gate_type), fs, kg);
+    xq_offsets(X->dx, X->sums, snb, i8_offset(up_type), fs, ku);
+    X->gate = (xq_t){X->q, X->dx, fs, X->sums, kg, d, nb};
+    X->up = (xq_t){X->q, X->dx, fs, X->sums, ku, d, nb};
+    return 0;
 }
 
 /* exp for 8 floats: Cephes' expf (as in avx_mathfun's exp256_ps), relative error ~1e-7; inputs clamped to
@@ -464,22 +497,11 @@ int bundle_ffn_i8(const uint8_t *const *rows, int64_t n, int d, int gate_type, i
 #ifndef _OPENMP
     n_threads = 1;
 #endif
-    const int nb = d / 32;
-    const size_t sd = (size_t)S * d, snb = (size_t)S * nb;
-    int8_t *q = malloc(sd);
-    float *dx = malloc(sizeof(float) * 2 * snb), *fs = dx ? dx + snb : NULL;
-    int32_t *sums = malloc(sizeof(int32_t) * 4 * snb), *kg = sums ? sums + 2 * snb : NULL, *ku = kg ? kg + snb : NULL;
+    const size_t sd = (size_t)S * d;
+    ffn_x_t X;
     float *partial = calloc((size_t)n_threads * sd, sizeof(float));
-    if (!q || !dx || !sums || !partial) { free(q); free(dx); free(sums); free(partial); return -2; }
-    quantize_x_i8(x, S, d, q, dx, sums);
-    const int Kg = i8_offset(gate_type), Ku = i8_offset(up_type);
-    for (size_t i = 0; i < snb; i++) {
-        int32_t t = sums[2 * i] + sums[2 * i + 1];
-        fs[i] = dx[i] * (float)t;
-        kg[i] = -Kg * t;
-        ku[i] = -Ku * t;
-    }
-    const xq_t XG = {q, dx, fs, sums, kg, d, nb}, XU = {q, dx, fs, sums, ku, d, nb};
+    if (!partial || ffn_x_init(&X, x, S, d, gate_type, up_type)) { free(partial); return -2; }
+    const xq_t XG = X.gate, XU = X.up;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(n_threads)
 #endif
@@ -509,7 +531,8 @@ int bundle_ffn_i8(const uint8_t *const *rows, int64_t n, int d, int gate_type, i
     }
     for (int t = 0; t < n_threads; t++)
         for (size_t k = 0; k < sd; k++) y[k] += partial[(size_t)t * sd + k];
-    free(q); free(dx); free(sums); free(partial);
+    ffn_x_free(&X);
+    free(partial);
     return 0;
 }
 #endif

@@ -33,8 +33,9 @@ def _plan_lines(path, f, family, args, budget, ctx_size, device="cpu", gpu_budge
     store = FlashStore(f, args.n_layers, args.n_ff, args.d_model, verify=False)
     Tokenizer(path)  # the plan's baseline includes the tokenizer, as a real load does
     opts = LoadOptions(memory_budget=budget, ctx_size=ctx_size, device=device, gpu_memory_budget=gpu_budget).validate()
-    head = [f"flash store   {f.get('flashlm.bundle.record_bytes')}-byte records, calibrated on "
-            f"{f.get('flashlm.calibration')}"]
+    kind = "neuron" if store.group == 1 else \
+        f"blocks of {store.group} neurons, ffn_down {store.layout.down_type.name} as in the source"
+    head = [f"flash store   {store.record_bytes}-byte records ({kind}), calibrated on {f.get('flashlm.calibration')}"]
     if device == "cuda":
         from ..loaders.flash_loader import gpu_plan_for
 
