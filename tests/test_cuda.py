@@ -98,7 +98,7 @@ def test_gpu_tiers_stream_and_give_the_resident_logits(smol_flash, gpl_text):
     ids = tiered.tokenize(gpl_text)[:64]
     b = tiered.logits(ids)
     before = ffn.stats.io.snapshot()
-    long_ids = tiered.tokenize(gpl_text)[:128]
+    long_ids = tiered.tokenize(gpl_text)[:255]  # as compare(): 127 steps put this ratio at -2.3..-2.5% of a 3% bound
     steps_b = _stepped_logits(tiered, long_ids)
     streamed = ffn.stats.io.since(before).bytes_read
     tiered.close()
@@ -114,7 +114,7 @@ def test_gpu_tiers_stream_and_give_the_resident_logits(smol_flash, gpl_text):
     steps = _agreement(_stepped_logits(full, long_ids), steps_b, long_ids)
     print(steps)
     # int8 noise: the CPU backend's own batch vs decode steps differ by +0.8% (SmolLM2, 255 tokens) and +1.6%
-    # (Gemma 3) in perplexity; tiered vs all-on-GPU measured 2.1% on 63 tokens
+    # (Gemma 3) in perplexity; tiered vs all-on-GPU measured 2.1% on 63 tokens, 0.7-2.5% on 127
     assert steps["top1"] >= 0.9 and abs(steps["ppl"] / steps["ppl_ref"] - 1) < 0.03
     assert streamed > 0  # some records came from flash
 

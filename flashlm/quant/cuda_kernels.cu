@@ -35,7 +35,8 @@ extern "C" __global__ void quantize_x(const float* x, int K, int S, signed char*
 // bits), then the scales: HALVES float16 planes (d; Q4_1: then m) or FLOATS float32 planes. Lane b of a warp reads
 // unit b's quants with 16-byte loads, 512 contiguous bytes per warp and instruction, where GGUF's 18 / 20 / 34-byte
 // blocks need 2-byte loads. Q4_K is re-encoded per 32 values in Q4_1's form with float32 scale d * sc and offset
-// -dmin * m (the same values, 24 bytes per 32 instead of 18). H200, 4096 x 11008 Q4_0: 2-byte loads of GGUF blocks
+// -dmin * m (the same values, 24 bytes per 32 instead of 18); Q6_K per 32 as signed bytes q - 32 with float32
+// d * scale for each half of 16 (40 bytes per 32 instead of 26.25). H200, 4096 x 11008 Q4_0: 2-byte loads of GGUF blocks
 // 14.9 us; planes of 4-byte words 11.0 us; this layout 9.3 us.
 // A unit dotted with 32 int8 x values (x0: x[0..15], x1: x[16..31]), scale dx, int sum sx:
 //   Q4_0: d dx (u.q - 8 sx)   Q4_1, Q4_K: d dx (u.q) + m dx sx   Q8_0: d dx (w.q)   Q5_0: d dx (u.q - 16 sx)
@@ -110,6 +111,23 @@ template <> struct Blk<3> {  // Q5_0: half d, 4 bytes qh (bit i: fifth bit of el
 template <> struct Blk<4> : Blk<1> {  // Q4_K re-encoded per 32: Q4_1's nibbles, float32 d and m
     static constexpr int BYTES = 144, QOFF = 0, QW = 4, XW = 0, HALVES = 0, FLOATS = 2;
 };
+template <> struct Blk<5> {  // Q6_K re-encoded per 32: signed bytes q - 32, float32 d * scale of each half (d, m)
+    static constexpr int BYTES = 210, QOFF = 0, QW = 8, XW = 0, HALVES = 0, FLOATS = 2;
+    __device__ static float dot(const int* w, float d, float m, int4 x0, int4 x1, float dx, int sx) {
+        int s0 = __dp4a(w[0], x0.x, 0);
+        s0 = __dp4a(w[1], x0.y, s0);
+        s0 = __dp4a(w[2], x0.z, s0);
+        s0 = __dp4a(w[3], x0.w, s0);
+        int s1 = __dp4a(w[4], x1.x, 0);
+        s1 = __dp4a(w[5], x1.y, s1);
+        s1 = __dp4a(w[6], x1.z, s1);
+        s1 = __dp4a(w[7], x1.w, s1);
+        return dx * (d * (float)s0 + m * (float)s1);
+    }
+    __device__ static float value(int byte, int xw, float d, float m, int e) {
+        return (e < 16 ? d : m) * (float)(signed char)byte;
+    }
+};
 
 // The planar row's tail for unit b: its extra word (Q5_0's qh; xw untouched without), d and m
 template <int F>
@@ -163,6 +181,23 @@ __device__ __forceinline__ void planarize_t(const u8* src, long long src_stride,
     u8* row = dst + r * dst_stride;
     u8* qd = row + 16 * (B::QW / 4) * b;
     u8* rest = row + 4 * B::QW * nb;
+    if (F == 5) {  // Q6_K: superblock b / 8 (ql[128], qh[64], 16 int8 scales per 16 values, half d), unit j = b % 8:
+        // half h = j / 4, quarter t = j % 4; value l: ql[64h + 32(t & 1) + l] (high nibble for t >= 2), qh[32h + l]
+        // bits 2t..2t+1, scale sc[8h + 2t + l / 16] (ggml's dequantize_row_q6_K)
+        const u8* sb = src + r * src_stride + (long long)(b >> 3) * 210;
+        int j = b & 7, h = j >> 2, t = j & 3;
+        const u8* ql = sb + 64 * h + 32 * (t & 1);
+        const u8* qh = sb + 128 + 32 * h;
+        const signed char* sc = (const signed char*)(sb + 192) + 8 * h + 2 * t;
+        float d = __half2float(__ushort_as_half(*(const u16*)(sb + 208)));
+        for (int l = 0; l < 32; l++) {
+            int q = ((t >> 1) ? ql[l] >> 4 : ql[l] & 15) | (((qh[l] >> (2 * t)) & 3) << 4);
+            qd[l] = (u8)(signed char)(q - 32);
+        }
+        ((float*)rest)[b] = d * (float)sc[0];
+        ((float*)rest)[nb + b] = d * (float)sc[1];
+        return;
+    }
     if (F == 4) {  // Q4_K: superblock b / 8 (d, dmin, 12 bytes of scales, 128 bytes of nibbles), sub-block b % 8
         const u8* sb = src + r * src_stride + (long long)(b >> 3) * 144;
         int j = b & 7, sc, mn;
@@ -402,7 +437,7 @@ extern "C" __global__ void planarize_##F(const u8* src, long long src_stride, u8
                                           int n_rows, int nb, int group, long long group_gap) {                    \
     planarize_t<F>(src, src_stride, dst, dst_stride, n_rows, nb, group, group_gap);                                \
 }
-PER_FORMAT(0) PER_FORMAT(1) PER_FORMAT(2) PER_FORMAT(3) PER_FORMAT(4)
+PER_FORMAT(0) PER_FORMAT(1) PER_FORMAT(2) PER_FORMAT(3) PER_FORMAT(4) PER_FORMAT(5)
 
 #define DOWN(F)  /* down columns as GGUF stores them: Q4_0, Q4_1, Q8_0 */                                          \
 extern "C" __global__ void down_##F(const u8* R, long long rb, int n, int d, long long down_off, const float* h,   \
@@ -425,4 +460,4 @@ extern "C" __global__ void gate_up1_##G##U(const u8* Rb, long long rb, int n, in
     gate_up_t<G, U, 1>(Rb, rb, n, K, up_off, act, xq, xd, xs, S, h);                                               \
 }
 GATE_UP(0, 0) GATE_UP(0, 1) GATE_UP(0, 2) GATE_UP(1, 0) GATE_UP(1, 1) GATE_UP(1, 2) GATE_UP(2, 0) GATE_UP(2, 1)
-GATE_UP(2, 2) GATE_UP(3, 3) GATE_UP(4, 4)
+GATE_UP(2, 2) GATE_UP(3, 3) GATE_UP(4, 4) GATE_UP(5, 5)

@@ -1,6 +1,6 @@
 """GPU kernels on GGUF blocks (CuPy RawModule, compiled by NVRTC on first use).
 
-The same blocks the CPU bundle kernel reads (Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q4_K: matrix rows, and flash-store records
+The same blocks the CPU bundle kernel reads (Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q4_K / Q6_K: matrix rows, and flash-store records
 [gate row | up row | down column]), never dequantized copies, but rearranged on the GPU after each upload into planar rows
 (cuda_kernels.cu: quant bytes of every block 16-byte aligned, then the scales; GpuRecords for records). Decode products
 (S <= MAX_S tokens) quantize x to int8 per 32-block once (quantize_x: the CPU decode path's quantization, bit for
@@ -40,11 +40,11 @@ import numpy as np
 from ..loaders.gguf_reader import GGMLQuantizationType as QT
 
 MAX_S = 8  # decode products (int8 x) take up to this many tokens; longer batches dequantize + cuBLAS
-FORMATS = {QT.Q4_0: 0, QT.Q4_1: 1, QT.Q8_0: 2, QT.Q5_0: 3, QT.Q4_K: 4}  # Blk<F> in cuda_kernels.cu
-UNIT_BYTES = {0: 18, 1: 20, 2: 34, 3: 22, 4: 24}  # planar bytes per 32 values on the GPU
+FORMATS = {QT.Q4_0: 0, QT.Q4_1: 1, QT.Q8_0: 2, QT.Q5_0: 3, QT.Q4_K: 4, QT.Q6_K: 5}  # Blk<F> in cuda_kernels.cu
+UNIT_BYTES = {0: 18, 1: 20, 2: 34, 3: 22, 4: 24, 5: 40}  # planar bytes per 32 values on the GPU
 DOWN_FORMATS = {0, 1, 2}  # down columns (kept as GGUF stores them)
 # gate / up formats with a kernel: every pair of the first three, and each newer format with itself
-GATE_UP_PAIRS = [(g, u) for g in range(3) for u in range(3)] + [(3, 3), (4, 4)]
+GATE_UP_PAIRS = [(g, u) for g in range(3) for u in range(3)] + [(3, 3), (4, 4), (5, 5)]
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 DOWN_CHUNK = 64  # neurons per thread block in the down projection
 THREADS = 128  # threads per thread block of the row-pair kernels (4 warps)

@@ -20,13 +20,17 @@ PROMPTS = ["The history of the printing press", "def fibonacci(n):", "Three thin
 
 
 def _random_rows(qtype, n: int, k: int, rng) -> np.ndarray:
-    """Valid GGUF rows: quantized from random floats by gguf-py's reference quantizer; Q4_K (which it cannot
-    quantize): random superblocks with float16 d, dmin of 0.01-0.03."""
+    """Valid GGUF rows: quantized from random floats by gguf-py's reference quantizer; Q4_K and Q6_K (which it
+    cannot quantize): random superblocks with float16 d (and dmin) of 0.01-0.03."""
     import gguf
 
     if qtype == QT.Q4_K:
         raw = rng.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
         raw[..., :4] = rng.uniform(0.01, 0.03, (n, k // 256, 2)).astype(np.float16).view(np.uint8)
+        return raw.reshape(n, -1)
+    if qtype == QT.Q6_K:  # ql, qh, int8 scales, then d
+        raw = rng.integers(0, 256, (n, k // 256, 210), dtype=np.uint8)
+        raw[..., 208:] = rng.uniform(0.01, 0.03, (n, k // 256, 1)).astype(np.float16).view(np.uint8)
         return raw.reshape(n, -1)
     return gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
 
@@ -93,7 +97,7 @@ def _kernel_errors(rng) -> dict:
         report["errors"][name] = float(np.abs(got - ref).max() / np.abs(ref).max())
         report["errors_exact"][name] = float(np.abs(got - ref_exact).max() / np.abs(ref_exact).max())
 
-    for qtype in (QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q5_0, QT.Q4_K):
+    for qtype in (QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q5_0, QT.Q4_K, QT.Q6_K):
         rows = _random_rows(qtype, 301, 512, rng)
         w = gguf.quants.dequantize(rows, qtype).astype(np.float64)
         g = kk.upload_rows(rows, qtype, 512)
@@ -106,7 +110,8 @@ def _kernel_errors(rng) -> dict:
             record(f"{qtype.name} S={S}", y, x.astype(np.float64) @ w.T, exact)
     # bundle records [gate | up | down column] against the numpy reference (float64)
     for gt, ut, act in ((QT.Q4_0, QT.Q4_0, "silu"), (QT.Q4_1, QT.Q4_1, "gelu_tanh"), (QT.Q8_0, QT.Q8_0, "silu"),
-                        (QT.Q4_0, QT.Q8_0, "silu"), (QT.Q5_0, QT.Q5_0, "gelu_tanh"), (QT.Q4_K, QT.Q4_K, "silu")):
+                        (QT.Q4_0, QT.Q8_0, "silu"), (QT.Q5_0, QT.Q5_0, "gelu_tanh"), (QT.Q4_K, QT.Q4_K, "silu"),
+                        (QT.Q6_K, QT.Q6_K, "gelu_tanh")):
         layout, n = RecordLayout(256, gt, ut, QT.Q8_0), 200
         g, u, dn = layout.slices()
         records = np.zeros((n, layout.record_bytes), np.uint8)
@@ -121,6 +126,23 @@ def _kernel_errors(rng) -> dict:
             y = cp.zeros((S, 256), cp.float32)
             kk.bundle(gr.data.ptr, n, layout, act, cp.asarray(x), y, cp.empty(8 * n, cp.float32))
             record(f"bundle {gt.name}/{ut.name} {act} S={S}", y, ref, exact)
+    # block-layout records [32 gate rows | 32 up rows | 256 ffn_down blocks] (format.py, group 32)
+    for gt, dt, act in ((QT.Q4_1, QT.Q4_1, "silu"), (QT.Q4_0, QT.Q8_0, "gelu_tanh"), (QT.Q5_0, QT.Q4_0, "silu")):
+        layout, n = RecordLayout(256, gt, gt, dt, 32), 7
+        g, u, dn = layout.slices()
+        records = np.zeros((n, layout.record_bytes), np.uint8)
+        records[:, g] = _random_rows(gt, 32 * n, 256, rng).reshape(n, -1)
+        records[:, u] = _random_rows(gt, 32 * n, 256, rng).reshape(n, -1)
+        down = _random_rows(dt, 256, 32 * n, rng)  # ffn_down: 256 rows of 32n values
+        records[:, dn] = down.reshape(256, n, -1).transpose(1, 0, 2).reshape(n, -1)
+        gr = kk.upload_records(records, layout)
+        for S in (1, 5, 11):
+            x = (rng.standard_normal((S, 256)) * 0.1).astype(np.float32)
+            ref, _ = reference_ffn(records, layout, x, act)
+            exact = reference_ffn(records, layout, x_int8(x).astype(np.float32), act)[0] if S <= 8 else ref
+            y = cp.zeros((S, 256), cp.float32)
+            kk.bundle(gr.data.ptr, n, layout, act, cp.asarray(x), y, cp.empty(8 * 32 * n, cp.float32))
+            record(f"blocks {gt.name}/{dt.name} {act} S={S}", y, ref, exact)
     return report
 
 
