@@ -67,6 +67,7 @@ class FlashPlan:
     batch_size: int
     output_head: str = "exact"  # "exact" (the matrix, resident or streamed) or "sketch" (head_sketch.py)
     group: int = 1  # neurons per record (format.RecordLayout)
+    sketch_cache_rows: int = 0  # output_head "sketch": rows of its exact-row cache (head_sketch.py)
 
     @property
     def head_resident(self) -> bool:
@@ -104,7 +105,7 @@ class FlashPlan:
 
     def _head_text(self) -> str:
         if self.output_head == "sketch":
-            return "output sketch + row cache"
+            return "head sketch + row cache"
         if self.head_resident:
             return "output matrix"
         return f"{self.head_resident_rows}/{self.head_rows} output rows"

@@ -14,7 +14,7 @@ import numpy as np
 import psutil
 
 from ..errors import BudgetError, InvalidOptionError
-from ..flash_store.head_sketch import SketchHead, sketch_bytes
+from ..flash_store.head_sketch import DEFAULT_CACHE_ROWS, STREAMING_CACHE_ROWS, SketchHead, sketch_bytes
 from ..flash_store.io_engine import FlashReader
 from ..flash_store.planner import FlashPlan, plan_flash
 from ..flash_store.predictor import resident_bytes_per_neuron
@@ -56,8 +56,7 @@ def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: Loa
     head_bytes, head_rows = info.nbytes, info.shape[0]
     if gpu_resident:
         attention, head_bytes = 0, 0
-    if opts.output_head == "sketch":  # resident sketch + row cache instead of the matrix: nothing streams in bulk
-        head_bytes = sketch_bytes(info.shape[0], args.d_model, info.nbytes // info.shape[0])
+    sketch = opts.output_head == "sketch"  # resident sketch + row cache instead of the matrix: nothing streams in bulk
     head_stream = 0 if gpu_resident else HEAD_STREAM_DEPTH * (HEAD_SLICE_ROWS * (info.nbytes // info.shape[0]) + 2 * 4096)
     kv_per_token = 0 if gpu_resident else 2 * args.n_layers * args.n_kv_heads * args.head_dim * np.dtype(KV_DTYPE).itemsize
     if opts.sparsity and store.group > 1:
@@ -65,13 +64,23 @@ def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: Loa
                                  f"{store.group} (convert with --bundle neuron)")
     scorer = args.n_layers * args.n_ff * resident_bytes_per_neuron(store.layout, opts.sparsity_score) \
         if opts.sparsity else 0
-    plan = plan_flash(budget=opts.memory_budget, baseline=baseline or psutil.Process().memory_info().rss,
-                      attention_bytes=attention, head_bytes=head_bytes, n_layers=args.n_layers, n_ff=store.n_records,
-                      record_bytes=store.record_bytes, kv_bytes_per_token=kv_per_token, n_ctx=n_ctx,
-                      batch_size=opts.batch_size, n_heads=args.n_heads, head_stream_bytes=head_stream,
-                      head_rows=head_rows, scorer_bytes=scorer, head_streamable=opts.output_head == "exact",
-                      group=store.group)
-    return replace(plan, output_head=opts.output_head)
+    baseline = baseline or psutil.Process().memory_info().rss
+
+    def plan(head_bytes: int) -> FlashPlan:
+        return plan_flash(budget=opts.memory_budget, baseline=baseline, attention_bytes=attention,
+                          head_bytes=head_bytes, n_layers=args.n_layers, n_ff=store.n_records,
+                          record_bytes=store.record_bytes, kv_bytes_per_token=kv_per_token, n_ctx=n_ctx,
+                          batch_size=opts.batch_size, n_heads=args.n_heads, head_stream_bytes=head_stream,
+                          head_rows=head_rows, scorer_bytes=scorer, head_streamable=not sketch, group=store.group)
+
+    if not sketch:
+        return replace(plan(head_bytes), output_head=opts.output_head)
+    rows = DEFAULT_CACHE_ROWS
+    p = plan(sketch_bytes(info.shape[0], args.d_model, info.nbytes // info.shape[0], rows))
+    if p.hot_neurons < p.n_ff:  # the FFN streams: a smaller row cache leaves its memory to FFN records
+        rows = STREAMING_CACHE_ROWS
+        p = plan(sketch_bytes(info.shape[0], args.d_model, info.nbytes // info.shape[0], rows))
+    return replace(p, output_head="sketch", sketch_cache_rows=rows)
 
 
 def _auto_head_plan(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: LoadOptions, n_ctx: int,
@@ -142,7 +151,7 @@ def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: 
         norm = vector(f, family.TENSORS["output_norm"], args.d_model)
         if plan.output_head == "sketch":
             head = SketchHead(reader, kernel, info.offset, info.shape[0], info.nbytes // info.shape[0], info.ggml_type,
-                              norm, args.norm_eps, args.d_model)
+                              norm, args.norm_eps, args.d_model, cache_rows=plan.sketch_cache_rows)
         else:
             head = StreamedHead(reader, kernel, info.offset, info.shape[0], info.nbytes // info.shape[0],
                                 info.ggml_type, norm, args.norm_eps, plan.head_resident_rows, HEAD_SLICE_ROWS,
