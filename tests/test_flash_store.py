@@ -202,7 +202,8 @@ def test_output_head_auto_takes_the_head_that_streams_less(flash_path):
     keep the matrix at the expense of FFN neurons, the sketch, whose plan streams fewer bytes per token. Plans are
     arithmetic on one baseline (a process's RSS drifts between loads); one load checks the head built matches."""
 
-    from flashlm.flash_store.head_sketch import SketchHead
+    from flashlm.flash_store.head_sketch import (DEFAULT_CACHE_ROWS, DEFAULT_CANDIDATES, STREAMING_CACHE_ROWS,
+                                                 SketchHead)
     from flashlm.loaders.flash_loader import output_matrix, plan_for
     from flashlm.loaders.model_loader import read_model
     from flashlm.options import LoadOptions
@@ -224,7 +225,7 @@ def test_output_head_auto_takes_the_head_that_streams_less(flash_path):
             return None
 
     assert plan("auto", None).output_head == "exact"
-    chose_sketch = 0
+    chose_sketch, sizes = 0, set()
     for mb in range(100, 260, 5):
         auto, exact, sketch = plan("auto", mb * 10 ** 6), plan("exact", mb * 10 ** 6), plan("sketch", mb * 10 ** 6)
         if auto is None:
@@ -236,7 +237,12 @@ def test_output_head_auto_takes_the_head_that_streams_less(flash_path):
         best = min([p for p in (exact, sketch) if p is not None], key=streamed)
         assert streamed(auto) == streamed(best)
         chose_sketch += auto.output_head == "sketch"
+        if sketch is not None:  # the sketch's row cache: full only beside a resident FFN, else smaller
+            assert sketch.sketch_cache_rows in (DEFAULT_CACHE_ROWS, STREAMING_CACHE_ROWS, DEFAULT_CANDIDATES)
+            assert sketch.sketch_cache_rows != DEFAULT_CACHE_ROWS or sketch.hot_neurons == sketch.n_ff
+            sizes.add(sketch.sketch_cache_rows)
     f.close()
+    assert sizes >= {DEFAULT_CACHE_ROWS, STREAMING_CACHE_ROWS}
     assert chose_sketch > 0  # SmolLM2 at 150 MB: exact 44 MB of reads per token, the sketch 28.5
     import psutil
 

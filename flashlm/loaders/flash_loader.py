@@ -14,7 +14,8 @@ import numpy as np
 import psutil
 
 from ..errors import BudgetError, InvalidOptionError
-from ..flash_store.head_sketch import DEFAULT_CACHE_ROWS, STREAMING_CACHE_ROWS, SketchHead, sketch_bytes
+from ..flash_store.head_sketch import (DEFAULT_CACHE_ROWS, DEFAULT_CANDIDATES, STREAMING_CACHE_ROWS, SketchHead,
+                                      sketch_bytes)
 from ..flash_store.io_engine import FlashReader
 from ..flash_store.planner import FlashPlan, plan_flash
 from ..flash_store.predictor import resident_bytes_per_neuron
@@ -75,12 +76,20 @@ def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: Loa
 
     if not sketch:
         return replace(plan(head_bytes), output_head=opts.output_head)
-    rows = DEFAULT_CACHE_ROWS
-    p = plan(sketch_bytes(info.shape[0], args.d_model, info.nbytes // info.shape[0], rows))
-    if p.hot_neurons < p.n_ff:  # the FFN streams: a smaller row cache leaves its memory to FFN records
-        rows = STREAMING_CACHE_ROWS
+    def sketch_plan(rows: int) -> FlashPlan:
         p = plan(sketch_bytes(info.shape[0], args.d_model, info.nbytes // info.shape[0], rows))
-    return replace(p, output_head="sketch", sketch_cache_rows=rows)
+        return replace(p, output_head="sketch", sketch_cache_rows=rows)
+
+    # The exact-row cache shrinks where the FFN streams (its memory goes to FFN records), and to one token's
+    # candidates where nothing larger fits.
+    for rows in (DEFAULT_CACHE_ROWS, STREAMING_CACHE_ROWS):
+        try:
+            p = sketch_plan(rows)
+        except BudgetError:
+            continue
+        if p.hot_neurons == p.n_ff or rows == STREAMING_CACHE_ROWS:
+            return p
+    return sketch_plan(DEFAULT_CANDIDATES)  # the budget error, if even this does not fit
 
 
 def _auto_head_plan(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: LoadOptions, n_ctx: int,
