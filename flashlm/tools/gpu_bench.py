@@ -97,6 +97,18 @@ def _kernel_errors(rng) -> dict:
         report["errors"][name] = float(np.abs(got - ref).max() / np.abs(ref).max())
         report["errors_exact"][name] = float(np.abs(got - ref_exact).max() / np.abs(ref_exact).max())
 
+    def check_records(name, records, layout, act):
+        """kk.bundle over flash-store records (d_model 256) against the numpy reference (float64)."""
+        gr = kk.upload_records(records, layout)
+        n = len(records)
+        for S in (1, 5, 11):
+            x = (rng.standard_normal((S, 256)) * 0.1).astype(np.float32)
+            ref, _ = reference_ffn(records, layout, x, act)
+            exact = reference_ffn(records, layout, x_int8(x).astype(np.float32), act)[0] if S <= 8 else ref
+            y = cp.zeros((S, 256), cp.float32)
+            kk.bundle(gr.data.ptr, n, layout, act, cp.asarray(x), y, cp.empty(8 * n * layout.group, cp.float32))
+            record(f"{name} S={S}", y, ref, exact)
+
     for qtype in (QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q5_0, QT.Q4_K, QT.Q6_K):
         rows = _random_rows(qtype, 301, 512, rng)
         w = gguf.quants.dequantize(rows, qtype).astype(np.float64)
@@ -118,14 +130,7 @@ def _kernel_errors(rng) -> dict:
         records[:, g] = _random_rows(gt, n, 256, rng)
         records[:, u] = _random_rows(ut, n, 256, rng)
         records[:, dn] = _random_rows(QT.Q8_0, n, 256, rng)
-        gr = kk.upload_records(records, layout)
-        for S in (1, 5, 11):
-            x = (rng.standard_normal((S, 256)) * 0.1).astype(np.float32)
-            ref, _ = reference_ffn(records, layout, x, act)
-            exact = reference_ffn(records, layout, x_int8(x).astype(np.float32), act)[0] if S <= 8 else ref
-            y = cp.zeros((S, 256), cp.float32)
-            kk.bundle(gr.data.ptr, n, layout, act, cp.asarray(x), y, cp.empty(8 * n, cp.float32))
-            record(f"bundle {gt.name}/{ut.name} {act} S={S}", y, ref, exact)
+        check_records(f"bundle {gt.name}/{ut.name} {act}", records, layout, act)
     # block-layout records [32 gate rows | 32 up rows | 256 ffn_down blocks] (format.py, group 32)
     for gt, dt, act in ((QT.Q4_1, QT.Q4_1, "silu"), (QT.Q4_0, QT.Q8_0, "gelu_tanh"), (QT.Q5_0, QT.Q4_0, "silu")):
         layout, n = RecordLayout(256, gt, gt, dt, 32), 7
@@ -135,14 +140,7 @@ def _kernel_errors(rng) -> dict:
         records[:, u] = _random_rows(gt, 32 * n, 256, rng).reshape(n, -1)
         down = _random_rows(dt, 256, 32 * n, rng)  # ffn_down: 256 rows of 32n values
         records[:, dn] = down.reshape(256, n, -1).transpose(1, 0, 2).reshape(n, -1)
-        gr = kk.upload_records(records, layout)
-        for S in (1, 5, 11):
-            x = (rng.standard_normal((S, 256)) * 0.1).astype(np.float32)
-            ref, _ = reference_ffn(records, layout, x, act)
-            exact = reference_ffn(records, layout, x_int8(x).astype(np.float32), act)[0] if S <= 8 else ref
-            y = cp.zeros((S, 256), cp.float32)
-            kk.bundle(gr.data.ptr, n, layout, act, cp.asarray(x), y, cp.empty(8 * 32 * n, cp.float32))
-            record(f"blocks {gt.name}/{dt.name} {act} S={S}", y, ref, exact)
+        check_records(f"blocks {gt.name}/{dt.name} {act}", records, layout, act)
     return report
 
 
