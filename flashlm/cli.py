@@ -256,12 +256,14 @@ def chat(system_prompt, **kw):
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Show the plan for this device (cuda: what lives on the GPU, in pinned host memory, on flash).")
 @click.option("--gpu-memory-budget", type=str, default=None, help="GPU memory for the cuda plan.")
+@click.option("--output-head", type=click.Choice(["exact", "sketch", "auto"]), default=_L.output_head,
+              show_default=True, help="The output head the plan is for (see generate --help).")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def info(model, memory_budget, ctx_size, device, gpu_memory_budget, verbose):
+def info(model, memory_budget, ctx_size, device, gpu_memory_budget, output_head, verbose):
     """Architecture, hyperparameters, size per tensor group and quant types; for a .flash, the memory plan."""
     from .tools.model_info import describe
 
-    click.echo(describe(_resolve_model(model), memory_budget, ctx_size, device, gpu_memory_budget))
+    click.echo(describe(_resolve_model(model), memory_budget, ctx_size, device, gpu_memory_budget, output_head))
 
 
 @cli.command()

@@ -181,6 +181,8 @@ def test_cli_generate_under_budget_prints_streaming_stats(resident, flash_path):
         assert label in proc.stderr
     info = run_cli("info", flash_path, "--memory-budget", str(budget), "-c", "512")
     assert info.returncode == 0 and "memory plan" in info.stdout and "hot neurons" in info.stdout
+    sketch = run_cli("info", flash_path, "--memory-budget", str(budget), "-c", "512", "--output-head", "sketch")
+    assert sketch.returncode == 0 and "head sketch + row cache" in sketch.stdout
 
 
 def test_close_releases_the_reader_threads(flash_path):

@@ -22,7 +22,8 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:9.1f} MB"
 
 
-def _plan_lines(path, f, family, args, budget, ctx_size, device="cpu", gpu_budget=None) -> list[str]:
+def _plan_lines(path, f, family, args, budget, ctx_size, device="cpu", gpu_budget=None,
+                output_head="exact") -> list[str]:
     from ..flash_store.reader import FlashStore, is_flash_store
     from ..loaders.flash_loader import plan_for
     from ..loaders.tokenizer import Tokenizer
@@ -32,7 +33,8 @@ def _plan_lines(path, f, family, args, budget, ctx_size, device="cpu", gpu_budge
         return ["memory plan   a GGUF runs fully resident; convert it (flashlm convert) to stream under a budget"]
     store = FlashStore(f, args.n_layers, args.n_ff, args.d_model, verify=False)
     Tokenizer(path)  # the plan's baseline includes the tokenizer, as a real load does
-    opts = LoadOptions(memory_budget=budget, ctx_size=ctx_size, device=device, gpu_memory_budget=gpu_budget).validate()
+    opts = LoadOptions(memory_budget=budget, ctx_size=ctx_size, device=device, gpu_memory_budget=gpu_budget,
+                       output_head=output_head).validate()
     kind = "neuron" if store.group == 1 else \
         f"blocks of {store.group} neurons, ffn_down {store.layout.down_type.name} as in the source"
     head = [f"flash store   {store.record_bytes}-byte records ({kind}), calibrated on {f.get('flashlm.calibration')}"]
@@ -47,7 +49,7 @@ def _plan_lines(path, f, family, args, budget, ctx_size, device="cpu", gpu_budge
 
 
 def describe(path: str, budget: str | None = None, ctx_size: int = 4096, device: str = "cpu",
-             gpu_budget: str | None = None) -> str:
+             gpu_budget: str | None = None, output_head: str = "exact") -> str:
     f, family, args = read_model(path)
     try:
         sizes, types = defaultdict(int), defaultdict(set)
@@ -71,7 +73,7 @@ def describe(path: str, budget: str | None = None, ctx_size: int = 4096, device:
                 lines.append(f"  {group:<16}{_mb(sizes[group])}  {', '.join(sorted(types[group]))}")
         has_template = isinstance(f.get("tokenizer.chat_template"), str)
         lines.append(f"chat template {'yes' if has_template else 'no'}")
-        lines += _plan_lines(path, f, family, args, budget, ctx_size, device, gpu_budget)
+        lines += _plan_lines(path, f, family, args, budget, ctx_size, device, gpu_budget, output_head)
         return "\n".join(lines)
     finally:
         f.close()
