@@ -81,7 +81,7 @@ class RecordLayout:
         """A record's down part: its column (group 1), or d_model blocks of G values."""
         if self.group == 1:
             return row_bytes(self.down_type, self.d_model)
-        return self.d_model * row_bytes(self.down_type, self.group)
+        return self.d_model * self.down_block_bytes
 
     @property
     def down_block_bytes(self) -> int:  # group > 1: the bytes of one of ffn_down's rows in a record

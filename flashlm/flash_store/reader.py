@@ -98,7 +98,7 @@ class FlashStore:
             if not isinstance(order, np.ndarray) or order.dtype.kind not in "iu" or len(order) != n_ff or \
                     not np.array_equal(np.sort(order), np.arange(n_ff)):
                 raise ModelFileError(f"{f.path}: {key}{f.where(key)} is not a permutation of {n_ff} neurons")
-            if G > 1 and not np.array_equal(order.reshape(-1, G) - order[::G, None], np.broadcast_to(np.arange(G), (n_records, G))):
+            if G > 1 and not (order.reshape(-1, G) - order[::G, None] == np.arange(G)).all():
                 raise ModelFileError(f"{f.path}: {key}{f.where(key)} does not keep blocks of {G} neurons together")
             if info.offset % fmt.DATA_ALIGN:
                 raise ModelFileError(f"{f.path}: bundle of layer {i} (data at byte {info.offset}) is not "

@@ -76,6 +76,7 @@ def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: Loa
 
     if not sketch:
         return replace(plan(head_bytes), output_head=opts.output_head)
+
     def sketch_plan(rows: int) -> FlashPlan:
         p = plan(sketch_bytes(info.shape[0], args.d_model, info.nbytes // info.shape[0], rows))
         return replace(p, output_head="sketch", sketch_cache_rows=rows)

@@ -363,6 +363,12 @@ static inline int thread_range(int64_t n, int64_t *lo, int64_t *hi) {
     return tid;
 }
 
+/* y[k] += the per-thread partial sums (n_threads arrays of sd floats), in thread order. */
+static void add_partials(float *y, const float *partial, int n_threads, size_t sd) {
+    for (int t = 0; t < n_threads; t++)
+        for (size_t k = 0; k < sd; k++) y[k] += partial[(size_t)t * sd + k];
+}
+
 /* rows: n pointers to records, in the order their contributions are summed (callers pass neuron-id order, so the
  * result does not depend on where each record sits); gate at offset 0, up at up_offset, down at down_offset.
  * x: (S, d), y: (S, d) accumulated into (not cleared), act_out: (S, n) or NULL. Deterministic for a given n_threads:
@@ -430,8 +436,7 @@ int bundle_ffn(const uint8_t *const *rows, int64_t n, int d, int gate_type, int 
             }
         }
     }
-    for (int t = 0; t < n_threads; t++)
-        for (size_t k = 0; k < sd; k++) y[k] += partial[(size_t)t * sd + k];
+    add_partials(y, partial, n_threads, sd);
     free(partial); free(scratch); free(xsum);
     return 0;
 }

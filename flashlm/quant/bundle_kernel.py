@@ -281,11 +281,7 @@ class BundleKernel:
                 self._run_blas(row_addresses, x, y, mask)
             return
         if not self.native:
-            if rows is None:
-                rb = self.layout.record_bytes
-                rows = np.stack([np.frombuffer((ctypes.c_uint8 * rb).from_address(int(a)), np.uint8)
-                                 for a in row_addresses])
-            dy, act = reference_ffn(rows, self.layout, x, self.activation, mask)
+            dy, act = reference_ffn(self._rows(row_addresses, rows), self.layout, x, self.activation, mask)
             y += dy
             if act_out is not None:
                 act_out[...] = act
@@ -302,46 +298,50 @@ class BundleKernel:
         else (no compiler) numpy. Per-neuron outputs (act_out, mask) need neuron records (refused at load)."""
         if act_out is not None or mask is not None:
             raise ValueError("block-layout records: no per-neuron activations or masks")
-        L, n = self.layout, len(row_addresses)
+        L = self.layout
         if self.native and self._block_i8 is not None and FFN_INT8:
-            status = self._block_i8(row_addresses.ctypes.data, n, L.d_model, int(L.gate_type), int(L.up_type),
-                                    int(L.down_type), L.group, self._up_offset, self._down_offset,
+            status = self._block_i8(row_addresses.ctypes.data, len(row_addresses), L.d_model, int(L.gate_type),
+                                    int(L.up_type), int(L.down_type), L.group, self._up_offset, self._down_offset,
                                     ACTIVATIONS[self.activation], x.ctypes.data, x.shape[0], y.ctypes.data,
                                     self.threads)
             if status != 0:
                 raise RuntimeError(f"bundle kernel (blocks) failed ({status})")
-            return
-        if not self.native:
-            if rows is None:
-                rows = np.stack([np.frombuffer((ctypes.c_uint8 * L.record_bytes).from_address(int(a)), np.uint8)
-                                 for a in row_addresses])
-            y += reference_ffn(rows, L, x, self.activation)[0]
-            return
-        d, chunk = L.d_model, max(1, BLAS_CHUNK_NEURONS // L.group)
-        gate, up, down = (np.empty((chunk * L.group, d), np.float32) for _ in range(3))
-        with self.one_blas_thread:
-            for lo in range(0, n, chunk):
-                addr = np.ascontiguousarray(row_addresses[lo:lo + chunk])
-                m = len(addr) * L.group
-                if self._dequant_blocks(addr.ctypes.data, len(addr), d, int(L.gate_type), int(L.up_type),
-                                        int(L.down_type), L.group, self._up_offset, self._down_offset,
-                                        gate.ctypes.data, up.ctypes.data, down.ctypes.data, self.threads) != 0:
-                    raise RuntimeError("dequant_block_records failed")
-                y += (activate(x @ gate[:m].T, self.activation) * (x @ up[:m].T)) @ down[:m]
+        elif self.native:
+            with self.one_blas_thread:
+                self._run_blas(row_addresses, x, y)
+        else:
+            y += reference_ffn(self._rows(row_addresses, rows), L, x, self.activation)[0]
+
+    def _rows(self, row_addresses: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+        """The records as an (n, record_bytes) array for the numpy fallback: `rows` if given, else a copy."""
+        if rows is not None:
+            return rows
+        rb = self.layout.record_bytes
+        return np.stack([np.frombuffer((ctypes.c_uint8 * rb).from_address(int(a)), np.uint8) for a in row_addresses])
+
+    def _dequantize(self, addr: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> None:
+        """Records at addr -> float32 gate, up, down rows (one per neuron: len(addr) * group each)."""
+        L = self.layout
+        if L.group > 1:
+            status = self._dequant_blocks(addr.ctypes.data, len(addr), L.d_model, int(L.gate_type), int(L.up_type),
+                                          int(L.down_type), L.group, self._up_offset, self._down_offset,
+                                          gate.ctypes.data, up.ctypes.data, down.ctypes.data, self.threads)
+        else:
+            status = self._dequant_records(addr.ctypes.data, len(addr), L.d_model, int(L.gate_type),
+                                           int(L.up_type), self._up_offset, self._down_offset, gate.ctypes.data,
+                                           up.ctypes.data, down.ctypes.data, self.threads)
+        if status != 0:
+            raise RuntimeError(f"dequantizing records failed ({status})")
 
     def _run_blas(self, row_addresses: np.ndarray, x: np.ndarray, y: np.ndarray, mask=None) -> None:
-        """Prompt path: per chunk of records, dequantize (C) then three BLAS products."""
-        d = self.layout.d_model
-        chunk = BLAS_CHUNK_NEURONS
-        gate, up, down = (np.empty((chunk, d), np.float32) for _ in range(3))
+        """Prompt path: per chunk of records, dequantize (C) then three BLAS products. mask: neuron records only."""
+        G, d = self.layout.group, self.layout.d_model
+        chunk = max(1, BLAS_CHUNK_NEURONS // G)  # records
+        gate, up, down = (np.empty((chunk * G, d), np.float32) for _ in range(3))
         for lo in range(0, len(row_addresses), chunk):
             addr = np.ascontiguousarray(row_addresses[lo:lo + chunk])
-            m = len(addr)
-            status = self._dequant_records(addr.ctypes.data, m, d, int(self.layout.gate_type), int(self.layout.up_type),
-                                           self._up_offset, self._down_offset, gate.ctypes.data, up.ctypes.data,
-                                           down.ctypes.data, self.threads)
-            if status != 0:
-                raise RuntimeError(f"dequant_records failed ({status})")
+            m = len(addr) * G
+            self._dequantize(addr, gate, up, down)
             act = activate(x @ gate[:m].T, self.activation) * (x @ up[:m].T)
             if mask is not None:
                 act *= mask[:, lo:lo + m]

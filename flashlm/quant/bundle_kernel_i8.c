@@ -529,8 +529,7 @@ int bundle_ffn_i8(const uint8_t *const *rows, int64_t n, int d, int gate_type, i
             }
         }
     }
-    for (int t = 0; t < n_threads; t++)
-        for (size_t k = 0; k < sd; k++) y[k] += partial[(size_t)t * sd + k];
+    add_partials(y, partial, n_threads, sd);
     ffn_x_free(&X);
     free(partial);
     return 0;

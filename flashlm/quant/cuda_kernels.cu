@@ -42,6 +42,10 @@ extern "C" __global__ void quantize_x(const float* x, int K, int S, signed char*
 //   Q4_0: d dx (u.q - 8 sx)   Q4_1, Q4_K: d dx (u.q) + m dx sx   Q8_0: d dx (w.q)   Q5_0: d dx (u.q - 16 sx)
 // as the CPU's int8 decode path (bundle_kernel_i8.c) and llama.cpp's vec_dot_*_q8_1 compute them.
 template <int F> struct Blk;
+// acc + the dot product of 4 words of signed bytes with 16 int8 x values
+__device__ __forceinline__ int dp4a4(const int* w, int4 x, int acc) {
+    return __dp4a(w[3], x.w, __dp4a(w[2], x.z, __dp4a(w[1], x.y, __dp4a(w[0], x.x, acc))));
+}
 template <> struct Blk<0> {  // Q4_0: half d, 16 bytes: element j low nibble of byte j, element j + 16 high nibble
     static constexpr int BYTES = 18, QOFF = 2, QW = 4, XW = 0, HALVES = 1, FLOATS = 0;
     __device__ static int udot(const int* w, int4 x0, int4 x1) {
@@ -73,15 +77,7 @@ template <> struct Blk<1> {  // Q4_1: half d, half m, nibbles as Q4_0; w = d * u
 template <> struct Blk<2> {  // Q8_0: half d, 32 signed bytes
     static constexpr int BYTES = 34, QOFF = 2, QW = 8, XW = 0, HALVES = 1, FLOATS = 0;
     __device__ static float dot(const int* w, float d, float m, int4 x0, int4 x1, float dx, int sx) {
-        int s = __dp4a(w[0], x0.x, 0);
-        s = __dp4a(w[1], x0.y, s);
-        s = __dp4a(w[2], x0.z, s);
-        s = __dp4a(w[3], x0.w, s);
-        s = __dp4a(w[4], x1.x, s);
-        s = __dp4a(w[5], x1.y, s);
-        s = __dp4a(w[6], x1.z, s);
-        s = __dp4a(w[7], x1.w, s);
-        return d * dx * (float)s;
+        return d * dx * (float)dp4a4(w + 4, x1, dp4a4(w, x0, 0));
     }
     __device__ static float value(int byte, int xw, float d, float m, int e) { return d * (float)(signed char)byte; }
 };
@@ -114,15 +110,7 @@ template <> struct Blk<4> : Blk<1> {  // Q4_K re-encoded per 32: Q4_1's nibbles,
 template <> struct Blk<5> {  // Q6_K re-encoded per 32: signed bytes q - 32, float32 d * scale of each half (d, m)
     static constexpr int BYTES = 210, QOFF = 0, QW = 8, XW = 0, HALVES = 0, FLOATS = 2;
     __device__ static float dot(const int* w, float d, float m, int4 x0, int4 x1, float dx, int sx) {
-        int s0 = __dp4a(w[0], x0.x, 0);
-        s0 = __dp4a(w[1], x0.y, s0);
-        s0 = __dp4a(w[2], x0.z, s0);
-        s0 = __dp4a(w[3], x0.w, s0);
-        int s1 = __dp4a(w[4], x1.x, 0);
-        s1 = __dp4a(w[5], x1.y, s1);
-        s1 = __dp4a(w[6], x1.z, s1);
-        s1 = __dp4a(w[7], x1.w, s1);
-        return dx * (d * (float)s0 + m * (float)s1);
+        return dx * (d * (float)dp4a4(w, x0, 0) + m * (float)dp4a4(w + 4, x1, 0));
     }
     __device__ static float value(int byte, int xw, float d, float m, int e) {
         return (e < 16 ? d : m) * (float)(signed char)byte;

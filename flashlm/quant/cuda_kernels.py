@@ -236,48 +236,41 @@ class CudaKernels:
 
             raise UnsupportedModelError(f"gate rows {QT(layout.gate_type).name} with up rows "
                                         f"{QT(layout.up_type).name}: no GPU kernel for this pair")
-        S = x.shape[0]
-        if g.group > 1:
-            q = xq if xq is not None or S > MAX_S else self.quantize(x)
-            self._bundle_blocks(ptr, n, g, d, activation, x, y, h, q, (gf, uf, df))
-            return
+        S, G = x.shape[0], g.group
         if S > MAX_S:
-            self._bundle_float(ptr, n, g, d, activation, x, y, (gf, uf, df))
+            (self._bundle_float_blocks if G > 1 else self._bundle_float)(ptr, n, g, d, activation, x, y, (gf, uf, df))
             return
         q = xq if xq is not None else self.quantize(x)
-        (self._gate_up1 if S == 1 else self._gate_up)[(gf, uf)](self._grid(n), (THREADS,), (
-            np.uint64(ptr), np.int64(rb), np.int32(n), np.int32(d), np.int64(g.up_off),
-            np.int32(ACTIVATIONS[activation]), *q, np.int32(S), h))
-        self._down[df](((d + 255) // 256, (n + DOWN_CHUNK - 1) // DOWN_CHUNK), (256,), (
-            np.uint64(ptr), np.int64(rb), np.int32(n), np.int32(d), np.int64(g.down_off), h, np.int32(S), y,
-            np.int32(DOWN_CHUNK)))
-
-    def _bundle_blocks(self, ptr: int, n: int, g: "GpuRecords", d: int, activation: str, x, y, h, q, fmts) -> None:
-        """Block layout: the gate / up kernels over the n * G sub-records, then ffn_down's blocks (down_block_t).
-        Prompt batches: dequantized slices and cuBLAS, as for neuron records."""
-        gf, uf, df = fmts
-        G, S, down_ptr = g.group, x.shape[0], ptr + n * g.group * g.sub_bytes
-        dstride = g.record_bytes - G * g.sub_bytes
-        if S > MAX_S:
-            cp = self.cp
-            chunk = max(1, min(n, DEQUANT_MAX_BYTES // (3 * 4 * d * G)))
-            w = cp.empty((3, chunk * G, d), cp.float32)
-            wd = cp.empty((chunk * d, G), cp.float32)
-            for i0 in range(0, n, chunk):
-                c = min(chunk, n - i0)
-                sub = ptr + i0 * G * g.sub_bytes
-                self._dequantize(sub, g.sub_bytes, c * G, d, gf, True, w[0])
-                self._dequantize(sub + g.up_off, g.sub_bytes, c * G, d, uf, True, w[1])
-                self._dequantize(down_ptr + i0 * dstride, dstride // d, c * d, G, df, False, wd)
-                w[2, :c * G] = wd[:c * d].reshape(c, d, G).transpose(0, 2, 1).reshape(c * G, d)
-                y += (_activate(cp, x @ w[0, :c * G].T, activation) * (x @ w[1, :c * G].T)) @ w[2, :c * G]
-            return
+        # gate and up rows: a record's (neuron layout), or the n * G sub-records' (block layout)
         (self._gate_up1 if S == 1 else self._gate_up)[(gf, uf)](self._grid(n * G), (THREADS,), (
-            np.uint64(ptr), np.int64(g.sub_bytes), np.int32(n * G), np.int32(d), np.int64(g.up_off),
-            np.int32(ACTIVATIONS[activation]), *q, np.int32(S), h))
-        chunk = max(1, DOWN_CHUNK // G)
-        self._down_block[df](((d + 255) // 256, (n + chunk - 1) // chunk), (256,), (
-            np.uint64(down_ptr), np.int64(dstride), np.int32(n), np.int32(d), h, np.int32(S), y, np.int32(chunk)))
+            np.uint64(ptr), np.int64(g.sub_bytes if G > 1 else rb), np.int32(n * G), np.int32(d),
+            np.int64(g.up_off), np.int32(ACTIVATIONS[activation]), *q, np.int32(S), h))
+        if G > 1:  # ffn_down's blocks after the sub-records (down_block_t)
+            chunk = max(1, DOWN_CHUNK // G)
+            self._down_block[df](((d + 255) // 256, (n + chunk - 1) // chunk), (256,), (
+                np.uint64(ptr + n * G * g.sub_bytes), np.int64(rb - G * g.sub_bytes), np.int32(n), np.int32(d), h,
+                np.int32(S), y, np.int32(chunk)))
+        else:
+            self._down[df](((d + 255) // 256, (n + DOWN_CHUNK - 1) // DOWN_CHUNK), (256,), (
+                np.uint64(ptr), np.int64(rb), np.int32(n), np.int32(d), np.int64(g.down_off), h, np.int32(S), y,
+                np.int32(DOWN_CHUNK)))
+
+    def _bundle_float_blocks(self, ptr: int, n: int, g: "GpuRecords", d: int, activation: str, x, y, fmts) -> None:
+        """Prompt batches over block records: dequantized slices of records (their ffn_down blocks transposed to
+        one row per neuron) and cuBLAS, as _bundle_float for neuron records."""
+        cp, (gf, uf, df), G = self.cp, fmts, g.group
+        down_ptr, dstride = ptr + n * G * g.sub_bytes, g.record_bytes - G * g.sub_bytes
+        chunk = max(1, min(n, DEQUANT_MAX_BYTES // (3 * 4 * d * G)))
+        w = cp.empty((3, chunk * G, d), cp.float32)
+        wd = cp.empty((chunk * d, G), cp.float32)
+        for i0 in range(0, n, chunk):
+            c = min(chunk, n - i0)
+            sub = ptr + i0 * G * g.sub_bytes
+            self._dequantize(sub, g.sub_bytes, c * G, d, gf, True, w[0])
+            self._dequantize(sub + g.up_off, g.sub_bytes, c * G, d, uf, True, w[1])
+            self._dequantize(down_ptr + i0 * dstride, dstride // d, c * d, G, df, False, wd)
+            w[2, :c * G] = wd[:c * d].reshape(c, d, G).transpose(0, 2, 1).reshape(c * G, d)
+            y += (_activate(cp, x @ w[0, :c * G].T, activation) * (x @ w[1, :c * G].T)) @ w[2, :c * G]
 
     def _bundle_float(self, ptr: int, n: int, g: "GpuRecords", d: int, activation: str, x, y, fmts) -> None:
         cp, rb = self.cp, g.record_bytes

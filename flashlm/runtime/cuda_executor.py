@@ -164,7 +164,8 @@ class GpuFFN:
         self.read_bufs = [self._pinned(cold * rb + 2 * ALIGN) for _ in range(2)] if cold else []
         self.copied = [None, None]  # events: the copy out of read buffer k has finished
         self._pending: dict[int, object] = {}
-        self.h = cp.empty(MAX_S * n_ff * store.group, cp.float32)  # activations of up to MAX_S tokens (bundle calls go by MAX_S)
+        # activations of up to MAX_S tokens, one per neuron (bundle calls go by MAX_S)
+        self.h = cp.empty(MAX_S * n_ff * plan.group, cp.float32)
         self.warm_bytes = (self.host_hot - self.gpu_hot) * rb
         # GPU-side split, from CUDA events per layer: host->GPU copies and the FFN kernels (collect() sums them)
         self.transfer_s = self.gpu_ffn_s = 0.0
