@@ -83,8 +83,10 @@ def model_options(f):
                      help="Reader threads for flash streaming."),
         click.option("--sparsity", type=str, default="off", show_default=True,
                      help="FFN neurons skipped per token on a .flash model: off, auto or a fraction (e.g. 0.3)."),
-        click.option("--sparsity-score", type=click.Choice(["exact", "cats"]), default=_L.sparsity_score,
-                     show_default=True, help="How neurons are ranked: exact |act(gate)*up| or CATS |act(gate)|."),
+        click.option("--sparsity-score", type=click.Choice(["exact", "cats", "predictor"]),
+                     default=_L.sparsity_score, show_default=True,
+                     help="How neurons are ranked: exact |act(gate)*up|, CATS |act(gate)|, or the low-rank "
+                          "predictor `flashlm calibrate` stored in the .flash."),
         click.option("--output-head", type=click.Choice(["exact", "sketch", "auto"]), default=_L.output_head,
                      show_default=True, help="Output matrix of a .flash model under a budget: exact (stream what "
                      "does not fit), sketch (1-bit sketch + exact candidate rows; approximate, see README) or auto "
@@ -302,6 +304,31 @@ def convert(model, output, quant, calibration_text, no_calibration, bundle, forc
     click.echo(f"wrote {r.path}: {r.n_layers} layers, {r.record_bytes}-byte records of {r.group} neuron"
                f"{'s' if r.group > 1 else ''}, resident section {r.resident_bytes / 1e6:.1f} MB, FFN bundles "
                f"{r.bundle_bytes / 1e6:.1f} MB; {down}; calibrated on {r.calibration}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False),
+              help="Calibration text (not the text you evaluate on).")
+@click.option("--rank", type=int, default=128, show_default=True, help="Predictor rank (a multiple of 32).")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tokens", type=int, default=4096, show_default=True, help="Calibration tokens used (at most).")
+@click.option("-t", "--threads", type=int, default=0, help="Compute threads (0: all cores).")
+@click.option("-o", "--output", default=None, help="Write the result here instead of rewriting MODEL in place.")
+@click.option("--verbose", is_flag=True, help="Show tracebacks.")
+def calibrate(model, text_file, rank, epochs, seed, tokens, threads, output, verbose):
+    """Train a low-rank sparsity predictor per layer on a .flash model's own activations and store it in the file
+    (for --sparsity-score predictor); prints held-out recall and precision per layer."""
+    from .flash_store.predictor_train import calibrate_predictor
+
+    def progress(what, done, total):
+        click.echo(f"\r{what:<9} {done}/{total}", nl=done >= total, err=True)
+
+    r = calibrate_predictor(model, text_file, rank, epochs, seed, tokens, threads, output, progress)
+    for i, (rc, pr, sel) in enumerate(zip(r.recall, r.precision, r.selected)):
+        click.echo(f"layer {i:>3}: held-out recall {rc:.4f}, precision {pr:.4f}, selects {sel:.1%}")
+    click.echo(f"wrote {r.path} in {r.seconds:.0f} s: {r.description}")
 
 
 @cli.command()

@@ -118,3 +118,15 @@ def block_order(group: int, score: np.ndarray) -> np.ndarray:
     sums = score.reshape(-1, group).sum(1)
     groups = np.lexsort((np.arange(len(sums)), -sums))
     return (groups[:, None] * group + np.arange(group)).ravel().astype(np.uint32)
+
+
+# A trained sparsity predictor per layer (`flashlm calibrate`, predictor_train.py), optional: scores for the
+# layer's neurons in stored order are b_rows . (a_rows . x) + bias. a: (rank, d_model) and b: (n_ff, rank) rows in
+# PREDICTOR_TYPE, bias (n_ff,) F32. They sit among the resident tensors (the resident checksum covers them).
+KEY_PREDICTOR = "flashlm.predictor"  # what trained it: text, tokens, seed, epochs, held-out recall and precision
+KEY_PREDICTOR_RANK = "flashlm.predictor.rank"
+PREDICTOR_TYPE = QT.Q8_0
+
+
+def predictor_names(i: int) -> tuple[str, str, str]:
+    return f"blk.{i}.ffn_predictor_a", f"blk.{i}.ffn_predictor_b", f"blk.{i}.ffn_predictor_bias"

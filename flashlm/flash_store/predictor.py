@@ -10,8 +10,14 @@ the budget planner needs). Two scores, both computed from resident rows kept in 
 
 Measured offline on SmolLM2 (FFN inputs of 2,048 GPL-3 tokens, relative error of the layer output when dropping
 40% / 50% of neurons): exact 0.061 / 0.095, cats 0.166 / 0.228, a data-aware low-rank (r=128) linear predictor of
-gate and up 0.237 / 0.279, 3-bit copies of gate and up 0.102 / 0.134. A low-rank linear predictor loses to the
-cheaper CATS signal here, so it is not offered for gated FFNs; the trained ReLU predictor is relu_predictor.py.
+gate and up 0.237 / 0.279, 3-bit copies of gate and up 0.102 / 0.134. A third score is a trained low-rank predictor
+stored in the file by `flashlm calibrate` (predictor_train.py, the paper's choice, with the figures that show it
+losing to CATS on SmolLM2):
+
+  - "predictor": b . (a . x) + bias, a rank-r map of the FFN input (no weight rows resident; 8.6 MB for SmolLM2 at
+                 rank 128, against 17 MB of gate rows for "cats").
+
+The predictor of a ReLU FFN (OPT) is relu_predictor.py.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InvalidOptionError
+from . import format as fmt
 
-SCORES = ("cats", "exact")
+SCORES = ("cats", "exact", "predictor")
 PAGE = 4096
 MERGE_GAP_PAGES = 2  # reading two unneeded pages costs less than another request (probe-disk: 4 KiB reads ~0.4 GB/s)
 
@@ -43,9 +50,16 @@ def parse_sparsity(value) -> float:
 AUTO_FRACTION = 0.4  # measured on SmolLM2 with the exact score: +0.1% perplexity (README table)
 
 
-def resident_bytes_per_neuron(layout, kind: str) -> int:
-    """What a scorer of `kind` keeps in memory per neuron: its gate row, and its up row for "exact"."""
-    return layout.gate_bytes + (layout.up_bytes if kind == "exact" else 0)
+def scorer_bytes(store, kind: str) -> int:
+    """What a scorer of `kind` keeps in memory for the whole model: every gate row, and every up row for "exact";
+    the stored predictor's tensors for "predictor"."""
+    if kind == "predictor":
+        store.predictor_rank or store.predictor(0)  # no predictor: the error that says how to train one
+        return sum(store.file.tensors[name].nbytes for i in range(len(store.layers))
+                   for name in fmt.predictor_names(i))
+    layout = store.layout
+    per_neuron = layout.gate_bytes + (layout.up_bytes if kind == "exact" else 0)
+    return len(store.layers) * store.n_records * per_neuron
 
 
 def keep_count(n: int, fraction: float) -> int:
@@ -56,19 +70,28 @@ class NeuronScorer:
     """Scores (S, n) for tokens x (S, d), in the layer's stored neuron order."""
 
     def __init__(self, kind: str, gate_rows: list[np.ndarray], up_rows: list[np.ndarray] | None, gate_type, up_type,
-                 activation: str):
+                 activation: str, predictor: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None):
         if kind not in SCORES:
             raise InvalidOptionError(f"sparsity score must be one of {', '.join(SCORES)}, got {kind!r}")
         self.kind, self.gate_rows, self.up_rows = kind, gate_rows, up_rows
         self.gate_type, self.up_type, self.activation = gate_type, up_type, activation
+        self.predictor = predictor  # per layer (a rows, b rows, bias), FlashStore.predictor
 
     @property
     def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.gate_rows) + sum(r.nbytes for r in self.up_rows or [])
+        return sum(r.nbytes for r in self.gate_rows) + sum(r.nbytes for r in self.up_rows or []) + \
+            sum(a.nbytes for layer in self.predictor or [] for a in layer)
 
     def scores(self, kernel, i: int, x: np.ndarray) -> np.ndarray:
         from ..quant.bundle_kernel import activate, rows_matvec
 
+        if self.kind == "predictor":
+            a, b, bias = self.predictor[i]
+            t = np.empty((x.shape[0], a.shape[0]), np.float32)
+            rows_matvec(kernel, a, fmt.PREDICTOR_TYPE, x, t)
+            s = np.empty((x.shape[0], b.shape[0]), np.float32)
+            rows_matvec(kernel, b, fmt.PREDICTOR_TYPE, t, s)
+            return s + bias
         n = self.gate_rows[i].shape[0]
         g = np.empty((x.shape[0], n), np.float32)
         rows_matvec(kernel, self.gate_rows[i], self.gate_type, x, g)

@@ -223,6 +223,32 @@ class FlashStore:
         if not s.ok:
             raise ModelFileError(f"{self.file.path}: {s.name}, bytes {s.start}-{s.end}: {s.detail} (file is corrupt)")
 
+    # -- the trained sparsity predictor (format.predictor_names), if `flashlm calibrate` stored one -------------
+    @property
+    def predictor_rank(self) -> int | None:
+        return self._uint(fmt.KEY_PREDICTOR_RANK, 32) if fmt.KEY_PREDICTOR_RANK in self.file.metadata else None
+
+    def predictor(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Layer i's predictor as copies: a rows (rank, bytes), b rows (n_ff, bytes) in PREDICTOR_TYPE, bias (n_ff,)
+        float32, b and bias in stored neuron order. Raises ModelFileError when absent or mis-shaped."""
+        f, rank = self.file, self.predictor_rank
+        if rank is None:
+            raise ModelFileError(f"{f.path}: has no sparsity predictor (train one with `flashlm calibrate "
+                                 f"{os.path.basename(f.path)} --text FILE`)")
+        n_ff = self.n_records * self.group
+        expected = ((rank, fmt.row_bytes(fmt.PREDICTOR_TYPE, self.layout.d_model)), fmt.PREDICTOR_TYPE), \
+            ((n_ff, fmt.row_bytes(fmt.PREDICTOR_TYPE, rank)), fmt.PREDICTOR_TYPE), ((n_ff * 4,), QT.F32)
+        out = []
+        for name, (shape, qtype) in zip(fmt.predictor_names(i), expected):
+            info = f.tensors.get(name)
+            data = f.tensor_bytes(name) if info is not None and info.ggml_type == qtype else None
+            if data is None or data.reshape(-1).size != int(np.prod(shape)) or \
+                    (qtype != QT.F32 and data.shape != shape):
+                raise ModelFileError(f"{f.path}: predictor tensor {name}{self._at(name)} is missing or is not "
+                                     f"{qtype.name} of {shape} bytes")
+            out.append(np.array(data).reshape(shape))
+        return out[0], out[1], out[2].view(np.float32)
+
     def layer_range(self, i: int) -> tuple[int, int]:
         start = self.layers[i].offset
         return start, start + self.layers[i].n_records * self.record_bytes

@@ -114,12 +114,13 @@ def _build_blocks(f: GGUFFile, i: int, layout: fmt.RecordLayout, order: np.ndarr
     return records
 
 
-def copy_metadata(w: gguf.GGUFWriter, f: GGUFFile, keys=None) -> None:
-    """Copy metadata values with their GGUF types (all but architecture, alignment and flashlm.*, or `keys`)."""
+def copy_metadata(w: gguf.GGUFWriter, f: GGUFFile, keys=None, skip=lambda key: key.startswith("flashlm.")) -> None:
+    """Copy metadata values with their GGUF types (all but architecture, alignment and the keys `skip` names
+    (flashlm.*), or only `keys`)."""
     for key, value in f.metadata.items():
         if keys is not None and key not in keys:
             continue
-        if key in ("general.architecture", "general.alignment") or key.startswith("flashlm."):
+        if key in ("general.architecture", "general.alignment") or skip(key):
             continue
         vtype, item_type = f.value_types[key]
         if isinstance(value, StringArray):
@@ -228,3 +229,59 @@ def _write(f, args, layout, orders, calibration, src, dst) -> ConvertReport:
     return ConvertReport(dst, args.n_layers, layout.record_bytes, sum(t.nbytes for t in resident),
                          args.n_layers * n_records * layout.record_bytes, float(np.sqrt(np.mean(np.square(errors)))),
                          calibration.description, layout.group, QT(layout.down_type).name)
+
+
+def add_resident_tensors(path: str, tensors: list[tuple[str, np.ndarray, QT]], metadata: dict[str, tuple],
+                         dst: str | None = None, replace=lambda name: False) -> None:
+    """Rewrite the .flash at `path` (to `dst`, default in place, atomically) with more resident tensors and keys.
+
+    tensors: (name, raw bytes (rows, row bytes) uint8, GGML type), placed after the existing resident tensors;
+    metadata: key -> (value, GGUFValueType[, item type]). Existing tensors and keys that `replace` names (or that
+    are named as new ones) are dropped. Everything else is copied byte for byte: the bundles, their
+    checksums, the neuron orders; the resident and header checksums are computed again."""
+    dst = dst or path
+    remove_stale_temps(dst)
+    f = GGUFFile(path)
+    try:
+        new_names = {name for name, _, _ in tensors}
+        drop = lambda key: key in new_names or key in metadata or key == fmt.KEY_RESIDENT_CRC or replace(key)  # noqa
+        bundles = [t for name, t in f.tensors.items() if name.endswith(".ffn_bundle")]
+        resident = [(t.name, f.tensor_bytes(t.name), QT(t.ggml_type)) for name, t in f.tensors.items()
+                    if t not in bundles and name != fmt.HEADER_CRC_TENSOR and not drop(name)] + list(tensors)
+        resident_crc = 0
+        for _, data, _ in resident:
+            resident_crc = zlib.crc32(np.ascontiguousarray(data), resident_crc)
+        tmp = temp_path(dst)
+        try:
+            w = gguf.GGUFWriter(tmp, f.get("general.architecture"))
+            w.data_alignment = fmt.DATA_ALIGN
+            w.add_custom_alignment(fmt.DATA_ALIGN)
+            copy_metadata(w, f, skip=drop)
+            w.add_uint32(fmt.KEY_RESIDENT_CRC, resident_crc)
+            for key, (value, *types) in metadata.items():
+                w.add_key_value(key, value, *types)
+            for name, data, qtype in resident:
+                w.add_tensor_info(name, data.shape, np.dtype(np.uint8), data.nbytes, qtype)
+            for t in bundles:
+                w.add_tensor_info(t.name, t.shape, np.dtype(np.int8), t.nbytes, fmt.BUNDLE_TYPE)
+            w.add_tensor_info(fmt.HEADER_CRC_TENSOR, (1,), np.dtype(np.int32), 4, fmt.HEADER_CRC_TYPE)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            header_crc = _header_crc(w, tmp)
+            for _, data, _ in resident:
+                w.write_tensor_data(np.ascontiguousarray(data))
+            for t in bundles:
+                w.write_tensor_data(f.tensor_bytes(t.name).view(np.int8))
+            w.write_tensor_data(np.array([header_crc], np.uint32).view(np.int32))
+            w.fout[0].flush()
+            os.fsync(w.fout[0].fileno())
+            w.close()
+            f.close()
+            commit(tmp, dst)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    finally:
+        f.close()

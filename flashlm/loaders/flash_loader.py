@@ -18,7 +18,7 @@ from ..flash_store.head_sketch import (DEFAULT_CACHE_ROWS, DEFAULT_CANDIDATES, S
                                       sketch_bytes)
 from ..flash_store.io_engine import FlashReader
 from ..flash_store.planner import FlashPlan, plan_flash
-from ..flash_store.predictor import resident_bytes_per_neuron
+from ..flash_store.predictor import scorer_bytes
 from ..flash_store.reader import FlashStore
 from ..options import LoadOptions
 from ..quant.formats import dequantize
@@ -63,8 +63,7 @@ def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: Loa
     if opts.sparsity and store.group > 1:
         raise InvalidOptionError(f"--sparsity needs a flash store with one record per neuron; this one has blocks of "
                                  f"{store.group} (convert with --bundle neuron)")
-    scorer = args.n_layers * args.n_ff * resident_bytes_per_neuron(store.layout, opts.sparsity_score) \
-        if opts.sparsity else 0
+    scorer = scorer_bytes(store, opts.sparsity_score) if opts.sparsity else 0
     baseline = baseline or psutil.Process().memory_info().rss
 
     def plan(head_bytes: int) -> FlashPlan:

@@ -63,7 +63,9 @@ class StreamedFFN:
         self.sparsity, self.keep = sparsity, keep_count(n_ff, sparsity)
         self.stats = FFNStats()
         self.caches: list[NeuronWindowCache] = []
-        gate_rows, up_rows = self._load_hot_sets(score if sparsity > 0 else None)
+        gate_rows, up_rows = self._load_hot_sets(score if sparsity > 0 and score != "predictor" else None)
+        predictor = [store.predictor(i) for i in range(len(store.layers))] \
+            if sparsity > 0 and score == "predictor" else None
         # Reads have page granularity (O_DIRECT): a token's selection touches a page unless all of the page's
         # records are skipped. Expected share of the cold range's pages touched, records assumed independent:
         self.page_coverage = 1.0 - sparsity ** max(1.0, PAGE / rb)
@@ -72,7 +74,7 @@ class StreamedFFN:
         # otherwise the cold range streams as when dense and the skipped neurons save compute only.
         self.read_selected = sparsity > 0 and self.page_coverage <= SPARSE_READ_MAX_COVERAGE
         self.scorer = NeuronScorer(score, gate_rows, up_rows, store.layout.gate_type, store.layout.up_type,
-                                   kernel.activation) if sparsity > 0 else None
+                                   kernel.activation, predictor) if sparsity > 0 else None
         self.stats.io = reader.stats  # the reader's live counters (per-token traffic from here on)
         cold = n_ff - hot
         self.buffers = [aligned_buffer(cold * rb + 2 * ALIGN) for _ in range(2)] if cold else []
