@@ -14,7 +14,7 @@ gate and up 0.237 / 0.279, 3-bit copies of gate and up 0.102 / 0.134. A third sc
 stored in the file by `flashlm calibrate` (predictor_train.py, the paper's choice, with the figures that show it
 losing to CATS on SmolLM2):
 
-  - "predictor": b . (a . x) + bias, a rank-r map of the FFN input (no weight rows resident; 8.6 MB for SmolLM2 at
+  - "predictor": b . (a . x) + bias, a rank-r map of the FFN input (no weight rows resident; 8.8 MB for SmolLM2 at
                  rank 128, against 17 MB of gate rows for "cats").
 
 The predictor of a ReLU FFN (OPT) is relu_predictor.py.

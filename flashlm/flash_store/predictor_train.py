@@ -11,7 +11,7 @@ tokens are split in text order: the first 80% fit, the next 10% validate, the la
 recall and precision reported (and stored in the file's metadata with the text, the seed and the settings).
 
 u and v are stored as Q8_0 rows (a = u.T, b = v.T), bias as F32: a rank-128 predictor of SmolLM2 is 0.29 MB per
-layer (8.6 MB in all), scored by the bundle kernel's row products.
+layer (8.8 MB in all, with the F32 biases), scored by the bundle kernel's row products.
 
 What it buys on gated FFNs is measured in the README: on SmolLM2, no predictor from x alone came near the exact
 score. Relative error of a layer's output (layers 5 and 20, 2,048 GPL-3 tokens) when dropping 40% of neurons:

@@ -181,17 +181,25 @@ def regression_init(x: np.ndarray, pre: np.ndarray, rank: int) -> tuple[np.ndarr
     x64, pre64 = x.astype(np.float64), pre.astype(np.float64)
     x_mean, pre_mean = x64.mean(0), pre64.mean(0)
     xc, prec = x64 - x_mean, pre64 - pre_mean
-    # Least squares through the normal equations (hidden x hidden), with a ridge of 1e-9 of the mean variance so a
-    # rank-deficient x still solves; then the rank-r subspace of the outputs that keeps the most of the fitted
-    # values xc @ coef: their Gram matrix is (L^T coef)^T (L^T coef) for cov = L L^T, so its top eigenvectors are
-    # the top right singular vectors of L^T coef (hidden x ffn_dim). Against lstsq and an eigh of the
-    # (ffn_dim x ffn_dim) Gram matrix: the same subspace, 5 s -> 0.4 s per SmolLM2 layer at 7,000 tokens.
-    cov = xc.T @ xc
-    cov[np.diag_indices_from(cov)] += 1e-9 * max(float(np.trace(cov)) / len(cov), 1e-30)
-    coef = np.linalg.solve(cov, xc.T @ prec)  # (hidden, ffn_dim)
-    _, _, vt = np.linalg.svd(np.linalg.cholesky(cov).T @ coef, full_matrices=False)
+    # Least squares through the normal equations, with a ridge of 1e-9 of the mean variance so a rank-deficient x
+    # still solves; then the rank-r subspace of the outputs that keeps the most of the fitted values xc @ coef: the
+    # top right singular vectors of a small matrix with the same Gram matrix as the fitted values. Against lstsq
+    # and an eigh of the (ffn_dim x ffn_dim) Gram matrix: the same subspace, 5 s -> 0.4 s per SmolLM2 layer at
+    # 7,000 tokens.
+    if len(xc) < xc.shape[1]:  # fewer tokens than inputs (a 7B model): the (tokens x tokens) kernel form
+        gram = xc @ xc.T
+        ridge = 1e-9 * max(float(np.trace(gram)) / len(gram), 1e-30)
+        gram[np.diag_indices_from(gram)] += ridge
+        alpha = np.linalg.solve(gram, prec)  # (tokens, ffn_dim)
+        coef, fitted = xc.T @ alpha, gram @ alpha - ridge * alpha  # (hidden, ffn_dim); xc @ coef (tokens, ffn_dim)
+    else:  # cov = L L^T: the fitted values' Gram matrix is (L^T coef)^T (L^T coef), L^T coef is (hidden, ffn_dim)
+        cov = xc.T @ xc
+        cov[np.diag_indices_from(cov)] += 1e-9 * max(float(np.trace(cov)) / len(cov), 1e-30)
+        coef = np.linalg.solve(cov, xc.T @ prec)  # (hidden, ffn_dim)
+        fitted = np.linalg.cholesky(cov).T @ coef
+    _, _, vt = np.linalg.svd(fitted, full_matrices=False)
     basis = vt[:rank].T  # (ffn_dim, rank)
-    if basis.shape[1] < rank:  # rank > hidden: x @ u cannot use more; zero columns keep the requested shapes
+    if basis.shape[1] < rank:  # rank > hidden or tokens: nothing more to fit; zero columns keep the shapes
         basis = np.pad(basis, ((0, 0), (0, rank - basis.shape[1])))
     scale = 1.0 / max(float(prec.std()), 1e-12)
     u, v = coef @ basis * scale, basis.T

@@ -74,7 +74,7 @@ def run_limited(cmd: list[str], limit: int | None, timeout: float) -> dict:
 
 
 def worker(engine: str, path: str, n_gen: int, threads: int, ctx: int, budget: int | None,
-           output_head: str = "exact") -> dict:
+           output_head: str = "exact", sparsity: str = "off", sparsity_score: str = "exact") -> dict:
     """Inside the cgroup: load, prompt, n_gen greedy tokens; prints decode tok/s."""
     import numpy as np
 
@@ -93,7 +93,8 @@ def worker(engine: str, path: str, n_gen: int, threads: int, ctx: int, budget: i
     else:
         import flashlm
 
-        m = flashlm.load(path, threads=threads, ctx_size=ctx, memory_budget=budget, output_head=output_head)
+        m = flashlm.load(path, threads=threads, ctx_size=ctx, memory_budget=budget, output_head=output_head,
+                         sparsity=sparsity, sparsity_score=sparsity_score)
         ids = m.tokenize(PROMPT)
         holder = {"logits": m.engine.prefill(ids)}
         logits = lambda: holder["logits"]  # noqa: E731
@@ -124,7 +125,8 @@ def worker(engine: str, path: str, n_gen: int, threads: int, ctx: int, budget: i
         plan = m._loaded.plan
         result.update(read_mb_per_token=io.bytes_read / (n_gen - 1) / 1e6, reads_per_token=io.reads / (n_gen - 1),
                       effective_read_mb_s=io.effective_mb_s, hot_neurons=plan.hot_neurons * plan.group,
-                      head_resident=plan.head_resident, ms_per_token={
+                      head_resident=plan.head_resident, ffn_computed=d.neurons_used / max(1, d.calls * plan.n_ff),
+                      ms_per_token={
                           "io_wait": d.io_wait_s * 1e3 / (n_gen - 1), "ffn": d.compute_s * 1e3 / (n_gen - 1),
                           "manage": d.manage_s * 1e3 / (n_gen - 1), "all": dt * 1e3 / (n_gen - 1)})
     return result
@@ -212,4 +214,5 @@ def _plot(rows: list[dict], path: str) -> None:
 
 if __name__ == "__main__":
     engine, path, n_gen, threads, ctx, budget, head = sys.argv[1:8]
-    print(json.dumps(worker(engine, path, int(n_gen), int(threads), int(ctx), int(budget) or None, head)))
+    print(json.dumps(worker(engine, path, int(n_gen), int(threads), int(ctx), int(budget) or None, head,
+                            *sys.argv[8:10])))  # optional: sparsity, sparsity score

@@ -12,6 +12,7 @@ GROUPS = [
     ("token embedding", r"^token_embd\."),
     ("output matrix", r"^output\."),
     ("attention", r"^blk\.\d+\.attn_(q|k|v|output|qkv)\."),
+    ("sparsity predictor", r"^blk\.\d+\.ffn_predictor_"),
     ("feed-forward", r"^blk\.\d+\.ffn_(gate|up|down|bundle)"),
     ("norms", r"norm"),
     ("other", r""),
@@ -38,6 +39,12 @@ def _plan_lines(path, f, family, args, budget, ctx_size, device="cpu", gpu_budge
     kind = "neuron" if store.group == 1 else \
         f"blocks of {store.group} neurons, ffn_down {store.layout.down_type.name} as in the source"
     head = [f"flash store   {store.record_bytes}-byte records ({kind}), calibrated on {f.get('flashlm.calibration')}"]
+    if store.predictor_rank:
+        from ..flash_store.format import KEY_PREDICTOR
+        from ..flash_store.predictor import scorer_bytes
+
+        head.append(f"predictor     rank {store.predictor_rank}, {scorer_bytes(store, 'predictor') / 1e6:.1f} MB "
+                    f"(--sparsity-score predictor): {f.get(KEY_PREDICTOR)}")
     if device == "cuda":
         from ..loaders.flash_loader import gpu_plan_for
 
