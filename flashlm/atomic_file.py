@@ -80,3 +80,17 @@ def commit(tmp: str, dst: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def finish_gguf(w, tmp: str, dst: str) -> None:
+    """A gguf.GGUFWriter that has written everything into tmp: flush, fsync, close, then rename it onto dst."""
+    w.fout[0].flush()
+    os.fsync(w.fout[0].fileno())
+    w.close()
+    commit(tmp, dst)
+
+
+def discard(tmp: str) -> None:
+    """A write that failed: remove its temporary, if it got as far as creating one."""
+    if os.path.exists(tmp):
+        os.unlink(tmp)

@@ -156,3 +156,36 @@ def test_calibrate_bad_input_loses_nothing(flash_path, tmp_path, smollm_path):
                                   "--sparsity-score", "predictor"), "has no sparsity predictor", code=1)
     with pytest.raises(InvalidOptionError, match="not a .flash store"):
         calibrate_predictor(smollm_path, CAL_TEXT, **SETTINGS)
+
+
+def test_rewrite_failing_midway_leaves_the_store_as_it_was(flash_path, tmp_path, monkeypatch):
+    """add_resident_tensors (what calibrate writes through) fails while writing data: the store is unchanged and no
+    temporary is left; done again without the fault, the file verifies and holds the new tensor."""
+    import gguf
+
+    from flashlm.flash_store.writer import add_resident_tensors
+
+    copy = str(tmp_path / "w.flash")
+    shutil.copy(flash_path, copy)
+    before = _sha(copy)
+    extra = [("blk.0.ffn_predictor_bias", np.arange(1536, dtype=np.float32).view(np.uint8).reshape(1, -1),
+              fmt.QT.F32)]
+    calls = {"n": 0}
+    original = gguf.GGUFWriter.write_tensor_data
+
+    def failing(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise OSError(28, "No space left on device")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", failing)
+    with pytest.raises(OSError, match="No space"):
+        add_resident_tensors(copy, extra, {})
+    assert _sha(copy) == before and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", original)
+    add_resident_tensors(copy, extra, {})
+    assert all(s.ok for s in verify_store(copy))
+    with GGUFFile(copy) as f:
+        assert np.array_equal(f.tensor_bytes("blk.0.ffn_predictor_bias").view(np.float32).ravel(),
+                              np.arange(1536, dtype=np.float32))

@@ -22,7 +22,6 @@ rank-128 reduced-rank fit of up 0.161 (layer 20).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import numpy as np
 from ..errors import InvalidOptionError
 from ..quant.formats import dequantize
 from . import format as fmt
+from .calibrate import read_text
 from .relu_predictor import TrainOptions, evaluate, train_predictor
 
 LABEL_SHARE = 0.5  # a token's "active" neurons: the top half by |act(gate) * up| (calibrate.py's "fires")
@@ -51,16 +51,6 @@ class PredictorReport:
     precision: list[float] = field(default_factory=list)
     selected: list[float] = field(default_factory=list)  # share of neurons selected at that threshold
     seconds: float = 0.0
-
-
-def read_calibration_text(path: str) -> tuple[str, str]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InvalidOptionError(f"{path}: cannot read calibration text ({getattr(e, 'strerror', None) or e})") \
-            from None
-    return text, f"{os.path.basename(path)} (sha256 {hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]})"
 
 
 def collect_ffn_inputs(model, ids: list[int], progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
@@ -117,7 +107,7 @@ def calibrate_predictor(path: str, text_path: str, rank: int = 128, epochs: int 
         if not is_flash_store(f):
             raise InvalidOptionError(f"{path}: not a .flash store (make one with `flashlm convert "
                                      f"{os.path.basename(path)} -o MODEL.flash --bundle neuron`)")
-    text, text_description = read_calibration_text(text_path)
+    text, text_description = read_text(text_path)
     t0 = time.perf_counter()
     model = flashlm.load(path, threads=threads, ctx_size=CHUNK, batch_size=CHUNK)
     try:

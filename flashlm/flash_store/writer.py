@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import gguf
 
-from ..atomic_file import commit, remove_stale_temps, temp_path
+from ..atomic_file import discard, finish_gguf, remove_stale_temps, temp_path
 from ..errors import InvalidOptionError, UnsupportedModelError
 from ..loaders.gguf_reader import GGML_QUANT_SIZES, GGUFFile, GGMLQuantizationType as QT, StringArray
 from ..loaders.model_loader import read_model
@@ -218,13 +218,9 @@ def _write(f, args, layout, orders, calibration, src, dst) -> ConvertReport:
             w.write_tensor_data(records.view(np.int8))
             _progress(i + 1, args.n_layers, "writing")
         w.write_tensor_data(np.array([header_crc], np.uint32).view(np.int32))
-        w.fout[0].flush()
-        os.fsync(w.fout[0].fileno())
-        w.close()
-        commit(tmp, dst)
+        finish_gguf(w, tmp, dst)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        discard(tmp)
         raise
     return ConvertReport(dst, args.n_layers, layout.record_bytes, sum(t.nbytes for t in resident),
                          args.n_layers * n_records * layout.record_bytes, float(np.sqrt(np.mean(np.square(errors)))),
@@ -274,14 +270,10 @@ def add_resident_tensors(path: str, tensors: list[tuple[str, np.ndarray, QT]], m
             for t in bundles:
                 w.write_tensor_data(f.tensor_bytes(t.name).view(np.int8))
             w.write_tensor_data(np.array([header_crc], np.uint32).view(np.int32))
-            w.fout[0].flush()
-            os.fsync(w.fout[0].fileno())
-            w.close()
-            f.close()
-            commit(tmp, dst)
+            f.close()  # the source's map, before the rename replaces it
+            finish_gguf(w, tmp, dst)
         except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            discard(tmp)
             raise
     finally:
         f.close()

@@ -24,7 +24,7 @@ import gguf
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT, LlamaFileType
 
-from ..atomic_file import commit, remove_stale_temps, temp_path
+from ..atomic_file import discard, finish_gguf, remove_stale_temps, temp_path
 from ..errors import InvalidOptionError, ModelFileError, UnsupportedModelError
 from ..loaders import hf_families as fam
 from ..loaders.hf_dir import FLOAT_DTYPES, HFModelDir, TOKENIZER_FILE
@@ -274,13 +274,9 @@ def write_gguf(src_dir: str, dst: str, quant: str = DEFAULT_QUANT, force: bool =
             w.write_tensor_data(data)
             nbytes += data.nbytes
             _progress(k + 1, len(plan), "converting")
-        w.fout[0].flush()
-        os.fsync(w.fout[0].fileno())
-        w.close()
-        commit(tmp, dst)
+        finish_gguf(w, tmp, dst)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        discard(tmp)
         raise
     fallbacks = [n for n, t in types.items() if t == QT.F16 and quant not in ("f16", "f32")]
     return HFConvertReport(dst, hf.model_type, arch, quant, len(plan) + (rope_factors is not None), nbytes, fallbacks)
