@@ -280,7 +280,7 @@ def info(model, memory_budget, ctx_size, device, gpu_memory_budget, output_head,
 @click.option("--bundle", type=click.Choice(["auto", "neuron", "block"]), default="auto", show_default=True,
               help="FFN records: one per block of ffn_down's neurons (32 or 256; every byte as in the source), or one "
                    "per neuron (down column requantized to Q8_0; needed for --sparsity). auto: block where ffn_down "
-                   "is Q4_0/Q4_1/Q8_0 in every layer, else neuron.")
+                   "is Q4_0/Q4_1/Q8_0 in every layer and the FFN is not ReLU (sparse), else neuron.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
 def convert(model, output, quant, calibration_text, no_calibration, bundle, force, verbose):

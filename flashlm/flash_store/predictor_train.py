@@ -3,12 +3,13 @@ activations and store it in the .flash file (format.predictor_names), for `--spa
 
 As in "LLM in a flash" (after Deja Vu): layer i scores its neurons from the FFN input x (the hidden state after
 attention, after the FFN norm) as (x @ u) @ v + bias, u (d_model, rank), v (rank, n_ff); a token then reads and
-computes its top (1 - sparsity) neurons by score. A gated FFN has no zero activations, so a neuron counts as
-"active" for a token when its |act(gate . x) * (up . x)| is among the token's LABEL_SHARE largest (the neurons
---sparsity keeps). Training is relu_predictor.train_predictor's: the best rank-r least-squares map to that margin
-as the start, then a class-balanced logistic loss, the epoch kept chosen on validation tokens. The calibration
-tokens are split in text order: the first 80% fit, the next 10% validate, the last 10% are held out and give the
-recall and precision reported (and stored in the file's metadata with the text, the seed and the settings).
+computes its top (1 - sparsity) neurons by score. A ReLU-gated FFN (ProSparse, TurboSparse) is active where its
+gate is positive. SwiGLU and GeGLU have no zero activations, so there a neuron counts as "active" for a token when
+its |act(gate . x) * (up . x)| is among the token's LABEL_SHARE largest (the neurons --sparsity keeps). Training is
+relu_predictor.train_predictor's: the best rank-r least-squares map to that margin as the start, then a
+class-balanced logistic loss, the epoch kept chosen on validation tokens. The calibration tokens are split in text
+order: the first 80% fit, the next 10% validate, the last 10% are held out and give the recall and precision
+reported (and stored in the file's metadata with the text, the seed and the settings).
 
 u and v are stored as Q8_0 rows (a = u.T, b = v.T), bias as F32: a rank-128 predictor of SmolLM2 is 0.29 MB per
 layer (8.8 MB in all, with the F32 biases), scored by the bundle kernel's row products.
@@ -74,16 +75,25 @@ def collect_ffn_inputs(model, ids: list[int], progress: Callable[[int, int], Non
     return [np.concatenate(seen[i]) for i in range(ffn.n_layers)]
 
 
-def neuron_outputs(store, i: int, x: np.ndarray, activation: str) -> np.ndarray:
-    """|act(gate . x) * (up . x)| (T, n_ff) in stored neuron order, from the layer's records."""
-    from ..quant.bundle_kernel import activate
-
+def gate_up(store, i: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """gate . x and up . x (T, n_ff) in stored neuron order, from the layer's records."""
     layout = store.layout
     records = store.file.tensor_bytes(fmt.bundle_name(i))
     g, u, _ = layout.slices()
     gate = dequantize(np.ascontiguousarray(records[:, g]), layout.gate_type).reshape(-1, layout.d_model)
     up = dequantize(np.ascontiguousarray(records[:, u]), layout.up_type).reshape(-1, layout.d_model)
-    return np.abs(activate(x @ gate.T, activation) * (x @ up.T))
+    return x @ gate.T, x @ up.T
+
+
+def activity_margin(g: np.ndarray, u: np.ndarray, activation: str) -> np.ndarray:
+    """> 0 where a neuron is active for a token: a ReLU gate's pre-activation (its output is exactly zero
+    otherwise); for smooth activations, |act(g) * u| less the token's median (its top LABEL_SHARE)."""
+    from ..quant.bundle_kernel import activate
+
+    if activation == "relu":
+        return g
+    h = np.abs(activate(g, activation) * u)
+    return h - np.quantile(h, 1 - LABEL_SHARE, axis=1, keepdims=True)
 
 
 def calibrate_predictor(path: str, text_path: str, rank: int = 128, epochs: int = 10, seed: int = 0,
@@ -127,8 +137,7 @@ def calibrate_predictor(path: str, text_path: str, rank: int = 128, epochs: int 
         report = PredictorReport(output or path, rank, len(ids), "")
         tensors = []
         for i, x in enumerate(xs):
-            h = neuron_outputs(store, i, x, activation)
-            margin = h - np.quantile(h, 1 - LABEL_SHARE, axis=1, keepdims=True)
+            margin = activity_margin(*gate_up(store, i, x), activation)
             fit = slice(0, len(x) - n_test)
             p = train_predictor(x[fit], margin[fit], options, layer=i)
             q = evaluate(p, x[-n_test:], margin[-n_test:] > 0)
@@ -144,8 +153,9 @@ def calibrate_predictor(path: str, text_path: str, rank: int = 128, epochs: int 
     finally:
         model.close()
     report.description = (f"{text_description}, {len(ids)} tokens ({len(ids) - n_test} fitted, {n_test} held out), "
-                          f"rank {rank}, {epochs} epochs, seed {seed}, active = top {LABEL_SHARE:.0%} by "
-                          f"|act(gate)*up|; held out: recall {np.mean(report.recall):.4f}, precision "
+                          f"rank {rank}, {epochs} epochs, seed {seed}, active = "
+                          f"{'relu(gate) > 0' if activation == 'relu' else f'top {LABEL_SHARE:.0%} by |act(gate)*up|'}"
+                          f"; held out: recall {np.mean(report.recall):.4f}, precision "
                           f"{np.mean(report.precision):.4f} (means over layers)")
     add_resident_tensors(path, tensors, {
         fmt.KEY_PREDICTOR: (report.description, VT.STRING),

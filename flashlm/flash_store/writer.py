@@ -21,6 +21,7 @@ from ..atomic_file import discard, finish_gguf, remove_stale_temps, temp_path
 from ..errors import InvalidOptionError, UnsupportedModelError
 from ..loaders.gguf_reader import GGML_QUANT_SIZES, GGUFFile, GGMLQuantizationType as QT, StringArray
 from ..loaders.model_loader import read_model
+from ..models.llama import KEY_FFN_ACTIVATION
 from ..quant.formats import codec_for, dequantize
 from . import format as fmt
 from .calibrate import Calibration, calibrate
@@ -62,9 +63,9 @@ def _layout(f: GGUFFile, n_layers: int, d_model: int, n_ff: int, bundle: str = "
     if bundle not in BUNDLES:
         raise InvalidOptionError(f"--bundle must be one of {', '.join(BUNDLES)}, got {bundle!r}")
     down_types = {f.tensors[_ffn_name(i, "ffn_down")].ggml_type for i in range(n_layers)}
-    if bundle == "auto":
+    if bundle == "auto":  # a ReLU FFN is sparse: per-neuron records, which --sparsity needs
         bundle = "block" if len(down_types) == 1 and QT(next(iter(down_types))) in AUTO_BLOCK_DOWN_TYPES and \
-            n_ff % 32 == 0 else "neuron"
+            n_ff % 32 == 0 and f.get(KEY_FFN_ACTIVATION, "silu") != "relu" else "neuron"
     if bundle == "neuron":
         return fmt.RecordLayout(d_model, gate_type, up_type, fmt.DOWN_TYPE)
     if len(down_types) != 1:
@@ -189,7 +190,7 @@ def _write(f, args, layout, orders, calibration, src, dst) -> ConvertReport:
         w = gguf.GGUFWriter(tmp, args.arch)
         w.data_alignment = fmt.DATA_ALIGN
         w.add_custom_alignment(fmt.DATA_ALIGN)
-        copy_metadata(w, f)
+        copy_metadata(w, f, skip=lambda key: key.startswith("flashlm.") and key != KEY_FFN_ACTIVATION)
         w.add_uint32(fmt.KEY_VERSION, fmt.FORMAT_VERSION)
         w.add_string(fmt.KEY_SOURCE, os.path.basename(src))
         w.add_string(fmt.KEY_CALIBRATION, calibration.description)

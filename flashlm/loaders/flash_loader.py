@@ -149,7 +149,7 @@ def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: 
     """Raises BudgetError before reading any weight if the budget cannot hold the model."""
     store = FlashStore(f, args.n_layers, args.n_ff, args.d_model)
     plan = plan_for(f, family, args, store, opts, n_ctx)
-    kernel = BundleKernel(store.layout, family.FFN_ACTIVATION, threads)
+    kernel = BundleKernel(store.layout, family.ffn_activation(args), threads)
     layers = []
     for i in range(args.n_layers):
         layers.append(load_attention(f, family, args, i))
@@ -231,7 +231,7 @@ def load_cuda_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: L
         head = GpuHead(cp, GpuMatrix(cp, kernels, head_rows, info.ggml_type, None, args.d_model),
                        vector(f, family.TENSORS["output_norm"], args.d_model), args.norm_eps)
         del head_rows
-        ffn = GpuFFN(cp, kernels, store, reader, plan, family.FFN_ACTIVATION)
+        ffn = GpuFFN(cp, kernels, store, reader, plan, family.ffn_activation(args))
     except BaseException:
         reader.close()
         raise

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UnsupportedModelError
+from ..models.llama import FFN_ACTIVATIONS, KEY_FFN_ACTIVATION
 from .hf_dir import MAX_LAYERS, ConfigReader
 
 # HF tensor name -> GGUF tensor name, shared by the Llama-shaped families ({i}: the layer).
@@ -133,6 +134,7 @@ class HFArgs:
     sliding_window: int  # 0: none
     explicit_head_dim: bool = False  # config.json names head_dim: key_length / value_length are written
     logit_softcap: float = 0.0
+    ffn_activation: str = "silu"  # llama-family hidden_act: silu, or relu (ReLU-fied: ProSparse, TurboSparse)
 
     @classmethod
     def from_config(cls, cfg: ConfigReader, family: HFFamily) -> "HFArgs":
@@ -145,6 +147,12 @@ class HFArgs:
         if rope["rope_type"] not in family.rope_types:
             raise UnsupportedModelError(f"{cfg.path}: RoPE type {rope['rope_type']!r} is not supported for "
                                         f"{cfg.str('model_type')} (supported: {', '.join(family.rope_types)})")
+        activation = "silu"
+        if family.gguf_arch in ("llama", "qwen2"):  # Gemma's hidden_activation is checked by required_config
+            activation = cfg.raw("hidden_act", "silu")
+            if activation not in FFN_ACTIVATIONS:
+                raise UnsupportedModelError(f"{cfg.path}: hidden_act = {activation!r:.40} is not supported for "
+                                            f"{cfg.str('model_type')} (supported: {', '.join(FFN_ACTIVATIONS)})")
         window = 0
         if cfg.raw("sliding_window", None) is not None and cfg.raw("use_sliding_window", True):
             window = cfg.int("sliding_window")
@@ -156,6 +164,7 @@ class HFArgs:
             norm_eps=cfg.float("rms_norm_eps"), rope_base=float(rope["rope_theta"]), rope=rope,
             tied=cfg.bool("tie_word_embeddings", False), sliding_window=window,
             explicit_head_dim="head_dim" in cfg.config, logit_softcap=cfg.float("final_logit_softcapping", 0.0),
+            ffn_activation=activation,
         )
         if family.check is not None:
             family.check(cfg, args)
@@ -214,7 +223,10 @@ def metadata(args: HFArgs, arch: str) -> list[tuple[str, str, object]]:
         keys += [("str", "rope.scaling.type", "linear"), ("f32", "rope.scaling.factor", float(args.rope["factor"]))]
     if args.sliding_window:
         keys.append(("u32", "attention.sliding_window", args.sliding_window))
-    return [(t, f"{arch}.{k}", v) for t, k, v in keys]
+    out = [(t, f"{arch}.{k}", v) for t, k, v in keys]
+    if args.ffn_activation != "silu":  # GGUF has no key for it (llama.cpp would run SiLU): flashlm's own
+        out.append(("str", KEY_FFN_ACTIVATION, args.ffn_activation))
+    return out
 
 
 def llama3_rope_factors(args: HFArgs) -> np.ndarray | None:

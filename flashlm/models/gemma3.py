@@ -37,7 +37,12 @@ LAYER_TENSORS = {
     "q_norm": "blk.{i}.attn_q_norm.weight", "k_norm": "blk.{i}.attn_k_norm.weight",
     "post_attn_norm": "blk.{i}.post_attention_norm.weight", "post_ffw_norm": "blk.{i}.post_ffw_norm.weight",
 }
-FFN_ACTIVATION = "gelu_tanh"  # what the bundle kernel applies to the gate when the FFN is streamed
+FFN_ACTIVATION = "gelu_tanh"
+
+
+def ffn_activation(a) -> str:
+    """What the bundle kernel applies to the gate when the FFN is streamed."""
+    return FFN_ACTIVATION
 
 # Used when the file carries no tokenizer.chat_template (Gemma 3 270M's GGUF has none; llama.cpp then falls back
 # to its built-in "gemma" format). This is the template of Google's instruction-tuned Gemma 3 releases (text

@@ -37,6 +37,18 @@ LAYER_TENSORS = {
 }
 
 
+KEY_FFN_ACTIVATION = "flashlm.ffn_activation"
+FFN_ACTIVATIONS = ("silu", "relu")
+
+
+def _ffn_activation(f: GGUFFile) -> str:
+    value = f.get(KEY_FFN_ACTIVATION, "silu")
+    if value not in FFN_ACTIVATIONS:
+        raise ModelFileError(f"{f.path}: {KEY_FFN_ACTIVATION} = {value!r:.40}{f.where(KEY_FFN_ACTIVATION)} is "
+                             f"not one of {', '.join(FFN_ACTIVATIONS)}")
+    return value
+
+
 def layer_name(key: str, i: int) -> str:
     return LAYER_TENSORS[key].format(i=i)
 
@@ -54,6 +66,9 @@ class ModelArgs:
     n_ctx_train: int
     norm_eps: float
     rope: RopeConfig
+    # the FFN's gate activation: "silu" (SwiGLU), or "relu" for ReLU-fied models (ProSparse, TurboSparse), which
+    # GGUF has no key for: flashlm's conversion of such a Hugging Face directory writes KEY_FFN_ACTIVATION
+    ffn_activation: str = "silu"
 
     @classmethod
     def from_gguf(cls, f: GGUFFile, pairing: dict | None = None) -> "ModelArgs":
@@ -85,6 +100,7 @@ class ModelArgs:
             n_ctx_train=meta.int("context_length", 4096),
             norm_eps=meta.float("attention.layer_norm_rms_epsilon", 1e-5),
             rope=RopeConfig.from_metadata(meta, head_dim, pairing[meta.arch]["rope_interleaved"]),
+            ffn_activation=_ffn_activation(f),
         )
 
     def is_local(self, i: int) -> bool:
@@ -185,7 +201,8 @@ def _swiglu(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, x: str, i: int) ->
     gb.taps[("ffn_in", i)] = x  # (1, S, d): the normed FFN input a sparsity predictor reads
     gate_up = emit_linears(gb, x, lw.gate_up, f"l{i}_gate_up")
     gate, up = gb.op("Split", [gate_up, gb.const("split", np.array([a.n_ff, a.n_ff], np.int64))], n_out=2, axis=-1)
-    act = gb.op("Mul", [gb.op("Mul", [gate, gb.op("Sigmoid", [gate])]), up])
+    gated = gb.op("Relu", [gate]) if a.ffn_activation == "relu" else gb.op("Mul", [gate, gb.op("Sigmoid", [gate])])
+    act = gb.op("Mul", [gated, up])
     gb.taps[("ffn_act", i)] = act  # (1, S, n_ff): what calibration and sparsity prediction look at
     return emit_linears(gb, act, lw.down, f"l{i}_down")
 
@@ -203,7 +220,9 @@ def build_layer(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, i: int, hidden
     return gb.op("Add", [_swiglu(gb, a, lw, x, i), residual])
 
 
-FFN_ACTIVATION = "silu"  # what the bundle kernel applies to the gate when the FFN is streamed
+def ffn_activation(a: ModelArgs) -> str:
+    """What the bundle kernel applies to the gate when the FFN is streamed."""
+    return a.ffn_activation
 
 
 def build_head(gb: GraphBuilder, a: ModelArgs, w: HeadWeights) -> None:

@@ -19,7 +19,7 @@
 
 /* GGML type ids */
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
-enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
+enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_RELU = 2 };
 
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -346,6 +346,7 @@ static void down_axpy_group(const uint8_t *const *down, const float *a, int g, f
 #endif
 
 static inline float activate(float g, int act) {
+    if (act == ACT_RELU) return g > 0.0f ? g : 0.0f;
     if (act == ACT_GELU_TANH) return 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g)));
     return g / (1.0f + expf(-g));
 }

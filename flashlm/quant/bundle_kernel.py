@@ -24,7 +24,7 @@ from ..loaders.gguf_reader import GGMLQuantizationType as QT
 from ..quant.formats import dequantize
 
 SOURCE = os.path.join(os.path.dirname(__file__), "bundle_kernel.c")
-ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "relu": 2}  # the C and CUDA kernels' act codes
 SUPPORTED_ROW_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 
 
@@ -132,6 +132,8 @@ def reference_ffn(records: np.ndarray, layout, x: np.ndarray, activation: str = 
     xg, xu = x.astype(np.float64) @ gate.T, x.astype(np.float64) @ up.T
     if activation == "silu":
         act = xg / (1.0 + np.exp(-xg)) * xu
+    elif activation == "relu":
+        act = np.maximum(xg, 0.0) * xu
     else:
         act = 0.5 * xg * (1.0 + np.tanh(0.7978845608 * (xg + 0.044715 * xg ** 3))) * xu
     if mask is not None:
@@ -351,6 +353,8 @@ class BundleKernel:
 def activate(g: np.ndarray, activation: str) -> np.ndarray:
     if activation == "silu":
         return g / (1.0 + np.exp(-g))
+    if activation == "relu":
+        return np.maximum(g, 0)
     return 0.5 * g * (1.0 + np.tanh(0.7978845608 * (g + 0.044715 * g * g * g)))
 
 

@@ -335,6 +335,7 @@ __device__ __forceinline__ void matvec_t(const u8* W, long long row_stride, int 
 
 __device__ __forceinline__ float activate(float g, int act) {
     if (act == 0) return g / (1.f + __expf(-g));
+    if (act == 2) return fmaxf(g, 0.f);
     return 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
 }
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..loaders.gguf_reader import GGMLQuantizationType as QT
+from .bundle_kernel import ACTIVATIONS  # the act codes, one table for the C and CUDA kernels
 
 MAX_S = 8  # decode products (int8 x) take up to this many tokens; longer batches dequantize + cuBLAS
 FORMATS = {QT.Q4_0: 0, QT.Q4_1: 1, QT.Q8_0: 2, QT.Q5_0: 3, QT.Q4_K: 4, QT.Q6_K: 5}  # Blk<F> in cuda_kernels.cu
@@ -45,7 +46,6 @@ UNIT_BYTES = {0: 18, 1: 20, 2: 34, 3: 22, 4: 24, 5: 40}  # planar bytes per 32 v
 DOWN_FORMATS = {0, 1, 2}  # down columns (kept as GGUF stores them)
 # gate / up formats with a kernel: every pair of the first three, and each newer format with itself
 GATE_UP_PAIRS = [(g, u) for g in range(3) for u in range(3)] + [(3, 3), (4, 4), (5, 5)]
-ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 DOWN_CHUNK = 64  # neurons per thread block in the down projection
 THREADS = 128  # threads per thread block of the row-pair kernels (4 warps)
 BLOCKS_PER_SM = 8  # persistent grid: 32 warps per multiprocessor (H200 lab: 4 / 8 / 16 blocks 8.3 / 8.0 / 8.4 us)
@@ -287,4 +287,6 @@ class CudaKernels:
 def _activate(cp, g, activation: str):
     if activation == "silu":
         return g / (1 + cp.exp(-g))
+    if activation == "relu":
+        return cp.maximum(g, 0)
     return 0.5 * g * (1 + cp.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))

@@ -44,7 +44,8 @@ def hf_config(f: GGUFFile) -> dict:
     d_model, n_heads = meta.int("embedding_length"), meta.int("attention.head_count")
     theta = meta.float("rope.freq_base", 10000.0)
     config = {
-        "architectures": [hf_class], "model_type": model_type, "hidden_act": "silu",
+        "architectures": [hf_class], "model_type": model_type,
+        "hidden_act": f.get("flashlm.ffn_activation", "silu"),
         "hidden_size": d_model, "intermediate_size": meta.int("feed_forward_length"),
         "num_hidden_layers": meta.int("block_count"), "num_attention_heads": n_heads,
         "num_key_value_heads": meta.int("attention.head_count_kv", n_heads),

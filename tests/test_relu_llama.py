@@ -1,0 +1,127 @@
+"""ReLU-fied llama (ProSparse / TurboSparse style: hidden_act "relu") from a Hugging Face directory: converted with
+flashlm's activation key, run by the ONNX graph and the bundle kernel against transformers' float logits, exact
+when the skipped neurons are the inactive ones, and a predictor trained by `flashlm calibrate` on held-out tokens.
+No ReLU-fied weights can be fetched here, so the model is a tiny random-weight one saved by transformers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import flashlm  # noqa: E402
+from flashlm.errors import UnsupportedModelError  # noqa: E402
+from flashlm.flash_store.predictor_train import calibrate_predictor  # noqa: E402
+from flashlm.loaders.gguf_reader import GGUFFile  # noqa: E402
+from flashlm.models.llama import KEY_FFN_ACTIVATION  # noqa: E402
+from flashlm.tools import hf_convert  # noqa: E402
+
+from .test_hf_convert import BOUNDS, PROMPT, SHAPE, _edit_config, _tokenizer  # noqa: E402
+
+CAL_TEXT = "/usr/share/common-licenses/Apache-2.0"
+
+
+@pytest.fixture(scope="module")
+def relu_dir(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("relu") / "relu-llama")
+    config = transformers.LlamaConfig(**{**SHAPE, "hidden_act": "relu"})
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(path, safe_serialization=True)
+    _tokenizer(True).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(relu_dir):
+    ids = transformers.AutoTokenizer.from_pretrained(relu_dir)(PROMPT)["input_ids"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(relu_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return ids, model(torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def flash(relu_dir, tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("relu_flash") / "relu.flash")
+    hf_convert.convert(relu_dir, path, "q8_0", calibration_text="none")
+    return path
+
+
+def _err(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def test_relu_gguf_and_flash_match_transformers(relu_dir, flash, reference, tmp_path):
+    ids, ref = reference
+    gguf = str(tmp_path / "relu.f32.gguf")
+    hf_convert.convert(relu_dir, gguf, "f32")
+    with GGUFFile(gguf) as f:
+        assert f.get(KEY_FFN_ACTIVATION) == "relu"
+    with GGUFFile(flash) as f:
+        assert f.get(KEY_FFN_ACTIVATION) == "relu"  # carried into the flash store
+    with flashlm.load(gguf, threads=2, ctx_size=128) as m:
+        e_gguf = _err(m.logits(ids), ref)
+    with flashlm.load(flash, threads=2, ctx_size=128) as m:
+        e_flash = _err(m.logits(ids), ref)
+        assert m.engine.executor.ffn.kernel.activation == "relu"
+    print(f"\nrelu llama: f32 GGUF {e_gguf:.2e}, q8_0 .flash {e_flash:.2e} (max |diff| / max |ref|)")
+    assert e_gguf <= BOUNDS["f32"] and e_flash <= BOUNDS["q8_0"]
+    # the same weights run as SiLU would be far off: the activation really is applied
+    assert _err(_silu_logits(relu_dir, ids), ref) > 10 * BOUNDS["f32"]
+
+
+def _silu_logits(relu_dir: str, ids: list[int]) -> np.ndarray:
+    model = transformers.AutoModelForCausalLM.from_pretrained(relu_dir, dtype=torch.float32, hidden_act="silu")
+    with torch.no_grad():
+        return model.eval()(torch.tensor([ids])).logits[0].numpy()
+
+
+def test_skipping_inactive_neurons_changes_nothing(flash):
+    """exact scores are |relu(g) * u|: zero for inactive neurons, so keeping 75% (more than any token's active
+    ~50%) keeps every active one, and decode equals dense up to float summation order."""
+    with flashlm.load(flash, threads=2, ctx_size=128) as dense, \
+            flashlm.load(flash, threads=2, ctx_size=128, sparsity=0.25, sparsity_score="exact") as sparse:
+        ids = dense.tokenize(PROMPT)
+        for m in (dense, sparse):
+            m.engine.reset()
+        a, b = dense.engine.prefill(ids[:4]), sparse.engine.prefill(ids[:4])
+        worst = _err(b, a)
+        for t in ids[4:24]:  # token by token: the sparse path computes only its selected records
+            a, b = dense.engine.step(t), sparse.engine.step(t)
+            worst = max(worst, _err(b, a))
+        ffn = sparse.engine.executor.ffn
+        assert ffn.keep == 96 and ffn.stats.neurons_used / ffn.stats.calls == 96
+    print(f"\nsparse (inactive skipped) vs dense, 20 decode steps: {worst:.2e}")
+    assert worst <= 1e-5
+
+
+def test_calibrated_predictor_recall_on_held_out_tokens(flash, tmp_path):
+    out = str(tmp_path / "relu_pred.flash")
+    r = calibrate_predictor(flash, CAL_TEXT, rank=32, epochs=5, seed=0, max_tokens=2048, threads=2, output=out)
+    recall, precision = float(np.mean(r.recall)), float(np.mean(r.precision))
+    print(f"\nReLU llama predictor, rank 32, {r.tokens} tokens: held-out recall {recall:.4f}, precision "
+          f"{precision:.4f}, selects {np.mean(r.selected):.1%}")
+    assert "relu(gate) > 0" in r.description
+    assert recall >= 0.95 and precision > 0.5  # ~50% of neurons are active: better than chance
+    with flashlm.load(out, threads=2, ctx_size=128) as dense, \
+            flashlm.load(out, threads=2, ctx_size=128, sparsity=0.4, sparsity_score="predictor") as sparse:
+        ids = dense.tokenize(PROMPT)
+        agree = float((dense.logits(ids).argmax(-1) == sparse.logits(ids).argmax(-1)).mean())
+    print(f"top-1 agreement, predictor at 0.4 vs dense: {agree:.3f}")
+    assert agree >= 0.8
+
+
+def test_unsupported_hidden_act_is_refused(relu_dir, tmp_path):
+    import shutil
+
+    d = str(tmp_path / "gelu")
+    shutil.copytree(relu_dir, d)
+    _edit_config(d, hidden_act="gelu")
+    with pytest.raises(UnsupportedModelError, match="hidden_act = 'gelu' is not supported"):
+        hf_convert.convert(d, str(tmp_path / "x.gguf"), "q8_0")
