@@ -82,7 +82,8 @@ def model_options(f):
         click.option("--io-threads", type=int, default=_L.io_threads, show_default=True,
                      help="Reader threads for flash streaming."),
         click.option("--sparsity", type=str, default="off", show_default=True,
-                     help="FFN neurons skipped per token on a .flash model: off, auto or a fraction (e.g. 0.3)."),
+                     help="FFN neurons skipped per token on a .flash model: off, a fraction (e.g. 0.3) or auto "
+                          "(a ReLU FFN: the neurons predicted active; otherwise 0.4)."),
         click.option("--sparsity-score", type=click.Choice(["exact", "cats", "predictor"]),
                      default=_L.sparsity_score, show_default=True,
                      help="How neurons are ranked: exact |act(gate)*up|, CATS |act(gate)|, or the low-rank "

@@ -115,6 +115,61 @@ def test_calibrated_predictor_recall_on_held_out_tokens(flash, tmp_path):
         agree = float((dense.logits(ids).argmax(-1) == sparse.logits(ids).argmax(-1)).mean())
     print(f"top-1 agreement, predictor at 0.4 vs dense: {agree:.3f}")
     assert agree >= 0.8
+    # --sparsity auto: as in the paper, each token reads the neurons predicted active (the stored thresholds);
+    # what it computed is checked against the true active set, gate . x > 0 from the dequantized records
+    from flashlm.flash_store import format as fmt
+    from flashlm.quant.formats import dequantize
+
+    with flashlm.load(out, threads=2, ctx_size=128, sparsity="auto", sparsity_score="predictor") as sparse:
+        ffn = sparse.engine.executor.ffn
+        assert ffn.thresholds is not None and abs(ffn.sparsity - (1 - np.mean(r.selected))) < 1e-6
+        seen, original = [], ffn._pick
+
+        def recording(i, scores):
+            pick = original(i, scores)
+            seen.append((i, pick))
+            return pick
+
+        xs, run = [], ffn.run
+        ffn._pick = recording
+        ffn.run = lambda i, x, y: (xs.append(x.copy()), run(i, x, y))[1]
+        sparse.engine.reset()
+        ids = sparse.tokenize(PROMPT)
+        sparse.engine.prefill(ids[:4])
+        xs.clear()
+        seen.clear()
+        for t in ids[4:36]:
+            sparse.engine.step(t)
+        layout, hits, active, picked = ffn.store.layout, 0, 0, 0
+        gates = [dequantize(np.ascontiguousarray(ffn.store.file.tensor_bytes(fmt.bundle_name(i))[:, layout.slices()[0]]),
+                            layout.gate_type).reshape(ffn.n_ff, -1) for i in range(ffn.n_layers)]
+        for x, (i, pick) in zip(xs, seen):
+            truth = np.flatnonzero((x @ gates[i].T)[0] > 0)
+            hits += len(np.intersect1d(truth, pick))
+            active, picked = active + len(truth), picked + len(pick)
+    recall, precision = hits / active, hits / picked
+    print(f"--sparsity auto (predicted active), 32 decode steps: recall {recall:.4f}, precision {precision:.4f}, "
+          f"{picked / len(seen) / ffn.n_ff:.1%} of neurons read and computed per layer and token")
+    assert len(seen) == 32 * ffn.n_layers and recall >= 0.9 and precision > 0.6
+
+
+def test_auto_with_exact_scores_reads_the_true_active_set(flash):
+    """ReLU: --sparsity auto with exact scores keeps the neurons scoring above zero, the active ones: dense output
+    from fewer neurons, however many a token needs."""
+    with flashlm.load(flash, threads=2, ctx_size=128) as dense, \
+            flashlm.load(flash, threads=2, ctx_size=128, sparsity="auto", sparsity_score="exact") as sparse:
+        ids = dense.tokenize(PROMPT)
+        dense.engine.reset()
+        sparse.engine.reset()
+        # a prefill short of BLAS_MIN_TOKENS: both go token by token through the int8 kernel (a longer prompt's
+        # masked batch takes the float BLAS path, the dense one int8: ~1e-2 apart by quantization alone)
+        worst = _err(sparse.engine.prefill(ids[:4]), dense.engine.prefill(ids[:4]))
+        for t in ids[4:24]:
+            worst = max(worst, _err(sparse.engine.step(t), dense.engine.step(t)))
+        ffn = sparse.engine.executor.ffn
+        used = ffn.stats.neurons_used / ffn.stats.calls / ffn.n_ff
+    print(f"\nauto + exact on ReLU: {used:.1%} of neurons computed per call, max diff {worst:.2e}")
+    assert worst <= 1e-5 and used < 0.8
 
 
 def test_unsupported_hidden_act_is_refused(relu_dir, tmp_path):

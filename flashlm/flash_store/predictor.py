@@ -32,12 +32,13 @@ PAGE = 4096
 MERGE_GAP_PAGES = 2  # reading two unneeded pages costs less than another request (probe-disk: 4 KiB reads ~0.4 GB/s)
 
 
-def parse_sparsity(value) -> float:
-    """'off' | fraction in [0, 0.95] (of neurons skipped per token) -> float; 'auto' -> AUTO_FRACTION."""
+def parse_sparsity(value) -> float | str:
+    """'off' | fraction in [0, 0.95] (of neurons skipped per token) -> float; 'auto' stays "auto" (resolve_sparsity
+    decides per store at load)."""
     if value is None or value == "off":
         return 0.0
     if value == "auto":
-        return AUTO_FRACTION
+        return "auto"
     try:
         f = float(value)
     except (TypeError, ValueError):
@@ -48,6 +49,24 @@ def parse_sparsity(value) -> float:
 
 
 AUTO_FRACTION = 0.4  # measured on SmolLM2 with the exact score: +0.1% perplexity (README table)
+RELU_SKIP_GUESS = 0.5  # a ReLU FFN read by exact/cats scores above zero: the share skipped, for the read planning
+
+
+def resolve_sparsity(sparsity, store, activation: str, score: str) -> tuple[float, np.ndarray | None]:
+    """(fraction skipped, per-layer score thresholds or None) for a store. A fraction is a top-k per token. "auto"
+    on a ReLU FFN reads, as in the paper, the neurons predicted active: with "predictor", those whose score reaches
+    the layer's threshold stored by `flashlm calibrate` (set for 96% recall on validation tokens); with "exact" or
+    "cats", those whose score is above zero, which for ReLU is the true active set (output equal to dense). The
+    fraction returned then is the expected share skipped (calibration's held-out figure), used to plan reads.
+    "auto" elsewhere is AUTO_FRACTION."""
+    if sparsity != "auto":
+        return float(sparsity), None
+    if activation != "relu":
+        return AUTO_FRACTION, None
+    if score == "predictor":
+        thresholds, selected = store.predictor_thresholds()
+        return float(1.0 - selected.mean()), thresholds
+    return RELU_SKIP_GUESS, np.full(len(store.layers), np.finfo(np.float32).tiny, np.float32)
 
 
 def scorer_bytes(store, kind: str) -> int:

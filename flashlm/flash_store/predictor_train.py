@@ -51,6 +51,7 @@ class PredictorReport:
     recall: list[float] = field(default_factory=list)  # per layer, held-out tokens, at the validation threshold
     precision: list[float] = field(default_factory=list)
     selected: list[float] = field(default_factory=list)  # share of neurons selected at that threshold
+    thresholds: list[float] = field(default_factory=list)  # per layer, on the logits (--sparsity auto on ReLU)
     seconds: float = 0.0
 
 
@@ -144,6 +145,7 @@ def calibrate_predictor(path: str, text_path: str, rank: int = 128, epochs: int 
             report.recall.append(q.recall)
             report.precision.append(q.precision)
             report.selected.append(q.selected_fraction)
+            report.thresholds.append(p.threshold)
             a, b, bias = fmt.predictor_names(i)
             tensors += [(a, quantize(np.ascontiguousarray(p.u.T), fmt.PREDICTOR_TYPE), fmt.PREDICTOR_TYPE),
                         (b, quantize(np.ascontiguousarray(p.v.T), fmt.PREDICTOR_TYPE), fmt.PREDICTOR_TYPE),
@@ -162,6 +164,8 @@ def calibrate_predictor(path: str, text_path: str, rank: int = 128, epochs: int 
         fmt.KEY_PREDICTOR_RANK: (rank, VT.UINT32),
         fmt.KEY_PREDICTOR + ".recall": (report.recall, VT.ARRAY, VT.FLOAT32),
         fmt.KEY_PREDICTOR + ".precision": (report.precision, VT.ARRAY, VT.FLOAT32),
+        fmt.KEY_PREDICTOR + ".selected": (report.selected, VT.ARRAY, VT.FLOAT32),
+        fmt.KEY_PREDICTOR + ".threshold": (report.thresholds, VT.ARRAY, VT.FLOAT32),
     }, dst=output, replace=lambda name: ".ffn_predictor_" in name or name.startswith(fmt.KEY_PREDICTOR))
     report.seconds = time.perf_counter() - t0
     return report

@@ -249,6 +249,19 @@ class FlashStore:
             out.append(np.array(data).reshape(shape))
         return out[0], out[1], out[2].view(np.float32)
 
+    def predictor_thresholds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per layer: the predictor's score threshold for its target recall, and the share of neurons it selected
+        on held-out tokens (calibration metadata)."""
+        out = []
+        for key in (fmt.KEY_PREDICTOR + ".threshold", fmt.KEY_PREDICTOR + ".selected"):
+            value = self.file.get(key)
+            if not isinstance(value, np.ndarray) or value.shape != (len(self.layers),) or \
+                    not np.isfinite(value).all():
+                raise ModelFileError(f"{self.file.path}: {key}{self.file.where(key)} is missing or not "
+                                     f"{len(self.layers)} finite numbers (calibrate again: flashlm calibrate)")
+            out.append(value.astype(np.float32))
+        return out[0], out[1]
+
     def layer_range(self, i: int) -> tuple[int, int]:
         start = self.layers[i].offset
         return start, start + self.layers[i].n_records * self.record_bytes

@@ -18,7 +18,7 @@ from ..flash_store.head_sketch import (DEFAULT_CACHE_ROWS, DEFAULT_CANDIDATES, S
                                       sketch_bytes)
 from ..flash_store.io_engine import FlashReader
 from ..flash_store.planner import FlashPlan, plan_flash
-from ..flash_store.predictor import scorer_bytes
+from ..flash_store.predictor import resolve_sparsity, scorer_bytes
 from ..flash_store.reader import FlashStore
 from ..options import LoadOptions
 from ..quant.formats import dequantize
@@ -165,7 +165,9 @@ def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: 
             head = StreamedHead(reader, kernel, info.offset, info.shape[0], info.nbytes // info.shape[0],
                                 info.ggml_type, norm, args.norm_eps, plan.head_resident_rows, HEAD_SLICE_ROWS,
                                 HEAD_STREAM_DEPTH)
-        ffn = StreamedFFN(store, reader, plan, kernel, opts.sparsity, opts.sparsity_score)
+        fraction, thresholds = resolve_sparsity(opts.sparsity, store, family.ffn_activation(args),
+                                                opts.sparsity_score)
+        ffn = StreamedFFN(store, reader, plan, kernel, fraction, opts.sparsity_score, thresholds)
     except BaseException:
         reader.close()
         raise

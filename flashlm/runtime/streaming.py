@@ -56,11 +56,14 @@ class StreamedFFN:
     both compute the same sum."""
 
     def __init__(self, store: FlashStore, reader: FlashReader, plan: FlashPlan, kernel: BundleKernel,
-                 sparsity: float = 0.0, score: str = "exact"):
+                 sparsity: float = 0.0, score: str = "exact", thresholds: np.ndarray | None = None):
         self.store, self.reader, self.plan, self.kernel = store, reader, plan, kernel
         n_ff, rb, hot = plan.n_ff, store.record_bytes, plan.hot_neurons
         self.hot, self.n_ff, self.record_bytes = hot, n_ff, rb
         self.sparsity, self.keep = sparsity, keep_count(n_ff, sparsity)
+        # per layer: keep the neurons scoring at least this (predictor.resolve_sparsity: "auto" on a ReLU FFN)
+        # instead of a fixed top-k; `sparsity` is then the expected share skipped
+        self.thresholds = thresholds
         self.stats = FFNStats()
         self.caches: list[NeuronWindowCache] = []
         gate_rows, up_rows = self._load_hot_sets(score if sparsity > 0 and score != "predictor" else None)
@@ -168,17 +171,30 @@ class StreamedFFN:
             return
         scores = self.scorer.scores(self.kernel, i, x)
         if x.shape[0] >= BLAS_MIN_TOKENS:  # one masked product over the batch
-            mask = topk_mask(scores, self.keep)
+            mask = self._mask(i, scores)
             t2 = time.perf_counter()
             self.kernel.run(addresses, x, y, mask=mask)
             self._count(t1 - t0, t2 - t1, time.perf_counter() - t2, self.n_ff, self.hot)
             return
-        picks = [select(row, self.keep) for row in scores]  # token by token over each one's selection
+        picks = [self._pick(i, row) for row in scores]  # token by token over each one's selection
         t2 = time.perf_counter()
         for s, pick in enumerate(picks):
-            self.kernel.run(addresses[pick], x[s:s + 1], y[s:s + 1])
-        self._count(t1 - t0, t2 - t1, time.perf_counter() - t2, self.keep,
+            if len(pick):
+                self.kernel.run(addresses[pick], x[s:s + 1], y[s:s + 1])
+        self._count(t1 - t0, t2 - t1, time.perf_counter() - t2, sum(map(len, picks)) // len(picks),
                     sum(int(np.searchsorted(p, self.hot)) for p in picks) // len(picks))
+
+    def _pick(self, i: int, scores: np.ndarray) -> np.ndarray:
+        """One token's selected neurons of layer i, ascending."""
+        if self.thresholds is None:
+            return select(scores, self.keep)
+        return np.flatnonzero(scores >= self.thresholds[i])
+
+    def _mask(self, i: int, scores: np.ndarray) -> np.ndarray:
+        """(S, n) bool: each token's selected neurons of layer i."""
+        if self.thresholds is None:
+            return topk_mask(scores, self.keep)
+        return scores >= self.thresholds[i]
 
     def _count(self, io_wait_s: float, manage_s: float, compute_s: float, used: int, cached: int) -> None:
         st = self.stats
@@ -193,7 +209,7 @@ class StreamedFFN:
         """One token: score, select, read the pages holding the selected cold records, compute those only."""
         hot, rb = self.hot, self.record_bytes
         t0 = time.perf_counter()
-        idx = select(self.scorer.scores(self.kernel, i, x)[0], self.keep)
+        idx = self._pick(i, self.scorer.scores(self.kernel, i, x)[0])
         n_hot = int(np.searchsorted(idx, hot))
         t1 = time.perf_counter()
         if n_hot < len(idx):  # the records land where a full cold-range read into buffer 0 would put them
@@ -208,7 +224,8 @@ class StreamedFFN:
             finally:
                 wait_all(futures)  # every run read (or the first failure raised) before the kernel sees buf
         t2 = time.perf_counter()
-        self.kernel.run(self.addresses[i][0][idx], x, y)  # buffer-0 addresses: hot from the cache, cold as read
+        if len(idx):
+            self.kernel.run(self.addresses[i][0][idx], x, y)  # buffer-0 addresses: hot from the cache, cold as read
         self._count(t2 - t1, t1 - t0, time.perf_counter() - t2, len(idx), n_hot)
 
     def close(self) -> None:
