@@ -18,6 +18,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 from ..flash_store.writer import copy_metadata
 from ..loaders.gguf_reader import GGUFFile
+from ..models.llama import KEY_FFN_ACTIVATION
 
 TOKENIZER_KEYS = ["tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
                   "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
@@ -50,11 +51,14 @@ def random_q4_0(rng: np.random.Generator, rows: int, cols: int, scale: float) ->
 
 
 def write(path: str, vocab_src: str, n_layers: int = 32, d_model: int = 4096, n_ff: int = 11008,
-          n_heads: int = 32, seed: int = 0) -> None:
+          n_heads: int = 32, seed: int = 0, activation: str = "silu") -> None:
+    """activation "relu": a ReLU-fied llama (flashlm.ffn_activation), for sparsity at scale."""
     src = GGUFFile(vocab_src)
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(path, "llama")
     add_llama_header(w, src, n_layers, 4096, d_model, n_ff, n_heads, n_heads)
+    if activation != "silu":
+        w.add_string(KEY_FFN_ACTIVATION, activation)
     n_vocab = len(src.get("tokenizer.ggml.tokens"))
     src.close()
     q4 = GGML_QUANT_SIZES[QT.Q4_0]
@@ -98,8 +102,10 @@ def main() -> None:
     p.add_argument("--ffn", type=int, default=11008)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--vocab-from", default=None, help="GGUF whose tokenizer to copy (default: SmolLM2)")
+    p.add_argument("--activation", choices=["silu", "relu"], default="silu", help="the FFN's gate activation")
     a = p.parse_args()
-    write(a.output, a.vocab_from or default_model_path(), a.layers, a.d_model, a.ffn, a.heads)
+    write(a.output, a.vocab_from or default_model_path(), a.layers, a.d_model, a.ffn, a.heads,
+          activation=a.activation)
 
 
 if __name__ == "__main__":
