@@ -163,7 +163,7 @@ def _records(qtype, source, request, n=300):
     return layout, records
 
 
-@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "relu"])
 @pytest.mark.parametrize("S", [1, 3, 8, 9, 20])  # token groups of 8 and their remainders
 @pytest.mark.parametrize("qtype,source", CASES)
 def test_int8_bundle_ffn(qtype, source, S, activation, request):
@@ -191,10 +191,13 @@ def test_int8_bundle_ffn(qtype, source, S, activation, request):
         a = xx @ wg.T
         if activation == "silu":
             act = a / (1 + np.exp(-a))
+        elif activation == "relu":
+            act = np.maximum(a, 0)
         else:
             act = 0.5 * a * (1 + np.tanh(0.7978845608 * (a + 0.044715 * a ** 3)))
-        return (act * (xx @ wu.T)) @ wd
+        return (act * (xx @ wu.T) * mask) @ wd
 
+    mask = 1.0
     exact, ref = ffn(xq), ffn(x.astype(np.float64))
     scale = np.abs(ref).max()
     assert np.abs(y - exact).max() / scale < 1e-4
@@ -203,3 +206,8 @@ def test_int8_bundle_ffn(qtype, source, S, activation, request):
         alone = np.zeros((1, d), np.float32)
         k.run(addresses, x[s:s + 1], alone)
         assert np.abs(alone[0] - y[s]).max() / scale < 1e-6
+    # a per-token mask (sparsity over a batch) zeroes exactly the masked neurons, in the same int8 arithmetic
+    mask = np.random.default_rng(S + 1).random((S, len(records))) < 0.6
+    ym = np.zeros_like(x)
+    k.run(addresses, x, ym, mask=mask)
+    assert np.abs(ym - ffn(xq)).max() / scale < 1e-4

@@ -249,7 +249,7 @@ class BundleKernel:
             self._ffn_i8 = getattr(lib, "bundle_ffn_i8", None)  # x86 (AVX2) builds only
             if self._ffn_i8 is not None:
                 self._ffn_i8.restype = ctypes.c_int
-                self._ffn_i8.argtypes = fn.argtypes[:10] + [ctypes.c_void_p, ctypes.c_int]
+                self._ffn_i8.argtypes = fn.argtypes[:10] + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
             self.attention_decode = getattr(lib, "attention_decode", None)  # x86 builds only
             if self.attention_decode is not None:
                 ad = self.attention_decode
@@ -270,10 +270,13 @@ class BundleKernel:
         if self.layout.group > 1:
             self._run_blocks(row_addresses, x, y, act_out, rows, mask)
             return
-        if self.native and self._ffn_i8 is not None and FFN_INT8 and act_out is None and mask is None:
+        if self.native and self._ffn_i8 is not None and FFN_INT8 and act_out is None:
+            # a mask (S, n) zeroes each token's skipped neurons: the same int8 arithmetic as a dense batch
+            m = None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8)
             status = self._ffn_i8(row_addresses.ctypes.data, n, self.layout.d_model, int(self.layout.gate_type),
                                   int(self.layout.up_type), self._up_offset, self._down_offset,
-                                  ACTIVATIONS[self.activation], x.ctypes.data, S, y.ctypes.data, self.threads)
+                                  ACTIVATIONS[self.activation], x.ctypes.data, S, y.ctypes.data, self.threads,
+                                  None if m is None else m.ctypes.data)
             if status == 0:
                 return
             if status != -3:

@@ -491,8 +491,10 @@ static void down_axpy_tokens(const uint8_t *const *down, float a[][DOWN_GROUP], 
     }
 }
 
+/* mask: NULL, or (S, n) bytes: token s counts neuron i where mask[s * n + i] (sparsity over a prompt batch) */
 int bundle_ffn_i8(const uint8_t *const *rows, int64_t n, int d, int gate_type, int up_type, int64_t up_offset,
-                  int64_t down_offset, int act, const float *x, int S, float *y, int n_threads) {
+                  int64_t down_offset, int act, const float *x, int S, float *y, int n_threads,
+                  const uint8_t *mask) {
     if (!row_ok(gate_type, d) || !row_ok(up_type, d) || !row_ok(T_Q8_0, d)) return -1;
     if (!i8_type_ok(gate_type) || !i8_type_ok(up_type) || S < 1) return -3;
     if (n_threads < 1) n_threads = 1;
@@ -526,6 +528,9 @@ int bundle_ffn_i8(const uint8_t *const *rows, int64_t n, int d, int gate_type, i
                     fu(rows[i + k] + up_offset, &xu, uv);
                     activate_8(gv, act, av);
                     for (int s = 0; s < m; s++) a[s][k] = av[s] * uv[s];
+                    if (mask)
+                        for (int s = 0; s < m; s++)
+                            if (!mask[(size_t)(s0 + s) * n + i + k]) a[s][k] = 0.0f;
                 }
                 down_axpy_tokens(down, a, g, m, ylocal + (size_t)s0 * d, d);
             }
