@@ -73,7 +73,8 @@ def scorer_bytes(store, kind: str) -> int:
     """What a scorer of `kind` keeps in memory for the whole model: every gate row, and every up row for "exact";
     the stored predictor's tensors for "predictor"."""
     if kind == "predictor":
-        store.predictor_rank or store.predictor(0)  # no predictor: the error that says how to train one
+        if store.predictor_rank is None:
+            store.predictor(0)  # raises the error that says how to train one
         return sum(store.file.tensors[name].nbytes for i in range(len(store.layers))
                    for name in fmt.predictor_names(i))
     layout = store.layout
@@ -110,7 +111,8 @@ class NeuronScorer:
             rows_matvec(kernel, a, fmt.PREDICTOR_TYPE, x, t)
             s = np.empty((x.shape[0], b.shape[0]), np.float32)
             rows_matvec(kernel, b, fmt.PREDICTOR_TYPE, t, s)
-            return s + bias
+            s += bias
+            return s
         n = self.gate_rows[i].shape[0]
         g = np.empty((x.shape[0], n), np.float32)
         rows_matvec(kernel, self.gate_rows[i], self.gate_type, x, g)

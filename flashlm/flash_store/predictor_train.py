@@ -31,9 +31,11 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InvalidOptionError
+from ..loaders.gguf_reader import GGUFFile
 from ..quant.formats import dequantize
 from . import format as fmt
 from .calibrate import read_text
+from .reader import is_flash_store
 from .relu_predictor import TrainOptions, evaluate, train_predictor
 
 LABEL_SHARE = 0.5  # a token's "active" neurons: the top half by |act(gate) * up| (calibrate.py's "fires")
@@ -102,22 +104,8 @@ def calibrate_predictor(path: str, text_path: str, rank: int = 128, epochs: int 
                         progress: Callable[[str, int, int], None] | None = None) -> PredictorReport:
     """Train and store the predictor of every layer; `output` (default: `path` itself, rewritten atomically)."""
     import flashlm
-    from gguf import GGUFValueType as VT
-    from gguf.quants import quantize
 
-    from .writer import add_resident_tensors
-
-    if rank < 32 or rank % 32:
-        raise InvalidOptionError(f"--rank must be a positive multiple of 32 (Q8_0 rows), got {rank}")
-    if epochs < 0 or max_tokens < 1:
-        raise InvalidOptionError("--epochs must be >= 0 and --tokens >= 1")
-    from ..loaders.gguf_reader import GGUFFile
-    from .reader import is_flash_store
-
-    with GGUFFile(path) as f:
-        if not is_flash_store(f):
-            raise InvalidOptionError(f"{path}: not a .flash store (make one with `flashlm convert "
-                                     f"{os.path.basename(path)} -o MODEL.flash --bundle neuron`)")
+    _check_request(path, rank, epochs, max_tokens)
     text, text_description = read_text(text_path)
     t0 = time.perf_counter()
     model = flashlm.load(path, threads=threads, ctx_size=CHUNK, batch_size=CHUNK)
@@ -138,34 +126,63 @@ def calibrate_predictor(path: str, text_path: str, rank: int = 128, epochs: int 
         report = PredictorReport(output or path, rank, len(ids), "")
         tensors = []
         for i, x in enumerate(xs):
-            margin = activity_margin(*gate_up(store, i, x), activation)
-            fit = slice(0, len(x) - n_test)
-            p = train_predictor(x[fit], margin[fit], options, layer=i)
-            q = evaluate(p, x[-n_test:], margin[-n_test:] > 0)
-            report.recall.append(q.recall)
-            report.precision.append(q.precision)
-            report.selected.append(q.selected_fraction)
-            report.thresholds.append(p.threshold)
-            a, b, bias = fmt.predictor_names(i)
-            tensors += [(a, quantize(np.ascontiguousarray(p.u.T), fmt.PREDICTOR_TYPE), fmt.PREDICTOR_TYPE),
-                        (b, quantize(np.ascontiguousarray(p.v.T), fmt.PREDICTOR_TYPE), fmt.PREDICTOR_TYPE),
-                        (bias, p.bias.astype(np.float32).view(np.uint8).reshape(1, -1), fmt.QT.F32)]
+            tensors += _train_layer(store, i, x, activation, options, n_test, report)
             if progress:
                 progress("training", i + 1, len(xs))
     finally:
         model.close()
+    active = "relu(gate) > 0" if activation == "relu" else f"top {LABEL_SHARE:.0%} by |act(gate)*up|"
     report.description = (f"{text_description}, {len(ids)} tokens ({len(ids) - n_test} fitted, {n_test} held out), "
-                          f"rank {rank}, {epochs} epochs, seed {seed}, active = "
-                          f"{'relu(gate) > 0' if activation == 'relu' else f'top {LABEL_SHARE:.0%} by |act(gate)*up|'}"
-                          f"; held out: recall {np.mean(report.recall):.4f}, precision "
-                          f"{np.mean(report.precision):.4f} (means over layers)")
+                          f"rank {rank}, {epochs} epochs, seed {seed}, active = {active}; held out: recall "
+                          f"{np.mean(report.recall):.4f}, precision {np.mean(report.precision):.4f} (means over "
+                          f"layers)")
+    _store(path, output, tensors, report)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _check_request(path: str, rank: int, epochs: int, max_tokens: int) -> None:
+    if rank < 32 or rank % 32:
+        raise InvalidOptionError(f"--rank must be a positive multiple of 32 (Q8_0 rows), got {rank}")
+    if epochs < 0 or max_tokens < 1:
+        raise InvalidOptionError("--epochs must be >= 0 and --tokens >= 1")
+    with GGUFFile(path) as f:
+        if not is_flash_store(f):
+            raise InvalidOptionError(f"{path}: not a .flash store (make one with `flashlm convert "
+                                     f"{os.path.basename(path)} -o MODEL.flash --bundle neuron`)")
+
+
+def _train_layer(store, i: int, x: np.ndarray, activation: str, options: TrainOptions, n_test: int,
+                 report: PredictorReport) -> list[tuple[str, np.ndarray, fmt.QT]]:
+    """Layer i's predictor, fitted on all but the last n_test tokens and scored on those (into `report`); returns
+    its tensors as stored (format.predictor_names)."""
+    from gguf.quants import quantize
+
+    margin = activity_margin(*gate_up(store, i, x), activation)
+    fit = slice(0, len(x) - n_test)
+    p = train_predictor(x[fit], margin[fit], options, layer=i)
+    q = evaluate(p, x[-n_test:], margin[-n_test:] > 0)
+    report.recall.append(q.recall)
+    report.precision.append(q.precision)
+    report.selected.append(q.selected_fraction)
+    report.thresholds.append(p.threshold)
+    a, b, bias = fmt.predictor_names(i)
+    return [(a, quantize(np.ascontiguousarray(p.u.T), fmt.PREDICTOR_TYPE), fmt.PREDICTOR_TYPE),
+            (b, quantize(np.ascontiguousarray(p.v.T), fmt.PREDICTOR_TYPE), fmt.PREDICTOR_TYPE),
+            (bias, p.bias.astype(np.float32).view(np.uint8).reshape(1, -1), fmt.QT.F32)]
+
+
+def _store(path: str, output: str | None, tensors: list, report: PredictorReport) -> None:
+    """The predictor's tensors and metadata into the file, replacing any earlier predictor."""
+    from gguf import GGUFValueType as VT
+
+    from .writer import add_resident_tensors
+
     add_resident_tensors(path, tensors, {
         fmt.KEY_PREDICTOR: (report.description, VT.STRING),
-        fmt.KEY_PREDICTOR_RANK: (rank, VT.UINT32),
+        fmt.KEY_PREDICTOR_RANK: (report.rank, VT.UINT32),
         fmt.KEY_PREDICTOR + ".recall": (report.recall, VT.ARRAY, VT.FLOAT32),
         fmt.KEY_PREDICTOR + ".precision": (report.precision, VT.ARRAY, VT.FLOAT32),
         fmt.KEY_PREDICTOR + ".selected": (report.selected, VT.ARRAY, VT.FLOAT32),
         fmt.KEY_PREDICTOR + ".threshold": (report.thresholds, VT.ARRAY, VT.FLOAT32),
     }, dst=output, replace=lambda name: ".ffn_predictor_" in name or name.startswith(fmt.KEY_PREDICTOR))
-    report.seconds = time.perf_counter() - t0
-    return report

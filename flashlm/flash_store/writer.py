@@ -243,8 +243,9 @@ def add_resident_tensors(path: str, tensors: list[tuple[str, np.ndarray, QT]], m
         new_names = {name for name, _, _ in tensors}
         drop = lambda key: key in new_names or key in metadata or key == fmt.KEY_RESIDENT_CRC or replace(key)  # noqa
         bundles = [t for name, t in f.tensors.items() if name.endswith(".ffn_bundle")]
-        resident = [(t.name, f.tensor_bytes(t.name), QT(t.ggml_type)) for name, t in f.tensors.items()
-                    if t not in bundles and name != fmt.HEADER_CRC_TENSOR and not drop(name)] + list(tensors)
+        kept = {t.name for t in bundles} | {fmt.HEADER_CRC_TENSOR}  # written after the resident section
+        resident = [(name, f.tensor_bytes(name), QT(t.ggml_type)) for name, t in f.tensors.items()
+                    if name not in kept and not drop(name)] + list(tensors)
         resident_crc = 0
         for _, data, _ in resident:
             resident_crc = zlib.crc32(np.ascontiguousarray(data), resident_crc)

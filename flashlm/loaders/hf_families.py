@@ -69,6 +69,9 @@ class HFFamily:
     rope_types: tuple[str, ...] = ("default", "linear", "llama3")
     # config keys that must hold a given value because the GGUF arch cannot express anything else
     required_config: dict[str, object] = field(default_factory=dict)
+    # config.json hidden_act values the family runs (other than SiLU, written as flashlm's own GGUF key); empty:
+    # the activation is fixed (required_config)
+    hidden_acts: tuple[str, ...] = ()
     check: Callable[[ConfigReader, "HFArgs"], None] | None = None  # what a value table cannot say
 
 
@@ -88,10 +91,11 @@ def _check_gemma3(cfg: ConfigReader, args: "HFArgs") -> None:
 
 FAMILIES: dict[str, HFFamily] = {
     "llama": HFFamily("llama", LLAMA_GLOBAL_TENSORS, LLAMA_LAYER_TENSORS, permute_qk=True,
-                      required_config={"attention_bias": False, "mlp_bias": False}),
-    "mistral": HFFamily("llama", LLAMA_GLOBAL_TENSORS, LLAMA_LAYER_TENSORS, permute_qk=True),
+                      required_config={"attention_bias": False, "mlp_bias": False}, hidden_acts=FFN_ACTIVATIONS),
+    "mistral": HFFamily("llama", LLAMA_GLOBAL_TENSORS, LLAMA_LAYER_TENSORS, permute_qk=True,
+                        hidden_acts=FFN_ACTIVATIONS),
     "qwen2": HFFamily("qwen2", LLAMA_GLOBAL_TENSORS, {**LLAMA_LAYER_TENSORS, **QKV_BIASES}, permute_qk=False,
-                      rope_types=("default", "linear")),
+                      rope_types=("default", "linear"), hidden_acts=FFN_ACTIVATIONS),
     # Gemma 3 text models (Gemma3ForCausalLM; the multimodal "gemma3" nests them under language_model): norms
     # stored as w where the model computes (1 + w), q/k norms and post-norms, tied embeddings (models/gemma3.py).
     "gemma3_text": HFFamily("gemma3", LLAMA_GLOBAL_TENSORS, GEMMA3_LAYER_TENSORS, permute_qk=False, norm_offset=1.0,
@@ -147,12 +151,10 @@ class HFArgs:
         if rope["rope_type"] not in family.rope_types:
             raise UnsupportedModelError(f"{cfg.path}: RoPE type {rope['rope_type']!r} is not supported for "
                                         f"{cfg.str('model_type')} (supported: {', '.join(family.rope_types)})")
-        activation = "silu"
-        if family.gguf_arch in ("llama", "qwen2"):  # Gemma's hidden_activation is checked by required_config
-            activation = cfg.raw("hidden_act", "silu")
-            if activation not in FFN_ACTIVATIONS:
-                raise UnsupportedModelError(f"{cfg.path}: hidden_act = {activation!r:.40} is not supported for "
-                                            f"{cfg.str('model_type')} (supported: {', '.join(FFN_ACTIVATIONS)})")
+        activation = cfg.raw("hidden_act", "silu") if family.hidden_acts else "silu"
+        if family.hidden_acts and activation not in family.hidden_acts:
+            raise UnsupportedModelError(f"{cfg.path}: hidden_act = {activation!r:.40} is not supported for "
+                                        f"{cfg.str('model_type')} (supported: {', '.join(family.hidden_acts)})")
         window = 0
         if cfg.raw("sliding_window", None) is not None and cfg.raw("use_sliding_window", True):
             window = cfg.int("sliding_window")

@@ -198,7 +198,6 @@ def _attention(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, x: str, i: int)
 
 
 def _swiglu(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, x: str, i: int) -> str:
-    gb.taps[("ffn_in", i)] = x  # (1, S, d): the normed FFN input a sparsity predictor reads
     gate_up = emit_linears(gb, x, lw.gate_up, f"l{i}_gate_up")
     gate, up = gb.op("Split", [gate_up, gb.const("split", np.array([a.n_ff, a.n_ff], np.int64))], n_out=2, axis=-1)
     gated = gb.op("Relu", [gate]) if a.ffn_activation == "relu" else gb.op("Mul", [gate, gb.op("Sigmoid", [gate])])
