@@ -57,7 +57,7 @@ def _resolve_model(path: str | None) -> str:
 MODEL_KEYS = ("model", "ctx_size", "threads", "batch_size", "memory_budget", "io_threads", "sparsity", "sparsity_score", "output_head",
               "device", "gpu_memory_budget", "verbose")
 SAMPLING_KEYS = ("n_predict", "temp", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed", "stop",
-                 "ctx_overflow")
+                 "ctx_overflow", "ignore_eos")
 
 
 def _options(f, opts):
@@ -120,6 +120,7 @@ def sampling_options(f):
                      show_default=True, help="When the context is full: stop (finish reason 'length') or shift "
                      "(keep the first 4 tokens and the most recent ones, half the context, and go on; chat drops "
                      "its oldest turns first)."),
+        click.option("--ignore-eos", is_flag=True, help="Go on past end-of-generation tokens (as llama.cpp)."),
     ])
 
 
@@ -137,7 +138,7 @@ def _gen_options(kw: dict) -> GenerationOptions:
                                repeat_penalty=kw["repeat_penalty"], repeat_last_n=kw["repeat_last_n"],
                                seed=kw["seed"])
     return GenerationOptions(max_tokens=kw["n_predict"], stop=tuple(kw["stop"]), sampling=sampling,
-                             ctx_overflow=kw["ctx_overflow"]).validate()
+                             ctx_overflow=kw["ctx_overflow"], ignore_eos=kw["ignore_eos"]).validate()
 
 
 def _print_stats(model, timings) -> None:

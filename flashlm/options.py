@@ -108,11 +108,13 @@ class GenerationOptions:
     # A full context: "stop" ends with finish_reason "length"; "shift" keeps the first 4 tokens (attention sinks)
     # plus the most recent ones, half the context in all, and goes on (chat first drops the oldest turns).
     ctx_overflow: str = "stop"
+    ignore_eos: bool = False  # go on past end-of-generation tokens (llama.cpp's --ignore-eos), e.g. for benchmarks
 
     def validate(self) -> "GenerationOptions":
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= -1,
                f"max_tokens must be >= -1, got {self.max_tokens!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        _check(isinstance(self.ignore_eos, bool), f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         _check(self.ctx_overflow in ("stop", "shift"),
                f"ctx_overflow must be 'stop' or 'shift', got {self.ctx_overflow!r}")
         self.sampling.validate()

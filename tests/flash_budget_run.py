@@ -33,7 +33,8 @@ def main():
     ctx = 512
     budget = half_model_budget(path, ctx) if mode == "half" else None
     m = flashlm.load(path, threads=2, ctx_size=ctx, memory_budget=budget, output_head=head or "exact")
-    tokens = [[r.token for r in m.stream(p, max_tokens=n, temperature=0.0) if r.token is not None] for p in prompts]
+    tokens = [[r.token for r in m.stream(p, max_tokens=n, temperature=0.0, ignore_eos=True)
+               if r.token is not None] for p in prompts]
     plan = m._loaded.plan
     print(json.dumps({"budget": budget, "hot": plan.hot_neurons, "n_ff": plan.n_ff,
                       "head_resident": plan.head_resident, "head_resident_rows": plan.head_resident_rows,

@@ -127,7 +127,7 @@ def stream_generate(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int],
         t = time.perf_counter()
         token = sample(logits, history)
         timings.eval_ms += (time.perf_counter() - t) * 1e3
-        if tokenizer.is_eog(token):
+        if tokenizer.is_eog(token) and not opts.ignore_eos:
             yield GenerationResponse(stops.feed(decoder.flush()) + stops.flush(), token, "stop", timings)
             return
         history.append(token)
