@@ -11,7 +11,7 @@ import gguf
 from gguf.constants import GGMLQuantizationType as QT
 
 from flashlm.loaders.gguf_reader import GGUFFile
-from flashlm.tools.synthetic_llama import add_llama_header
+from labs.synthetic_llama import add_llama_header
 
 def _quantize(a: np.ndarray, qtype: QT) -> np.ndarray:
     if qtype == QT.F32:

@@ -50,7 +50,7 @@ def test_device_cuda_without_gpu_is_a_clear_error(smol_flash):
 
 @needs_gpu
 def test_gpu_kernels_match_gguf_reference():
-    from flashlm.tools.gpu_bench import check_kernels
+    from labs.gpu_bench import check_kernels
 
     report = check_kernels(rounds=5)
     print(report)
@@ -64,7 +64,7 @@ def test_gpu_backend_matches_cpu_backend(smol_flash, gpl_text, tmp_path):
     """Teacher-forced on 512 GPL tokens in one batch (float x on both): top-1 >= 97% and perplexity within 1% of
     the CPU backend. Through 256 decode steps (int8 x on both, which turns float rounding differences into
     different roundings of x): perplexity within 1% of the CPU backend's own decode steps."""
-    from flashlm.tools.gpu_bench import compare
+    from labs.gpu_bench import compare
 
     text = tmp_path / "gpl.txt"
     text.write_text(gpl_text)
@@ -84,7 +84,7 @@ def test_gpu_tiers_stream_and_give_the_resident_logits(smol_flash, gpl_text):
     batch and decode paths (gpu_bench.compare: top-1 98%)."""
     import gc
 
-    from flashlm.tools.gpu_bench import _agreement, _stepped_logits
+    from labs.gpu_bench import _agreement, _stepped_logits
 
     import cupy
     import psutil

@@ -1,6 +1,6 @@
 """The readers' open step on mutated real files: every input is accepted or rejected with a FlashLMError (whose
 message names the byte offset, for GGUF and .flash); none crashes, hangs or allocates without bound. A short run
-of flashlm.tools.fuzz_parsers (the full one: `python -m flashlm.tools.fuzz_parsers --parser P --inputs 100000`)."""
+of labs.fuzz_parsers (the full one: `python -m labs.fuzz_parsers --parser P --inputs 100000`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from flashlm.errors import FlashLMError
-from flashlm.tools.fuzz_parsers import TARGETS, fuzz
+from labs.fuzz_parsers import TARGETS, fuzz
 
 INPUTS = {"gguf": 2000, "flash": 1500, "hf": 1500}
 PER_INPUT_TIMEOUT_S = 2.0  # an input still open after this is a hang (a finding)

@@ -17,7 +17,7 @@ from flashlm.flash_store import writer
 from flashlm.flash_store.reader import FlashStore, verify_store
 from flashlm.loaders.gguf_reader import GGUFFile
 from flashlm.loaders.model_loader import read_model
-from flashlm.tools.fuzz_parsers import write_small_gguf
+from labs.fuzz_parsers import write_small_gguf
 
 from .test_bad_input import run_cli
 

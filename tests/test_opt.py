@@ -22,9 +22,9 @@ from flashlm.errors import ContextLengthError, ModelFileError, UnsupportedModelE
 from flashlm.flash_store.relu_predictor import (ReluPredictor, TrainOptions, as_selector, evaluate,  # noqa: E402
                                                 layers_from_arrays, layers_to_arrays, train_predictor)
 from flashlm.loaders.hf_dir import ConfigReader, HFModelDir  # noqa: E402
-from flashlm.models import opt  # noqa: E402
-from flashlm.models.opt import OPTModel, all_neurons, ffn_dense, ffn_selected, oracle  # noqa: E402
-from flashlm.tools.opt_sparsity import collect, main, pooled_quality, relative_difference  # noqa: E402
+from labs import opt  # noqa: E402
+from labs.opt import OPTModel, all_neurons, ffn_dense, ffn_selected, oracle  # noqa: E402
+from labs.opt_sparsity import collect, main, pooled_quality, relative_difference  # noqa: E402
 
 VOCAB = 1000
 WORDS = [f"w{i}" for i in range(VOCAB - 1)]

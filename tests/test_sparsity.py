@@ -97,7 +97,7 @@ def test_sparsity_on_gguf_and_bad_values_fail_clearly(smollm_path, flash_path):
 
 
 def test_window_table_counts_new_and_cached_neurons():
-    from flashlm.tools.window_table import window_table
+    from labs.window_table import window_table
 
     masks = np.zeros((1, 4, 4), bool)  # one layer, 4 tokens, 4 neurons: token t uses neurons {t % 2, 2}
     for t in range(4):

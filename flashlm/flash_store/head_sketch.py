@@ -15,7 +15,7 @@ contiguous reads) only 87-94% at 1.5-6 MB of reads; a rank-128 projection 62% at
 are the sketch's estimates (mapped by a line fitted per token on the candidates' exact logits, kept below the best
 candidate), so perplexity and log-probabilities see an approximation there (greedy decoding and top-k sampling
 with k <= candidates only see candidates); the fidelity cost is printed by
-`python -m flashlm.tools.head_fidelity` (README, "Output head").
+`python -m labs.head_fidelity` (README, "Output head").
 
 Not bit-exact: greedy output equals the exact head's when the exact top-1 is a candidate (the rates above).
 """

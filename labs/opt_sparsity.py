@@ -1,6 +1,6 @@
 """FFN sparsity of an OPT model from a Hugging Face directory: exactness checks and a trained low-rank predictor.
 
-    python -m flashlm.tools.opt_sparsity HF_DIR --text FILE [--rank 128] [--seed 0] [--epochs 10]
+    python -m labs.opt_sparsity HF_DIR --text FILE [--rank 128] [--seed 0] [--epochs 10]
 
 Prints: flashlm's dense logits against transformers' OPTForCausalLM (when transformers is installed); whether the
 sparse FFN over the true active set gives exactly the dense output; then, per layer and pooled, the held-out recall
@@ -16,10 +16,10 @@ import sys
 
 import numpy as np
 
-from ..errors import FlashLMError, InvalidOptionError
-from ..flash_store.relu_predictor import (ReluPredictor, SelectionQuality, TrainOptions, TrainProgress, as_selector,
+from flashlm.errors import FlashLMError, InvalidOptionError
+from flashlm.flash_store.relu_predictor import (ReluPredictor, SelectionQuality, TrainOptions, TrainProgress, as_selector,
                                           evaluate, selection_quality, train_predictor)
-from ..models.opt import OPTModel, all_neurons, oracle
+from labs.opt import OPTModel, all_neurons, oracle
 
 EXACTNESS_TOKENS = 64  # the selected kernel runs token by token in numpy: a short window is enough to check bits
 
@@ -77,7 +77,7 @@ def _print_progress(p: TrainProgress) -> None:
 
 
 def run(hf_dir: str, text: str, options: TrainOptions, window: int, held_out: float) -> None:
-    from ..loaders.hf_dir import HFModelDir
+    from flashlm.loaders.hf_dir import HFModelDir
 
     hf = HFModelDir(hf_dir)
     model = OPTModel.from_dir(hf)

@@ -1,7 +1,7 @@
 """Long runs under a memory budget: does memory stay under the budget and stop growing once warmed up?
 
-    python -m flashlm.tools.long_run -m MODEL --memory-budget B -n 2000 -c 512            # one long generation
-    python -m flashlm.tools.long_run -m MODEL --memory-budget B --chat-turns 50 -c 512   # a multi-turn chat
+    python -m labs.long_run -m MODEL --memory-budget B -n 2000 -c 512            # one long generation
+    python -m labs.long_run -m MODEL --memory-budget B --chat-turns 50 -c 512   # a multi-turn chat
 
 The context is smaller than the run, so it overflows: with --ctx-overflow shift (the default here) generation keeps
 the attention sinks plus a recent window and goes on, and the chat drops its oldest turns. The process's RSS is

@@ -1,6 +1,6 @@
 """What the sketch output head costs in fidelity, against the exact head on the same .flash file.
 
-    python -m flashlm.tools.head_fidelity MODEL.flash [-f TEXT] [-n TOKENS] [--candidates K]
+    python -m labs.head_fidelity MODEL.flash [-f TEXT] [-n TOKENS] [--candidates K]
 
 Teacher-forced over the first TOKENS tokens of TEXT: top-1 agreement, perplexity of both heads, how often the exact
 top-1 is among the sketch's candidates; then greedy generations of 64 tokens from three prompts, compared token by

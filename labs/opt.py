@@ -21,9 +21,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..errors import ContextLengthError, InvalidOptionError, ModelFileError, UnsupportedModelError
-from ..loaders.hf_dir import ConfigReader, HFModelDir
-from ..runtime.kv_cache import KVCache
+from flashlm.errors import ContextLengthError, InvalidOptionError, ModelFileError, UnsupportedModelError
+from flashlm.loaders.hf_dir import ConfigReader, HFModelDir
+from flashlm.runtime.kv_cache import KVCache
 
 MODEL_TYPES = ("opt",)
 POSITION_OFFSET = 2  # OPT's learned positions start at row 2 (fairseq reserved rows for padding)

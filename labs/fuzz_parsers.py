@@ -1,6 +1,6 @@
 """Fuzzing the three readers' validate-on-open step with mutated copies of real files.
 
-    python -m flashlm.tools.fuzz_parsers --parser gguf|flash|hf --inputs 100000 [--seed 0] [--save-findings DIR]
+    python -m labs.fuzz_parsers --parser gguf|flash|hf --inputs 100000 [--seed 0] [--save-findings DIR]
 
 Seeds: a small GGUF carrying the default model's (SmolLM2) metadata with its arrays cut to 256 items and 2 layers of
 SmolLM2's tensor types at small shapes, the real SmolLM2 file itself (its 1.8 MB header mutated, the tensor data
@@ -40,7 +40,7 @@ import numpy as np
 import gguf
 from gguf.constants import GGMLQuantizationType as QT
 
-from ..errors import FlashLMError
+from flashlm.errors import FlashLMError
 
 VOCAB = 256  # items kept of each metadata array in the small seed
 HUGE = (2**63 - 1, 2**64 - 1, 2**32 - 1, 2**32, 2**31, 2**40, 2**62, 1 << 48)
@@ -253,7 +253,7 @@ def _tiny_tensor(rng: np.random.Generator, qtype: QT, rows: int, cols: int) -> n
 def write_small_gguf(path: str, src_path: str, n_layers: int = 2, d_model: int = 64, n_ff: int = 128,
                      n_heads: int = 4, n_kv_heads: int = 2) -> None:
     """SmolLM2's metadata (arrays cut to VOCAB items, sizes rewritten) and tensors of its types at small shapes."""
-    from ..loaders.gguf_reader import GGUFFile, StringArray
+    from flashlm.loaders.gguf_reader import GGUFFile, StringArray
 
     src = GGUFFile(src_path)
     arch = src.get("general.architecture")
@@ -298,10 +298,10 @@ def write_hf_dir(path: str, gguf_path: str, sharded: bool) -> None:
     """config.json from the small GGUF's metadata (gguf_to_hf.hf_config), random float32 safetensors."""
     from safetensors.numpy import save_file
 
-    from ..loaders import hf_families as fam
-    from ..loaders.gguf_reader import GGUFFile
-    from ..loaders.hf_dir import ConfigReader
-    from .gguf_to_hf import hf_config
+    from flashlm.loaders import hf_families as fam
+    from flashlm.loaders.gguf_reader import GGUFFile
+    from flashlm.loaders.hf_dir import ConfigReader
+    from flashlm.tools.gguf_to_hf import hf_config
 
     f = GGUFFile(gguf_path)
     config = hf_config(f)
@@ -343,7 +343,7 @@ class GGUFTarget:
         small = os.path.join(workdir, "seed.gguf")
         write_small_gguf(small, src_path)
         self.seeds = [self._seed(open(small, "rb").read())]
-        from ..loaders.gguf_reader import GGUFFile
+        from flashlm.loaders.gguf_reader import GGUFFile
 
         src = GGUFFile(src_path)
         size, header_bytes = src.file_size, src.data_offset
@@ -372,7 +372,7 @@ class GGUFTarget:
         return ("real: " if use_real else "") + what
 
     def open(self) -> None:
-        from ..loaders.model_loader import read_model
+        from flashlm.loaders.model_loader import read_model
 
         f, _, _ = read_model(self.path)
         f.close()
@@ -382,7 +382,7 @@ class FlashTarget(GGUFTarget):
     """The small GGUF converted to a .flash (4096-aligned data); mutations reach the flashlm.* layout keys."""
 
     def __init__(self, workdir: str, src_path: str):
-        from ..flash_store import writer
+        from flashlm.flash_store import writer
 
         self.path = os.path.join(workdir, "input.flash")
         small = os.path.join(workdir, "seed.gguf")
@@ -399,8 +399,8 @@ class FlashTarget(GGUFTarget):
         return what
 
     def open(self) -> None:
-        from ..flash_store.reader import FlashStore
-        from ..loaders.model_loader import read_model
+        from flashlm.flash_store.reader import FlashStore
+        from flashlm.loaders.model_loader import read_model
 
         f, _, args = read_model(self.path)
         try:
@@ -552,8 +552,8 @@ class HFTarget:
         return what
 
     def open(self) -> None:
-        from ..loaders import hf_families as fam
-        from ..loaders.hf_dir import HFModelDir
+        from flashlm.loaders import hf_families as fam
+        from flashlm.loaders.hf_dir import HFModelDir
 
         hf = HFModelDir(self.path)
         family = fam.family_for_config(hf.cfg)
@@ -583,7 +583,7 @@ def fuzz(parser: str, n_inputs: int, seed: int = 0, src_path: str | None = None,
          save_dir: str | None = None, progress=None) -> FuzzReport:
     """Run `n_inputs` mutated inputs through one parser's open step, in this process."""
     if src_path is None:
-        from .default_model import default_model_path
+        from flashlm.tools.default_model import default_model_path
 
         src_path = default_model_path()
     report = FuzzReport(parser)

@@ -1,8 +1,8 @@
 """GPU checks and benchmarks (needs CuPy and an NVIDIA GPU).
 
-    python -m flashlm.tools.gpu_bench kernels                 # kernels vs references; 4096 x 11008 Q4_0 GB/s
-    python -m flashlm.tools.gpu_bench compare MODEL.flash     # GPU vs CPU backend: greedy 3 x 64, teacher-forced
-    python -m flashlm.tools.gpu_bench naive MODEL.flash --gpu-memory-budget 2GB --memory-budget 4GB -n 8
+    python -m labs.gpu_bench kernels                 # kernels vs references; 4096 x 11008 Q4_0 GB/s
+    python -m labs.gpu_bench compare MODEL.flash     # GPU vs CPU backend: greedy 3 x 64, teacher-forced
+    python -m labs.gpu_bench naive MODEL.flash --gpu-memory-budget 2GB --memory-budget 4GB -n 8
                                                               # flashlm's tiers vs copying every layer every token
 """
 
@@ -78,9 +78,9 @@ def _kernel_errors(rng) -> dict:
     import cupy as cp
     import gguf
 
-    from ..flash_store.format import RecordLayout
-    from ..quant.bundle_kernel import quantize_x_reference, reference_ffn
-    from ..quant.cuda_kernels import CudaKernels
+    from flashlm.flash_store.format import RecordLayout
+    from flashlm.quant.bundle_kernel import quantize_x_reference, reference_ffn
+    from flashlm.quant.cuda_kernels import CudaKernels
 
     kk = CudaKernels()
     report = {"errors": {}, "errors_exact": {}, "quantize_equal_cpu": True}
@@ -151,7 +151,7 @@ def _matvec_bandwidth(rng, rounds: int) -> dict:
     of one input), and with the quantization of x in each round."""
     import cupy as cp
 
-    from ..quant.cuda_kernels import CudaKernels
+    from flashlm.quant.cuda_kernels import CudaKernels
 
     n, k = 11008, 4096
     rows = _random_rows(QT.Q4_0, n, k, rng)
@@ -197,7 +197,7 @@ def _greedy(m, prompt: str, n: int) -> list[int]:
 @contextlib.contextmanager
 def _cpu_float_x():
     """The CPU backend with float32 activations (FLASHLM_INT8_ACTIVATIONS=0) inside the block."""
-    from ..quant import bundle_kernel as bk
+    from flashlm.quant import bundle_kernel as bk
 
     saved = bk.INT8_ACTIVATIONS, bk.FFN_INT8
     bk.INT8_ACTIVATIONS = bk.FFN_INT8 = False
@@ -291,14 +291,14 @@ def _decode_rate(engine, ids: list[int], n: int) -> tuple[float, dict]:
 def naive_vs_tiers(path: str, gpu_budget: str, host_budget: str, n_tokens: int) -> dict:
     """Both in this process, one after the other: flashlm's tiers, then the naive baseline (every layer's
     weights copied to the GPU for every token: FFN records read from flash, attention from host memory)."""
-    from ..loaders.flash_loader import load_cuda_executor
-    from ..loaders.model_loader import read_model
-    from ..options import LoadOptions
-    from ..runtime.executor import Engine
+    from flashlm.loaders.flash_loader import load_cuda_executor
+    from flashlm.loaders.model_loader import read_model
+    from flashlm.options import LoadOptions
+    from flashlm.runtime.executor import Engine
 
     import cupy as cp
 
-    from .memory import peak_rss_bytes
+    from flashlm.tools.memory import peak_rss_bytes
 
     report = {}
     ids = list(range(1000, 1016))

@@ -1,7 +1,7 @@
 """The window trade-off of "LLM in a flash" (Fig. 4): for window sizes k, the fraction of the FFN a token must read
 (selected neurons not used by the previous k-1 tokens) and the cache needed to hold the last k tokens' neurons.
 
-    python -m flashlm.tools.window_table MODEL.flash -f TEXT [--sparsity 0.4] [--score exact] [-n 512]
+    python -m labs.window_table MODEL.flash -f TEXT [--sparsity 0.4] [--score exact] [-n 512]
 
 Selections come from the model's own sparse forward pass (teacher-forced over the text), per layer and token.
 """

@@ -1,7 +1,7 @@
 """Sparsity settings side by side (issue 4's table): perplexity, share of the FFN computed and read per token, and
 decode speed at a half-model budget, for each score and fraction, against dense streaming in the same run.
 
-    python -m flashlm.tools.sparsity_table MODEL.flash -f TEXT [--scores cats,predictor] [--fractions 0.2,0.3,0.4,0.5]
+    python -m labs.sparsity_table MODEL.flash -f TEXT [--scores cats,predictor] [--fractions 0.2,0.3,0.4,0.5]
         [--chunks 4] [-n 64] [--budget half|SIZE]
 
 Every measurement is its own `flashlm` process (perplexity without a budget, as the score does not depend on it;

@@ -240,8 +240,8 @@ extern "C" __global__ void read_all(const uint4* p, long long n, unsigned int* o
 
 
 def graph_us(cp, rounds, launch, reps=5):
-    """(median, min, max) microseconds per launch over `reps` CUDA-graph replays (flashlm.tools.gpu_bench)."""
-    from flashlm.tools.gpu_bench import graph_times
+    """(median, min, max) microseconds per launch over `reps` CUDA-graph replays (labs.gpu_bench)."""
+    from labs.gpu_bench import graph_times
 
     times = [t * 1e3 for t in graph_times(cp, rounds, launch, reps)]
     return float(np.median(times)), float(min(times)), float(max(times))

@@ -1,6 +1,6 @@
 """A synthetic Llama-7B-shaped GGUF (random Q4_0 weights) for scale tests: no real 7B model can be fetched here.
 
-    python -m flashlm.tools.synthetic_llama OUT.gguf [--layers 32 --d-model 4096 --ffn 11008 --heads 32]
+    python -m labs.synthetic_llama OUT.gguf [--layers 32 --d-model 4096 --ffn 11008 --heads 32]
 
 Shapes follow Llama-2-7B (32 layers, d_model 4096, FFN 11008, 32 heads); the vocabulary (and so the tokenizer)
 is SmolLM2's, copied from the default model, so both engines can tokenize. Written tensor by tensor with gguf-py's
@@ -16,9 +16,9 @@ import numpy as np
 import gguf
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from ..flash_store.writer import copy_metadata
-from ..loaders.gguf_reader import GGUFFile
-from ..models.llama import KEY_FFN_ACTIVATION
+from flashlm.flash_store.writer import copy_metadata
+from flashlm.loaders.gguf_reader import GGUFFile
+from flashlm.models.llama import KEY_FFN_ACTIVATION
 
 TOKENIZER_KEYS = ["tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
                   "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
@@ -93,7 +93,7 @@ def write(path: str, vocab_src: str, n_layers: int = 32, d_model: int = 4096, n_
 
 
 def main() -> None:
-    from .default_model import default_model_path
+    from flashlm.tools.default_model import default_model_path
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("output")
