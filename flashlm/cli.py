@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from .options import GenerationOptions, LoadOptions, SamplingOptions
+from flashlm.options import GenerationOptions, LoadOptions, SamplingOptions
 
 _G, _S, _L = GenerationOptions(), SamplingOptions(), LoadOptions()
 
@@ -28,26 +28,26 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
 
 
 def _exit_code(e: Exception) -> int:
-    from .errors import BudgetError, ContextLengthError, InvalidOptionError
+    from flashlm.errors import BudgetError, ContextLengthError, InvalidOptionError
 
     usage = (InvalidOptionError, BudgetError, ContextLengthError)  # fixed by changing the flags or the prompt
     return EXIT_USAGE if isinstance(e, usage) else EXIT_RUNTIME
 
 
 def _peak_mib() -> float:
-    from .tools.memory import peak_rss_bytes
+    from flashlm.tools.memory import peak_rss_bytes
 
     return peak_rss_bytes() / 2 ** 20
 
 
 def _resolve_model(path: str | None) -> str:
     if path and os.path.isdir(path):  # a Hugging Face directory: its GGUF conversion, cached
-        from .tools.hf_convert import cached_gguf
+        from flashlm.loaders.hf_convert import cached_gguf
 
         return cached_gguf(path)
     if path:
         return path
-    from .tools.default_model import default_model_path
+    from flashlm.loaders.default_model import default_model_path
 
     path = default_model_path()
     click.echo(f"flashlm: no -m given, using the default model {path}", err=True)
@@ -125,7 +125,7 @@ def sampling_options(f):
 
 
 def _load(kw: dict):
-    from .model import load
+    from flashlm.model import load
 
     return load(_resolve_model(kw["model"]), ctx_size=kw["ctx_size"], threads=kw["threads"],
                 batch_size=kw["batch_size"], memory_budget=kw["memory_budget"], io_threads=kw["io_threads"],
@@ -245,7 +245,7 @@ def chat(system_prompt, **kw):
 
     Ctrl-C stops the current answer; Ctrl-D (end of input) or /exit ends the session; /clear starts over.
     """
-    from .tools.chat_repl import run_repl
+    from flashlm.tools.chat_repl import run_repl
 
     opts = _gen_options(kw)
     m = _load(kw)
@@ -265,7 +265,7 @@ def chat(system_prompt, **kw):
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
 def info(model, memory_budget, ctx_size, device, gpu_memory_budget, output_head, verbose):
     """Architecture, hyperparameters, size per tensor group and quant types; for a .flash, the memory plan."""
-    from .tools.model_info import describe
+    from flashlm.tools.model_info import describe
 
     click.echo(describe(_resolve_model(model), memory_budget, ctx_size, device, gpu_memory_budget, output_head))
 
@@ -288,19 +288,17 @@ def info(model, memory_budget, ctx_size, device, gpu_memory_budget, output_head,
 def convert(model, output, quant, calibration_text, no_calibration, bundle, force, verbose):
     """Convert a GGUF model into a flash store (row-column bundled FFN, hot neurons first), or a Hugging Face
     directory (config.json, *.safetensors, tokenizer.json) into a GGUF or a flash store."""
-    from .flash_store.writer import convert as run_convert
+    from flashlm.tools.convert import convert_gguf, convert_hf
 
     if os.path.isdir(model):
-        from .tools.hf_convert import convert as hf_convert
-
-        r = hf_convert(model, output, quant, force, "none" if no_calibration else calibration_text)
+        r = convert_hf(model, output, quant, force, "none" if no_calibration else calibration_text)
         fallback = f"; F16 for {len(r.f16_fallbacks)} matrices whose rows do not divide into {quant} blocks" \
             if r.f16_fallbacks else ""
         click.echo(f"wrote {r.path}: {r.model_type} as GGUF architecture {r.arch!r}, {r.n_tensors} tensors, "
                    f"{quant}{fallback}, {r.nbytes / 1e6:.1f} MB")
         return
 
-    r = run_convert(model, output, "none" if no_calibration else calibration_text, force=force, bundle=bundle)
+    r = convert_gguf(model, output, "none" if no_calibration else calibration_text, force=force, bundle=bundle)
     down = f"down columns requantized to {r.down_type} with {r.down_rel_rms_error:.2%} relative RMS error" \
         if r.group == 1 else f"ffn_down blocks ({r.down_type}) as in the source"
     click.echo(f"wrote {r.path}: {r.n_layers} layers, {r.record_bytes}-byte records of {r.group} neuron"
@@ -322,7 +320,7 @@ def convert(model, output, quant, calibration_text, no_calibration, bundle, forc
 def calibrate(model, text_file, rank, epochs, seed, tokens, threads, output, verbose):
     """Train a low-rank sparsity predictor per layer on a .flash model's own activations and store it in the file
     (for --sparsity-score predictor); prints held-out recall and precision per layer."""
-    from .flash_store.predictor_train import calibrate_predictor
+    from flashlm.tools.calibrate import calibrate_predictor
 
     def progress(what, done, total):
         click.echo(f"\r{what:<9} {done}/{total}", nl=done >= total, err=True)
@@ -339,7 +337,7 @@ def calibrate(model, text_file, rank, epochs, seed, tokens, threads, output, ver
 def verify(file, verbose):
     """Check every section of a .flash file against its checksum (header and metadata, resident tensors, each
     layer's FFN bundle) and every padding byte, reading in 1 MiB chunks; exit status 1 on corruption."""
-    from .flash_store.reader import verify_store
+    from flashlm.flash_store.reader import verify_store
 
     sections = verify_store(file)
     for s in sections:
@@ -358,7 +356,7 @@ def verify(file, verbose):
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
 def probe_disk(path, seconds, verbose):
     """Measure read throughput by chunk size x threads on the storage holding PATH; saved for the cost model."""
-    from .flash_store.probe import probe, save
+    from flashlm.flash_store.probe import probe, save
 
     table = probe(path, seconds=seconds, progress=lambda msg: click.echo(msg, err=True))
     click.echo(f"saved to {save(path, table)}")
@@ -378,7 +376,7 @@ def probe_disk(path, seconds, verbose):
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
 def bench(model, n_prompt, n_gen, threads, repetitions, ctx_size, engines, flash, as_json, verbose):
     """flashlm and llama.cpp side by side: prompt tok/s, decode tok/s, peak memory and their ratios."""
-    from .tools.bench import run_bench
+    from flashlm.tools.bench import run_bench
 
     if flash is not None and not os.path.isfile(flash):
         _fail(f"{flash}: no such file", EXIT_USAGE)
@@ -392,7 +390,7 @@ def bench(model, n_prompt, n_gen, threads, repetitions, ctx_size, engines, flash
 @click.option("--chunks", type=int, default=0, help="Score at most this many chunks (0: all).")
 def perplexity(text_file, chunks, **kw):
     """Perplexity of a text, as llama-perplexity computes it (chunks of -c tokens, second halves scored)."""
-    from .tools.perplexity import perplexity as run
+    from flashlm.tools.perplexity import perplexity as run
 
     try:
         with open(text_file, encoding="utf-8") as fh:
@@ -423,8 +421,8 @@ def perplexity(text_file, chunks, **kw):
 @click.option("--verbose", is_flag=True)
 def bench_budget(model, flash, budgets, n_gen, threads, ctx_size, timeout, plot, output_head, as_json, verbose):
     """Both engines inside the same cgroup memory limit, caches dropped before each run (needs root)."""
-    from .flash_store.planner import parse_size
-    from .tools.bench_budget import run_budget_bench
+    from flashlm.flash_store.planner import parse_size
+    from flashlm.tools.bench_budget import run_budget_bench
 
     try:
         limits = [None if b.strip().lower() == "none" else parse_size(b) for b in budgets.split(",") if b.strip()]
@@ -435,7 +433,7 @@ def bench_budget(model, flash, budgets, n_gen, threads, ctx_size, timeout, plot,
 
 
 def main(argv=None) -> None:
-    from .errors import FlashLMError
+    from flashlm.errors import FlashLMError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv

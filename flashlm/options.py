@@ -9,12 +9,54 @@ import math
 import os
 from dataclasses import dataclass, field, fields, replace
 
-from .errors import InvalidOptionError
+from flashlm.errors import InvalidOptionError
 
 
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise InvalidOptionError(message)
+
+
+MB = 1_000_000
+SCORES = ("cats", "exact", "predictor")  # how --sparsity ranks a store's neurons (flash_store/predictor.py)
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'150MB', '1.5GB', '800MiB', '123456' -> bytes."""
+    if text is None or isinstance(text, int):
+        return text
+    s = str(text).strip().upper().replace(" ", "")
+    units = {"KIB": 1024, "MIB": 1024 ** 2, "GIB": 1024 ** 3, "KB": 1000, "MB": MB, "GB": 1000 * MB,
+             "K": 1000, "M": MB, "G": 1000 * MB, "B": 1}
+    for unit, factor in units.items():
+        if s.endswith(unit):
+            number = s[: -len(unit)]
+            break
+    else:
+        number, factor = s, 1
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a size (examples: 150MB, 1.5GB, 800MiB)") from None
+    if value <= 0:
+        raise ValueError(f"memory budget must be positive, got {text!r}")
+    return int(value * factor)
+
+
+def parse_sparsity(value) -> float | str:
+    """'off' | fraction in [0, 0.95] (of neurons skipped per token) -> float; 'auto' stays "auto" (resolve_sparsity
+    decides per store at load)."""
+    if value is None or value == "off":
+        return 0.0
+    if value == "auto":
+        return "auto"
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise InvalidOptionError(f"sparsity must be off, auto or a fraction in [0, 0.95], got {value!r}") from None
+    if not 0.0 <= f <= 0.95:
+        raise InvalidOptionError(f"sparsity must be off, auto or a fraction in [0, 0.95], got {value!r}")
+    return f
 
 
 @dataclass(frozen=True)
@@ -49,8 +91,6 @@ class LoadOptions:
                f"io_threads must be >= 1, got {self.io_threads!r}")
         for name in ("memory_budget", "gpu_memory_budget"):
             if isinstance(getattr(self, name), str):
-                from .flash_store.planner import parse_size
-
                 try:
                     object.__setattr__(self, name, parse_size(getattr(self, name)))
                 except ValueError as e:
@@ -59,8 +99,6 @@ class LoadOptions:
         _check(self.gpu_memory_budget is None or (isinstance(self.gpu_memory_budget, int) and
                                                   self.gpu_memory_budget > 0),
                f"gpu_memory_budget must be a positive size, got {self.gpu_memory_budget!r}")
-        from .flash_store.predictor import SCORES, parse_sparsity
-
         object.__setattr__(self, "sparsity", parse_sparsity(self.sparsity))
         _check(self.sparsity_score in SCORES,
                f"sparsity_score must be one of {', '.join(SCORES)}, got {self.sparsity_score!r}")

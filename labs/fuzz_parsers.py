@@ -372,7 +372,7 @@ class GGUFTarget:
         return ("real: " if use_real else "") + what
 
     def open(self) -> None:
-        from flashlm.loaders.model_loader import read_model
+        from flashlm.models import read_model
 
         f, _, _ = read_model(self.path)
         f.close()
@@ -382,13 +382,13 @@ class FlashTarget(GGUFTarget):
     """The small GGUF converted to a .flash (4096-aligned data); mutations reach the flashlm.* layout keys."""
 
     def __init__(self, workdir: str, src_path: str):
-        from flashlm.flash_store import writer
+        from flashlm.tools.convert import convert_gguf
 
         self.path = os.path.join(workdir, "input.flash")
         small = os.path.join(workdir, "seed.gguf")
         write_small_gguf(small, src_path)
         flash = os.path.join(workdir, "seed.flash")
-        writer.convert(small, flash, calibration_text="none", force=True)
+        convert_gguf(small, flash, calibration_text="none", force=True)
         self.seeds = [self._seed(open(flash, "rb").read(), 4096)]
 
     def make_input(self, rng: random.Random, i: int) -> str:
@@ -400,7 +400,7 @@ class FlashTarget(GGUFTarget):
 
     def open(self) -> None:
         from flashlm.flash_store.reader import FlashStore
-        from flashlm.loaders.model_loader import read_model
+        from flashlm.models import read_model
 
         f, _, args = read_model(self.path)
         try:
@@ -583,7 +583,7 @@ def fuzz(parser: str, n_inputs: int, seed: int = 0, src_path: str | None = None,
          save_dir: str | None = None, progress=None) -> FuzzReport:
     """Run `n_inputs` mutated inputs through one parser's open step, in this process."""
     if src_path is None:
-        from flashlm.tools.default_model import default_model_path
+        from flashlm.loaders.default_model import default_model_path
 
         src_path = default_model_path()
     report = FuzzReport(parser)

@@ -291,8 +291,8 @@ def _decode_rate(engine, ids: list[int], n: int) -> tuple[float, dict]:
 def naive_vs_tiers(path: str, gpu_budget: str, host_budget: str, n_tokens: int) -> dict:
     """Both in this process, one after the other: flashlm's tiers, then the naive baseline (every layer's
     weights copied to the GPU for every token: FFN records read from flash, attention from host memory)."""
-    from flashlm.loaders.flash_loader import load_cuda_executor
-    from flashlm.loaders.model_loader import read_model
+    from flashlm.runtime.flash_loader import load_cuda_executor
+    from flashlm.models import read_model
     from flashlm.options import LoadOptions
     from flashlm.runtime.executor import Engine
 

@@ -165,7 +165,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     path = args.model
     if path is None:
-        from flashlm.tools.default_model import default_model_path
+        from flashlm.loaders.default_model import default_model_path
 
         path = default_model_path()
     r = long_run(path, args.n_predict, args.chat_turns, args.memory_budget, args.ctx_size, args.ctx_overflow,

@@ -18,7 +18,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 from flashlm.flash_store.writer import copy_metadata
 from flashlm.loaders.gguf_reader import GGUFFile
-from flashlm.models.llama import KEY_FFN_ACTIVATION
+from flashlm.loaders.keys import KEY_FFN_ACTIVATION
 
 TOKENIZER_KEYS = ["tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
                   "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
@@ -93,7 +93,7 @@ def write(path: str, vocab_src: str, n_layers: int = 32, d_model: int = 4096, n_
 
 
 def main() -> None:
-    from flashlm.tools.default_model import default_model_path
+    from flashlm.loaders.default_model import default_model_path
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("output")

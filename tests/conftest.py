@@ -11,7 +11,7 @@ GPL3 = "/usr/share/common-licenses/GPL-3"
 
 @pytest.fixture(scope="session")
 def smollm_path() -> str:
-    from flashlm.tools.default_model import default_model_path
+    from flashlm.loaders.default_model import default_model_path
 
     return default_model_path()
 
@@ -44,12 +44,12 @@ def gpl_text() -> str:
 @pytest.fixture(scope="session")
 def flash_path(tmp_path_factory, smollm_path):
     """SmolLM2 converted to a flash store (once per test session)."""
-    from flashlm.flash_store import writer
+    from flashlm.tools.convert import convert_gguf
 
     path = str(tmp_path_factory.mktemp("flash") / "smollm2.flash")
     # per-neuron records, as the paper bundles them (--sparsity needs them); the block layout, which `convert` makes
     # of SmolLM2 by default, has its own tests (test_block_bundle.py)
-    report = writer.convert(smollm_path, path, bundle="neuron")
+    report = convert_gguf(smollm_path, path, bundle="neuron")
     print(f"converted: {report}")
     return path
 

@@ -11,8 +11,8 @@ import sys
 
 import flashlm
 from flashlm.flash_store.reader import FlashStore
-from flashlm.loaders.flash_loader import plan_for
-from flashlm.loaders.model_loader import read_model
+from flashlm.runtime.flash_loader import plan_for
+from flashlm.models import read_model
 from flashlm.loaders.tokenizer import Tokenizer
 from flashlm.options import LoadOptions
 from flashlm.tools.memory import peak_rss_bytes

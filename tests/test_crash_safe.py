@@ -148,8 +148,8 @@ def test_stale_temps_of_live_writers_are_kept(tmp_path):
 def test_hf_convert_removes_stale_temps_first(tmp_path):
     """hf_convert (HF directory -> .gguf, or -> .flash through `.NAME.src-PID.gguf`) cleans before it starts:
     even a run that then fails (here: no such directory) leaves none of a killed run's files."""
-    from flashlm.tools import hf_convert
-
+    from flashlm.tools.convert import convert_hf
+    
     dead = dead_pid()
     for dst, stale in (("m.flash", [f".m.flash.src-{dead}.gguf", f"..m.flash.src-{dead}.gguf.tmp-{dead}",
                                     f".m.flash.tmp-{dead}"]),
@@ -157,7 +157,7 @@ def test_hf_convert_removes_stale_temps_first(tmp_path):
         for name in stale:
             (tmp_path / name).write_bytes(b"x")
         with pytest.raises(FlashLMError):
-            hf_convert.convert(str(tmp_path / "no-such-dir"), str(tmp_path / dst))
+            convert_hf(str(tmp_path / "no-such-dir"), str(tmp_path / dst))
         assert os.listdir(tmp_path) == []
 
 
@@ -167,13 +167,13 @@ def test_gemma3_assembly_killed_then_next_run_succeeds(tmp_path):
     with the wrong sha256) removes the leftover and succeeds."""
     import importlib.util
 
-    from flashlm.tools.default_model import GEMMA3_FILENAME, GEMMA3_PACKAGE
+    from flashlm.loaders.default_model import GEMMA3_FILENAME, GEMMA3_PACKAGE
 
     if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
         pytest.skip("Gemma 3 270M parts are not installed")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     models = tmp_path / "flashlm" / "models"
-    cmd = [sys.executable, "-c", "from flashlm.tools.default_model import gemma3_path; print(gemma3_path())"]
+    cmd = [sys.executable, "-c", "from flashlm.loaders.default_model import gemma3_path; print(gemma3_path())"]
     (models).mkdir(parents=True)
     (models / f"{GEMMA3_FILENAME}.part").write_bytes(b"partial")  # what the former fixed-name temporary left
     start = time.perf_counter()

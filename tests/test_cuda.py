@@ -123,7 +123,7 @@ def test_gpu_out_of_memory_at_load_is_a_budget_error(smol_flash, monkeypatch):
     """CuPy's pool refusing an allocation while loading (a transient beyond the plan) becomes a BudgetError naming
     the GPU budget, as an impossible host budget does (no GPU needed: the loader is replaced)."""
     from flashlm.errors import BudgetError
-    from flashlm.loaders import model_loader
+    from flashlm.runtime import model_loader
 
     class OutOfMemoryError(MemoryError):  # cupy.cuda.memory.OutOfMemoryError's name
         pass

@@ -10,6 +10,7 @@ import pytest
 from gguf.constants import GGMLQuantizationType as QT
 
 import flashlm
+from flashlm.tools.convert import convert_gguf
 from flashlm.errors import BudgetError, FlashLMError, ModelFileError
 from flashlm.flash_store import format as fmt
 from flashlm.flash_store import writer
@@ -162,13 +163,13 @@ def test_interrupted_convert_leaves_no_file(smollm_path, tmp_path, monkeypatch):
 
     calibration = Calibration(np.zeros((30, 1536), np.float32), np.zeros((30, 1536), np.float32), "test")
     with pytest.raises(KeyboardInterrupt):
-        writer.convert(smollm_path, str(out), calibration=calibration)
+        convert_gguf(smollm_path, str(out), calibration=calibration)
     assert os.listdir(tmp_path) == []
 
 
 def test_convert_refuses_to_overwrite(flash_path, smollm_path):
     with pytest.raises(FlashLMError, match="--force"):
-        writer.convert(smollm_path, flash_path)
+        convert_gguf(smollm_path, flash_path)
     assert_one_line_error(run_cli("convert", smollm_path, "-o", flash_path), "already exists")
 
 
@@ -206,8 +207,8 @@ def test_output_head_auto_takes_the_head_that_streams_less(flash_path):
 
     from flashlm.flash_store.head_sketch import (DEFAULT_CACHE_ROWS, DEFAULT_CANDIDATES, STREAMING_CACHE_ROWS,
                                                  SketchHead)
-    from flashlm.loaders.flash_loader import output_matrix, plan_for
-    from flashlm.loaders.model_loader import read_model
+    from flashlm.runtime.flash_loader import output_matrix, plan_for
+    from flashlm.models import read_model
     from flashlm.options import LoadOptions
     from flashlm.runtime.streaming import StreamedHead
 

@@ -17,7 +17,7 @@ GEMMA_STRINGS = STRINGS + ["<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn
 @pytest.fixture(scope="module")
 def gemma_path():
     from flashlm.errors import ModelFileError
-    from flashlm.tools.default_model import gemma3_path
+    from flashlm.loaders.default_model import gemma3_path
 
     try:
         return gemma3_path()
@@ -119,7 +119,7 @@ def test_info_shows_family_facts(gemma_path):
 
 def test_sliding_window_semantics_of_onnxruntime_gqa():
     """local_window_size=W keeps keys at distance < W (llama.cpp masks p1 - p0 >= n_swa): prefill and decode."""
-    from flashlm.runtime.onnx_graph import MS_DOMAIN, GraphBuilder
+    from flashlm.quant.onnx_graph import MS_DOMAIN, GraphBuilder
 
     hd, T, W = 8, 12, 4
     f32 = np.float32

@@ -18,7 +18,8 @@ transformers = pytest.importorskip("transformers")
 import flashlm  # noqa: E402
 from flashlm.errors import FlashLMError, ModelFileError, UnsupportedModelError  # noqa: E402
 from flashlm.loaders.tokenizer import HFTokenizer, StreamDecoder  # noqa: E402
-from flashlm.tools import hf_convert  # noqa: E402
+from flashlm.loaders import hf_convert  # noqa: E402
+from flashlm.tools.convert import convert_hf  # noqa: E402
 
 from .test_bad_input import assert_one_line_error  # noqa: E402
 from .test_tokenizer import STRINGS  # noqa: E402
@@ -96,7 +97,7 @@ def converted(hf_dirs, tmp_path_factory):
     def get(family: str, quant: str) -> str:
         if (family, quant) not in cache:
             path = str(root / f"{family}.{quant}.gguf")
-            hf_convert.convert(hf_dirs[family], path, quant)
+            convert_hf(hf_dirs[family], path, quant)
             cache[family, quant] = path
         return cache[family, quant]
 
@@ -202,7 +203,7 @@ def test_stream_decoder_on_hf_tokenizer(converted):
 
 def test_flash_output(hf_dirs, tmp_path, reference):
     path = str(tmp_path / "llama.flash")
-    report = hf_convert.convert(hf_dirs["llama"], path, "q8_0", calibration_text="none")
+    report = convert_hf(hf_dirs["llama"], path, "q8_0", calibration_text="none")
     assert report.path == path and not [p for p in os.listdir(tmp_path) if p != "llama.flash"]  # temp GGUF gone
     ids, ref = reference["llama"]
     with flashlm.load(path, threads=2, ctx_size=128) as model:
@@ -210,7 +211,7 @@ def test_flash_output(hf_dirs, tmp_path, reference):
     print(f"\nllama q8_0 .flash: max |diff| / max |ref| = {err:.2e}")
     assert err <= BOUNDS["q8_0"]
     with pytest.raises(FlashLMError, match="already exists"):
-        hf_convert.convert(hf_dirs["llama"], path, "q8_0")
+        convert_hf(hf_dirs["llama"], path, "q8_0")
 
 
 # -- errors ----------------------------------------------------------------------------------------------------

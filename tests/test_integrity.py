@@ -11,12 +11,12 @@ import shutil
 import pytest
 
 import flashlm
+from flashlm.tools.convert import convert_gguf
 from flashlm.errors import InvalidOptionError, ModelFileError
 from flashlm.flash_store import format as fmt
-from flashlm.flash_store import writer
 from flashlm.flash_store.reader import FlashStore, verify_store
 from flashlm.loaders.gguf_reader import GGUFFile
-from flashlm.loaders.model_loader import read_model
+from flashlm.models import read_model
 from labs.fuzz_parsers import write_small_gguf
 
 from .test_bad_input import run_cli
@@ -29,14 +29,14 @@ def small_flash(tmp_path_factory, smollm_path) -> str:
     d = tmp_path_factory.mktemp("integrity")
     write_small_gguf(str(d / "small.gguf"), smollm_path)
     path = str(d / "small.flash")
-    writer.convert(str(d / "small.gguf"), path, calibration_text="none")
+    convert_gguf(str(d / "small.gguf"), path, calibration_text="none")
     return path
 
 
 @pytest.fixture(scope="module")
 def smollm_flash(tmp_path_factory, smollm_path) -> str:
     path = str(tmp_path_factory.mktemp("integrity-full") / "smollm2.flash")
-    writer.convert(smollm_path, path, calibration_text="none")
+    convert_gguf(smollm_path, path, calibration_text="none")
     return path
 
 

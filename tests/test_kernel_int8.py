@@ -10,7 +10,6 @@ activations cost; the float32-x path: < 5e-7), so 2%.
 from __future__ import annotations
 
 import ctypes
-import os
 
 import gguf
 import numpy as np

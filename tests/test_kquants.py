@@ -16,10 +16,9 @@ import pytest
 import gguf
 from gguf.constants import GGMLQuantizationType as QT
 
-from flashlm.quant import kernels
 from flashlm.quant.formats import to_nbits
 from flashlm.quant.kernels import Linear, emit_linear
-from flashlm.runtime.onnx_graph import GraphBuilder
+from flashlm.quant.onnx_graph import GraphBuilder
 
 from .test_quant import _raw, _reconstruct
 

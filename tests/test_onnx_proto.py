@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from flashlm.runtime import onnx_proto as proto
+from flashlm.quant import onnx_proto as proto
 
 
 def test_model_parses_checks_and_equals_onnx_helper():

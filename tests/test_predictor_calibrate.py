@@ -13,7 +13,7 @@ import pytest
 import flashlm
 from flashlm.errors import InvalidOptionError, ModelFileError
 from flashlm.flash_store import format as fmt
-from flashlm.flash_store.predictor_train import calibrate_predictor
+from flashlm.tools.calibrate import calibrate_predictor
 from flashlm.flash_store.reader import FlashStore, verify_store
 from flashlm.loaders.gguf_reader import GGUFFile
 from flashlm.quant.formats import dequantize

@@ -10,7 +10,7 @@ from gguf.constants import GGMLQuantizationType as QT
 from flashlm.errors import UnsupportedModelError
 from flashlm.quant.formats import NBitsWeights, codec_for, dequantize, to_nbits
 from flashlm.quant.kernels import Linear, emit_linear
-from flashlm.runtime.onnx_graph import GraphBuilder
+from flashlm.quant.onnx_graph import GraphBuilder
 
 QUANTIZED = [QT.Q4_0, QT.Q4_1, QT.Q8_0]
 

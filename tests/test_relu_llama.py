@@ -13,10 +13,10 @@ transformers = pytest.importorskip("transformers")
 
 import flashlm  # noqa: E402
 from flashlm.errors import UnsupportedModelError  # noqa: E402
-from flashlm.flash_store.predictor_train import calibrate_predictor  # noqa: E402
+from flashlm.tools.calibrate import calibrate_predictor  # noqa: E402
 from flashlm.loaders.gguf_reader import GGUFFile  # noqa: E402
-from flashlm.models.llama import KEY_FFN_ACTIVATION  # noqa: E402
-from flashlm.tools import hf_convert  # noqa: E402
+from flashlm.loaders.keys import KEY_FFN_ACTIVATION  # noqa: E402
+from flashlm.tools.convert import convert_hf  # noqa: E402
 
 from .test_hf_convert import BOUNDS, PROMPT, SHAPE, _edit_config, _tokenizer  # noqa: E402
 
@@ -49,7 +49,7 @@ def reference(relu_dir):
 @pytest.fixture(scope="module")
 def flash(relu_dir, tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("relu_flash") / "relu.flash")
-    hf_convert.convert(relu_dir, path, "q8_0", calibration_text="none")
+    convert_hf(relu_dir, path, "q8_0", calibration_text="none")
     return path
 
 
@@ -60,7 +60,7 @@ def _err(got: np.ndarray, ref: np.ndarray) -> float:
 def test_relu_gguf_and_flash_match_transformers(relu_dir, flash, reference, tmp_path):
     ids, ref = reference
     gguf = str(tmp_path / "relu.f32.gguf")
-    hf_convert.convert(relu_dir, gguf, "f32")
+    convert_hf(relu_dir, gguf, "f32")
     with GGUFFile(gguf) as f:
         assert f.get(KEY_FFN_ACTIVATION) == "relu"
     with GGUFFile(flash) as f:
@@ -179,4 +179,4 @@ def test_unsupported_hidden_act_is_refused(relu_dir, tmp_path):
     shutil.copytree(relu_dir, d)
     _edit_config(d, hidden_act="gelu")
     with pytest.raises(UnsupportedModelError, match="hidden_act = 'gelu' is not supported"):
-        hf_convert.convert(d, str(tmp_path / "x.gguf"), "q8_0")
+        convert_hf(d, str(tmp_path / "x.gguf"), "q8_0")

@@ -1,1 +1,3 @@
-"""On-disk flash store (row-column bundled FFN records) and its I/O engine. Filled by the flash-store issue."""
+"""The flash store: its layout (row-column bundled FFN records), writer, validating reader, I/O engine, the memory
+budget planner, neuron residency (hot prefix, sliding window), the output-head sketch and the sparsity predictor.
+Runs no model: what needs one (calibration, conversion) lives in tools/."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InvalidOptionError
+from flashlm.errors import InvalidOptionError
 
 DEFAULT_TEXT = (
     "A runtime that reads a language model from flash storage must decide, token after token, which weights to "
@@ -50,32 +50,3 @@ def read_text(path: str | None) -> tuple[str, str]:
     return text, f"{os.path.basename(path)} (sha256 {digest})"
 
 
-def calibrate(model_path: str, text_path: str | None, max_tokens: int = 1024, threads: int = 0,
-              progress=None) -> Calibration:
-    """Run the source model over the text and collect per-neuron statistics from its FFN activations."""
-    from ..loaders.model_loader import load_model
-    from ..loaders.tokenizer import Tokenizer
-    from ..options import LoadOptions
-
-    text, description = read_text(text_path)
-    ids = Tokenizer(model_path).encode(text)[:max_tokens]
-    if len(ids) < 16:
-        raise InvalidOptionError(f"calibration text is too short ({len(ids)} tokens; 16 or more needed)")
-    loaded = load_model(model_path, LoadOptions(threads=threads, ctx_size=len(ids) + 1, batch_size=256),
-                        taps=("ffn_act",))
-    n_layers = loaded.args.n_layers
-    fires = mean_abs = None
-    engine = loaded.engine
-    for start in range(0, len(ids), 256):
-        chunk = np.asarray(ids[start:start + 256], dtype=np.int64)
-        engine.executor.forward(chunk)
-        acts = np.stack([np.abs(engine.executor.tap_values[f"ffn_act_{i}"][0]) for i in range(n_layers)])
-        top_half = acts >= np.median(acts, axis=-1, keepdims=True)  # (layers, S, n_ff)
-        fires = top_half.sum(1) if fires is None else fires + top_half.sum(1)
-        mean_abs = acts.sum(1) if mean_abs is None else mean_abs + acts.sum(1)
-        if progress:
-            progress(min(start + 256, len(ids)), len(ids))
-    loaded.file.close()
-    n = len(ids)
-    return Calibration((fires / n).astype(np.float32), (mean_abs / n).astype(np.float32),
-                       f"{description}, {n} tokens")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..loaders.gguf_reader import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+from flashlm.loaders.gguf_reader import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 FORMAT_VERSION = 1
 DATA_ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffers aligned to the logical block size (<= 4096)

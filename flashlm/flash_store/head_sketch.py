@@ -28,9 +28,9 @@ import time
 
 import numpy as np
 
-from ..quant.bundle_kernel import rows_matvec
-from ..quant.formats import dequantize
-from .io_engine import ALIGN, FlashReader, aligned_buffer
+from flashlm.quant.bundle_kernel import rows_matvec
+from flashlm.quant.formats import dequantize
+from flashlm.flash_store.io_engine import ALIGN, FlashReader, aligned_buffer
 
 DEFAULT_CANDIDATES = 512
 DEFAULT_CACHE_ROWS = 16384
@@ -56,7 +56,7 @@ def sketch_bytes(n_rows: int, d_model: int, row_bytes: int, cache_rows: int = DE
 
 class _SketchKernel:
     def __init__(self):
-        from ..quant.bundle_kernel import build_library
+        from flashlm.quant.bundle_kernel import build_library
 
         path = build_library(SKETCH_SOURCE)
         self.fn = None

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ModelFileError, StorageError
+from flashlm.errors import ModelFileError, StorageError
 
 ALIGN = 4096
 DIRECT_IO_ALIGN = 512  # O_DIRECT offsets must be multiples of the logical block size (512 on every disk we meet)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import BudgetError
+from flashlm.errors import BudgetError
+from flashlm.options import parse_size  # noqa: F401  (re-exported for callers of this module)
 
 MB = 1_000_000
 # A flash store runs on the bundle kernel: attention and output matrices are held as their own GGUF bytes.
@@ -26,28 +27,6 @@ MB = 1_000_000
 SCRATCH_BYTES = 12 * MB
 HOT_ALIGN = 64  # hot-set sizes are multiples of this, so cold ranges start on aligned record boundaries
 HEAD_ROW_ALIGN = 4096  # resident output rows: a multiple of this, so streamed reads start page-aligned
-
-
-def parse_size(text: str | int | None) -> int | None:
-    """'150MB', '1.5GB', '800MiB', '123456' -> bytes."""
-    if text is None or isinstance(text, int):
-        return text
-    s = str(text).strip().upper().replace(" ", "")
-    units = {"KIB": 1024, "MIB": 1024 ** 2, "GIB": 1024 ** 3, "KB": 1000, "MB": MB, "GB": 1000 * MB,
-             "K": 1000, "M": MB, "G": 1000 * MB, "B": 1}
-    for unit, factor in units.items():
-        if s.endswith(unit):
-            number = s[: -len(unit)]
-            break
-    else:
-        number, factor = s, 1
-    try:
-        value = float(number)
-    except ValueError:
-        raise ValueError(f"cannot read {text!r} as a size (examples: 150MB, 1.5GB, 800MiB)") from None
-    if value <= 0:
-        raise ValueError(f"memory budget must be positive, got {text!r}")
-    return int(value * factor)
 
 
 @dataclass

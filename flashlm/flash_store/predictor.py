@@ -24,32 +24,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InvalidOptionError
-from . import format as fmt
-
-SCORES = ("cats", "exact", "predictor")
-PAGE = 4096
-MERGE_GAP_PAGES = 2  # reading two unneeded pages costs less than another request (probe-disk: 4 KiB reads ~0.4 GB/s)
-
-
-def parse_sparsity(value) -> float | str:
-    """'off' | fraction in [0, 0.95] (of neurons skipped per token) -> float; 'auto' stays "auto" (resolve_sparsity
-    decides per store at load)."""
-    if value is None or value == "off":
-        return 0.0
-    if value == "auto":
-        return "auto"
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise InvalidOptionError(f"sparsity must be off, auto or a fraction in [0, 0.95], got {value!r}") from None
-    if not 0.0 <= f <= 0.95:
-        raise InvalidOptionError(f"sparsity must be off, auto or a fraction in [0, 0.95], got {value!r}")
-    return f
-
+from flashlm.errors import InvalidOptionError
+from flashlm.flash_store import format as fmt
+from flashlm.options import SCORES, parse_sparsity  # noqa: F401  (re-exported for callers of this module)
 
 AUTO_FRACTION = 0.4  # measured on SmolLM2 with the exact score: +0.1% perplexity (README table)
 RELU_SKIP_GUESS = 0.5  # a ReLU FFN read by exact/cats scores above zero: the share skipped, for the read planning
+PAGE = 4096
+MERGE_GAP_PAGES = 2  # reading two unneeded pages costs less than another request (probe-disk: 4 KiB reads ~0.4 GB/s)
+
 
 
 def resolve_sparsity(sparsity, store, activation: str, score: str) -> tuple[float, np.ndarray | None]:
@@ -103,7 +86,7 @@ class NeuronScorer:
             sum(a.nbytes for layer in self.predictor or [] for a in layer)
 
     def scores(self, kernel, i: int, x: np.ndarray) -> np.ndarray:
-        from ..quant.bundle_kernel import activate, rows_matvec
+        from flashlm.quant.bundle_kernel import activate, rows_matvec
 
         if self.kind == "predictor":
             a, b, bias = self.predictor[i]

@@ -13,7 +13,7 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .io_engine import ALIGN, aligned_buffer
+from flashlm.flash_store.io_engine import ALIGN, aligned_buffer
 
 CHUNKS = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20]
 THREADS = [1, 2, 4, 8, 16]
@@ -78,7 +78,7 @@ def probe(path: str, seconds: float = 0.5, progress=None) -> dict:
 
 
 def cache_file(path: str) -> str:
-    from ..quant.bundle_kernel import _cache_dir
+    from flashlm.quant.bundle_kernel import _cache_dir
 
     dev = os.stat(path if os.path.exists(path) else os.path.dirname(os.path.abspath(path))).st_dev
     return os.path.join(_cache_dir(), f"disk-{dev}.json")

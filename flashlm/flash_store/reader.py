@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ModelFileError
-from ..loaders.gguf_reader import GGML_QUANT_SIZES, GGUFFile, GGMLQuantizationType as QT
-from . import format as fmt
+from flashlm.errors import ModelFileError
+from flashlm.loaders.gguf_reader import GGML_QUANT_SIZES, GGUFFile, GGMLQuantizationType as QT
+from flashlm.flash_store import format as fmt
 
 
 
@@ -305,8 +305,8 @@ class FlashStore:
 def verify_store(path: str, progress=None) -> list[Section]:
     """`flashlm verify`: open and validate the file (a truncated or malformed one raises ModelFileError), then check
     every section and padding byte. Raises InvalidOptionError for a GGUF that is not a flash store."""
-    from ..errors import InvalidOptionError
-    from ..loaders.model_loader import read_model
+    from flashlm.errors import InvalidOptionError
+    from flashlm.models import read_model
 
     f, _, args = read_model(path)
     try:

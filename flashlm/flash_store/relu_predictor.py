@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import InvalidOptionError, ModelFileError
+from flashlm.errors import InvalidOptionError, ModelFileError
 
 DEFAULT_RANK = 128
 MAX_POSITIVE_WEIGHT = 1000.0  # bounds the weight of a neuron active on a handful of tokens

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 import gguf
 
-from ..atomic_file import discard, finish_gguf, remove_stale_temps, temp_path
-from ..errors import InvalidOptionError, UnsupportedModelError
-from ..loaders.gguf_reader import GGML_QUANT_SIZES, GGUFFile, GGMLQuantizationType as QT, StringArray
-from ..loaders.model_loader import read_model
-from ..models.llama import KEY_FFN_ACTIVATION
-from ..quant.formats import codec_for, dequantize
-from . import format as fmt
-from .calibrate import Calibration, calibrate
+from flashlm.atomic_file import discard, finish_gguf, remove_stale_temps, temp_path
+from flashlm.errors import InvalidOptionError, UnsupportedModelError
+from flashlm.loaders.gguf_reader import GGML_QUANT_SIZES, GGUFFile, GGMLQuantizationType as QT, StringArray
+from flashlm.models import read_model
+from flashlm.loaders.keys import KEY_FFN_ACTIVATION
+from flashlm.quant.formats import codec_for, dequantize
+from flashlm.flash_store import format as fmt
+from flashlm.flash_store.calibrate import Calibration
 
 
 @dataclass
@@ -138,23 +138,27 @@ def _progress(done: int, total: int, what: str) -> None:
         print(f"\r{what:<12} [{bar:<30}] {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
 
 
-def convert(src: str, dst: str, calibration_text: str | None = None, force: bool = False,
-            calibration: Calibration | None = None, bundle: str = "auto") -> ConvertReport:
+def check_destination(dst: str, force: bool) -> None:
+    """Refuse an existing output (unless force) or a directory, before any work; remove a killed run's temporary."""
     remove_stale_temps(dst)
     if os.path.exists(dst) and not force:
         raise InvalidOptionError(f"{dst}: already exists (use --force to overwrite)")
     if os.path.isdir(dst):
         raise InvalidOptionError(f"{dst}: is a directory")
+
+
+def convert(src: str, dst: str, calibration: Calibration | None = None, force: bool = False,
+            bundle: str = "auto") -> ConvertReport:
+    """GGUF src -> flash store dst, each layer's neurons in calibration's order (None: the source order)."""
+    check_destination(dst, force)
     f, family, args = read_model(src)
     try:
         if any(_ffn_name(i, k) not in f.tensors for i in range(args.n_layers) for k in fmt.FFN_KEYS):
             raise UnsupportedModelError(f"{src}: not a gated FFN model with ffn_gate/ffn_up/ffn_down per layer")
         layout = _layout(f, args.n_layers, args.d_model, args.n_ff, bundle)
-        if calibration is None and calibration_text == "none":
+        if calibration is None:
             zeros = np.zeros((args.n_layers, args.n_ff), np.float32)
             calibration = Calibration(zeros, zeros, "none (source neuron order)")
-        if calibration is None:
-            calibration = calibrate(src, calibration_text, progress=lambda d, t: _progress(d, t, "calibrating"))
         orders = [calibration.order(i) if layout.group == 1 else
                   fmt.block_order(layout.group, calibration.frequency[i])
                   for i in range(args.n_layers)]

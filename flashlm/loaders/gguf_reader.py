@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._bare_import import bare_import
-from ..errors import ModelFileError
+from flashlm._bare_import import bare_import
+from flashlm.errors import ModelFileError
 
 _gguf = bare_import("gguf.constants")  # not `import gguf` (yaml, metadata, writer): see _bare_import
 GGML_QUANT_SIZES, GGMLQuantizationType = _gguf.GGML_QUANT_SIZES, _gguf.GGMLQuantizationType

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from ..errors import ModelFileError, UnsupportedModelError
+from flashlm.errors import ModelFileError, UnsupportedModelError
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"

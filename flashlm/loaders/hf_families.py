@@ -22,9 +22,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import UnsupportedModelError
-from ..models.llama import FFN_ACTIVATIONS, KEY_FFN_ACTIVATION
-from .hf_dir import MAX_LAYERS, ConfigReader
+from flashlm.errors import UnsupportedModelError
+from flashlm.loaders.keys import FFN_ACTIVATIONS, KEY_FFN_ACTIVATION
+from flashlm.loaders.hf_dir import MAX_LAYERS, ConfigReader
 
 # HF tensor name -> GGUF tensor name, shared by the Llama-shaped families ({i}: the layer).
 LLAMA_GLOBAL_TENSORS = {

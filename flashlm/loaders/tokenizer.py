@@ -19,9 +19,9 @@ import os
 import threading
 import weakref
 
-from .._bare_import import bare_import
-from ..errors import ModelFileError
-from .gguf_reader import GGUFFile
+from flashlm._bare_import import bare_import
+from flashlm.errors import ModelFileError
+from flashlm.loaders.gguf_reader import GGUFFile
 
 HF_TOKENIZER_KEY = "tokenizer.huggingface.json"  # gguf-py's Keys.Tokenizer.HF_JSON
 # Special tokens llama.cpp counts as end of generation besides EOS (llama-vocab.cpp's list, abridged).

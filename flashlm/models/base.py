@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ModelFileError, UnsupportedModelError
-from ..loaders.gguf_reader import GGUFFile
+from flashlm.errors import ModelFileError, UnsupportedModelError
+from flashlm.loaders.gguf_reader import GGUFFile
 
 _MISSING = object()
 

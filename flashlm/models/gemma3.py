@@ -20,12 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..loaders.gguf_reader import GGUFFile
-from ..loaders.weights import EmbeddingTable, vector
-from ..quant.kernels import emit_linears
-from ..runtime.onnx_graph import MS_DOMAIN, GraphBuilder
-from . import llama
-from .base import Metadata, RopeConfig, declare_head_io
+from flashlm.loaders.gguf_reader import GGUFFile
+from flashlm.quant.weights import EmbeddingTable, vector
+from flashlm.quant.kernels import emit_linears
+from flashlm.quant.onnx_graph import MS_DOMAIN, GraphBuilder
+from flashlm.models import llama
+from flashlm.models.base import Metadata, RopeConfig, declare_head_io
 
 ARCHITECTURES = {"gemma3": {"rope_interleaved": False}}
 SWA_PATTERN = 6  # every 6th layer is global (llama.cpp: hparams.set_swa_pattern(6))

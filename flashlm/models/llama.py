@@ -10,12 +10,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ModelFileError
-from ..loaders.gguf_reader import GGUFFile
-from ..loaders.weights import EmbeddingTable, linear, vector
-from ..quant.kernels import Linear, emit_linears
-from ..runtime.onnx_graph import MS_DOMAIN, GraphBuilder
-from .base import Metadata, RopeConfig, declare_head_io
+from flashlm.errors import ModelFileError
+from flashlm.loaders.gguf_reader import GGUFFile
+from flashlm.loaders.keys import FFN_ACTIVATIONS, KEY_FFN_ACTIVATION
+from flashlm.quant.weights import EmbeddingTable, linear, vector
+from flashlm.quant.kernels import Linear, emit_linears
+from flashlm.quant.onnx_graph import MS_DOMAIN, GraphBuilder
+from flashlm.models.base import Metadata, RopeConfig, declare_head_io
 
 # GGUF architecture -> RoPE pairing (llama.cpp's rope type: NORM rotates adjacent pairs, NEOX halves).
 ARCHITECTURES = {"llama": {"rope_interleaved": True}, "qwen2": {"rope_interleaved": False}}
@@ -37,8 +38,6 @@ LAYER_TENSORS = {
 }
 
 
-KEY_FFN_ACTIVATION = "flashlm.ffn_activation"
-FFN_ACTIVATIONS = ("silu", "relu")
 
 
 def _ffn_activation(f: GGUFFile) -> str:

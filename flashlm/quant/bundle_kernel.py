@@ -19,9 +19,9 @@ import threading
 
 import numpy as np
 
-from ..loaders.gguf_reader import GGMLQuantizationType as QT
+from flashlm.loaders.gguf_reader import GGMLQuantizationType as QT
 
-from ..quant.formats import dequantize
+from flashlm.quant.formats import dequantize
 
 SOURCE = os.path.join(os.path.dirname(__file__), "bundle_kernel.c")
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "relu": 2}  # the C and CUDA kernels' act codes

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..loaders.gguf_reader import GGMLQuantizationType as QT
-from .bundle_kernel import ACTIVATIONS  # the act codes, one table for the C and CUDA kernels
+from flashlm.loaders.gguf_reader import GGMLQuantizationType as QT
+from flashlm.quant.bundle_kernel import ACTIVATIONS  # the act codes, one table for the C and CUDA kernels
 
 MAX_S = 8  # decode products (int8 x) take up to this many tokens; longer batches dequantize + cuBLAS
 FORMATS = {QT.Q4_0: 0, QT.Q4_1: 1, QT.Q8_0: 2, QT.Q5_0: 3, QT.Q4_K: 4, QT.Q6_K: 5}  # Blk<F> in cuda_kernels.cu
@@ -122,7 +122,7 @@ class CudaKernels:
         """The kernels' format number of a GGUF type; UnsupportedModelError where there is no kernel."""
         f = FORMATS.get(QT(qtype))
         if f is None or (allowed is not None and f not in allowed):
-            from ..errors import UnsupportedModelError
+            from flashlm.errors import UnsupportedModelError
 
             have = ", ".join(t.name for t, g in FORMATS.items() if allowed is None or g in allowed)
             raise UnsupportedModelError(f"{QT(qtype).name} has no GPU kernel yet ({have} do)")
@@ -232,7 +232,7 @@ class CudaKernels:
         gf, uf = self.fmt(layout.gate_type), self.fmt(layout.up_type)
         df = self.fmt(layout.down_type, DOWN_FORMATS)
         if (gf, uf) not in GATE_UP_PAIRS:
-            from ..errors import UnsupportedModelError
+            from flashlm.errors import UnsupportedModelError
 
             raise UnsupportedModelError(f"gate rows {QT(layout.gate_type).name} with up rows "
                                         f"{QT(layout.up_type).name}: no GPU kernel for this pair")

@@ -37,9 +37,9 @@ from typing import Callable
 
 import numpy as np
 
-from .._bare_import import bare_import
-from ..errors import UnsupportedModelError
-from ..loaders.gguf_reader import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+from flashlm._bare_import import bare_import
+from flashlm.errors import UnsupportedModelError
+from flashlm.loaders.gguf_reader import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 _gguf_dequantize = bare_import("gguf.quants").dequantize  # not `import gguf`: see _bare_import
 

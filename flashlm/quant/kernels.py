@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..runtime.onnx_graph import MS_DOMAIN, GraphBuilder
-from .formats import NBitsWeights
+from flashlm.quant.onnx_graph import MS_DOMAIN, GraphBuilder
+from flashlm.quant.formats import NBitsWeights
 
 @dataclass(frozen=True)
 class Linear:

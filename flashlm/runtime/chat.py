@@ -16,7 +16,7 @@ import datetime
 import time
 from typing import Any
 
-from ..errors import ChatTemplateError, InvalidOptionError
+from flashlm.errors import ChatTemplateError, InvalidOptionError
 
 ROLES = ("system", "user", "assistant", "tool")
 RENDER_LIMIT_CHARS = 4 << 20  # far beyond any context a prompt can fill

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import BudgetError, InvalidOptionError
-from ..flash_store.io_engine import ALIGN, FlashReader, aligned_buffer
-from ..quant.cuda_kernels import MAX_S, CudaKernels, GpuRecords
-from .kernel_executor import attend, rms_norm
-from .kv_cache import KVCache
-from .streaming import FFNStats
+from flashlm.errors import BudgetError, InvalidOptionError
+from flashlm.flash_store.io_engine import ALIGN, FlashReader, aligned_buffer
+from flashlm.quant.cuda_kernels import MAX_S, CudaKernels, GpuRecords
+from flashlm.runtime.kernel_executor import attend, rms_norm
+from flashlm.runtime.kv_cache import KVCache
+from flashlm.runtime.streaming import FFNStats
 
 GPU_SCRATCH_BYTES = 64 << 20  # activations, logits and int8 x of a prompt batch, attention scores
 

@@ -13,8 +13,8 @@ import threading
 
 import numpy as np
 
-from ..loaders.weights import EmbeddingTable
-from .kv_cache import KVCache
+from flashlm.quant.weights import EmbeddingTable
+from flashlm.runtime.kv_cache import KVCache
 
 
 class Executor:

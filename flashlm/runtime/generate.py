@@ -18,11 +18,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from ..errors import ContextLengthError
-from ..loaders.tokenizer import StreamDecoder, Tokenizer
-from ..options import GenerationOptions
-from .executor import Engine
-from .sampler import make_sampler
+from flashlm.errors import ContextLengthError
+from flashlm.loaders.tokenizer import StreamDecoder, Tokenizer
+from flashlm.options import GenerationOptions
+from flashlm.runtime.executor import Engine
+from flashlm.runtime.sampler import make_sampler
 
 
 @dataclass

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..loaders.weights import EmbeddingTable
-from ..quant.bundle_kernel import BundleKernel, rows_matvec
-from .kv_cache import KVCache
+from flashlm.quant.weights import EmbeddingTable
+from flashlm.quant.bundle_kernel import BundleKernel, rows_matvec
+from flashlm.runtime.kv_cache import KVCache
 
 
 class RowMatrix:

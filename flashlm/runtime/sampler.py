@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..options import SamplingOptions
+from flashlm.options import SamplingOptions
 
 Sampler = Callable[[np.ndarray, Sequence[int]], int]
 

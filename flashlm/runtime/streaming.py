@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..flash_store.io_engine import ALIGN, FlashReader, IOStats, aligned_buffer, wait_all
-from ..flash_store.planner import FlashPlan
-from ..flash_store.predictor import PAGE, NeuronScorer, keep_count, page_runs, select, topk_mask
-from ..flash_store.reader import FlashStore
-from ..loaders.neuron_cache import NeuronWindowCache
-from ..quant.bundle_kernel import BLAS_MIN_TOKENS, BundleKernel, rows_matvec
+from flashlm.flash_store.io_engine import ALIGN, FlashReader, IOStats, aligned_buffer, wait_all
+from flashlm.flash_store.planner import FlashPlan
+from flashlm.flash_store.predictor import PAGE, NeuronScorer, keep_count, page_runs, select, topk_mask
+from flashlm.flash_store.reader import FlashStore
+from flashlm.flash_store.neuron_cache import NeuronWindowCache
+from flashlm.quant.bundle_kernel import BLAS_MIN_TOKENS, BundleKernel, rows_matvec
 
 
 @dataclass

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from .memory import peak_rss_bytes
+from flashlm.tools.memory import peak_rss_bytes
 
 FALLBACK_TEXT = ("The quick brown fox jumps over the lazy dog. Language models predict the next token from the ones "
                  "before it, and a runtime's job is to do that quickly within the memory it is given. ")
@@ -32,7 +32,7 @@ def prompt_text() -> str:
 
 class _FlashLM:
     def __init__(self, path, threads, ctx):
-        from ..model import load
+        from flashlm.model import load
 
         self.model = load(path, threads=threads, ctx_size=ctx)
         self.engine = self.model.engine
@@ -112,7 +112,7 @@ def _spread(values: list[float]) -> str:
 def run_bench(path: str, n_prompt: int, n_gen: int, threads: int, reps: int, ctx: int, engines: list[str],
               as_json: bool, flash: str | None = None) -> dict:
     """flash: flashlm runs this .flash conversion of `path` instead of `path` itself."""
-    from ..errors import InvalidOptionError
+    from flashlm.errors import InvalidOptionError
 
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:

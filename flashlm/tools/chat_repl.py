@@ -10,8 +10,8 @@ import sys
 
 import click
 
-from ..errors import ContextLengthError
-from ..options import GenerationOptions
+from flashlm.errors import ContextLengthError
+from flashlm.options import GenerationOptions
 
 
 def _read_turn(interactive: bool) -> str | None:

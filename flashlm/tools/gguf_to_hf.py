@@ -18,10 +18,10 @@ import sys
 import numpy as np
 from gguf.quants import dequantize
 
-from ..errors import FlashLMError, ModelFileError, UnsupportedModelError
-from ..loaders import hf_families as fam
-from ..loaders.gguf_reader import GGUFFile
-from ..models.base import Metadata
+from flashlm.errors import FlashLMError, ModelFileError, UnsupportedModelError
+from flashlm.loaders import hf_families as fam
+from flashlm.loaders.gguf_reader import GGUFFile
+from flashlm.models.base import Metadata
 
 HF_ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM")}
 # llama.cpp pre-tokenizer (tokenizer.ggml.pre) -> the `tokenizers` pre-tokenizer that splits text the same way, for

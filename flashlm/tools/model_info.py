@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from ..loaders.model_loader import read_model
+from flashlm.models import read_model
 
 # Tensor groups by name: the first pattern that matches names the group.
 GROUPS = [
@@ -25,10 +25,10 @@ def _mb(n: int) -> str:
 
 def _plan_lines(path, f, family, args, budget, ctx_size, device="cpu", gpu_budget=None,
                 output_head="exact") -> list[str]:
-    from ..flash_store.reader import FlashStore, is_flash_store
-    from ..loaders.flash_loader import plan_for
-    from ..loaders.tokenizer import Tokenizer
-    from ..options import LoadOptions
+    from flashlm.flash_store.reader import FlashStore, is_flash_store
+    from flashlm.runtime.flash_loader import plan_for
+    from flashlm.loaders.tokenizer import Tokenizer
+    from flashlm.options import LoadOptions
 
     if not is_flash_store(f):
         return ["memory plan   a GGUF runs fully resident; convert it (flashlm convert) to stream under a budget"]
@@ -40,13 +40,13 @@ def _plan_lines(path, f, family, args, budget, ctx_size, device="cpu", gpu_budge
         f"blocks of {store.group} neurons, ffn_down {store.layout.down_type.name} as in the source"
     head = [f"flash store   {store.record_bytes}-byte records ({kind}), calibrated on {f.get('flashlm.calibration')}"]
     if store.predictor_rank:
-        from ..flash_store.format import KEY_PREDICTOR
-        from ..flash_store.predictor import scorer_bytes
+        from flashlm.flash_store.format import KEY_PREDICTOR
+        from flashlm.flash_store.predictor import scorer_bytes
 
         head.append(f"predictor     rank {store.predictor_rank}, {scorer_bytes(store, 'predictor') / 1e6:.1f} MB "
                     f"(--sparsity-score predictor): {f.get(KEY_PREDICTOR)}")
     if device == "cuda":
-        from ..loaders.flash_loader import gpu_plan_for
+        from flashlm.runtime.flash_loader import gpu_plan_for
 
         _, gpu = gpu_plan_for(f, family, args, store, opts, ctx_size or args.n_ctx_train)
         return head + ["device plan   " + gpu.describe(),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InvalidOptionError
+from flashlm.errors import InvalidOptionError
 
 
 @dataclass

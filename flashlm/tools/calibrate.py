@@ -30,13 +30,13 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import InvalidOptionError
-from ..loaders.gguf_reader import GGUFFile
-from ..quant.formats import dequantize
-from . import format as fmt
-from .calibrate import read_text
-from .reader import is_flash_store
-from .relu_predictor import TrainOptions, evaluate, train_predictor
+from flashlm.errors import InvalidOptionError
+from flashlm.loaders.gguf_reader import GGUFFile
+from flashlm.quant.formats import dequantize
+from flashlm.flash_store import format as fmt
+from flashlm.flash_store.calibrate import read_text
+from flashlm.flash_store.reader import is_flash_store
+from flashlm.flash_store.relu_predictor import TrainOptions, evaluate, train_predictor
 
 LABEL_SHARE = 0.5  # a token's "active" neurons: the top half by |act(gate) * up| (calibrate.py's "fires")
 HELD_OUT = 0.1  # the last share of the calibration tokens: never trained on, reported
@@ -91,7 +91,7 @@ def gate_up(store, i: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def activity_margin(g: np.ndarray, u: np.ndarray, activation: str) -> np.ndarray:
     """> 0 where a neuron is active for a token: a ReLU gate's pre-activation (its output is exactly zero
     otherwise); for smooth activations, |act(g) * u| less the token's median (its top LABEL_SHARE)."""
-    from ..quant.bundle_kernel import activate
+    from flashlm.quant.bundle_kernel import activate
 
     if activation == "relu":
         return g
@@ -176,7 +176,7 @@ def _store(path: str, output: str | None, tensors: list, report: PredictorReport
     """The predictor's tensors and metadata into the file, replacing any earlier predictor."""
     from gguf import GGUFValueType as VT
 
-    from .writer import add_resident_tensors
+    from flashlm.flash_store.writer import add_resident_tensors
 
     add_resident_tensors(path, tensors, {
         fmt.KEY_PREDICTOR: (report.description, VT.STRING),

@@ -6,10 +6,10 @@ import os
 
 import numpy as np
 
-from ..errors import ModelFileError, StorageError, UnsupportedModelError
-from ..quant.formats import codec_for, dequantize, to_nbits
-from ..quant.kernels import Linear
-from .gguf_reader import GGUFFile, GGMLQuantizationType as QT
+from flashlm.errors import ModelFileError, StorageError, UnsupportedModelError
+from flashlm.quant.formats import codec_for, dequantize, to_nbits
+from flashlm.quant.kernels import Linear
+from flashlm.loaders.gguf_reader import GGUFFile, GGMLQuantizationType as QT
 
 
 def require(f: GGUFFile, name: str):

@@ -17,16 +17,16 @@ import numpy as np
 from dataclasses import dataclass
 from types import ModuleType
 
-from ..errors import BudgetError, InvalidOptionError
-from ..flash_store.reader import is_flash_store
-from ..models import family_for
-from ..models.base import Metadata, declare_segment_io
-from ..options import LoadOptions
-from ..runtime.executor import Engine, Executor
-from ..runtime.kv_cache import KVCache
-from ..runtime.onnx_graph import GraphBuilder
-from .flash_loader import load_cuda_executor, load_flash_executor, output_matrix
-from .gguf_reader import GGUFFile
+from flashlm.errors import BudgetError, InvalidOptionError
+from flashlm.flash_store.reader import is_flash_store
+from flashlm.models import read_model
+from flashlm.models.base import declare_segment_io
+from flashlm.options import LoadOptions
+from flashlm.runtime.executor import Engine, Executor
+from flashlm.runtime.kv_cache import KVCache
+from flashlm.quant.onnx_graph import GraphBuilder
+from flashlm.runtime.flash_loader import load_cuda_executor, load_flash_executor, output_matrix
+from flashlm.loaders.gguf_reader import GGUFFile
 
 
 @dataclass
@@ -65,17 +65,6 @@ def _fixed_mmap_threshold() -> None:
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
         libc.mallopt(-8, 2)  # M_ARENA_MAX: onnxruntime's worker threads would each keep a heap arena
-
-
-def read_model(path: str) -> tuple[GGUFFile, ModuleType, object]:
-    """Open and validate the file; return it with its architecture family and ModelArgs (no weights read)."""
-    f = GGUFFile(path)
-    try:
-        family = family_for(Metadata(f).arch, path, f.where("general.architecture"))
-        return f, family, family.ModelArgs.from_gguf(f)
-    except Exception:
-        f.close()
-        raise
 
 
 HEAD_SLICE_BYTES = 8 << 20  # the output matrix is compiled in vocabulary slices of about this size

@@ -24,10 +24,10 @@ import gguf
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT, LlamaFileType
 
-from ..atomic_file import discard, finish_gguf, remove_stale_temps, temp_path
-from ..errors import InvalidOptionError, ModelFileError, UnsupportedModelError
-from ..loaders import hf_families as fam
-from ..loaders.hf_dir import FLOAT_DTYPES, HFModelDir, TOKENIZER_FILE
+from flashlm.atomic_file import discard, finish_gguf, remove_stale_temps, temp_path
+from flashlm.errors import InvalidOptionError, ModelFileError, UnsupportedModelError
+from flashlm.loaders import hf_families as fam
+from flashlm.loaders.hf_dir import FLOAT_DTYPES, HFModelDir, TOKENIZER_FILE
 
 QUANT_TYPES = {"f32": QT.F32, "f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1}
 FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
@@ -280,28 +280,6 @@ def write_gguf(src_dir: str, dst: str, quant: str = DEFAULT_QUANT, force: bool =
         raise
     fallbacks = [n for n, t in types.items() if t == QT.F16 and quant not in ("f16", "f32")]
     return HFConvertReport(dst, hf.model_type, arch, quant, len(plan) + (rope_factors is not None), nbytes, fallbacks)
-
-
-def convert(src_dir: str, dst: str, quant: str = DEFAULT_QUANT, force: bool = False,
-            calibration_text: str | None = None) -> HFConvertReport:
-    """HF directory -> X.gguf, or -> X.flash through a temporary GGUF beside it (removed afterwards)."""
-    if not dst.endswith(".flash"):
-        return write_gguf(src_dir, dst, quant, force)
-    from ..flash_store import writer
-
-    remove_stale_temps(dst)
-    if os.path.exists(dst) and not force:
-        raise InvalidOptionError(f"{dst}: already exists (use --force to overwrite)")
-    tmp_gguf = temp_path(dst, "src", ".gguf")
-    try:
-        report = write_gguf(src_dir, tmp_gguf, quant, force=True)
-        writer.convert(tmp_gguf, dst, calibration_text, force=force)
-    finally:
-        if os.path.exists(tmp_gguf):
-            os.unlink(tmp_gguf)
-    report.path = dst
-    report.nbytes = os.path.getsize(dst)
-    return report
 
 
 # -- `-m HF_DIR`: a cached conversion ---------------------------------------------------------------------------

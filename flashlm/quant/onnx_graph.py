@@ -12,7 +12,7 @@ import itertools
 
 import numpy as np
 
-from . import onnx_proto as proto
+from flashlm.quant import onnx_proto as proto
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"

@@ -13,21 +13,21 @@ from types import ModuleType
 import numpy as np
 import psutil
 
-from ..errors import BudgetError, InvalidOptionError
-from ..flash_store.head_sketch import (DEFAULT_CACHE_ROWS, DEFAULT_CANDIDATES, STREAMING_CACHE_ROWS, SketchHead,
+from flashlm.errors import BudgetError, InvalidOptionError
+from flashlm.flash_store.head_sketch import (DEFAULT_CACHE_ROWS, DEFAULT_CANDIDATES, STREAMING_CACHE_ROWS, SketchHead,
                                       sketch_bytes)
-from ..flash_store.io_engine import FlashReader
-from ..flash_store.planner import FlashPlan, plan_flash
-from ..flash_store.predictor import resolve_sparsity, scorer_bytes
-from ..flash_store.reader import FlashStore
-from ..options import LoadOptions
-from ..quant.formats import dequantize
-from ..quant.bundle_kernel import SUPPORTED_ROW_TYPES, BundleKernel
-from ..runtime.kernel_executor import AttentionWeights, KernelExecutor, RowMatrix
-from ..runtime.kv_cache import KVCache
-from ..runtime.streaming import StreamedFFN, StreamedHead
-from .gguf_reader import GGUFFile, GGMLQuantizationType as QT
-from .weights import require, vector
+from flashlm.flash_store.io_engine import FlashReader
+from flashlm.flash_store.planner import FlashPlan, plan_flash
+from flashlm.flash_store.predictor import resolve_sparsity, scorer_bytes
+from flashlm.flash_store.reader import FlashStore
+from flashlm.options import LoadOptions
+from flashlm.quant.formats import dequantize
+from flashlm.quant.bundle_kernel import SUPPORTED_ROW_TYPES, BundleKernel
+from flashlm.runtime.kernel_executor import AttentionWeights, KernelExecutor, RowMatrix
+from flashlm.runtime.kv_cache import KVCache
+from flashlm.runtime.streaming import StreamedFFN, StreamedHead
+from flashlm.loaders.gguf_reader import GGUFFile, GGMLQuantizationType as QT
+from flashlm.quant.weights import require, vector
 
 HEAD_SLICE_ROWS = 4096
 HEAD_STREAM_DEPTH = 4  # slices of a streamed output matrix in flight: one computed while the next ones are read
@@ -181,8 +181,8 @@ def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: 
 def gpu_plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: LoadOptions, n_ctx: int,
                  naive: bool = False):
     """(host plan, GPU plan) for --device cuda: arithmetic only (no CUDA needed, so `flashlm info` can show it)."""
-    from ..quant.cuda_kernels import GpuRecords, gpu_matrix_bytes
-    from ..runtime.cuda_executor import plan_gpu
+    from flashlm.quant.cuda_kernels import GpuRecords, gpu_matrix_bytes
+    from flashlm.runtime.cuda_executor import plan_gpu
 
     host_plan = plan_for(f, family, args, store, opts, n_ctx, gpu_resident=True)
     matrices = [f.tensors[n] for i in range(args.n_layers) for n in _attention_names(family, i)] + [output_matrix(f)]
@@ -199,8 +199,8 @@ def load_cuda_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: L
     """The CUDA backend (runtime/cuda_executor.py): attention, head and the hot records on the GPU within
     opts.gpu_memory_budget, the next records pinned in host memory within opts.memory_budget, the rest streamed.
     `naive`: the baseline that copies every layer's weights to the GPU for every token."""
-    from ..quant.cuda_kernels import CudaKernels
-    from ..runtime.cuda_executor import CudaExecutor, GpuFFN, GpuHead, GpuLayer, GpuMatrix, import_cupy
+    from flashlm.quant.cuda_kernels import CudaKernels
+    from flashlm.runtime.cuda_executor import CudaExecutor, GpuFFN, GpuHead, GpuLayer, GpuMatrix, import_cupy
 
     cp = import_cupy()
     cp.zeros(1)  # the CUDA context: its host memory belongs in the baseline the host plan measures
