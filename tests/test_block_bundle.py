@@ -133,7 +133,7 @@ def test_block_store_is_smaller_and_runs_under_a_half_model_budget(block_path, f
     assert 0 < half["hot"] < half["n_ff"] == 48  # records of 32 neurons, some streamed
     assert half["peak_bytes"] <= half["budget"]
     assert half["tokens"] == full["tokens"]
-    assert all(len(t) == 64 for t in full["tokens"])
+    assert all(len(t) == 64 for t in full["tokens"])  # the runs ignore end-of-sequence: all 64 compared
 
 
 def test_block_store_perplexity_matches_the_source(block_path, smollm_path, gpl_text):

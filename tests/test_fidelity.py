@@ -7,6 +7,17 @@ import pytest
 
 N_TOKENS = 513  # 512 predicted positions
 
+# Bars against llama.cpp, teacher-forced on GPL-3 (shared with test_gemma3.py). They catch a wrong kernel (a wrong
+# scale, offset or block order moves perplexity by far more than 1% and top-1 far below 90%), not rounding: the CPUs
+# these tests run on round differently (onnxruntime's int8 kernels with or without AMX / AVX-512 VNNI, ggml's own),
+# and a float implementation (transformers) agrees with llama.cpp on only 95.9% (SmolLM2) / 96.5% (Gemma 3) of
+# top-1 tokens. Measured top-1 / perplexity ratio (README, "Testing"):
+#   SmolLM2: 0.9551 / 1.0026 on an Intel Xeon with AMX;
+#   Gemma 3: 0.9492 / 1.0017 on Intel Xeons with and without AMX, 0.953 on an AMD EPYC; 0.9679 past the window.
+# The top-1 bar sits ~10 positions in 513 below the lowest seen; the perplexity bar is the sharper check.
+TOP1_BAR = 0.93
+PPL_RATIO_BAR = 0.01
+
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
@@ -45,8 +56,8 @@ def test_top1_and_perplexity_match_llama_cpp(model, gpl_ids, reference_logits):
     ours = model.logits(gpl_ids)
     assert ours.shape == reference_logits.shape == (N_TOKENS, model.args.vocab_size)
     top1, ratio = _compare(ours, reference_logits, gpl_ids, "teacher-forced")
-    assert top1 >= 0.95
-    assert abs(ratio - 1) <= 0.01
+    assert top1 >= TOP1_BAR
+    assert abs(ratio - 1) <= PPL_RATIO_BAR
 
 
 def test_chunked_prefill_is_exact_and_decode_path_matches_llama_cpp(model, gpl_ids, reference_logits):
@@ -61,5 +72,5 @@ def test_chunked_prefill_is_exact_and_decode_path_matches_llama_cpp(model, gpl_i
     first = engine._eval(gpl_ids[:113], True)
     stepped = np.concatenate([first] + [engine.step(t) for t in gpl_ids[113:]])
     top1, ratio = _compare(stepped, reference_logits, gpl_ids, "decode path")
-    assert top1 >= 0.95
-    assert abs(ratio - 1) <= 0.01
+    assert top1 >= TOP1_BAR
+    assert abs(ratio - 1) <= PPL_RATIO_BAR

@@ -89,7 +89,7 @@ def test_half_model_budget_output_identical_to_resident(flash_path):
     assert half["hot"] < half["n_ff"]  # the FFN really streams
     assert half["peak_bytes"] <= half["budget"]
     assert half["tokens"] == full["tokens"]
-    assert all(len(t) == 64 for t in full["tokens"])
+    assert all(len(t) == 64 for t in full["tokens"])  # the runs ignore end-of-sequence: all 64 compared
 
 
 def _half_model_budget(resident, flash_path) -> int:

@@ -85,11 +85,11 @@ class SketchHead:
     """Same interface as StreamedHead: run(hidden, rows, out), io_wait_s."""
 
     def __init__(self, reader: FlashReader, kernel, offset: int, n_rows: int, row_bytes: int, qtype,
-                 norm_weight: np.ndarray, eps: float, d_model: int, candidates: int = DEFAULT_CANDIDATES,
+                 output_norm: np.ndarray, d_model: int, candidates: int = DEFAULT_CANDIDATES,
                  cache_rows: int = DEFAULT_CACHE_ROWS, slice_rows: int = 4096):
         self.reader, self.kernel, self.offset = reader, kernel, offset
         self.n_rows, self.row_bytes, self.qtype = n_rows, row_bytes, qtype
-        self.norm_weight, self.eps = norm_weight.astype(np.float32), eps
+        self.output_norm = output_norm.astype(np.float32)  # applied by the executor before run()
         self.candidates = min(candidates, n_rows)
         self.d_model, self.slice_rows = d_model, slice_rows
         self.io_wait_s = 0.0
@@ -173,13 +173,11 @@ class SketchHead:
         self.last_used[slots] = self.clock
         return slots
 
-    def run(self, hidden: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
-        h = hidden[rows].astype(np.float32)
-        x = np.ascontiguousarray(h / np.sqrt((h * h).mean(-1, keepdims=True) + self.eps) * self.norm_weight,
-                                 dtype=np.float32)
+    def run(self, normed: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+        """normed (S, d) hidden states after the final norm, rows (R,) positions to produce, out (R, n_rows)."""
+        x = np.ascontiguousarray(normed[rows], dtype=np.float32)
         if self.outliers is None:
-            h_all = hidden.astype(np.float32)
-            self._build(h_all / np.sqrt((h_all * h_all).mean(-1, keepdims=True) + self.eps) * self.norm_weight)
+            self._build(normed.astype(np.float32))
         k = self.candidates
         exact = np.empty((1, k), np.float32)
         for r in range(x.shape[0]):

@@ -1,20 +1,17 @@
-"""What every architecture file shares: typed metadata access, RoPE tables, and the graphs' I/O names.
+"""What every family file shares: typed metadata access, RoPE tables, and the ops its layer is written over.
 
-A model runs as a chain of graphs: segments of consecutive decoder layers, then the head (in vocabulary slices),
-so the loader can compile piece by piece and a layer's weights can be streamed between two calls. Interfaces:
-  segment  inputs   hidden (1, S, d) float32, seqlens_k (1,) int32 = past + S - 1, total_len () int32 = past + S,
-                    rope_cos / rope_sin (positions, rot_dim/2) float32,
-                    past_key_{i} / past_value_{i} (1, n_kv, capacity, hd) for each layer i of the segment
-           outputs  hidden_out (1, S, d); present_key_{i} / present_value_{i} bound to the same buffers as the
-                    past (onnxruntime's GroupQueryAttention then appends the new keys in place)
-  head     inputs   hidden (1, S, d), logit_rows (R,) int64      outputs  logits (R, vocab slice)
-A family's build_layer(gb, args, weights, i, hidden) -> hidden adds one layer to a segment graph.
+A family writes its decoder layer and head once, as functions over `Ops`; each backend implements Ops on its own
+values (runtime/onnx_ops.py: ONNX graph node names; runtime/kernel_executor.py: numpy arrays and the C kernels;
+runtime/cuda_executor.py: CuPy arrays and the CUDA kernels). Norms, RoPE, attention and the FFN's kernels are written
+once per backend; what differs between families (which norms, where, the activation, a logit soft-cap) is written
+once per family.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -108,22 +105,39 @@ class RopeConfig:
         return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def declare_segment_io(gb, layers: range, d_model: int, n_kv_heads: int, head_dim: int) -> None:
-    f32 = np.float32
-    gb.input("hidden", f32, [1, "S", d_model])
-    gb.input("seqlens_k", np.int32, [1])
-    gb.input("total_len", np.int32, [])
-    gb.input("rope_cos", f32, ["positions", "half_rot"])
-    gb.input("rope_sin", f32, ["positions", "half_rot"])
-    kv_shape = [1, n_kv_heads, "capacity", head_dim]
-    gb.output("hidden_out", f32, [1, "S", d_model])
-    for i in layers:
-        for kind in ("key", "value"):
-            gb.input(f"past_{kind}_{i}", f32, kv_shape)
-            gb.output(f"present_{kind}_{i}", f32, kv_shape)
+class Ops(Protocol):
+    """The operations a family's layer and head are written over. Values are the backend's own (arrays, graph
+    names); `w` is the backend's weights for layer i, with the family's norm weights under the family's names."""
 
+    def norm(self, x: Any, weight: Any, eps: float) -> Any:
+        """RMSNorm over the last axis, times weight."""
 
-def declare_head_io(gb, d_model: int, vocab_size: int) -> None:
-    gb.input("hidden", np.float32, [1, "S", d_model])
-    gb.input("logit_rows", np.int64, ["R"])
-    gb.output("logits", np.float32, ["R", vocab_size])
+    def add(self, x: Any, y: Any) -> Any:
+        """The residual add."""
+
+    def add_norm(self, x: Any, residual: Any, weight: Any, eps: float) -> tuple[Any, Any]:
+        """(norm(x + residual), x + residual): the residual add and the next sublayer's norm, fused where a backend
+        can fuse them."""
+
+    def qkv(self, i: int, w: Any, x: Any) -> tuple[Any, Any, Any]:
+        """Layer i's q, k and v projections of x (biases included)."""
+
+    def head_norm(self, t: Any, weight: Any, eps: float) -> Any:
+        """RMSNorm of each attention head of q or k (QK-norm)."""
+
+    def attend(self, i: int, q: Any, k: Any, v: Any) -> Any:
+        """RoPE, append k and v to layer i's KV cache, causal softmax attention over the cache (within the sliding
+        window where args.is_local(i)); returns the heads' outputs concatenated."""
+
+    def linear(self, x: Any, matrix: Any) -> Any:
+        """x @ matrix.T for a weight matrix of the layer (the attention output projection)."""
+
+    def ffn(self, i: int, w: Any, x: Any, residual: Any = None) -> Any:
+        """Layer i's gated FFN of x with the family's activation (resident, streamed or sparse: the backend's
+        FFN source decides), plus residual when given."""
+
+    def output(self, x: Any, w: Any) -> Any:
+        """Logits: x (already normed) times the output matrix."""
+
+    def softcap(self, logits: Any, cap: float) -> Any:
+        """cap * tanh(logits / cap)."""

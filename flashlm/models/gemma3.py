@@ -1,6 +1,6 @@
 """The Gemma 3 family (GGUF architecture `gemma3`), as llama.cpp runs it.
 
-What differs from Llama (llama.py, whose tensor loading and norms this file reuses):
+What differs from Llama (llama.py, whose tensor loading and attention this file reuses):
   - embeddings scaled by sqrt(d_model); the output matrix tied to them (262k rows for every Gemma 3 size);
   - GeGLU FFN: gelu_tanh(gate) * up;
   - QK-norm: RMSNorm over each head of q and k before RoPE;
@@ -22,10 +22,8 @@ import numpy as np
 
 from flashlm.loaders.gguf_reader import GGUFFile
 from flashlm.quant.weights import EmbeddingTable, vector
-from flashlm.quant.kernels import emit_linears
-from flashlm.quant.onnx_graph import MS_DOMAIN, GraphBuilder
 from flashlm.models import llama
-from flashlm.models.base import Metadata, RopeConfig, declare_head_io
+from flashlm.models.base import Metadata, Ops, RopeConfig
 
 ARCHITECTURES = {"gemma3": {"rope_interleaved": False}}
 SWA_PATTERN = 6  # every 6th layer is global (llama.cpp: hparams.set_swa_pattern(6))
@@ -41,7 +39,7 @@ FFN_ACTIVATION = "gelu_tanh"
 
 
 def ffn_activation(a) -> str:
-    """What the bundle kernel applies to the gate when the FFN is streamed."""
+    """GeGLU: the FFN gate's activation is GELU with the tanh approximation."""
     return FFN_ACTIVATION
 
 # Used when the file carries no tokenizer.chat_template (Gemma 3 270M's GGUF has none; llama.cpp then falls back
@@ -133,67 +131,21 @@ def rope_tables(f: GGUFFile, a: ModelArgs, n_positions: int) -> dict[str, np.nda
     return tables
 
 
-def _declare_local_rope(gb: GraphBuilder) -> None:
-    if ("rope_local",) not in gb.memo:
-        gb.memo[("rope_local",)] = "declared"
-        gb.input("rope_cos_local", np.float32, ["positions", "half_rot"])
-        gb.input("rope_sin_local", np.float32, ["positions", "half_rot"])
+def attention(ops: Ops, a: ModelArgs, w, i: int, x):
+    """QK-norm: each head of q and k normed before RoPE."""
+    q, k, v = ops.qkv(i, w, x)
+    q, k = ops.head_norm(q, w.q_norm, a.norm_eps), ops.head_norm(k, w.k_norm, a.norm_eps)
+    return ops.linear(ops.attend(i, q, k, v), w.o)
 
 
-def _head_norm(gb: GraphBuilder, x: str, weight: np.ndarray, head_dim: int, eps: float) -> str:
-    """RMSNorm over each head: (1, S, H*hd) -> (1, S, H, hd) -> norm -> (1, S, H*hd)."""
-    heads = gb.op("Reshape", [x, gb.const("heads_shape", np.array([0, 0, -1, head_dim], np.int64))])
-    normed, _ = llama._rms_norm(gb, heads, weight, eps)
-    return gb.op("Reshape", [normed, gb.const("flat_shape", np.array([0, 0, -1], np.int64))])
+def layer(ops: Ops, a: ModelArgs, w, i: int, h):
+    """Four norms: pre- and post-attention, pre- and post-FFN (the post-norms before the residual adds)."""
+    x = ops.norm(h, w.attn_norm, a.norm_eps)
+    attn = ops.norm(attention(ops, a, w, i, x), w.post_attn_norm, a.norm_eps)
+    x, h = ops.add_norm(attn, h, w.ffn_norm, a.norm_eps)
+    return ops.add(ops.norm(ops.ffn(i, w, x), w.post_ffw_norm, a.norm_eps), h)
 
 
-def _attention(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, x: str, i: int) -> str:
-    nq, nkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    qkv = emit_linears(gb, x, lw.qkv, f"l{i}_qkv")
-    q, k, v = gb.op("Split", [qkv, gb.const("split", np.array([nq, nkv, nkv], np.int64))], n_out=3, axis=-1)
-    q = _head_norm(gb, q, lw.q_norm, a.head_dim, a.norm_eps)
-    k = _head_norm(gb, k, lw.k_norm, a.head_dim, a.norm_eps)
-    cos, sin = a.rope_names(i)
-    if a.is_local(i):
-        _declare_local_rope(gb)
-    # onnxruntime's local_window_size W keeps keys at distance < W from the query (checked against numpy in the
-    # tests), which is llama.cpp's and transformers' sliding window
-    window = {"local_window_size": a.sliding_window} if a.is_local(i) else {}
-    out = gb.fresh("attn")
-    gb.op("GroupQueryAttention", [q, k, v, f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_len", cos, sin],
-          domain=MS_DOMAIN, out=[out, f"present_key_{i}", f"present_value_{i}"],
-          num_heads=a.n_heads, kv_num_heads=a.n_kv_heads, do_rotary=1, rotary_interleaved=int(a.rope.interleaved),
-          scale=float(a.head_dim ** -0.5), **window)
-    return emit_linears(gb, out, lw.o, f"l{i}_o")
-
-
-def _geglu(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, x: str, i: int) -> str:
-    gate_up = emit_linears(gb, x, lw.gate_up, f"l{i}_gate_up")
-    gate, up = gb.op("Split", [gate_up, gb.const("split", np.array([a.n_ff, a.n_ff], np.int64))], n_out=2, axis=-1)
-    act = gb.op("Mul", [gb.op("Gelu", [gate], approximate="tanh"), up])
-    gb.taps[("ffn_act", i)] = act
-    return emit_linears(gb, act, lw.down, f"l{i}_down")
-
-
-def build_attention(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, i: int, hidden: str) -> tuple[str, str]:
-    """The attention half of layer i: returns (normed FFN input, residual stream after attention)."""
-    x, _ = llama._rms_norm(gb, hidden, lw.attn_norm, a.norm_eps)
-    attn, _ = llama._rms_norm(gb, _attention(gb, a, lw, x, i), lw.post_attn_norm, a.norm_eps)
-    return llama._rms_norm(gb, attn, lw.ffn_norm, a.norm_eps, residual=hidden)
-
-
-def build_layer(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, i: int, hidden: str) -> str:
-    x, residual = build_attention(gb, a, lw, i, hidden)
-    ffn, _ = llama._rms_norm(gb, _geglu(gb, a, lw, x, i), lw.post_ffw_norm, a.norm_eps)
-    return gb.op("Add", [ffn, residual])
-
-
-def build_head(gb: GraphBuilder, a: ModelArgs, w: HeadWeights) -> None:
-    declare_head_io(gb, a.d_model, w.stop - w.start)
-    rows = gb.op("Gather", ["hidden", "logit_rows"], axis=1)
-    x, _ = llama._rms_norm(gb, rows, w.output_norm, a.norm_eps)
-    logits = emit_linears(gb, x, w.output, "output")
-    if a.logit_softcap:
-        cap = gb.const("softcap", np.array(a.logit_softcap, np.float32))
-        logits = gb.op("Mul", [gb.op("Tanh", [gb.op("Div", [logits, cap])]), cap])
-    gb.op("Squeeze", [logits, gb.const("axis0", np.array([0], np.int64))], out=["logits"])
+def head(ops: Ops, a: ModelArgs, w, h):
+    logits = llama.head(ops, a, w, h)
+    return ops.softcap(logits, a.logit_softcap) if a.logit_softcap else logits

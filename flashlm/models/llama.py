@@ -1,7 +1,8 @@
 """The Llama family: grouped-query attention, RoPE, RMSNorm, SwiGLU, tied or separate output matrix.
 
 Also serves GGUF architectures with the same tensors and math (ARCHITECTURES below). One file per family, as in
-mlx-lm: ModelArgs from the file's metadata only, the tensor-name table, weight loading and the compute graph.
+mlx-lm: ModelArgs from the file's metadata only, the tensor-name table, weight loading, and the decoder layer and
+head written once over models/base.py's Ops (every backend runs them).
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from flashlm.errors import ModelFileError
 from flashlm.loaders.gguf_reader import GGUFFile
 from flashlm.loaders.keys import FFN_ACTIVATIONS, KEY_FFN_ACTIVATION
 from flashlm.quant.weights import EmbeddingTable, linear, vector
-from flashlm.quant.kernels import Linear, emit_linears
-from flashlm.quant.onnx_graph import MS_DOMAIN, GraphBuilder
-from flashlm.models.base import Metadata, RopeConfig, declare_head_io
+from flashlm.quant.kernels import Linear
+from flashlm.models.base import Metadata, Ops, RopeConfig
 
 # GGUF architecture -> RoPE pairing (llama.cpp's rope type: NORM rotates adjacent pairs, NEOX halves).
 ARCHITECTURES = {"llama": {"rope_interleaved": True}, "qwen2": {"rope_interleaved": False}}
@@ -174,59 +174,23 @@ def rope_tables(f: GGUFFile, a: ModelArgs, n_positions: int) -> dict[str, np.nda
     return {"rope_cos": cos, "rope_sin": sin}
 
 
-def _rms_norm(gb: GraphBuilder, x: str, weight: np.ndarray, eps: float, residual: str | None = None):
-    """RMSNorm(x [+ residual]); with a residual, returns (normed, x + residual) from one fused op."""
-    gamma = gb.const("norm", weight)
-    if residual is None:
-        return gb.op("SimplifiedLayerNormalization", [x, gamma], axis=-1, epsilon=eps, stash_type=1), x
-    normed, total = gb.fresh("normed"), gb.fresh("resid")
-    gb.op("SkipSimplifiedLayerNormalization", [x, residual, gamma], domain=MS_DOMAIN,
-          out=[normed, "", "", total], epsilon=eps)
-    return normed, total
-
-
-def _attention(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, x: str, i: int) -> str:
-    qkv = emit_linears(gb, x, lw.qkv, f"l{i}_qkv")  # packed (1, S, (n_heads + 2 n_kv) head_dim)
-    out = gb.fresh("attn")
-    gb.op("GroupQueryAttention",
-          [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_len", "rope_cos", "rope_sin"],
-          domain=MS_DOMAIN, out=[out, f"present_key_{i}", f"present_value_{i}"],
-          num_heads=a.n_heads, kv_num_heads=a.n_kv_heads, do_rotary=1,
-          rotary_interleaved=int(a.rope.interleaved), scale=float(a.head_dim ** -0.5))
-    return emit_linears(gb, out, lw.o, f"l{i}_o")
-
-
-def _swiglu(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, x: str, i: int) -> str:
-    gate_up = emit_linears(gb, x, lw.gate_up, f"l{i}_gate_up")
-    gate, up = gb.op("Split", [gate_up, gb.const("split", np.array([a.n_ff, a.n_ff], np.int64))], n_out=2, axis=-1)
-    gated = gb.op("Relu", [gate]) if a.ffn_activation == "relu" else gb.op("Mul", [gate, gb.op("Sigmoid", [gate])])
-    act = gb.op("Mul", [gated, up])
-    gb.taps[("ffn_act", i)] = act  # (1, S, n_ff): what calibration and sparsity prediction look at
-    return emit_linears(gb, act, lw.down, f"l{i}_down")
-
-
-def build_attention(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, i: int, hidden: str) -> tuple[str, str]:
-    """The attention half of layer i: returns (normed FFN input, residual stream after attention)."""
-    x, _ = _rms_norm(gb, hidden, lw.attn_norm, a.norm_eps)
-    attn = _attention(gb, a, lw, x, i)
-    return _rms_norm(gb, attn, lw.ffn_norm, a.norm_eps, residual=hidden)
-
-
-def build_layer(gb: GraphBuilder, a: ModelArgs, lw: LayerWeights, i: int, hidden: str) -> str:
-    """Decoder layer i on the residual stream `hidden`, appending to its KV cache; returns the new stream."""
-    x, residual = build_attention(gb, a, lw, i, hidden)
-    return gb.op("Add", [_swiglu(gb, a, lw, x, i), residual])
-
-
 def ffn_activation(a: ModelArgs) -> str:
-    """What the bundle kernel applies to the gate when the FFN is streamed."""
+    """The FFN gate's activation: silu (SwiGLU) or relu (ReLU-fied models)."""
     return a.ffn_activation
 
 
-def build_head(gb: GraphBuilder, a: ModelArgs, w: HeadWeights) -> None:
-    """Final norm and a slice of the output matrix for the positions asked for: hidden, logit_rows -> logits."""
-    declare_head_io(gb, a.d_model, w.stop - w.start)
-    rows = gb.op("Gather", ["hidden", "logit_rows"], axis=1)  # (1, R, d)
-    x, _ = _rms_norm(gb, rows, w.output_norm, a.norm_eps)
-    logits = emit_linears(gb, x, w.output, "output")
-    gb.op("Squeeze", [logits, gb.const("axis0", np.array([0], np.int64))], out=["logits"])
+def attention(ops: Ops, a: ModelArgs, w, i: int, x):
+    q, k, v = ops.qkv(i, w, x)
+    return ops.linear(ops.attend(i, q, k, v), w.o)
+
+
+def layer(ops: Ops, a: ModelArgs, w, i: int, h):
+    """Decoder layer i on the residual stream h (pre-norm attention, then pre-norm FFN)."""
+    x = ops.norm(h, w.attn_norm, a.norm_eps)
+    x, h = ops.add_norm(attention(ops, a, w, i, x), h, w.ffn_norm, a.norm_eps)
+    return ops.ffn(i, w, x, residual=h)
+
+
+def head(ops: Ops, a: ModelArgs, w, h):
+    """Logits of the hidden states h: final norm, output matrix."""
+    return ops.output(ops.norm(h, w.output_norm, a.norm_eps), w)

@@ -27,6 +27,7 @@ class GraphBuilder:
         self.name = name
         self.nodes: list[bytes] = []
         self.inputs: list[bytes] = []
+        self.declared: set[str] = set()  # names of the inputs
         self.outputs: list[bytes] = []
         self.initializers: list[bytes] = []
         self.external: dict[str, np.ndarray] = {}
@@ -40,6 +41,7 @@ class GraphBuilder:
 
     def input(self, name: str, dtype, shape: list) -> str:
         self.inputs.append(proto.value_info(name, dtype, shape))
+        self.declared.add(name)
         return name
 
     def output(self, name: str, dtype, shape: list | None) -> str:

@@ -16,6 +16,7 @@ token too.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import numpy as np
 from flashlm.errors import BudgetError, InvalidOptionError
 from flashlm.flash_store.io_engine import ALIGN, FlashReader, aligned_buffer
 from flashlm.quant.cuda_kernels import MAX_S, CudaKernels, GpuRecords
-from flashlm.runtime.kernel_executor import attend, rms_norm
+from flashlm.runtime.kernel_executor import ArrayOps, KernelExecutor, attend
 from flashlm.runtime.kv_cache import KVCache
 from flashlm.runtime.streaming import FFNStats
 
@@ -266,82 +267,66 @@ class GpuFFN:
 
 
 class GpuHead:
-    """Final norm + output matrix on the GPU (resident), logits copied back to the host."""
+    """The output matrix on the GPU (resident); logits copied back to the host. `output_norm`: the final norm's
+    weight, applied by the executor."""
 
-    def __init__(self, cp, matrix: GpuMatrix, norm_weight: np.ndarray, eps: float):
-        self.cp, self.matrix, self.norm, self.eps = cp, matrix, cp.asarray(norm_weight, dtype=cp.float32), eps
+    def __init__(self, cp, matrix: GpuMatrix, output_norm: np.ndarray):
+        self.cp, self.matrix, self.output_norm = cp, matrix, cp.asarray(output_norm, dtype=cp.float32)
         self.io_wait_s = 0.0
         self.resident = True
 
-    def run(self, h, rows: np.ndarray, out: np.ndarray) -> None:
-        x = h[self.cp.asarray(rows)]
-        x = x / self.cp.sqrt((x * x).mean(-1, keepdims=True) + self.eps) * self.norm
+    def run(self, normed, rows: np.ndarray, out: np.ndarray) -> None:
+        x = normed[self.cp.asarray(rows)]
         out[:] = self.cp.asnumpy(self.matrix(self.cp.ascontiguousarray(x, dtype=self.cp.float32)))
 
 
 class GpuLayer:
-    def __init__(self, cp, attn_norm, qkv: list[GpuMatrix], o: GpuMatrix, ffn_norm, norms: dict):
-        f = lambda v: None if v is None else cp.asarray(v, dtype=cp.float32)  # noqa: E731
-        self.attn_norm, self.qkv, self.o, self.ffn_norm = f(attn_norm), qkv, o, f(ffn_norm)
-        self.q_norm, self.k_norm = f(norms.get("q_norm")), f(norms.get("k_norm"))
-        self.post_attn_norm, self.post_ffw_norm = f(norms.get("post_attn_norm")), f(norms.get("post_ffw_norm"))
+    """A layer's weights on the GPU: qkv and o matrices, norm weights under the family's names."""
+
+    def __init__(self, cp, qkv: list[GpuMatrix], o: GpuMatrix, norms: dict):
+        self.qkv, self.o = qkv, o
+        for name, weight in norms.items():
+            setattr(self, name, cp.asarray(weight, dtype=cp.float32))
 
 
-class CudaExecutor:
-    """Same interface as KernelExecutor (forward, kv, ffn, head_stream)."""
+class CudaOps(ArrayOps):
+    """Ops on CuPy arrays: matrix products by the CUDA kernels on GGUF blocks, attention in CuPy."""
 
-    def __init__(self, cp, args, layers: list[GpuLayer], ffn: GpuFFN, head: GpuHead, embed, kv: KVCache,
-                 rope: dict[str, np.ndarray], plan: GpuPlan):
-        self.cp, self.args, self.layers, self.ffn, self.head_stream = cp, args, layers, ffn, head
-        self.kernels = ffn.kernels
-        self.embed, self.kv, self.vocab_size, self.gpu_plan = embed, kv, args.vocab_size, plan
-        self.rope = {name: cp.asarray(t, dtype=cp.float32) for name, t in rope.items()}
-
-    def _rms(self, x, w):
-        return rms_norm(x, w, self.args.norm_eps)  # numpy's ufuncs run CuPy arrays on the GPU
-
-    def _attention(self, i: int, w: GpuLayer, h, start: int):
-        cp, a = self.cp, self.args
-        n = h.shape[0]
-        x = cp.ascontiguousarray(self._rms(h, w.attn_norm))
-        xq = self.kernels.quantize(x) if n <= MAX_S and len(w.qkv) > 1 else None
+    def qkv(self, i: int, w: GpuLayer, x):
+        cp = self.ex.cp
+        x = cp.ascontiguousarray(x)
+        xq = self.ex.kernels.quantize(x) if x.shape[0] <= MAX_S and len(w.qkv) > 1 else None
         outs = [m(x, xq) for m in w.qkv]
-        qkv = outs[0] if len(outs) == 1 else cp.concatenate(outs, axis=1)
-        nq, nkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-        q = qkv[:, :nq].reshape(n, a.n_heads, a.head_dim)
-        k = qkv[:, nq:nq + nkv].reshape(n, a.n_kv_heads, a.head_dim)
-        v = qkv[:, nq + nkv:].reshape(n, a.n_kv_heads, a.head_dim)
-        if w.q_norm is not None:
-            q, k = self._rms(q, w.q_norm), self._rms(k, w.k_norm)
-        keys, values = self.kv.keys[i][0], self.kv.values[i][0]
-        cos, sin = (self.rope[name] for name in a.rope_names(i))
-        window = a.sliding_window if a.is_local(i) else 0
-        out = cp.ascontiguousarray(attend(a, q, k, v, keys, values, start, cos, sin, window, cp))
-        o = w.o(out)
-        h1 = h + (o if w.post_attn_norm is None else self._rms(o, w.post_attn_norm))
-        return cp.ascontiguousarray(self._rms(h1, w.ffn_norm), dtype=cp.float32), h1
+        return self.split_heads(outs[0] if len(outs) == 1 else cp.concatenate(outs, axis=1))
+
+    def attend(self, i: int, q, k, v):
+        keys, values, cos, sin, window = self.cache_of(i)
+        cp = self.ex.cp
+        return cp.ascontiguousarray(attend(self.args, q, k, v, keys, values, self.start, cos, sin, window, cp))
+
+    def linear(self, x, matrix: GpuMatrix):
+        return matrix(x)
+
+    def add_norm(self, x, residual, weight, eps: float):
+        normed, total = super().add_norm(x, residual, weight, eps)
+        return self.ex.cp.ascontiguousarray(normed, dtype=self.ex.cp.float32), total
+
+
+class CudaExecutor(KernelExecutor):
+    """The family's layer and head over CudaOps; activations and the KV cache stay on the GPU."""
+
+    ops_class = CudaOps
+
+    def __init__(self, cp, family, args, layers: list[GpuLayer], ffn: GpuFFN, head: GpuHead, embed, kv: KVCache,
+                 rope: dict[str, np.ndarray], plan: GpuPlan):
+        self.compute = contextlib.nullcontext()
+        self.family, self.args, self.layers, self.kernel, self.ffn, self.head_stream = family, args, layers, \
+            ffn.kernels, ffn, head
+        self.embed, self.kv, self.vocab_size = embed, kv, args.vocab_size
+        self.rope = {name: cp.asarray(t, dtype=cp.float32) for name, t in rope.items()}
+        self.cp, self.xp, self.kernels, self.gpu_plan = cp, cp, ffn.kernels, plan
 
     def forward(self, ids: np.ndarray, all_logits: bool = False) -> np.ndarray:
-        cp = self.cp
-        n = len(ids)
-        start = self.kv.n_past
-        self.kv.reserve(start + n)
-        h = cp.asarray(self.embed.lookup(ids), dtype=cp.float32)
-        self.ffn.begin(n)
-        for i, w in enumerate(self.layers):
-            x, h = self._attention(i, w, h, start)
-            if w.post_ffw_norm is None:
-                self.ffn.run(i, x, h)
-            else:
-                y = cp.zeros_like(h)
-                self.ffn.run(i, x, y)
-                h += self._rms(y, w.post_ffw_norm)
-        rows = np.arange(n) if all_logits else np.array([n - 1])
-        out = np.empty((len(rows), self.vocab_size), np.float32)
-        self.head_stream.run(h, rows, out)
+        out = super().forward(ids, all_logits)
         self.ffn.collect()
-        cap = getattr(self.args, "logit_softcap", 0.0)
-        if cap:
-            np.multiply(np.tanh(out / cap), cap, out=out)
-        self.kv.n_past = start + n
         return out

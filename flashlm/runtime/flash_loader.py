@@ -137,11 +137,15 @@ def load_attention(f: GGUFFile, family: ModuleType, args, i: int) -> AttentionWe
         bias = None if all(b is None for b in biases) else np.concatenate(
             [b if b is not None else np.zeros(p.rows.shape[0], np.float32) for b, p in zip(biases, parts)])
         parts = [RowMatrix(np.concatenate([p.rows for p in parts]), parts[0].qtype, bias)]
-    sizes = {"q_norm": args.head_dim, "k_norm": args.head_dim, "post_attn_norm": args.d_model,
-             "post_ffw_norm": args.d_model}
-    norms = {key: vector(f, family.layer_name(key, i), n) for key, n in sizes.items() if key in family.LAYER_TENSORS}
-    return AttentionWeights(vector(f, family.layer_name("attn_norm", i), args.d_model), parts,
-                            _row_matrix(f, o, None), vector(f, family.layer_name("ffn_norm", i), args.d_model), norms)
+    return AttentionWeights(parts, _row_matrix(f, o, None), layer_norms(f, family, args, i))
+
+
+def layer_norms(f: GGUFFile, family: ModuleType, args, i: int) -> dict[str, np.ndarray]:
+    """Layer i's norm weights under the family's names: attn_norm, ffn_norm and the family's own (QK-norm's
+    q_norm / k_norm per head, post-norms)."""
+    sizes = {"attn_norm": args.d_model, "ffn_norm": args.d_model, "q_norm": args.head_dim, "k_norm": args.head_dim,
+             "post_attn_norm": args.d_model, "post_ffw_norm": args.d_model}
+    return {key: vector(f, family.layer_name(key, i), n) for key, n in sizes.items() if key in family.LAYER_TENSORS}
 
 
 def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: LoadOptions, n_ctx: int,
@@ -160,10 +164,10 @@ def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: 
         norm = vector(f, family.TENSORS["output_norm"], args.d_model)
         if plan.output_head == "sketch":
             head = SketchHead(reader, kernel, info.offset, info.shape[0], info.nbytes // info.shape[0], info.ggml_type,
-                              norm, args.norm_eps, args.d_model, cache_rows=plan.sketch_cache_rows)
+                              norm, args.d_model, cache_rows=plan.sketch_cache_rows)
         else:
             head = StreamedHead(reader, kernel, info.offset, info.shape[0], info.nbytes // info.shape[0],
-                                info.ggml_type, norm, args.norm_eps, plan.head_resident_rows, HEAD_SLICE_ROWS,
+                                info.ggml_type, norm, plan.head_resident_rows, HEAD_SLICE_ROWS,
                                 HEAD_STREAM_DEPTH)
         fraction, thresholds = resolve_sparsity(opts.sparsity, store, family.ffn_activation(args),
                                                 opts.sparsity_score)
@@ -175,7 +179,7 @@ def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: 
     kv = KVCache(args.n_layers, args.n_kv_heads, args.head_dim, n_ctx, KV_DTYPE)
     embed = family.load_embedding(f, args)
     f._mmap.madvise(mmap.MADV_DONTNEED)
-    return KernelExecutor(args, layers, kernel, ffn, head, embed, kv, rope), plan
+    return KernelExecutor(family, args, layers, kernel, ffn, head, embed, kv, rope), plan
 
 
 def gpu_plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: LoadOptions, n_ctx: int,
@@ -223,15 +227,14 @@ def load_cuda_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: L
         o_rows = w.o
         o = GpuMatrix(cp, kernels, o_rows.rows, o_rows.qtype, o_rows.bias, args.n_heads * args.head_dim,
                       keep_on_gpu=not naive)
-        norms = {"q_norm": w.q_norm, "k_norm": w.k_norm, "post_attn_norm": w.post_attn_norm,
-                 "post_ffw_norm": w.post_ffw_norm}
-        layers.append(GpuLayer(cp, w.attn_norm, k_in, o, w.ffn_norm, norms))
+        norms = {name: weight for name, weight in vars(w).items() if name not in ("qkv", "o")}
+        layers.append(GpuLayer(cp, k_in, o, norms))
         f._mmap.madvise(mmap.MADV_DONTNEED)
     reader = FlashReader(path, threads=opts.io_threads)
     try:
         head_rows = np.array(f.tensor_bytes(info.name)).reshape(info.shape[0], -1)
         head = GpuHead(cp, GpuMatrix(cp, kernels, head_rows, info.ggml_type, None, args.d_model),
-                       vector(f, family.TENSORS["output_norm"], args.d_model), args.norm_eps)
+                       vector(f, family.TENSORS["output_norm"], args.d_model))
         del head_rows
         ffn = GpuFFN(cp, kernels, store, reader, plan, family.ffn_activation(args))
     except BaseException:
@@ -241,4 +244,4 @@ def load_cuda_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: L
     kv = KVCache(args.n_layers, args.n_kv_heads, args.head_dim, n_ctx, np.float16, xp=cp)
     embed = family.load_embedding(f, args)
     f._mmap.madvise(mmap.MADV_DONTNEED)
-    return CudaExecutor(cp, args, layers, ffn, head, embed, kv, rope, plan), host_plan
+    return CudaExecutor(cp, family, args, layers, ffn, head, embed, kv, rope, plan), host_plan

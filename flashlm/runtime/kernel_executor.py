@@ -1,4 +1,5 @@
-"""The executor for flash stores: every matrix product on the bundle kernel, attention in numpy, no onnxruntime.
+"""The CPU executor for flash stores: every matrix product on the bundle kernel, attention in numpy or C, no
+onnxruntime; the family's layer and head (models/) run over KernelOps.
 
 Why a second executor: under a memory budget, onnxruntime's sessions cost more than the weights they hold (one
 session per layer, since the streamed FFN runs between two of them: 30 attention sessions for SmolLM2's 16.6 MB of
@@ -39,15 +40,14 @@ class RowMatrix:
 
 
 class AttentionWeights:
-    """qkv: q, k and v rows stacked in one matrix when their formats agree (one kernel call), else three.
-    norms: the optional extra norms of families that have them (Gemma 3: q_norm, k_norm per head;
-    post_attn_norm, post_ffw_norm on the sublayers' outputs), name -> weight."""
+    """A layer's resident weights: qkv (q, k and v rows stacked in one matrix when their formats agree: one kernel
+    call, else three), o, and its norm weights under the family's names (attn_norm, ffn_norm, and e.g. Gemma 3's
+    q_norm, k_norm, post_attn_norm, post_ffw_norm)."""
 
-    def __init__(self, attn_norm, qkv: list[RowMatrix], o: RowMatrix, ffn_norm, norms: dict | None = None):
-        self.attn_norm, self.qkv, self.o, self.ffn_norm = attn_norm, qkv, o, ffn_norm
-        norms = norms or {}
-        self.q_norm, self.k_norm = norms.get("q_norm"), norms.get("k_norm")
-        self.post_attn_norm, self.post_ffw_norm = norms.get("post_attn_norm"), norms.get("post_ffw_norm")
+    def __init__(self, qkv: list[RowMatrix], o: RowMatrix, norms: dict):
+        self.qkv, self.o = qkv, o
+        for name, weight in norms.items():
+            setattr(self, name, weight)
 
     @property
     def nbytes(self) -> int:
@@ -103,36 +103,72 @@ def attend(a, q, k, v, keys, values, start: int, cos, sin, window: int, xp=np):
     return (probs @ vv).reshape(a.n_heads, n, a.head_dim).transpose(1, 0, 2).reshape(n, -1)
 
 
-class KernelExecutor:
-    """Same interface as Executor (forward, kv, ffn, head_stream), for flash stores."""
+class ArrayOps:
+    """models/base.py's Ops on arrays: numpy here; CuPy arrays run through the same ufuncs on the GPU
+    (cuda_executor.py). Activations are (S, d) float32 rows; q, k, v are (S, heads, head_dim)."""
 
-    def __init__(self, args, layers: list[AttentionWeights], kernel: BundleKernel, ffn, head, embed: EmbeddingTable,
-                 kv: KVCache, rope: dict[str, np.ndarray]):
-        self.args, self.layers, self.kernel, self.ffn, self.head_stream = args, layers, kernel, ffn, head
-        self.embed, self.kv, self.vocab_size = embed, kv, args.vocab_size
-        self.rope = rope  # name -> table; layer i reads the pair args.rope_names(i)
+    def __init__(self, ex, start: int):
+        self.ex, self.args, self.start = ex, ex.args, start  # start: the first new position's index
+        self.rows = None  # positions whose logits `output` computes
 
-    def _attention(self, i: int, w: AttentionWeights, h: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
-        a, k_ = self.args, self.kernel
-        n = h.shape[0]
-        x = rms_norm(h, w.attn_norm, a.norm_eps)
-        qkv = w.project(k_, x)
+    def norm(self, x, weight, eps: float):
+        return rms_norm(x, weight, eps)
+
+    def add(self, x, y):
+        return y + x
+
+    def add_norm(self, x, residual, weight, eps: float):
+        total = residual + x
+        return rms_norm(total, weight, eps), total
+
+    def head_norm(self, t, weight, eps: float):
+        return rms_norm(t, weight, eps)
+
+    def split_heads(self, qkv):
+        a, n = self.args, qkv.shape[0]
         nq, nkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-        q = qkv[:, :nq].reshape(n, a.n_heads, a.head_dim)
-        k = qkv[:, nq:nq + nkv].reshape(n, a.n_kv_heads, a.head_dim)
-        v = qkv[:, nq + nkv:].reshape(n, a.n_kv_heads, a.head_dim)
-        if w.q_norm is not None:  # QK-norm: each head normalized before RoPE
-            q, k = rms_norm(q, w.q_norm, a.norm_eps), rms_norm(k, w.k_norm, a.norm_eps)
-        keys, values = self.kv.keys[i][0], self.kv.values[i][0]  # (n_kv, capacity, hd)
-        cos, sin = (self.rope[name] for name in a.rope_names(i))
-        window = a.sliding_window if a.is_local(i) else 0
-        if n == 1 and k_.attention_decode is not None and keys.dtype == np.float16:
-            out = self._attention_decode(q, k, v, keys, values, start, cos, sin, window)
+        return (qkv[:, :nq].reshape(n, a.n_heads, a.head_dim), qkv[:, nq:nq + nkv].reshape(n, a.n_kv_heads, a.head_dim),
+                qkv[:, nq + nkv:].reshape(n, a.n_kv_heads, a.head_dim))
+
+    def cache_of(self, i: int):
+        """Layer i's key and value caches (n_kv, capacity, hd), its RoPE tables and its attention window."""
+        a = self.args
+        cos, sin = (self.ex.rope[name] for name in a.rope_names(i))
+        return (self.ex.kv.keys[i][0], self.ex.kv.values[i][0], cos, sin,
+                a.sliding_window if a.is_local(i) else 0)
+
+    def ffn(self, i: int, w, x, residual=None):
+        y = residual if residual is not None else self.ex.xp.zeros((x.shape[0], self.args.d_model), np.float32)
+        self.ex.ffn.run(i, x, y)  # y += FFN(x), in place
+        return y
+
+    def output(self, x, w):
+        out = np.empty((len(self.rows), self.args.vocab_size), np.float32)
+        w.run(x, self.rows, out)
+        return out
+
+    def softcap(self, logits, cap: float):
+        np.multiply(np.tanh(logits / cap), cap, out=logits)
+        return logits
+
+
+class KernelOps(ArrayOps):
+    """The CPU flash-store backend: matrix products on the GGUF rows through the bundle kernel, one token's
+    attention in C."""
+
+    def qkv(self, i: int, w, x):
+        return self.split_heads(w.project(self.ex.kernel, x))
+
+    def attend(self, i: int, q, k, v):
+        keys, values, cos, sin, window = self.cache_of(i)
+        if q.shape[0] == 1 and self.ex.kernel.attention_decode is not None and keys.dtype == np.float16:
+            out = self._attention_decode(q, k, v, keys, values, self.start, cos, sin, window)
         else:
-            out = attend(a, q, k, v, keys, values, start, cos, sin, window)
-        o = w.o(k_, np.ascontiguousarray(out, dtype=np.float32))
-        h1 = h + (o if w.post_attn_norm is None else rms_norm(o, w.post_attn_norm, a.norm_eps))
-        return rms_norm(h1, w.ffn_norm, a.norm_eps), np.ascontiguousarray(h1, dtype=np.float32)
+            out = attend(self.args, q, k, v, keys, values, self.start, cos, sin, window)
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def linear(self, x, matrix):
+        return matrix(self.ex.kernel, x)
 
     def _attention_decode(self, q, k, v, keys, values, pos: int, cos, sin, window: int) -> np.ndarray:
         """One token, in C: RoPE, cache write, softmax attention (the numpy path costs ~8 ms per token here).
@@ -144,13 +180,31 @@ class KernelExecutor:
         out = np.empty(a.n_heads * a.head_dim, np.float32)
         scores = np.empty(pos - lo + 1, np.float32)
         skip = lo * a.head_dim * keys.itemsize
-        status = self.kernel.attention_decode(
+        status = self.ex.kernel.attention_decode(
             q.ctypes.data, k.ctypes.data, v.ctypes.data, keys.ctypes.data + skip, values.ctypes.data + skip,
             keys.shape[1], pos - lo, cos[pos].ctypes.data, sin[pos].ctypes.data, int(a.rope.interleaved), a.n_heads,
             a.n_kv_heads, a.head_dim, a.head_dim ** -0.5, out.ctypes.data, scores.ctypes.data)
         if status != 0:
             raise RuntimeError(f"attention_decode failed ({status})")
         return out[None]
+
+
+class KernelExecutor:
+    """The executor of a flash store on the CPU: the family's layer and head (models/) over KernelOps.
+    ffn: the FFN source (runtime/streaming.py: StreamedFFN); head_stream: the output matrix (StreamedHead or
+    flash_store/head_sketch.py: SketchHead), each `run(x, rows, out)` on normed hidden states."""
+
+    xp = np
+    ops_class = KernelOps
+
+    def __init__(self, family, args, layers: list[AttentionWeights], kernel: BundleKernel, ffn, head,
+                 embed: EmbeddingTable, kv: KVCache, rope: dict[str, np.ndarray]):
+        self.family, self.args, self.layers, self.kernel, self.ffn, self.head_stream = family, args, layers, kernel, \
+            ffn, head
+        self.embed, self.kv, self.vocab_size = embed, kv, args.vocab_size
+        self.rope = rope  # name -> table; layer i reads the pair args.rope_names(i)
+        # numpy's attention products next to the OpenMP kernels take one BLAS thread (quant/bundle_kernel.py)
+        self.compute = kernel.one_blas_thread
 
     def forward(self, ids: np.ndarray, all_logits: bool = False) -> np.ndarray:
         h = self.hidden(ids)
@@ -161,26 +215,18 @@ class KernelExecutor:
         n = len(ids)
         start = self.kv.n_past
         self.kv.reserve(start + n)
-        h = self.embed.lookup(ids).astype(np.float32)
+        h = self.xp.asarray(self.embed.lookup(ids), dtype=np.float32)
         self.ffn.begin(n)
-        with self.kernel.one_blas_thread:  # numpy's attention products next to the OpenMP kernels (see there)
+        ops = self.ops_class(self, start)
+        with self.compute:
             for i, w in enumerate(self.layers):
-                x, h = self._attention(i, w, h, start)
-                if w.post_ffw_norm is None:
-                    self.ffn.run(i, x, h)  # h += FFN(x), in place
-                else:
-                    y = np.zeros_like(h)
-                    self.ffn.run(i, x, y)
-                    h += rms_norm(y, w.post_ffw_norm, self.args.norm_eps)
+                h = self.family.layer(ops, self.args, w, i, h)
         self.kv.n_past = start + n
         return h
 
-    def logits(self, h: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Logits (len(rows), vocab) of the given rows of hidden states: final norm, output matrix, soft-cap."""
-        out = np.empty((len(rows), self.vocab_size), np.float32)
-        with self.kernel.one_blas_thread:
-            self.head_stream.run(h, rows, out)
-        cap = getattr(self.args, "logit_softcap", 0.0)
-        if cap:
-            np.multiply(np.tanh(out / cap), cap, out=out)
-        return out
+    def logits(self, h, rows: np.ndarray) -> np.ndarray:
+        """Logits (len(rows), vocab) of the given rows of hidden states: the family's head."""
+        ops = self.ops_class(self, self.kv.n_past)
+        ops.rows = rows
+        with self.compute:
+            return self.family.head(ops, self.args, self.head_stream, h)

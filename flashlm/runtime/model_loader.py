@@ -20,7 +20,7 @@ from types import ModuleType
 from flashlm.errors import BudgetError, InvalidOptionError
 from flashlm.flash_store.reader import is_flash_store
 from flashlm.models import read_model
-from flashlm.models.base import declare_segment_io
+from flashlm.runtime.onnx_ops import build_head, build_segment
 from flashlm.options import LoadOptions
 from flashlm.runtime.executor import Engine, Executor
 from flashlm.runtime.kv_cache import KVCache
@@ -73,16 +73,6 @@ LAYERS_PER_SEGMENT = 6  # each onnxruntime session costs ~1 MB; fewer, larger on
 
 def _segments(n_layers: int) -> list[range]:
     return [range(s, min(s + LAYERS_PER_SEGMENT, n_layers)) for s in range(0, n_layers, LAYERS_PER_SEGMENT)]
-
-
-def _build_segment(gb: GraphBuilder, family: ModuleType, args, layers: range, weights: list,
-                   taps: tuple[str, ...]) -> None:
-    declare_segment_io(gb, layers, args.d_model, args.n_kv_heads, args.head_dim)
-    hidden = "hidden"
-    for i, lw in zip(layers, weights):
-        hidden = family.build_layer(gb, args, lw, i, hidden)
-    gb.op("Identity", [hidden], out=["hidden_out"])
-    gb.expose_taps(taps)
 
 
 def _head_slices(f: GGUFFile, args) -> list[tuple[int, int]]:
@@ -161,9 +151,9 @@ def _gguf_executor(f: GGUFFile, family: ModuleType, args, n_ctx: int, threads: i
         return gb.session(threads), gb.resident_bytes
 
     segments = [(compile_piece(lambda seg=seg: [family.load_layer(f, args, i) for i in seg],
-                               lambda gb, w, seg=seg: _build_segment(gb, family, args, seg, w, taps),
+                               lambda gb, w, seg=seg: build_segment(gb, family, args, seg, w, taps),
                                f"layers{seg[0]}"), seg) for seg in _segments(args.n_layers)]
-    head = [compile_piece(lambda r=r: family.load_head(f, args, *r), lambda gb, w: family.build_head(gb, args, w),
+    head = [compile_piece(lambda r=r: family.load_head(f, args, *r), lambda gb, w: build_head(gb, family, args, w),
                           f"head{r[0]}") for r in _head_slices(f, args)]
     rope = family.rope_tables(f, args, n_ctx)
     embed = family.load_embedding(f, args)

@@ -234,18 +234,18 @@ class StreamedFFN:
 
 
 class StreamedHead:
-    """The output matrix of a flash store, computed by the bundle kernel from its quantized rows: final RMSNorm,
-    then rows x normed hidden. Its first `resident_rows` rows are read once at load; the rest are read each call
+    """The output matrix of a flash store, computed by the bundle kernel from its quantized rows (the final norm's
+    weight is kept here as `output_norm`; the executor applies it). Its first `resident_rows` rows are read once at load; the rest are read each call
     in slices, `depth` of them in flight, each multiplied as it arrives while the next ones are read (the resident
     rows are computed while the first slices are on their way). Either way the arithmetic is the same, so
     streaming the head does not change the logits."""
 
     def __init__(self, reader: FlashReader, kernel: BundleKernel, offset: int, n_rows: int, row_bytes: int, qtype,
-                 norm_weight: np.ndarray, eps: float, resident_rows: int | bool, slice_rows: int = 4096,
+                 output_norm: np.ndarray, resident_rows: int | bool, slice_rows: int = 4096,
                  depth: int = 2):
         self.reader, self.kernel, self.offset = reader, kernel, offset
         self.n_rows, self.row_bytes, self.qtype = n_rows, row_bytes, qtype
-        self.norm_weight, self.eps = norm_weight.astype(np.float32), eps
+        self.output_norm = output_norm.astype(np.float32)
         r = n_rows if resident_rows is True else min(n_rows, int(resident_rows))
         self.resident_rows = r
         self.bounds = list(range(r, n_rows, slice_rows)) + [n_rows]
@@ -264,11 +264,9 @@ class StreamedHead:
         buf = self.buffers[k % len(self.buffers)]
         return self.reader.read(self.offset + lo * self.row_bytes, (hi - lo) * self.row_bytes, buf)
 
-    def run(self, hidden: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
-        """hidden (S, d), rows (R,) positions to produce, out (R, n_rows) float32."""
-        h = hidden[rows].astype(np.float32)
-        x = h / np.sqrt((h * h).mean(-1, keepdims=True) + self.eps) * self.norm_weight
-        x = np.ascontiguousarray(x, dtype=np.float32)
+    def run(self, normed: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+        """normed (S, d) hidden states after the final norm, rows (R,) positions to produce, out (R, n_rows)."""
+        x = np.ascontiguousarray(normed[rows], dtype=np.float32)
         n_slices = len(self.bounds) - 1
         pending = []
         try:
