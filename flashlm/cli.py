@@ -163,12 +163,9 @@ def _print_stats(model, timings) -> None:
             f"per token    = {flash.io_wait_ms / n:10.2f} ms I/O wait, {flash.manage_ms / n:.2f} ms memory "
             f"management, {flash.compute_ms / n:.2f} ms FFN compute, {flash.other_ms / n:.2f} ms other compute",
         ]
-    ffn = getattr(model._loaded.engine.executor, "ffn", None)
-    if hasattr(ffn, "transfer_s"):  # --device cuda: the GPU timeline's split (CUDA events), whole run
-        n = max(1, ffn.stats.calls // max(1, ffn.n_layers))
-        lines.append(f"gpu          = {ffn.transfer_s * 1e3 / n:10.2f} ms host->GPU copies, "
-                     f"{ffn.gpu_ffn_s * 1e3 / n:.2f} ms FFN kernels per forward pass ({n} passes); "
-                     + model._loaded.engine.executor.gpu_plan.describe())
+    gpu = model.device_report()
+    if gpu is not None:
+        lines.append(f"gpu          = {gpu}")
     lines.append(f"peak memory  = {_peak_mib():10.1f} MiB")
     click.echo("\n" + "\n".join(lines), err=True)
 

@@ -111,8 +111,8 @@ class Model:
     def chat_template(self) -> ChatTemplate:
         if self._chat_template is None:
             tok = self.tokenizer
-            source = self._loaded.file.get("tokenizer.chat_template") or \
-                getattr(self._loaded.family, "DEFAULT_CHAT_TEMPLATE", None)  # a family's own, as llama.cpp has
+            # the file's, else the family's own as llama.cpp has built-in ones (None: ChatTemplate says there is none)
+            source = self._loaded.file.get("tokenizer.chat_template") or self._loaded.family.DEFAULT_CHAT_TEMPLATE
             self._chat_template = ChatTemplate(source, tok.token_text(tok.bos_id), tok.token_text(tok.eos_id))
         return self._chat_template
 
@@ -135,11 +135,21 @@ class Model:
                 **{f.name: getattr(a, f.name) for f in fields(a) if f.name != "rope"},
                 "rope": vars(a.rope)}
 
+    @property
+    def plan(self):
+        """The memory plan of a flash store (flash_store/planner.py: FlashPlan: what is resident, what streams),
+        None for a GGUF."""
+        return self._loaded.plan
+
+    def device_report(self) -> str | None:
+        """--device cuda: the GPU timeline's split over the run so far (host->GPU copies and FFN kernels per
+        forward pass, from CUDA events) and where each part lives; None on the CPU."""
+        return self.engine.executor.report() if self.options.device == "cuda" else None
+
     def close(self) -> None:
         """Release the file and, for a flash store, the reader threads (the FFN's reader is the head's too)."""
-        ffn = getattr(self._loaded.engine.executor, "ffn", None)
-        if ffn is not None:
-            ffn.close()
+        if self.plan is not None:
+            self.engine.executor.ffn.close()
         self._loaded.file.close()
 
     def __enter__(self):
@@ -175,7 +185,7 @@ class Session:
         ids = m._prompt_ids(prompt)
         check_prompt(len(ids), m.n_ctx)  # raise here, not at the first next()
         responses = stream_generate(self.engine, m.tokenizer, ids, opts)
-        if getattr(self.engine.executor, "ffn", None) is not None:
+        if m.plan is not None:  # a flash store: its executor streams the FFN
             responses = self._with_flash_stats(responses)
         return self._one_at_a_time(responses)
 

@@ -11,7 +11,7 @@ import sys
 
 import flashlm
 from flashlm.flash_store.reader import FlashStore
-from flashlm.runtime.flash_loader import plan_for
+from flashlm.flash_store.planner import plan_for
 from flashlm.models import read_model
 from flashlm.loaders.tokenizer import Tokenizer
 from flashlm.options import LoadOptions

@@ -89,7 +89,7 @@ def test_block_order_keeps_source_blocks_whole():
 
 @pytest.fixture(scope="module")
 def block_path(smollm_path, tmp_path_factory):
-    from flashlm.flash_store.writer import convert
+    from flashlm.tools.convert import convert_gguf as convert
 
     path = str(tmp_path_factory.mktemp("block") / "smollm2_block.flash")
     report = convert(smollm_path, path)  # bundle="auto": SmolLM2's ffn_down is Q4_1 in every layer -> block

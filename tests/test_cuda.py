@@ -28,7 +28,7 @@ needs_gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason
 @pytest.fixture(scope="module", params=["neuron", "block"])
 def smol_flash(tmp_path_factory, smollm_path, request):
     """SmolLM2 as a flash store in each record layout (format.py)."""
-    from flashlm.flash_store.writer import convert
+    from flashlm.tools.convert import convert_gguf as convert
 
     path = str(tmp_path_factory.mktemp("cuda") / f"smol_{request.param}.flash")
     convert(smollm_path, path, bundle=request.param)

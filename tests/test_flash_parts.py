@@ -9,7 +9,7 @@ import pytest
 from flashlm.errors import BudgetError
 from flashlm.flash_store.io_engine import FlashReader
 from flashlm.flash_store.planner import parse_size, plan_flash
-from flashlm.flash_store.neuron_cache import NeuronWindowCache
+from flashlm.flash_store.residency import NeuronWindowCache
 
 
 def _records(ids, width=16):

@@ -207,7 +207,8 @@ def test_output_head_auto_takes_the_head_that_streams_less(flash_path):
 
     from flashlm.flash_store.head_sketch import (DEFAULT_CACHE_ROWS, DEFAULT_CANDIDATES, STREAMING_CACHE_ROWS,
                                                  SketchHead)
-    from flashlm.runtime.flash_loader import output_matrix, plan_for
+    from flashlm.flash_store.planner import plan_for
+    from flashlm.models import output_matrix
     from flashlm.models import read_model
     from flashlm.options import LoadOptions
     from flashlm.runtime.streaming import StreamedHead

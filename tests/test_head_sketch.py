@@ -38,7 +38,7 @@ def test_sketch_kernel_matches_numpy():
 
 @pytest.fixture(scope="module")
 def gemma_flash(tmp_path_factory, gemma_path):  # noqa: F811
-    from flashlm.flash_store.writer import convert
+    from flashlm.tools.convert import convert_gguf as convert
 
     path = str(tmp_path_factory.mktemp("gemma") / "gemma3.flash")
     convert(gemma_path, path)
@@ -69,7 +69,7 @@ def test_sketch_head_candidates_are_exact_and_cache_evicts(gemma_flash):
     for a, b, cand in zip(out_exact, out_sketch, head.record):
         np.testing.assert_allclose(b[0, cand], a[0, cand], rtol=1e-5, atol=1e-5)
         assert b[0].argmax() in cand and b[0].argmax() == a[0].argmax()
-    assert (head.slot_of >= 0).sum() == 700 and np.all(head.slot_of[head.row_in_slot] == np.arange(700))
+    assert (head.cache.slot_of >= 0).sum() == 700 and np.all(head.cache.slot_of[head.cache.id_at] == np.arange(700))
     exact.close()
     sketch.close()
 

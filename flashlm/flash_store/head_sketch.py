@@ -31,6 +31,7 @@ import numpy as np
 from flashlm.quant.bundle_kernel import rows_matvec
 from flashlm.quant.formats import dequantize
 from flashlm.flash_store.io_engine import ALIGN, FlashReader, aligned_buffer
+from flashlm.flash_store.residency import LRURowCache
 
 DEFAULT_CANDIDATES = 512
 DEFAULT_CACHE_ROWS = 16384
@@ -82,7 +83,7 @@ class _SketchKernel:
 
 
 class SketchHead:
-    """Same interface as StreamedHead: run(hidden, rows, out), io_wait_s."""
+    """An OutputHead (runtime/kernel_executor.py) as StreamedHead is: run(normed, rows, out), io_wait_s."""
 
     def __init__(self, reader: FlashReader, kernel, offset: int, n_rows: int, row_bytes: int, qtype,
                  output_norm: np.ndarray, d_model: int, candidates: int = DEFAULT_CANDIDATES,
@@ -93,7 +94,6 @@ class SketchHead:
         self.candidates = min(candidates, n_rows)
         self.d_model, self.slice_rows = d_model, slice_rows
         self.io_wait_s = 0.0
-        self.rows_read = 0
         self.outliers: np.ndarray | None = None  # chosen on the first call (see _build)
         self.set_cache_rows(cache_rows)
         self._scores = np.empty(n_rows, np.float32)
@@ -103,12 +103,8 @@ class SketchHead:
     def set_cache_rows(self, cache_rows: int) -> None:
         """(Re)allocate an empty exact-row cache of this many rows (at least the candidates of one token)."""
         self.cache_rows = max(self.candidates, min(cache_rows, self.n_rows))
-        self.cache = np.empty((self.cache_rows, self.row_bytes), np.uint8)
-        self.slot_of = np.full(self.n_rows, -1, np.int32)
-        self.row_in_slot = np.full(self.cache_rows, -1, np.int32)
-        self.last_used = np.zeros(self.cache_rows, np.int64)
+        self.cache = LRURowCache(self.cache_rows, self.row_bytes, self.n_rows)
         self.clock = 0
-        self.filled = 0
 
     def _build(self, x: np.ndarray) -> None:
         """One pass over the matrix, on the first call. The input's outlier dimensions (a few carry most of its
@@ -147,31 +143,18 @@ class SketchHead:
     def _rows_for(self, cand: np.ndarray) -> np.ndarray:
         """Cache slots holding the candidates' rows, reading the missing ones (least recently used slots go)."""
         self.clock += 1
-        slots = self.slot_of[cand]
-        missing = np.flatnonzero(slots < 0)
-        if len(missing):
-            t = time.perf_counter()
-            free = min(len(missing), self.cache_rows - self.filled)
-            victims = np.arange(self.filled, self.filled + free)
-            self.filled += free
-            if free < len(missing):
-                age = self.last_used.copy()
-                age[slots[slots >= 0]] = np.iinfo(np.int64).max  # this token's cached candidates stay
-                age[victims] = np.iinfo(np.int64).max
-                need = len(missing) - free  # the least recently used (kth = need - 1: need may be all slots)
-                victims = np.concatenate([victims, np.argpartition(age, need - 1)[:need]])
-            order = missing[np.argsort(cand[missing])]  # file order
-            victims = victims[:len(order)]
-            old = self.row_in_slot[victims]
-            self.slot_of[old[old >= 0]] = -1
-            self.reader.read_rows(self.offset + cand[order].astype(np.int64) * self.row_bytes, self.row_bytes,
-                                  [self.cache[v] for v in victims])
-            self.row_in_slot[victims], self.slot_of[cand[order]] = cand[order], victims
-            slots[order] = victims
-            self.rows_read += len(missing)
+        t, before = time.perf_counter(), self.cache.rows_read
+        slots = self.cache.slots_for(cand, self.clock, self._read_rows)
+        if self.cache.rows_read > before:
             self.io_wait_s += time.perf_counter() - t
-        self.last_used[slots] = self.clock
         return slots
+
+    def _read_rows(self, ids: np.ndarray, into: list[np.ndarray]) -> None:
+        self.reader.read_rows(self.offset + ids.astype(np.int64) * self.row_bytes, self.row_bytes, into)
+
+    @property
+    def rows_read(self) -> int:
+        return self.cache.rows_read
 
     def run(self, normed: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
         """normed (S, d) hidden states after the final norm, rows (R,) positions to produce, out (R, n_rows)."""
@@ -186,7 +169,7 @@ class SketchHead:
             if self.record is not None:
                 self.record.append(cand.copy())
             slots = self._rows_for(cand)
-            rows_matvec(self.kernel, self.cache[slots], self.qtype, x[r:r + 1], exact)
+            rows_matvec(self.kernel, self.cache.records[slots], self.qtype, x[r:r + 1], exact)
             # The other rows get the sketch's estimate mapped onto the logit scale by a line fitted on this
             # token's candidates (whose exact logits are known), capped below the best candidate so the argmax is
             # always an exact logit. Measured offline (513 GPL tokens), perplexity over the exact head's: 1.22

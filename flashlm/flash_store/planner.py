@@ -1,4 +1,6 @@
-"""Planning under a memory budget: what stays resident, how many hot neurons each layer keeps, what streams.
+"""Planning under a memory budget, in one place: what stays resident, how many hot neurons each layer keeps, what
+streams, which output head, and on the GPU which records live in GPU memory, pinned host memory or flash
+(plan_for: the host plan of a model; gpu_plan_for: with --device cuda; plan_flash and plan_gpu: the arithmetic).
 
 The budget caps the whole process (interpreter and libraries included). What is left after the measured baseline
 pays, in order: the resident attention matrices (their GGUF bytes), the KV cache for the
@@ -13,10 +15,19 @@ smallest workable budget.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import ModuleType
 
-from flashlm.errors import BudgetError
-from flashlm.options import parse_size  # noqa: F401  (re-exported for callers of this module)
+import numpy as np
+import psutil
+
+from flashlm.errors import BudgetError, InvalidOptionError
+from flashlm.flash_store.head_sketch import DEFAULT_CACHE_ROWS, DEFAULT_CANDIDATES, STREAMING_CACHE_ROWS, sketch_bytes
+from flashlm.flash_store.predictor import scorer_bytes
+from flashlm.flash_store.reader import FlashStore
+from flashlm.loaders.gguf_reader import GGUFFile
+from flashlm.models import output_matrix
+from flashlm.options import LoadOptions, parse_size  # noqa: F401  (parse_size: re-exported for callers)
 
 MB = 1_000_000
 # A flash store runs on the bundle kernel: attention and output matrices are held as their own GGUF bytes.
@@ -27,6 +38,10 @@ MB = 1_000_000
 SCRATCH_BYTES = 12 * MB
 HOT_ALIGN = 64  # hot-set sizes are multiples of this, so cold ranges start on aligned record boundaries
 HEAD_ROW_ALIGN = 4096  # resident output rows: a multiple of this, so streamed reads start page-aligned
+HEAD_SLICE_ROWS = 4096
+HEAD_STREAM_DEPTH = 4  # slices of a streamed output matrix in flight: one computed while the next ones are read
+KV_DTYPE = np.float16  # attention runs in numpy here: a half-size cache, as llama.cpp's default
+GPU_SCRATCH_BYTES = 64 << 20  # activations, logits and int8 x of a prompt batch, attention scores
 
 
 @dataclass
@@ -131,3 +146,146 @@ def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_
         return plan(max(0, hot), head_resident)
     rows = (budget - plan(n_ff, False).total_bytes) // head_row_bytes // HEAD_ROW_ALIGN * HEAD_ROW_ALIGN
     return plan(n_ff, min(max(0, rows), head_rows - 1))
+
+
+# -- a model's plan: CPU, GPU and output head placement ---------------------------------------------------
+def attention_names(family: ModuleType, i: int) -> list[str]:
+    return [family.layer_name(k, i) for k in ("q", "k", "v", "o")]
+
+
+def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: LoadOptions, n_ctx: int,
+             baseline: int | None = None, gpu_resident: bool = False) -> FlashPlan:
+    """gpu_resident: attention, output matrix and KV cache live on the GPU (--device cuda); the host plan then
+    counts only what stays in host memory (its hot neurons are the pinned tier). output_head "auto": the exact
+    matrix where the budget keeps everything resident, else whichever streams fewer bytes per token
+    (plan.output_head says which)."""
+    if opts.output_head == "auto":
+        return _auto_head_plan(f, family, args, store, opts, n_ctx, baseline or psutil.Process().memory_info().rss,
+                               gpu_resident)
+    attention = sum(f.tensors[n].nbytes for i in range(args.n_layers) for n in attention_names(family, i))
+    info = output_matrix(f)
+    head_bytes, head_rows = info.nbytes, info.shape[0]
+    if gpu_resident:
+        attention, head_bytes = 0, 0
+    sketch = opts.output_head == "sketch"  # resident sketch + row cache instead of the matrix: nothing streams in bulk
+    head_stream = 0 if gpu_resident else HEAD_STREAM_DEPTH * (HEAD_SLICE_ROWS * (info.nbytes // info.shape[0]) + 2 * 4096)
+    kv_per_token = 0 if gpu_resident else 2 * args.n_layers * args.n_kv_heads * args.head_dim * np.dtype(KV_DTYPE).itemsize
+    if opts.sparsity and store.group > 1:
+        raise InvalidOptionError(f"--sparsity needs a flash store with one record per neuron; this one has blocks of "
+                                 f"{store.group} (convert with --bundle neuron)")
+    scorer = scorer_bytes(store, opts.sparsity_score) if opts.sparsity else 0
+    baseline = baseline or psutil.Process().memory_info().rss
+
+    def plan(head_bytes: int) -> FlashPlan:
+        return plan_flash(budget=opts.memory_budget, baseline=baseline, attention_bytes=attention,
+                          head_bytes=head_bytes, n_layers=args.n_layers, n_ff=store.n_records,
+                          record_bytes=store.record_bytes, kv_bytes_per_token=kv_per_token, n_ctx=n_ctx,
+                          batch_size=opts.batch_size, n_heads=args.n_heads, head_stream_bytes=head_stream,
+                          head_rows=head_rows, scorer_bytes=scorer, head_streamable=not sketch, group=store.group)
+
+    if not sketch:
+        return replace(plan(head_bytes), output_head=opts.output_head)
+
+    def sketch_plan(rows: int) -> FlashPlan:
+        p = plan(sketch_bytes(info.shape[0], args.d_model, info.nbytes // info.shape[0], rows))
+        return replace(p, output_head="sketch", sketch_cache_rows=rows)
+
+    # The exact-row cache shrinks where the FFN streams (its memory goes to FFN records), and to one token's
+    # candidates where nothing larger fits.
+    for rows in (DEFAULT_CACHE_ROWS, STREAMING_CACHE_ROWS):
+        try:
+            p = sketch_plan(rows)
+        except BudgetError:
+            continue
+        if p.hot_neurons == p.n_ff or rows == STREAMING_CACHE_ROWS:
+            return p
+    return sketch_plan(DEFAULT_CANDIDATES)  # the budget error, if even this does not fit
+
+
+def _auto_head_plan(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: LoadOptions, n_ctx: int,
+                    baseline: int, gpu_resident: bool) -> FlashPlan:
+    """output_head "auto": the exact matrix when nothing needs streaming, else the head (exact or sketch) whose
+    plan streams fewer bytes per token. SmolLM2 at 150 MB: exact keeps the 30 MB matrix but only 448 of 1,536
+    neurons per layer (44 MB of reads per token, 22.3 tok/s); the sketch leaves room for 832 (28.5 MB, 28.8 tok/s)."""
+    def plan(head):
+        return plan_for(f, family, args, store, replace(opts, output_head=head), n_ctx, baseline, gpu_resident)
+
+    def attempt(head):
+        try:
+            return plan(head)
+        except BudgetError:
+            return None
+
+    info = output_matrix(f)
+    row_bytes = info.nbytes // info.shape[0]
+
+    def streamed(p):
+        return (p.n_ff - p.hot_neurons) * p.record_bytes * p.n_layers + (p.head_rows - p.head_resident_rows) * row_bytes
+
+    exact = attempt("exact")
+    if gpu_resident or (exact is not None and streamed(exact) == 0):
+        return exact if exact is not None else plan("exact")  # (raises the budget error)
+    sketch = attempt("sketch")
+    fitting = [p for p in (exact, sketch) if p is not None]
+    return min(fitting, key=streamed) if fitting else plan("sketch")  # ties: exact; none fits: the sketch's error
+
+
+@dataclass
+class GpuPlan:
+    gpu_budget: int | None
+    gpu_fixed: int  # attention + head + KV at n_ctx + staging + scratch
+    gpu_hot: int  # records per layer resident on the GPU
+    host_hot: int  # records per layer resident on the GPU or in pinned host memory (>= gpu_hot)
+    n_ff: int  # records per layer
+    record_bytes: int
+    n_layers: int
+    group: int = 1  # neurons per record
+
+    def describe(self) -> str:
+        mb, g = 1e6, self.group
+        return (f"GPU: {self.gpu_hot * g}/{self.n_ff * g} neurons per layer resident "
+                f"({self.gpu_hot * self.record_bytes * self.n_layers / mb:.0f} MB) + {self.gpu_fixed / mb:.0f} MB "
+                f"attention, head, KV cache and staging; host: neurons {self.gpu_hot * g}..{self.host_hot * g} pinned "
+                f"({(self.host_hot - self.gpu_hot) * self.record_bytes * self.n_layers / mb:.0f} MB); "
+                f"{(self.n_ff - self.host_hot) * g} per layer read from flash each token")
+
+
+def plan_gpu(gpu_budget: int | None, host_hot: int, n_ff: int, rb: int, n_layers: int, resident_bytes: int,
+             kv_bytes: int, naive: bool = False, gpu_rb: int | None = None) -> GpuPlan:
+    """gpu_hot: as many records per layer as the GPU budget leaves room for after the fixed parts and the
+    staging of the non-resident records (two layers' landing buffers as stored, rb each, and one planar copy for
+    the kernels, gpu_rb each: GpuRecords)."""
+    g = gpu_rb or rb
+    stage_per = 2 * rb + g  # per non-resident record: two landing buffers and the planar copy
+    if naive:
+        return GpuPlan(gpu_budget, resident_bytes + kv_bytes + n_ff * stage_per + GPU_SCRATCH_BYTES, 0, 0, n_ff,
+                       rb, n_layers)
+    fixed = resident_bytes + kv_bytes + GPU_SCRATCH_BYTES
+    if gpu_budget is None:
+        return GpuPlan(None, fixed, n_ff, n_ff, n_ff, rb, n_layers)
+    # budget >= fixed + L*hot*g + (n_ff - hot)*stage_per  (no staging when hot == n_ff)
+    if fixed + n_layers * n_ff * g <= gpu_budget:
+        hot = n_ff
+    else:
+        if fixed + n_ff * stage_per > gpu_budget:
+            raise BudgetError(f"a GPU memory budget of {gpu_budget / 1e6:.0f} MB cannot hold this model: the "
+                              f"smallest workable GPU budget is {(fixed + n_ff * stage_per) / 1e6:.0f} MB "
+                              f"(attention, output matrix, KV cache and staging)")
+        hot = max(0, min(n_ff - 1, (gpu_budget - fixed - n_ff * stage_per) // max(1, n_layers * g - stage_per)))
+    stage = 0 if hot == n_ff else (n_ff - hot) * stage_per
+    return GpuPlan(gpu_budget, fixed + stage, hot, max(hot, host_hot), n_ff, rb, n_layers)
+
+
+def gpu_plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: LoadOptions, n_ctx: int,
+                 naive: bool = False):
+    """(host plan, GPU plan) for --device cuda: arithmetic only (no CUDA needed, so `flashlm info` can show it)."""
+    from flashlm.quant.cuda_kernels import GpuRecords, gpu_matrix_bytes
+
+    host_plan = plan_for(f, family, args, store, opts, n_ctx, gpu_resident=True)
+    matrices = [f.tensors[n] for i in range(args.n_layers) for n in attention_names(family, i)] + [output_matrix(f)]
+    resident = sum(gpu_matrix_bytes(t.ggml_type, t.shape[0], t.shape[1]) for t in matrices)  # as the GPU holds them
+    kv_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 2 * n_ctx
+    plan = plan_gpu(opts.gpu_memory_budget, 0 if naive else host_plan.hot_neurons, store.n_records,
+                    store.record_bytes, args.n_layers, resident, kv_bytes, naive=naive,
+                    gpu_rb=GpuRecords.of(store.layout).record_bytes)
+    return host_plan, replace(plan, group=store.group)

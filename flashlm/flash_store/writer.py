@@ -1,4 +1,4 @@
-"""`flashlm convert`: GGUF -> .flash (layout in format.py). Row-column bundling lives here.
+"""Writing a flash store (GGUF -> .flash; layout in format.py): row-column bundling lives here.
 
 Two passes over the FFN: the first builds each layer's bundle to checksum it (checksums go in the header, which
 is written before the data), the second builds it again and writes it, so memory holds one layer at a time. The
@@ -147,8 +147,8 @@ def check_destination(dst: str, force: bool) -> None:
         raise InvalidOptionError(f"{dst}: is a directory")
 
 
-def convert(src: str, dst: str, calibration: Calibration | None = None, force: bool = False,
-            bundle: str = "auto") -> ConvertReport:
+def write_store(src: str, dst: str, calibration: Calibration | None, force: bool = False,
+                bundle: str = "auto") -> ConvertReport:
     """GGUF src -> flash store dst, each layer's neurons in calibration's order (None: the source order)."""
     check_destination(dst, force)
     f, family, args = read_model(src)

@@ -33,3 +33,8 @@ def read_model(path: str) -> tuple[GGUFFile, ModuleType, object]:
     except Exception:
         f.close()
         raise
+
+
+def output_matrix(f: GGUFFile):
+    """The output matrix's TensorInfo: its own, or the token embedding when tied."""
+    return f.tensors.get("output.weight") or f.tensors["token_embd.weight"]

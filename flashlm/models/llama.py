@@ -40,6 +40,9 @@ LAYER_TENSORS = {
 
 
 
+DEFAULT_CHAT_TEMPLATE = None  # for a file without tokenizer.chat_template (a family may name its own)
+
+
 def _ffn_activation(f: GGUFFile) -> str:
     value = f.get(KEY_FFN_ACTIVATION, "silu")
     if value not in FFN_ACTIVATIONS:

@@ -194,6 +194,31 @@ INT8_GROUP_TOKENS = 8  # rows_matvec_i8 takes up to 8 tokens per call (I8_MAX_TO
 FFN_INT8 = INT8_ACTIVATIONS and os.environ.get("FLASHLM_FFN_INT8", "1") != "0"
 
 
+_I, _I64, _P = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+_BUNDLE_FFN = [_P, _I64, _I, _I, _I, _I64, _I64, _I, _P, _I, _P, _P, _I]
+_ROWS_MATVEC = [_P, _I64, _I64, _I, _I, _P, _I, _P, _I64, _I]
+# The C library's functions (all return an int status) and their argument types.
+SIGNATURES = {
+    "bundle_ffn": _BUNDLE_FFN,
+    "bundle_ffn_i8": _BUNDLE_FFN[:10] + [_P, _I, _P],
+    "bundle_ffn_block_i8": [_P, _I64] + [_I] * 5 + [_I64, _I64, _I, _P, _I, _P, _I],
+    "rows_matvec": _ROWS_MATVEC,
+    "rows_matvec_i8": _ROWS_MATVEC,
+    "dequant_records": [_P, _I64, _I, _I, _I, _I64, _I64, _P, _P, _P, _I],
+    "dequant_rows": [_P, _I64, _I64, _I, _I, _P, _I],
+    "dequant_block_records": [_P, _I64] + [_I] * 5 + [_I64, _I64, _P, _P, _P, _I],
+    "attention_decode": [_P] * 5 + [_I64, _I, _P, _P, _I, _I, _I, _I, ctypes.c_float, _P, _P],
+}
+
+
+def _bind(lib: ctypes.CDLL, name: str):
+    """The library's function `name` with its signature, or None where this build lacks it (x86-only kernels)."""
+    fn = getattr(lib, name, None)
+    if fn is not None:
+        fn.restype, fn.argtypes = ctypes.c_int, SIGNATURES[name]
+    return fn
+
+
 class BundleKernel:
     """y += FFN(x) over the given records (addresses), in the given order."""
 
@@ -211,52 +236,14 @@ class BundleKernel:
         self.native = path is not None
         if self.native:
             lib = ctypes.CDLL(path)
-            fn = lib.bundle_ffn
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
-                           ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                           ctypes.c_void_p, ctypes.c_int]
-            self._fn, self._lib = fn, lib
-            mv = lib.rows_matvec
-            mv.restype = ctypes.c_int
-            mv.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
-                           ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
-            self._matvec = mv
-            mi = lib.rows_matvec_i8
-            mi.restype, mi.argtypes = ctypes.c_int, mv.argtypes
-            self._matvec_i8 = mi
-            dr = lib.dequant_records
-            dr.restype = ctypes.c_int
-            dr.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
-                           ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-            self._dequant_records = dr
-            dq = lib.dequant_rows
-            dq.restype = ctypes.c_int
-            dq.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
-                           ctypes.c_void_p, ctypes.c_int]
-            self._dequant_rows = dq
-            self._block_i8 = getattr(lib, "bundle_ffn_block_i8", None)  # x86 (AVX2) builds only
-            if self._block_i8 is not None:
-                self._block_i8.restype = ctypes.c_int
-                self._block_i8.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_int] * 5 + [
-                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                    ctypes.c_int]
-            dbr = lib.dequant_block_records
-            dbr.restype = ctypes.c_int
-            dbr.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_int] * 5 + [
-                ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-            self._dequant_blocks = dbr
-            self._ffn_i8 = getattr(lib, "bundle_ffn_i8", None)  # x86 (AVX2) builds only
-            if self._ffn_i8 is not None:
-                self._ffn_i8.restype = ctypes.c_int
-                self._ffn_i8.argtypes = fn.argtypes[:10] + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-            self.attention_decode = getattr(lib, "attention_decode", None)  # x86 builds only
-            if self.attention_decode is not None:
-                ad = self.attention_decode
-                ad.restype = ctypes.c_int
-                ad.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
-                                                       ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                                       ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
+            self._lib = lib
+            self._fn, self._matvec, self._matvec_i8 = (_bind(lib, n) for n in ("bundle_ffn", "rows_matvec",
+                                                                                 "rows_matvec_i8"))
+            self._dequant_records, self._dequant_rows, self._dequant_blocks = (
+                _bind(lib, n) for n in ("dequant_records", "dequant_rows", "dequant_block_records"))
+            # x86 (AVX2) builds only: None elsewhere
+            self._ffn_i8, self._block_i8, self.attention_decode = (
+                _bind(lib, n) for n in ("bundle_ffn_i8", "bundle_ffn_block_i8", "attention_decode"))
         g, u, dn = layout.slices()
         self._up_offset, self._down_offset = u.start, dn.start
         self.one_blas_thread = _OneBlasThread(_openblas_local_threads() if self.native else None)

@@ -19,18 +19,17 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
-from dataclasses import dataclass
 
 import numpy as np
 
-from flashlm.errors import BudgetError, InvalidOptionError
+from flashlm.errors import InvalidOptionError
+from flashlm.flash_store.planner import GpuPlan
 from flashlm.flash_store.io_engine import ALIGN, FlashReader, aligned_buffer
 from flashlm.quant.cuda_kernels import MAX_S, CudaKernels, GpuRecords
 from flashlm.runtime.kernel_executor import ArrayOps, KernelExecutor, attend
 from flashlm.runtime.kv_cache import KVCache
 from flashlm.runtime.streaming import FFNStats
 
-GPU_SCRATCH_BYTES = 64 << 20  # activations, logits and int8 x of a prompt batch, attention scores
 
 
 def import_cupy():
@@ -43,52 +42,6 @@ def import_cupy():
     if n < 1:
         raise InvalidOptionError("--device cuda: no CUDA device is visible")
     return cupy
-
-
-@dataclass
-class GpuPlan:
-    gpu_budget: int | None
-    gpu_fixed: int  # attention + head + KV at n_ctx + staging + scratch
-    gpu_hot: int  # records per layer resident on the GPU
-    host_hot: int  # records per layer resident on the GPU or in pinned host memory (>= gpu_hot)
-    n_ff: int  # records per layer
-    record_bytes: int
-    n_layers: int
-    group: int = 1  # neurons per record
-
-    def describe(self) -> str:
-        mb, g = 1e6, self.group
-        return (f"GPU: {self.gpu_hot * g}/{self.n_ff * g} neurons per layer resident "
-                f"({self.gpu_hot * self.record_bytes * self.n_layers / mb:.0f} MB) + {self.gpu_fixed / mb:.0f} MB "
-                f"attention, head, KV cache and staging; host: neurons {self.gpu_hot * g}..{self.host_hot * g} pinned "
-                f"({(self.host_hot - self.gpu_hot) * self.record_bytes * self.n_layers / mb:.0f} MB); "
-                f"{(self.n_ff - self.host_hot) * g} per layer read from flash each token")
-
-
-def plan_gpu(gpu_budget: int | None, host_hot: int, n_ff: int, rb: int, n_layers: int, resident_bytes: int,
-             kv_bytes: int, naive: bool = False, gpu_rb: int | None = None) -> GpuPlan:
-    """gpu_hot: as many records per layer as the GPU budget leaves room for after the fixed parts and the
-    staging of the non-resident records (two layers' landing buffers as stored, rb each, and one planar copy for
-    the kernels, gpu_rb each: GpuRecords)."""
-    g = gpu_rb or rb
-    stage_per = 2 * rb + g  # per non-resident record: two landing buffers and the planar copy
-    if naive:
-        return GpuPlan(gpu_budget, resident_bytes + kv_bytes + n_ff * stage_per + GPU_SCRATCH_BYTES, 0, 0, n_ff,
-                       rb, n_layers)
-    fixed = resident_bytes + kv_bytes + GPU_SCRATCH_BYTES
-    if gpu_budget is None:
-        return GpuPlan(None, fixed, n_ff, n_ff, n_ff, rb, n_layers)
-    # budget >= fixed + L*hot*g + (n_ff - hot)*stage_per  (no staging when hot == n_ff)
-    if fixed + n_layers * n_ff * g <= gpu_budget:
-        hot = n_ff
-    else:
-        if fixed + n_ff * stage_per > gpu_budget:
-            raise BudgetError(f"a GPU memory budget of {gpu_budget / 1e6:.0f} MB cannot hold this model: the "
-                              f"smallest workable GPU budget is {(fixed + n_ff * stage_per) / 1e6:.0f} MB "
-                              f"(attention, output matrix, KV cache and staging)")
-        hot = max(0, min(n_ff - 1, (gpu_budget - fixed - n_ff * stage_per) // max(1, n_layers * g - stage_per)))
-    stage = 0 if hot == n_ff else (n_ff - hot) * stage_per
-    return GpuPlan(gpu_budget, fixed + stage, hot, max(hot, host_hot), n_ff, rb, n_layers)
 
 
 class GpuMatrix:
@@ -325,6 +278,13 @@ class CudaExecutor(KernelExecutor):
         self.embed, self.kv, self.vocab_size = embed, kv, args.vocab_size
         self.rope = {name: cp.asarray(t, dtype=cp.float32) for name, t in rope.items()}
         self.cp, self.xp, self.kernels, self.gpu_plan = cp, cp, ffn.kernels, plan
+
+    def report(self) -> str:
+        """Host->GPU copy and FFN kernel time per forward pass so far (CUDA events), and the GPU plan."""
+        ffn = self.ffn
+        n = max(1, ffn.stats.calls // max(1, ffn.n_layers))
+        return (f"{ffn.transfer_s * 1e3 / n:10.2f} ms host->GPU copies, {ffn.gpu_ffn_s * 1e3 / n:.2f} ms FFN kernels "
+                f"per forward pass ({n} passes); " + self.gpu_plan.describe())
 
     def forward(self, ids: np.ndarray, all_logits: bool = False) -> np.ndarray:
         out = super().forward(ids, all_logits)

@@ -10,11 +10,32 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from flashlm.quant.weights import EmbeddingTable
 from flashlm.runtime.kv_cache import KVCache
+
+
+class ModelExecutor(Protocol):
+    """What an Engine drives: Executor here (onnxruntime, a GGUF), kernel_executor.KernelExecutor and
+    cuda_executor.CudaExecutor (a flash store). forward appends ids at kv.n_past and returns the logits of the last
+    position, or of every position with all_logits."""
+
+    kv: KVCache
+    vocab_size: int
+
+    def forward(self, ids: np.ndarray, all_logits: bool = False) -> np.ndarray: ...
+
+
+@runtime_checkable
+class SplitExecutor(ModelExecutor, Protocol):
+    """An executor that runs the layers and the head apart: hidden states once, then logits of chosen rows."""
+
+    def hidden(self, ids: np.ndarray) -> np.ndarray: ...
+
+    def logits(self, h, rows: np.ndarray) -> np.ndarray: ...
 
 
 class Executor:
@@ -215,7 +236,7 @@ class Engine:
         pass (`hidden`, then `logits` of chosen rows: the flash-store executors) computes SCORE_LOGITS_BYTES of
         logits rows at a time; the others give a batch's logits at once (n_batch x vocab)."""
         n, ex = len(ids), self.executor
-        split = hasattr(ex, "hidden") and hasattr(ex, "logits")
+        split = isinstance(ex, SplitExecutor)
         group = max(1, SCORE_LOGITS_BYTES // (4 * ex.vocab_size))
         out = []
         with self.lock:

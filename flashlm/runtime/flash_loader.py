@@ -1,4 +1,5 @@
-"""Loading a .flash store under a memory budget: plan -> resident attention rows -> streamed FFN and head.
+"""Loading a .flash store under a memory budget: plan (flash_store/planner.py) -> resident attention rows ->
+streamed FFN and head.
 
 Everything runs on the bundle kernel (runtime/kernel_executor.py): attention matrices stay in their GGUF bytes,
 the FFN streams through the neuron caches, the output matrix is resident or streamed as the plan says.
@@ -7,18 +8,16 @@ the FFN streams through the neuron caches, the output matrix is resident or stre
 from __future__ import annotations
 
 import mmap
-from dataclasses import replace
 from types import ModuleType
 
 import numpy as np
-import psutil
 
-from flashlm.errors import BudgetError, InvalidOptionError
-from flashlm.flash_store.head_sketch import (DEFAULT_CACHE_ROWS, DEFAULT_CANDIDATES, STREAMING_CACHE_ROWS, SketchHead,
-                                      sketch_bytes)
+from flashlm.flash_store.head_sketch import SketchHead
 from flashlm.flash_store.io_engine import FlashReader
-from flashlm.flash_store.planner import FlashPlan, plan_flash
-from flashlm.flash_store.predictor import resolve_sparsity, scorer_bytes
+from flashlm.flash_store.planner import (HEAD_SLICE_ROWS, HEAD_STREAM_DEPTH, KV_DTYPE, FlashPlan, attention_names,
+                                         gpu_plan_for, plan_for)
+from flashlm.flash_store.predictor import resolve_sparsity
+from flashlm.models import output_matrix
 from flashlm.flash_store.reader import FlashStore
 from flashlm.options import LoadOptions
 from flashlm.quant.formats import dequantize
@@ -28,97 +27,6 @@ from flashlm.runtime.kv_cache import KVCache
 from flashlm.runtime.streaming import StreamedFFN, StreamedHead
 from flashlm.loaders.gguf_reader import GGUFFile, GGMLQuantizationType as QT
 from flashlm.quant.weights import require, vector
-
-HEAD_SLICE_ROWS = 4096
-HEAD_STREAM_DEPTH = 4  # slices of a streamed output matrix in flight: one computed while the next ones are read
-KV_DTYPE = np.float16  # attention runs in numpy here: a half-size cache, as llama.cpp's default
-
-
-def output_matrix(f: GGUFFile):
-    """The output matrix's TensorInfo: its own, or the token embedding when tied."""
-    return f.tensors.get("output.weight") or f.tensors["token_embd.weight"]
-
-
-def _attention_names(family: ModuleType, i: int) -> list[str]:
-    return [family.layer_name(k, i) for k in ("q", "k", "v", "o")]
-
-
-def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: LoadOptions, n_ctx: int,
-             baseline: int | None = None, gpu_resident: bool = False) -> FlashPlan:
-    """gpu_resident: attention, output matrix and KV cache live on the GPU (--device cuda); the host plan then
-    counts only what stays in host memory (its hot neurons are the pinned tier). output_head "auto": the exact
-    matrix where the budget keeps everything resident, else whichever streams fewer bytes per token
-    (plan.output_head says which)."""
-    if opts.output_head == "auto":
-        return _auto_head_plan(f, family, args, store, opts, n_ctx, baseline or psutil.Process().memory_info().rss,
-                               gpu_resident)
-    attention = sum(f.tensors[n].nbytes for i in range(args.n_layers) for n in _attention_names(family, i))
-    info = output_matrix(f)
-    head_bytes, head_rows = info.nbytes, info.shape[0]
-    if gpu_resident:
-        attention, head_bytes = 0, 0
-    sketch = opts.output_head == "sketch"  # resident sketch + row cache instead of the matrix: nothing streams in bulk
-    head_stream = 0 if gpu_resident else HEAD_STREAM_DEPTH * (HEAD_SLICE_ROWS * (info.nbytes // info.shape[0]) + 2 * 4096)
-    kv_per_token = 0 if gpu_resident else 2 * args.n_layers * args.n_kv_heads * args.head_dim * np.dtype(KV_DTYPE).itemsize
-    if opts.sparsity and store.group > 1:
-        raise InvalidOptionError(f"--sparsity needs a flash store with one record per neuron; this one has blocks of "
-                                 f"{store.group} (convert with --bundle neuron)")
-    scorer = scorer_bytes(store, opts.sparsity_score) if opts.sparsity else 0
-    baseline = baseline or psutil.Process().memory_info().rss
-
-    def plan(head_bytes: int) -> FlashPlan:
-        return plan_flash(budget=opts.memory_budget, baseline=baseline, attention_bytes=attention,
-                          head_bytes=head_bytes, n_layers=args.n_layers, n_ff=store.n_records,
-                          record_bytes=store.record_bytes, kv_bytes_per_token=kv_per_token, n_ctx=n_ctx,
-                          batch_size=opts.batch_size, n_heads=args.n_heads, head_stream_bytes=head_stream,
-                          head_rows=head_rows, scorer_bytes=scorer, head_streamable=not sketch, group=store.group)
-
-    if not sketch:
-        return replace(plan(head_bytes), output_head=opts.output_head)
-
-    def sketch_plan(rows: int) -> FlashPlan:
-        p = plan(sketch_bytes(info.shape[0], args.d_model, info.nbytes // info.shape[0], rows))
-        return replace(p, output_head="sketch", sketch_cache_rows=rows)
-
-    # The exact-row cache shrinks where the FFN streams (its memory goes to FFN records), and to one token's
-    # candidates where nothing larger fits.
-    for rows in (DEFAULT_CACHE_ROWS, STREAMING_CACHE_ROWS):
-        try:
-            p = sketch_plan(rows)
-        except BudgetError:
-            continue
-        if p.hot_neurons == p.n_ff or rows == STREAMING_CACHE_ROWS:
-            return p
-    return sketch_plan(DEFAULT_CANDIDATES)  # the budget error, if even this does not fit
-
-
-def _auto_head_plan(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: LoadOptions, n_ctx: int,
-                    baseline: int, gpu_resident: bool) -> FlashPlan:
-    """output_head "auto": the exact matrix when nothing needs streaming, else the head (exact or sketch) whose
-    plan streams fewer bytes per token. SmolLM2 at 150 MB: exact keeps the 30 MB matrix but only 448 of 1,536
-    neurons per layer (44 MB of reads per token, 22.3 tok/s); the sketch leaves room for 832 (28.5 MB, 28.8 tok/s)."""
-    def plan(head):
-        return plan_for(f, family, args, store, replace(opts, output_head=head), n_ctx, baseline, gpu_resident)
-
-    def attempt(head):
-        try:
-            return plan(head)
-        except BudgetError:
-            return None
-
-    info = output_matrix(f)
-    row_bytes = info.nbytes // info.shape[0]
-
-    def streamed(p):
-        return (p.n_ff - p.hot_neurons) * p.record_bytes * p.n_layers + (p.head_rows - p.head_resident_rows) * row_bytes
-
-    exact = attempt("exact")
-    if gpu_resident or (exact is not None and streamed(exact) == 0):
-        return exact if exact is not None else plan("exact")  # (raises the budget error)
-    sketch = attempt("sketch")
-    fitting = [p for p in (exact, sketch) if p is not None]
-    return min(fitting, key=streamed) if fitting else plan("sketch")  # ties: exact; none fits: the sketch's error
-
 
 def _row_matrix(f: GGUFFile, name: str, bias_name: str | None) -> RowMatrix:
     info = require(f, name)
@@ -130,7 +38,7 @@ def _row_matrix(f: GGUFFile, name: str, bias_name: str | None) -> RowMatrix:
 
 
 def load_attention(f: GGUFFile, family: ModuleType, args, i: int) -> AttentionWeights:
-    q, k, v, o = _attention_names(family, i)
+    q, k, v, o = attention_names(family, i)
     parts = [_row_matrix(f, name, family.layer_name(f"{key}_bias", i)) for name, key in ((q, "q"), (k, "k"), (v, "v"))]
     if len({(p.qtype, p.rows.dtype) for p in parts}) == 1:  # one stacked matrix: one kernel call per layer
         biases = [p.bias for p in parts]
@@ -180,22 +88,6 @@ def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: 
     embed = family.load_embedding(f, args)
     f._mmap.madvise(mmap.MADV_DONTNEED)
     return KernelExecutor(family, args, layers, kernel, ffn, head, embed, kv, rope), plan
-
-
-def gpu_plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: LoadOptions, n_ctx: int,
-                 naive: bool = False):
-    """(host plan, GPU plan) for --device cuda: arithmetic only (no CUDA needed, so `flashlm info` can show it)."""
-    from flashlm.quant.cuda_kernels import GpuRecords, gpu_matrix_bytes
-    from flashlm.runtime.cuda_executor import plan_gpu
-
-    host_plan = plan_for(f, family, args, store, opts, n_ctx, gpu_resident=True)
-    matrices = [f.tensors[n] for i in range(args.n_layers) for n in _attention_names(family, i)] + [output_matrix(f)]
-    resident = sum(gpu_matrix_bytes(t.ggml_type, t.shape[0], t.shape[1]) for t in matrices)  # as the GPU holds them
-    kv_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 2 * n_ctx
-    plan = plan_gpu(opts.gpu_memory_budget, 0 if naive else host_plan.hot_neurons, store.n_records,
-                    store.record_bytes, args.n_layers, resident, kv_bytes, naive=naive,
-                    gpu_rb=GpuRecords.of(store.layout).record_bytes)
-    return host_plan, replace(plan, group=store.group)
 
 
 def load_cuda_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: LoadOptions, n_ctx: int,

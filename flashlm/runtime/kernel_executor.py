@@ -11,6 +11,8 @@ resident and what was streamed.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
 from flashlm.quant.weights import EmbeddingTable
@@ -101,6 +103,31 @@ def attend(a, q, k, v, keys, values, start: int, cos, sin, window: int, xp=np):
     probs = xp.exp(scores)
     probs /= probs.sum(-1, keepdims=True)
     return (probs @ vv).reshape(a.n_heads, n, a.head_dim).transpose(1, 0, 2).reshape(n, -1)
+
+
+class FFNSource(Protocol):
+    """A flash-store executor's FFN: runtime/streaming.py's StreamedFFN (CPU), cuda_executor.GpuFFN (CUDA)."""
+
+    n_layers: int
+
+    def begin(self, n_tokens: int = 1) -> None:
+        """A forward pass of n_tokens starts (reads for layer 0 may be issued)."""
+
+    def run(self, i: int, x, y) -> None:
+        """y (S, d) += FFN of layer i of x (S, d), in place."""
+
+    def close(self) -> None: ...
+
+
+class OutputHead(Protocol):
+    """A flash-store executor's output matrix: streaming.StreamedHead, head_sketch.SketchHead, cuda_executor.GpuHead.
+    output_norm: the final norm's weight (the executor applies it)."""
+
+    output_norm: np.ndarray
+    io_wait_s: float
+
+    def run(self, normed, rows: np.ndarray, out: np.ndarray) -> None:
+        """out (R, vocab) = logits of rows (R,) of the normed hidden states (S, d)."""
 
 
 class ArrayOps:
@@ -197,8 +224,8 @@ class KernelExecutor:
     xp = np
     ops_class = KernelOps
 
-    def __init__(self, family, args, layers: list[AttentionWeights], kernel: BundleKernel, ffn, head,
-                 embed: EmbeddingTable, kv: KVCache, rope: dict[str, np.ndarray]):
+    def __init__(self, family, args, layers: list[AttentionWeights], kernel: BundleKernel, ffn: FFNSource,
+                 head: OutputHead, embed: EmbeddingTable, kv: KVCache, rope: dict[str, np.ndarray]):
         self.family, self.args, self.layers, self.kernel, self.ffn, self.head_stream = family, args, layers, kernel, \
             ffn, head
         self.embed, self.kv, self.vocab_size = embed, kv, args.vocab_size

@@ -25,7 +25,8 @@ from flashlm.options import LoadOptions
 from flashlm.runtime.executor import Engine, Executor
 from flashlm.runtime.kv_cache import KVCache
 from flashlm.quant.onnx_graph import GraphBuilder
-from flashlm.runtime.flash_loader import load_cuda_executor, load_flash_executor, output_matrix
+from flashlm.models import output_matrix
+from flashlm.runtime.flash_loader import load_cuda_executor, load_flash_executor
 from flashlm.loaders.gguf_reader import GGUFFile
 
 
@@ -108,9 +109,7 @@ def load_model(path: str, opts: LoadOptions, taps: tuple[str, ...] = (), load_to
                 raise InvalidOptionError("--sparsity is not available with --device cuda yet")
             try:
                 executor, plan = load_cuda_executor(path, f, family, args, opts, n_ctx, threads)
-            except Exception as e:  # CuPy's pool refused an allocation: the GPU budget, with what loading needs
-                if type(e).__name__ != "OutOfMemoryError":
-                    raise
+            except MemoryError as e:  # CuPy's pool refused an allocation (its OutOfMemoryError is a MemoryError)
                 budget = opts.gpu_memory_budget
                 what = f"the GPU memory budget ({budget / 1e6:.0f} MB)" if budget else "the GPU's memory"
                 raise BudgetError(f"{what} ran out while loading {os.path.basename(path)}: "

@@ -22,7 +22,7 @@ from flashlm.flash_store.io_engine import ALIGN, FlashReader, IOStats, aligned_b
 from flashlm.flash_store.planner import FlashPlan
 from flashlm.flash_store.predictor import PAGE, NeuronScorer, keep_count, page_runs, select, topk_mask
 from flashlm.flash_store.reader import FlashStore
-from flashlm.flash_store.neuron_cache import NeuronWindowCache
+from flashlm.flash_store.residency import NeuronWindowCache
 from flashlm.quant.bundle_kernel import BLAS_MIN_TOKENS, BundleKernel, rows_matvec
 
 
@@ -65,6 +65,8 @@ class StreamedFFN:
         # instead of a fixed top-k; `sparsity` is then the expected share skipped
         self.thresholds = thresholds
         self.stats = FFNStats()
+        # callables observe(i, x) told each layer's FFN input before it is computed (calibration, lab tables)
+        self.observers: list = []
         self.caches: list[NeuronWindowCache] = []
         gate_rows, up_rows = self._load_hot_sets(score if sparsity > 0 and score != "predictor" else None)
         predictor = [store.predictor(i) for i in range(len(store.layers))] \
@@ -117,7 +119,7 @@ class StreamedFFN:
                 gate_rows.append(np.ascontiguousarray(records.reshape(n_ff, rb)[:, g]))
             if up_rows is not None:
                 up_rows.append(np.ascontiguousarray(records.reshape(n_ff, rb)[:, u]))
-            cache = NeuronWindowCache(hot, rb, n_ff, window=1 << 30)
+            cache = NeuronWindowCache(hot, rb, n_ff)  # the pinned hot prefix
             if hot:
                 cache.insert(np.arange(hot), records[: hot * rb].reshape(hot, rb), step=0, pin=True)
             self.caches.append(cache)
@@ -147,6 +149,8 @@ class StreamedFFN:
 
     def run(self, i: int, x: np.ndarray, y: np.ndarray) -> None:
         """y (S, d) += FFN_i(x (S, d)); both float32 C-contiguous."""
+        for observe in self.observers:
+            observe(i, x)
         if self._token_wise:
             for s in range(x.shape[0]):
                 self._run_sparse(i, x[s:s + 1], y[s:s + 1])

@@ -103,7 +103,7 @@ def worker(engine: str, path: str, n_gen: int, threads: int, ctx: int, budget: i
             holder["logits"] = m.engine.step(tok)
     tok = int(np.argmax(logits()))
     out = [tok]
-    ffn = getattr(m.engine.executor, "ffn", None) if engine == "flashlm" else None
+    ffn = m.engine.executor.ffn if engine == "flashlm" and m.plan is not None else None
     before = ffn.stats.copy() if ffn else None
     usage = resource.getrusage(resource.RUSAGE_SELF)
     t = time.perf_counter()
@@ -122,7 +122,7 @@ def worker(engine: str, path: str, n_gen: int, threads: int, ctx: int, budget: i
     if ffn:
         d = ffn.stats.since(before)
         io = d.io
-        plan = m._loaded.plan
+        plan = m.plan
         result.update(read_mb_per_token=io.bytes_read / (n_gen - 1) / 1e6, reads_per_token=io.reads / (n_gen - 1),
                       effective_read_mb_s=io.effective_mb_s, hot_neurons=plan.hot_neurons * plan.group,
                       head_resident=plan.head_resident, ffn_computed=d.neurons_used / max(1, d.calls * plan.n_ff),

@@ -61,20 +61,18 @@ def collect_ffn_inputs(model, ids: list[int], progress: Callable[[int, int], Non
     """Run the store (fully resident) over ids in CHUNK-token passes; per layer the FFN inputs (T, d_model)."""
     ffn = model.engine.executor.ffn
     seen: dict[int, list[np.ndarray]] = {i: [] for i in range(ffn.n_layers)}
-    original = ffn.run
 
-    def recording(i, x, y):
+    def record(i, x):
         seen[i].append(np.array(x, np.float32))
-        return original(i, x, y)
 
-    ffn.run = recording
+    ffn.observers.append(record)
     try:
         for start in range(0, len(ids), CHUNK):
             model.score(ids[start:start + CHUNK])
             if progress:
                 progress(min(start + CHUNK, len(ids)), len(ids))
     finally:
-        ffn.run = original
+        ffn.observers.remove(record)
     return [np.concatenate(seen[i]) for i in range(ffn.n_layers)]
 
 

@@ -35,7 +35,7 @@ def convert_gguf(src: str, dst: str, calibration_text: str | None = None, force:
     if calibration is None and calibration_text != "none":
         calibration = activation_statistics(src, calibration_text,
                                             progress=lambda d, t: _progress(d, t, "calibrating"))
-    return writer.convert(src, dst, calibration, force=force, bundle=bundle)
+    return writer.write_store(src, dst, calibration, force=force, bundle=bundle)
 
 
 def convert_hf(src_dir: str, dst: str, quant: str = hf.DEFAULT_QUANT, force: bool = False,

@@ -26,7 +26,7 @@ def _mb(n: int) -> str:
 def _plan_lines(path, f, family, args, budget, ctx_size, device="cpu", gpu_budget=None,
                 output_head="exact") -> list[str]:
     from flashlm.flash_store.reader import FlashStore, is_flash_store
-    from flashlm.runtime.flash_loader import plan_for
+    from flashlm.flash_store.planner import plan_for
     from flashlm.loaders.tokenizer import Tokenizer
     from flashlm.options import LoadOptions
 
@@ -46,7 +46,7 @@ def _plan_lines(path, f, family, args, budget, ctx_size, device="cpu", gpu_budge
         head.append(f"predictor     rank {store.predictor_rank}, {scorer_bytes(store, 'predictor') / 1e6:.1f} MB "
                     f"(--sparsity-score predictor): {f.get(KEY_PREDICTOR)}")
     if device == "cuda":
-        from flashlm.runtime.flash_loader import gpu_plan_for
+        from flashlm.flash_store.planner import gpu_plan_for
 
         _, gpu = gpu_plan_for(f, family, args, store, opts, ctx_size or args.n_ctx_train)
         return head + ["device plan   " + gpu.describe(),

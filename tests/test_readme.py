@@ -1,0 +1,18 @@
+"""The README's Python snippet runs as written (on the default model)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_python_snippet_runs_as_written(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    assert "Paris" in capsys.readouterr().out  # the greedy answer to its first prompt
+    assert namespace["logits"].shape == (len(namespace["ids"]), namespace["model"].info()["vocab_size"])
+    namespace["model"].close()
