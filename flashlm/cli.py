@@ -54,7 +54,7 @@ def _resolve_model(path: str | None) -> str:
     return path
 
 
-MODEL_KEYS = ("model", "ctx_size", "threads", "batch_size", "memory_budget", "io_threads", "sparsity", "sparsity_score", "output_head",
+MODEL_KEYS = ("model", "ctx_size", "threads", "batch_size", "memory_budget", "io_threads", "sparsity", "sparsity_score", "window", "output_head",
               "device", "gpu_memory_budget", "verbose")
 SAMPLING_KEYS = ("n_predict", "temp", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed", "stop",
                  "ctx_overflow", "ignore_eos")
@@ -88,6 +88,9 @@ def model_options(f):
                      default=_L.sparsity_score, show_default=True,
                      help="How neurons are ranked: exact |act(gate)*up|, CATS |act(gate)|, or the low-rank "
                           "predictor `flashlm calibrate` stored in the .flash."),
+        click.option("--window", type=int, default=_L.window, show_default=True,
+                     help="With --sparsity: keep the neurons used by the last K tokens in memory (the paper's "
+                          "sliding window), so each token reads only the selected neurons not among them."),
         click.option("--output-head", type=click.Choice(["exact", "sketch", "auto"]), default=_L.output_head,
                      show_default=True, help="Output matrix of a .flash model under a budget: exact (stream what "
                      "does not fit), sketch (1-bit sketch + exact candidate rows; approximate, see README) or auto "
@@ -129,7 +132,8 @@ def _load(kw: dict):
 
     return load(_resolve_model(kw["model"]), ctx_size=kw["ctx_size"], threads=kw["threads"],
                 batch_size=kw["batch_size"], memory_budget=kw["memory_budget"], io_threads=kw["io_threads"],
-                sparsity=kw["sparsity"], sparsity_score=kw["sparsity_score"], output_head=kw["output_head"],
+                sparsity=kw["sparsity"], sparsity_score=kw["sparsity_score"], window=kw["window"],
+                output_head=kw["output_head"],
                 device=kw["device"], gpu_memory_budget=kw["gpu_memory_budget"], verbose=kw["verbose"])
 
 
@@ -159,7 +163,9 @@ def _print_stats(model, timings) -> None:
             f"flash reads  = {flash.bytes_read / n / 1e6:10.2f} MB / token in {flash.reads / n:.1f} reads "
             f"(mean {mean_read / 1024:.0f} KiB, effective {mbps:.0f} MB/s)",
             f"neuron cache = {flash.hit_rate:10.1%} hit rate ({flash.hot_neurons} hot neurons per layer; "
-            f"{flash.used_fraction:.0%} of the FFN computed per token)",
+            f"{flash.used_fraction:.0%} of the FFN computed per token)"
+            + (f"; sliding window {flash.window_hit_rate:.1%} hit rate, {flash.rows_moved / n:.1f} rows moved per token"
+               if flash.window_hit_rate is not None else ""),
             f"per token    = {flash.io_wait_ms / n:10.2f} ms I/O wait, {flash.manage_ms / n:.2f} ms memory "
             f"management, {flash.compute_ms / n:.2f} ms FFN compute, {flash.other_ms / n:.2f} ms other compute",
         ]

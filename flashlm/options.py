@@ -72,6 +72,9 @@ class LoadOptions:
     # (flash_store/predictor.py: "exact" or "cats").
     sparsity: float | str = "off"
     sparsity_score: str = "exact"
+    # With sparsity: neurons used by the last `window` tokens stay in memory (the paper's sliding window), so a
+    # token reads only the selected neurons not among them; 0: none kept beyond the hot ones
+    window: int = 0
     # Output matrix of a flash store: "exact" (resident, or streamed in full where the budget says so), "sketch"
     # (flash_store/head_sketch.py: a 1-bit sketch picks candidates, their exact rows give their logits) or "auto"
     # (exact where the budget keeps the whole matrix resident, else sketch).
@@ -87,6 +90,7 @@ class LoadOptions:
         _check(isinstance(self.ctx_size, int) and self.ctx_size >= 0, f"ctx_size must be >= 0, got {self.ctx_size!r}")
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
                f"batch_size must be >= 1, got {self.batch_size!r}")
+        _check(isinstance(self.window, int) and self.window >= 0, f"window must be >= 0, got {self.window!r}")
         _check(isinstance(self.io_threads, int) and self.io_threads >= 1,
                f"io_threads must be >= 1, got {self.io_threads!r}")
         for name in ("memory_budget", "gpu_memory_budget"):

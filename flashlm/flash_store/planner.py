@@ -23,7 +23,7 @@ import psutil
 
 from flashlm.errors import BudgetError, InvalidOptionError
 from flashlm.flash_store.head_sketch import DEFAULT_CACHE_ROWS, DEFAULT_CANDIDATES, STREAMING_CACHE_ROWS, sketch_bytes
-from flashlm.flash_store.predictor import scorer_bytes
+from flashlm.flash_store.predictor import resolve_sparsity, scorer_bytes
 from flashlm.flash_store.reader import FlashStore
 from flashlm.loaders.gguf_reader import GGUFFile
 from flashlm.models import output_matrix
@@ -62,6 +62,7 @@ class FlashPlan:
     output_head: str = "exact"  # "exact" (the matrix, resident or streamed) or "sketch" (head_sketch.py)
     group: int = 1  # neurons per record (format.RecordLayout)
     sketch_cache_rows: int = 0  # output_head "sketch": rows of its exact-row cache (head_sketch.py)
+    window_rows: int = 0  # records per layer the sliding window may hold beside the hot ones (residency.py)
 
     @property
     def head_resident(self) -> bool:
@@ -69,7 +70,7 @@ class FlashPlan:
 
     @property
     def cache_bytes(self) -> int:
-        return self.hot_neurons * self.record_bytes * self.n_layers
+        return (self.hot_neurons + self.window_rows) * self.record_bytes * self.n_layers
 
     @property
     def total_bytes(self) -> int:
@@ -88,7 +89,9 @@ class FlashPlan:
                  f"  KV cache (full context)                       {mb(self.kv_bytes)}",
                  f"  {f'activation scratch (batch {self.batch_size})':<46}{mb(self.scratch_bytes)}",
                  f"  {f'FFN hot neurons {self.hot_neurons * self.group}/{self.n_ff * self.group} per layer':<46}"
-                 f"{mb(self.cache_bytes)}",
+                 f"{mb(self.hot_neurons * self.record_bytes * self.n_layers)}",
+                 *([f"  {f'FFN sliding window, up to {self.window_rows} per layer':<46}"
+                    f"{mb(self.window_rows * self.record_bytes * self.n_layers)}"] if self.window_rows else []),
                  f"  I/O buffers                                   {mb(self.io_buffer_bytes)}",
                  f"  total                                         {mb(self.total_bytes)}",
                  f"  streamed per token: {self.streamed_fraction:.0%} of the FFN "
@@ -108,9 +111,11 @@ class FlashPlan:
 def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_bytes: int,
                n_layers: int, n_ff: int, record_bytes: int, kv_bytes_per_token: int, n_ctx: int, batch_size: int,
                n_heads: int, head_stream_bytes: int, head_rows: int, scorer_bytes: int = 0,
-               head_streamable: bool = True, group: int = 1) -> FlashPlan:
+               head_streamable: bool = True, group: int = 1, window_rows: int = 0) -> FlashPlan:
     """FFN neurons stream first; only if even a fully streamed FFN does not fit, the output matrix streams too.
-    n_ff and record_bytes count records (a record holds `group` neurons)."""
+    n_ff and record_bytes count records (a record holds `group` neurons). window_rows: records per layer a
+    sliding window would hold beside the hot ones: paid before hot records, as far as the budget allows (a window
+    never makes a budget unworkable)."""
     align = max(1, HOT_ALIGN // group)
     head_row_bytes = head_bytes // head_rows
     kv = kv_bytes_per_token * n_ctx
@@ -121,13 +126,13 @@ def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_
     scratch = SCRATCH_BYTES + batch * n_ctx * n_heads * 4
     attention = attention_bytes + scorer_bytes
 
-    def plan(hot: int, head_resident: bool | int) -> FlashPlan:
+    def plan(hot: int, head_resident: bool | int, window: int = 0) -> FlashPlan:
         """head_resident: True (all rows), False (none) or a number of resident rows."""
         rows = head_rows if head_resident is True else int(head_resident)
         io = 0 if hot >= n_ff else 2 * ((n_ff - hot) * record_bytes + 2 * 4096)
         resident = attention + rows * head_row_bytes + (0 if rows >= head_rows else head_stream_bytes)
         return FlashPlan(budget, baseline, resident, kv, scratch, io, hot, rows, head_rows, n_ff, n_layers,
-                         record_bytes, batch, group=group)
+                         record_bytes, batch, group=group, window_rows=min(window, n_ff - hot))
 
     if budget is None or plan(n_ff, True).total_bytes <= budget:
         return plan(n_ff, True)
@@ -138,12 +143,13 @@ def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_
                           f"budget is {-(-smallest.total_bytes // MB)} MB at a context of {n_ctx} tokens "
                           f"(baseline {baseline / MB:.0f} MB, resident {smallest.resident_bytes / MB:.0f} MB, "
                           f"KV cache {kv / MB:.0f} MB; a smaller -c lowers it)")
-    spare = budget - plan(0, head_resident).total_bytes + 2 * n_ff * record_bytes
+    window = min(window_rows, (budget - plan(0, head_resident).total_bytes) // (n_layers * record_bytes))
+    spare = budget - plan(0, head_resident, window).total_bytes + 2 * n_ff * record_bytes
     hot = min(n_ff, max(0, spare // (record_bytes * max(1, n_layers - 2))) // align * align)
-    while hot > 0 and plan(hot, head_resident).total_bytes > budget:
+    while hot > 0 and plan(hot, head_resident, window).total_bytes > budget:
         hot -= align
     if hot < n_ff or head_resident:
-        return plan(max(0, hot), head_resident)
+        return plan(max(0, hot), head_resident, window)
     rows = (budget - plan(n_ff, False).total_bytes) // head_row_bytes // HEAD_ROW_ALIGN * HEAD_ROW_ALIGN
     return plan(n_ff, min(max(0, rows), head_rows - 1))
 
@@ -151,6 +157,16 @@ def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_
 # -- a model's plan: CPU, GPU and output head placement ---------------------------------------------------
 def attention_names(family: ModuleType, i: int) -> list[str]:
     return [family.layer_name(k, i) for k in ("q", "k", "v", "o")]
+
+
+def window_rows(store: FlashStore, activation: str, opts: LoadOptions) -> int:
+    """Records per layer a sliding window of opts.window tokens may hold: that many tokens' expected selections
+    (predictor.resolve_sparsity's expected share kept, with a quarter more for the spread between tokens)."""
+    if not opts.window or not opts.sparsity:
+        return 0
+    fraction, _ = resolve_sparsity(opts.sparsity, store, activation, opts.sparsity_score)
+    per_token = (1.0 - fraction) * store.n_records
+    return min(store.n_records, int(opts.window * per_token * 1.25))
 
 
 def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: LoadOptions, n_ctx: int,
@@ -174,6 +190,7 @@ def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: Loa
         raise InvalidOptionError(f"--sparsity needs a flash store with one record per neuron; this one has blocks of "
                                  f"{store.group} (convert with --bundle neuron)")
     scorer = scorer_bytes(store, opts.sparsity_score) if opts.sparsity else 0
+    window = window_rows(store, family.ffn_activation(args), opts)
     baseline = baseline or psutil.Process().memory_info().rss
 
     def plan(head_bytes: int) -> FlashPlan:
@@ -181,7 +198,8 @@ def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: Loa
                           head_bytes=head_bytes, n_layers=args.n_layers, n_ff=store.n_records,
                           record_bytes=store.record_bytes, kv_bytes_per_token=kv_per_token, n_ctx=n_ctx,
                           batch_size=opts.batch_size, n_heads=args.n_heads, head_stream_bytes=head_stream,
-                          head_rows=head_rows, scorer_bytes=scorer, head_streamable=not sketch, group=store.group)
+                          head_rows=head_rows, scorer_bytes=scorer, head_streamable=not sketch, group=store.group,
+                          window_rows=window)
 
     if not sketch:
         return replace(plan(head_bytes), output_head=opts.output_head)

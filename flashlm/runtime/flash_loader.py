@@ -79,7 +79,7 @@ def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: 
                                 HEAD_STREAM_DEPTH)
         fraction, thresholds = resolve_sparsity(opts.sparsity, store, family.ffn_activation(args),
                                                 opts.sparsity_score)
-        ffn = StreamedFFN(store, reader, plan, kernel, fraction, opts.sparsity_score, thresholds)
+        ffn = StreamedFFN(store, reader, plan, kernel, fraction, opts.sparsity_score, thresholds, opts.window)
     except BaseException:
         reader.close()
         raise

@@ -14,7 +14,7 @@ KeyboardInterrupt) leaves no read running into a buffer the next pass uses.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -33,18 +33,18 @@ class FFNStats:
     compute_s: float = 0.0  # bundle kernel time
     manage_s: float = 0.0  # cache bookkeeping and read issue
     neurons_used: int = 0
-    neurons_from_cache: int = 0
+    neurons_from_cache: int = 0  # hot (pinned) or held by the sliding window
+    window_lookups: int = 0  # selected cold neurons looked up in the sliding window
+    window_hits: int = 0  # ... and found there
+    rows_moved: int = 0  # window deletions that moved the last row into a hole
     io: IOStats = field(default_factory=IOStats)
 
     def copy(self) -> "FFNStats":
-        return FFNStats(self.calls, self.io_wait_s, self.compute_s, self.manage_s, self.neurons_used,
-                        self.neurons_from_cache, self.io.snapshot())
+        return replace(self, io=self.io.snapshot())
 
     def since(self, before: "FFNStats") -> "FFNStats":
-        return FFNStats(self.calls - before.calls, self.io_wait_s - before.io_wait_s,
-                        self.compute_s - before.compute_s, self.manage_s - before.manage_s,
-                        self.neurons_used - before.neurons_used, self.neurons_from_cache - before.neurons_from_cache,
-                        self.io.since(before.io))
+        counters = {f.name: getattr(self, f.name) - getattr(before, f.name) for f in fields(self) if f.name != "io"}
+        return FFNStats(**counters, io=self.io.since(before.io))
 
 SPARSE_READ_MAX_COVERAGE = 0.75
 
@@ -56,8 +56,10 @@ class StreamedFFN:
     both compute the same sum."""
 
     def __init__(self, store: FlashStore, reader: FlashReader, plan: FlashPlan, kernel: BundleKernel,
-                 sparsity: float = 0.0, score: str = "exact", thresholds: np.ndarray | None = None):
+                 sparsity: float = 0.0, score: str = "exact", thresholds: np.ndarray | None = None,
+                 window: int = 0):
         self.store, self.reader, self.plan, self.kernel = store, reader, plan, kernel
+        self.window = window  # tokens whose selected neurons stay cached (plan.window_rows records per layer)
         n_ff, rb, hot = plan.n_ff, store.record_bytes, plan.hot_neurons
         self.hot, self.n_ff, self.record_bytes = hot, n_ff, rb
         self.sparsity, self.keep = sparsity, keep_count(n_ff, sparsity)
@@ -98,6 +100,7 @@ class StreamedFFN:
             self.addresses.append(per_parity)
         self._pending: dict[int, object] = {}
         self._token_wise = False
+        self._steps = np.zeros(len(store.layers), np.int64)  # tokens each layer has seen (the window's clock)
         self.n_layers = len(store.layers)
 
     def _lead(self, i: int) -> int:
@@ -119,7 +122,8 @@ class StreamedFFN:
                 gate_rows.append(np.ascontiguousarray(records.reshape(n_ff, rb)[:, g]))
             if up_rows is not None:
                 up_rows.append(np.ascontiguousarray(records.reshape(n_ff, rb)[:, u]))
-            cache = NeuronWindowCache(hot, rb, n_ff)  # the pinned hot prefix
+            # the pinned hot prefix, and room for the sliding window's records
+            cache = NeuronWindowCache(hot + self.plan.window_rows, rb, n_ff, self.window)
             if hot:
                 cache.insert(np.arange(hot), records[: hot * rb].reshape(hot, rb), step=0, pin=True)
             self.caches.append(cache)
@@ -210,27 +214,63 @@ class StreamedFFN:
         st.neurons_from_cache += cached
 
     def _run_sparse(self, i: int, x: np.ndarray, y: np.ndarray) -> None:
-        """One token: score, select, read the pages holding the selected cold records, compute those only."""
-        hot, rb = self.hot, self.record_bytes
+        """One token: score, select, read the pages holding the selected cold records that are not cached,
+        compute the selected ones only."""
         t0 = time.perf_counter()
         idx = self._pick(i, self.scorer.scores(self.kernel, i, x)[0])
-        n_hot = int(np.searchsorted(idx, hot))
+        n_hot = int(np.searchsorted(idx, self.hot))
+        addresses = self.addresses[i][0][idx]  # buffer-0 addresses: hot from the cache, cold where a read lands
+        read = idx[n_hot:]
+        if self.window:
+            read = self._from_window(i, read, addresses[n_hot:])
         t1 = time.perf_counter()
-        if n_hot < len(idx):  # the records land where a full cold-range read into buffer 0 would put them
-            buf, lead = self.buffers[0], self._lead(i)
-            rel = lead + (idx[n_hot:] - hot) * rb
-            base = self.store.layers[i].offset + hot * rb - lead  # aligned file offset of buffer byte 0
-            size = self.reader.file_size
-            futures = []
-            try:
-                for a, b in page_runs(rel, rb):
-                    futures.append(self.reader.read(base + a, min(b, size - base) - a, buf[a:b]))
-            finally:
-                wait_all(futures)  # every run read (or the first failure raised) before the kernel sees buf
+        self._read_cold(i, read)
+        if self.window:
+            self._keep_in_window(i, read)
         t2 = time.perf_counter()
         if len(idx):
-            self.kernel.run(self.addresses[i][0][idx], x, y)  # buffer-0 addresses: hot from the cache, cold as read
-        self._count(t2 - t1, t1 - t0, time.perf_counter() - t2, len(idx), n_hot)
+            self.kernel.run(addresses, x, y)
+        self._count(t2 - t1, t1 - t0, time.perf_counter() - t2, len(idx), len(idx) - len(read))
+
+    def _read_cold(self, i: int, ids: np.ndarray) -> None:
+        """Read the pages holding records `ids` (cold, ascending) where a full cold-range read into buffer 0 would
+        put them."""
+        if not len(ids):
+            return
+        hot, rb, lead = self.hot, self.record_bytes, self._lead(i)
+        rel = lead + (ids - hot) * rb
+        base = self.store.layers[i].offset + hot * rb - lead  # aligned file offset of buffer byte 0
+        size, buf = self.reader.file_size, self.buffers[0]
+        futures = []
+        try:
+            for a, b in page_runs(rel, rb):
+                futures.append(self.reader.read(base + a, min(b, size - base) - a, buf[a:b]))
+        finally:
+            wait_all(futures)  # every run read (or the first failure raised) before the kernel sees buf
+
+    def _from_window(self, i: int, cold: np.ndarray, addresses: np.ndarray) -> np.ndarray:
+        """A token of layer i: drop what the last `window` tokens did not use, point the selected cold records the
+        window holds at their cache rows (addresses, in place), and return the ones that must be read."""
+        cache, moved = self.caches[i], self.caches[i].rows_moved
+        self._steps[i] += 1
+        cache.evict(int(self._steps[i]))  # before the lookup: deleting moves rows
+        slots = cache.lookup(cold, int(self._steps[i]))
+        held = slots >= 0
+        st = self.stats
+        st.window_lookups, st.window_hits = st.window_lookups + len(cold), st.window_hits + int(held.sum())
+        st.rows_moved += cache.rows_moved - moved
+        addresses[held] = cache.base_address + slots[held].astype(np.uint64) * np.uint64(self.record_bytes)
+        return cold[~held]
+
+    def _keep_in_window(self, i: int, read: np.ndarray) -> None:
+        """Copy the records just read (computed from the read buffer this time) into the window, as many as it has
+        room for; appended rows, so the slots found by the lookup stay valid."""
+        cache, step = self.caches[i], int(self._steps[i])
+        n = min(len(read), cache.room())
+        if n:
+            rb, lead = self.record_bytes, self._lead(i)
+            cache.insert(read[:n], self.buffers[0][lead:lead + (self.n_ff - self.hot) * rb].reshape(-1, rb)[
+                read[:n] - self.hot], step)
 
     def close(self) -> None:
         self._drain()
@@ -306,6 +346,8 @@ class FlashTimings:
     hit_rate: float
     hot_neurons: int  # neurons (not records) per layer
     used_fraction: float = 1.0  # FFN neurons computed per token / n_ff (below 1 with --sparsity)
+    window_hit_rate: float | None = None  # --window: selected cold neurons found in the sliding window
+    rows_moved: int = 0  # --window: rows moved by the window's deletions
 
 
 def flash_timings(ffn: StreamedFFN, head: StreamedHead | None, before: FFNStats, head_wait_before: float,
@@ -318,4 +360,5 @@ def flash_timings(ffn: StreamedFFN, head: StreamedHead | None, before: FFNStats,
     return FlashTimings(tokens, d.io.bytes_read, d.io.reads, d.io.request_s, io_wait_ms, d.manage_s * 1e3,
                         d.compute_s * 1e3, max(0.0, forward_ms - accounted),
                         d.neurons_from_cache / d.neurons_used if d.neurons_used else 0.0, ffn.hot * ffn.plan.group,
-                        d.neurons_used / (d.calls * ffn.n_ff) if d.calls else 1.0)
+                        d.neurons_used / (d.calls * ffn.n_ff) if d.calls else 1.0,
+                        d.window_hits / d.window_lookups if d.window_lookups else None, d.rows_moved)
