@@ -37,6 +37,8 @@ FAMILIES = {
     "mistral": ("MistralConfig", {"sliding_window": 4096}, {}, torch.bfloat16),
     # transformers' Qwen2Tokenizer adds <|endoftext|>: the vocabulary is padded, as real Qwen2 checkpoints pad it
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True, "vocab_size": 400}, {}, torch.float16),
+    # QK-norm, no biases, head_dim (32) other than hidden / heads (16)
+    "qwen3": ("Qwen3Config", {"head_dim": 32, "tie_word_embeddings": True}, {}, torch.bfloat16),
     # 7 layers: local ones (window 8, shorter than the prompt) and global layer 5; scale 1/sqrt(head_dim)
     "gemma3_text": ("Gemma3TextConfig", {"num_hidden_layers": 7, "num_key_value_heads": 1, "head_dim": 32,
                                          "query_pre_attn_scalar": 32, "sliding_window": 8, "pad_token_id": 3,
@@ -201,17 +203,19 @@ def test_stream_decoder_on_hf_tokenizer(converted):
         assert "".join([decoder.add(t) for t in ids] + [decoder.flush()]) == text
 
 
-def test_flash_output(hf_dirs, tmp_path, reference):
-    path = str(tmp_path / "llama.flash")
-    report = convert_hf(hf_dirs["llama"], path, "q8_0", calibration_text="none")
-    assert report.path == path and not [p for p in os.listdir(tmp_path) if p != "llama.flash"]  # temp GGUF gone
-    ids, ref = reference["llama"]
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_flash_output(family, hf_dirs, tmp_path, reference):
+    """The .flash runs on the kernel executor: the family's layer over KernelOps (models/base.py)."""
+    path = str(tmp_path / f"{family}.flash")
+    report = convert_hf(hf_dirs[family], path, "q8_0", calibration_text="none")
+    assert report.path == path and not [p for p in os.listdir(tmp_path) if p != f"{family}.flash"]  # temp GGUF gone
+    ids, ref = reference[family]
     with flashlm.load(path, threads=2, ctx_size=128) as model:
         err = float(np.abs(model.logits(ids) - ref).max() / np.abs(ref).max())
-    print(f"\nllama q8_0 .flash: max |diff| / max |ref| = {err:.2e}")
+    print(f"\n{family} q8_0 .flash: max |diff| / max |ref| = {err:.2e}")
     assert err <= BOUNDS["q8_0"]
     with pytest.raises(FlashLMError, match="already exists"):
-        convert_hf(hf_dirs["llama"], path, "q8_0")
+        convert_hf(hf_dirs[family], path, "q8_0")
 
 
 # -- errors ----------------------------------------------------------------------------------------------------

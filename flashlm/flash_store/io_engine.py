@@ -4,7 +4,7 @@ adjacent records coalesced into one read, reads issued ahead (the next layer's w
 O_DIRECT keeps the model out of the page cache, so memory use is what the planner budgets and nothing silently
 grows beside it; where O_DIRECT is refused (tmpfs, some network filesystems) reads are buffered and followed by
 posix_fadvise(DONTNEED). Reads land in page-aligned buffers (anonymous mmap), as O_DIRECT requires.
-Measured here (../shared/MACHINE.md): 4 KiB random reads ~0.3-0.6 GB/s, 64 KiB ~2.0-2.5 GB/s, 256 KiB+ 2.4-4.5 GB/s:
+Measured on this project's machines (virtio disk, host-cached): 4 KiB random reads ~0.3-0.6 GB/s, 64 KiB ~2.0-2.5 GB/s, 256 KiB+ 2.4-4.5 GB/s:
 so each read is at least `min_read_bytes` and a large range is split across threads in chunks of `chunk_bytes`.
 
 Faults: a failed read (I/O error, end of file in a file truncated while in use) raises StorageError naming the

@@ -56,6 +56,10 @@ GEMMA3_LAYER_TENSORS = {
     "model.layers.{i}.pre_feedforward_layernorm.weight": "blk.{i}.ffn_norm.weight",
     "model.layers.{i}.post_feedforward_layernorm.weight": "blk.{i}.post_ffw_norm.weight",
 }
+QK_NORMS = {
+    "model.layers.{i}.self_attn.q_norm.weight": "blk.{i}.attn_q_norm.weight",
+    "model.layers.{i}.self_attn.k_norm.weight": "blk.{i}.attn_k_norm.weight",
+}
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # buffers some checkpoints save; recomputed from the config
 
 
@@ -96,6 +100,11 @@ FAMILIES: dict[str, HFFamily] = {
                         hidden_acts=FFN_ACTIVATIONS),
     "qwen2": HFFamily("qwen2", LLAMA_GLOBAL_TENSORS, {**LLAMA_LAYER_TENSORS, **QKV_BIASES}, permute_qk=False,
                       rope_types=("default", "linear"), hidden_acts=FFN_ACTIVATIONS),
+    # Qwen3 dense models: QK-norm, no attention biases, NEOX RoPE (models/qwen3.py)
+    "qwen3": HFFamily("qwen3", LLAMA_GLOBAL_TENSORS, {**LLAMA_LAYER_TENSORS, **QK_NORMS}, permute_qk=False,
+                      rope_types=("default", "linear"), required_config={"attention_bias": False,
+                                                                        "use_sliding_window": False},
+                      hidden_acts=FFN_ACTIVATIONS),
     # Gemma 3 text models (Gemma3ForCausalLM; the multimodal "gemma3" nests them under language_model): norms
     # stored as w where the model computes (1 + w), q/k norms and post-norms, tied embeddings (models/gemma3.py).
     "gemma3_text": HFFamily("gemma3", LLAMA_GLOBAL_TENSORS, GEMMA3_LAYER_TENSORS, permute_qk=False, norm_offset=1.0,

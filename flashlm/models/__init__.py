@@ -8,10 +8,10 @@ from types import ModuleType
 
 from flashlm.errors import UnsupportedModelError
 from flashlm.loaders.gguf_reader import GGUFFile
-from flashlm.models import gemma3, llama
+from flashlm.models import gemma3, llama, qwen3
 from flashlm.models.base import Metadata
 
-FAMILIES: list[ModuleType] = [llama, gemma3]
+FAMILIES: list[ModuleType] = [llama, gemma3, qwen3]
 
 
 def family_for(arch: str, path: str = "", where: str = "") -> ModuleType:

@@ -131,17 +131,10 @@ def rope_tables(f: GGUFFile, a: ModelArgs, n_positions: int) -> dict[str, np.nda
     return tables
 
 
-def attention(ops: Ops, a: ModelArgs, w, i: int, x):
-    """QK-norm: each head of q and k normed before RoPE."""
-    q, k, v = ops.qkv(i, w, x)
-    q, k = ops.head_norm(q, w.q_norm, a.norm_eps), ops.head_norm(k, w.k_norm, a.norm_eps)
-    return ops.linear(ops.attend(i, q, k, v), w.o)
-
-
 def layer(ops: Ops, a: ModelArgs, w, i: int, h):
     """Four norms: pre- and post-attention, pre- and post-FFN (the post-norms before the residual adds)."""
     x = ops.norm(h, w.attn_norm, a.norm_eps)
-    attn = ops.norm(attention(ops, a, w, i, x), w.post_attn_norm, a.norm_eps)
+    attn = ops.norm(llama.attention_qk_norm(ops, a, w, i, x), w.post_attn_norm, a.norm_eps)
     x, h = ops.add_norm(attn, h, w.ffn_norm, a.norm_eps)
     return ops.add(ops.norm(ops.ffn(i, w, x), w.post_ffw_norm, a.norm_eps), h)
 

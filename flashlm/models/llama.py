@@ -187,7 +187,14 @@ def attention(ops: Ops, a: ModelArgs, w, i: int, x):
     return ops.linear(ops.attend(i, q, k, v), w.o)
 
 
-def layer(ops: Ops, a: ModelArgs, w, i: int, h):
+def attention_qk_norm(ops: Ops, a: ModelArgs, w, i: int, x):
+    """QK-norm (Gemma 3, Qwen3): each head of q and k normed before RoPE."""
+    q, k, v = ops.qkv(i, w, x)
+    q, k = ops.head_norm(q, w.q_norm, a.norm_eps), ops.head_norm(k, w.k_norm, a.norm_eps)
+    return ops.linear(ops.attend(i, q, k, v), w.o)
+
+
+def layer(ops: Ops, a: ModelArgs, w, i: int, h, attention=attention):
     """Decoder layer i on the residual stream h (pre-norm attention, then pre-norm FFN)."""
     x = ops.norm(h, w.attn_norm, a.norm_eps)
     x, h = ops.add_norm(attention(ops, a, w, i, x), h, w.ffn_norm, a.norm_eps)

@@ -1,6 +1,6 @@
 """Matrix-product kernels, chosen by weight format (never by branching on type ids at the call site).
 
-Measured on this machine (x[1,4096] @ W[4096,11008], MACHINE.md): onnxruntime MatMulNBits with prepacked constant
+Measured on a 2-core machine (x[1,4096] @ W[4096,11008]): onnxruntime MatMulNBits with prepacked constant
 4-bit weights and accuracy_level=4 (int8 activations, like llama.cpp's Q8 dot products) 0.65-1.0 ms; 8-bit ~1.5 ms;
 accuracy_level=0 ~2 ms; numpy float32 ~3.5 ms; a numba Q4 kernel 7-15 ms. So quantized weights go to MatMulNBits at
 level 4 (Q4_K at 0: formats.NBitsWeights.accuracy_level), float weights (rare: small F16/F32 matrices) to a float32 MatMul.

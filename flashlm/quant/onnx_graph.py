@@ -2,8 +2,7 @@
 
 Weights are declared as external initializers and handed to onnxruntime as OrtValues over our numpy buffers
 (`SessionOptions.add_external_initializers`): no serialization copy, the 2 GB protobuf limit does not apply, and
-MatMulNBits still sees them as constants and prepacks them (a weight fed as a graph input instead runs ~60x slower,
-../shared/MACHINE.md). onnxruntime keeps its own (packed) copy, so our buffers can be dropped once the session exists.
+MatMulNBits still sees them as constants and prepacks them (a weight fed as a graph input instead runs ~60x slower). onnxruntime keeps its own (packed) copy, so our buffers can be dropped once the session exists.
 """
 
 from __future__ import annotations
@@ -91,7 +90,7 @@ class GraphBuilder:
         # activation buffers (~10 MB each after a 128-token prompt); plain malloc/free hands them back.
         opts.enable_cpu_mem_arena = False
         opts.enable_mem_pattern = False
-        # Several sessions on few cores fight over threads when idle workers spin (MACHINE.md).
+        # Several sessions on few cores fight over threads when idle workers spin.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         names = list(self.external)
         values = [ort.OrtValue.ortvalue_from_numpy(self.external[n]) for n in names]

