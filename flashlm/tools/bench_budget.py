@@ -74,7 +74,7 @@ def run_limited(cmd: list[str], limit: int | None, timeout: float) -> dict:
 
 
 def worker(engine: str, path: str, n_gen: int, threads: int, ctx: int, budget: int | None,
-           output_head: str = "exact", sparsity: str = "off", sparsity_score: str = "exact") -> dict:
+           output_head: str = "exact", sparsity: str = "off", sparsity_score: str = "exact", window: int = 0) -> dict:
     """Inside the cgroup: load, prompt, n_gen greedy tokens; prints decode tok/s."""
     import numpy as np
 
@@ -94,7 +94,7 @@ def worker(engine: str, path: str, n_gen: int, threads: int, ctx: int, budget: i
         import flashlm
 
         m = flashlm.load(path, threads=threads, ctx_size=ctx, memory_budget=budget, output_head=output_head,
-                         sparsity=sparsity, sparsity_score=sparsity_score)
+                         sparsity=sparsity, sparsity_score=sparsity_score, window=window)
         ids = m.tokenize(PROMPT)
         holder = {"logits": m.engine.prefill(ids)}
         logits = lambda: holder["logits"]  # noqa: E731
@@ -126,6 +126,8 @@ def worker(engine: str, path: str, n_gen: int, threads: int, ctx: int, budget: i
         result.update(read_mb_per_token=io.bytes_read / (n_gen - 1) / 1e6, reads_per_token=io.reads / (n_gen - 1),
                       effective_read_mb_s=io.effective_mb_s, hot_neurons=plan.hot_neurons * plan.group,
                       head_resident=plan.head_resident, ffn_computed=d.neurons_used / max(1, d.calls * plan.n_ff),
+                      window_rows=plan.window_rows,
+                      window_hit_rate=d.window_hits / d.window_lookups if d.window_lookups else None,
                       ms_per_token={
                           "io_wait": d.io_wait_s * 1e3 / (n_gen - 1), "ffn": d.compute_s * 1e3 / (n_gen - 1),
                           "manage": d.manage_s * 1e3 / (n_gen - 1), "all": dt * 1e3 / (n_gen - 1)})
@@ -214,5 +216,6 @@ def _plot(rows: list[dict], path: str) -> None:
 
 if __name__ == "__main__":
     engine, path, n_gen, threads, ctx, budget, head = sys.argv[1:8]
+    extra = sys.argv[8:11]  # optional: sparsity, sparsity score, window
     print(json.dumps(worker(engine, path, int(n_gen), int(threads), int(ctx), int(budget) or None, head,
-                            *sys.argv[8:10])))  # optional: sparsity, sparsity score
+                            *extra[:2], *[int(w) for w in extra[2:]])))
