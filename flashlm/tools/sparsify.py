@@ -14,7 +14,6 @@ rerun with the same folder resumes. Writes the GGUF (with flashlm.ffn_activation
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -110,7 +109,13 @@ def _cached_rows(path: str, make) -> np.ndarray:
 
 def document_rows(o: SparsifyOptions, enc, bos: int) -> np.ndarray:
     """(N, seq_len) rows of the user's texts and the documentation found under doc_dirs (cached)."""
-    from .sparsify_data import CODE_SUFFIXES, DOC_SUFFIXES, collect_texts, doc_rows, read_user_texts
+    from .sparsify_data import (
+        CODE_SUFFIXES,
+        DOC_SUFFIXES,
+        collect_texts,
+        doc_rows,
+        read_user_texts,
+    )
 
     def make():
         texts = read_user_texts(o.texts, o.eval_text)
@@ -125,6 +130,7 @@ def document_rows(o: SparsifyOptions, enc, bos: int) -> np.ndarray:
 def teacher_rows(o: SparsifyOptions, teacher, enc, docs: np.ndarray, bos: int, log) -> np.ndarray:
     """(N, seq_len) rows the teacher samples, appended to a cache in parts so an interrupted run keeps them."""
     import torch
+
     from .sparsify_data import PromptMaker
     from .sparsify_model import sample
 
@@ -214,7 +220,7 @@ def load_checkpoint(o: SparsifyOptions, student, opt, st: TrainState) -> TrainSt
     return TrainState(**ck["state"])
 
 
-def evaluate(o: SparsifyOptions, model, eval_ids, bos: int, st: TrainState | None) -> dict:
+def evaluate(o: SparsifyOptions, model, eval_ids, bos: int | None, st: TrainState | None) -> dict:
     from .sparsify_model import held_out_score
 
     was_training = model.training
@@ -228,7 +234,7 @@ def evaluate(o: SparsifyOptions, model, eval_ids, bos: int, st: TrainState | Non
     return point
 
 
-def train(o: SparsifyOptions, teacher, student, rows: np.ndarray, eval_ids, bos: int, log) -> TrainState:
+def train(o: SparsifyOptions, teacher, student, rows: np.ndarray, eval_ids, bos: int | None, log) -> TrainState:
     import torch
 
     params = [p for p in student.parameters() if p.requires_grad]
@@ -274,6 +280,7 @@ def train(o: SparsifyOptions, teacher, student, rows: np.ndarray, eval_ids, bos:
 
 def load_models(src: str, device: str):
     import torch
+
     from .sparsify_model import Llama
 
     teacher = Llama.from_gguf(src, "silu").to(device=device, dtype=torch.bfloat16).eval()
@@ -307,12 +314,16 @@ def run(o: SparsifyOptions, log=lambda s: print(s, file=sys.stderr, flush=True))
     rows = np.concatenate([docs, samples])
     if len(rows) == 0:
         raise InvalidOptionError("no training text: give --text, --doc-dir or teacher samples (--gen-tokens)")
-    eval_ids = enc.encode_many([open(o.eval_text, encoding="utf-8", errors="ignore").read()])[0] if o.eval_text else []
-    baseline = evaluate(o, teacher, eval_ids, bos, None) if eval_ids else None
-    st = train(o, teacher, student, rows, eval_ids, bos, log)
+    eval_ids = []
+    if o.eval_text:
+        with open(o.eval_text, encoding="utf-8", errors="ignore") as fh:
+            eval_ids = enc.encode_many([fh.read()])[0]
+    chunk_bos = bos if adds_bos(src) else None  # held-out chunks start as flashlm perplexity's do
+    baseline = evaluate(o, teacher, eval_ids, chunk_bos, None) if eval_ids else None
+    st = train(o, teacher, student, rows, eval_ids, chunk_bos, log)
     data = {"document_tokens": int(docs.size), "teacher_sample_tokens": int(samples.size), "texts": o.texts,
             "doc_dirs": o.doc_dirs}
-    return finish(o, src, student, teacher, enc, st, data, baseline, eval_ids, bos, log)
+    return finish(o, src, student, teacher, enc, st, data, baseline, eval_ids, chunk_bos, log)
 
 
 def bos_id(src: str) -> int:
@@ -323,3 +334,10 @@ def bos_id(src: str) -> int:
     if value is None:
         raise ModelFileError(f"{src}: no tokenizer.ggml.bos_token_id")
     return int(value)
+
+
+def adds_bos(src: str) -> bool:
+    from ..loaders.gguf_reader import GGUFFile
+
+    with GGUFFile(src) as f:
+        return bool(f.get("tokenizer.ggml.add_bos_token", False))

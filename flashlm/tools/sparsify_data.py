@@ -1,7 +1,7 @@
 """Training text for `flashlm sparsify`: the user's files, documentation found on the machine, and the teacher's
 own samples (chat turns it writes itself, answers to instructions about a text, continuations).
 
-Everything becomes rows of `seq_len` token ids; document rows start with BOS, as perplexity chunks do. License
+Everything becomes rows of `seq_len` token ids; half the document rows start with BOS, half mid-text. License
 texts are kept out: a file under a common-licenses folder, named like a license, or holding a full license text is
 skipped, so a license can serve as held-out evaluation text.
 """
@@ -55,7 +55,7 @@ def read_text(path: str) -> str | None:
 
 
 def _wanted(name: str, suffixes: tuple[str, ...]) -> bool:
-    base = name[:-3] if name.endswith(".gz") else name
+    base = name.removesuffix(".gz")
     return base.endswith(suffixes) or (suffixes is DOC_SUFFIXES and base.upper().startswith(("README", "NEWS", "FAQ"))
                                        or name == "METADATA")
 
@@ -124,13 +124,13 @@ class TextEncoder:
 
 
 def doc_rows(encoded: list[list[int]], seq_len: int, bos: int) -> np.ndarray:
-    """Documents joined end to end and cut into rows of seq_len ids, each starting with BOS: (N, seq_len) int32."""
+    """Documents joined end to end and cut into rows of seq_len ids: (N, seq_len) int32. Every other row starts
+    with BOS; the rest start mid-text, as chunks do where the tokenizer adds no BOS (llama-perplexity on SmolLM2),
+    so the student does not come to need a BOS at position 0."""
     flat = np.fromiter((t for ids in encoded for t in ids), dtype=np.int32)
-    body = seq_len - 1
-    n = len(flat) // body
-    rows = np.empty((n, seq_len), dtype=np.int32)
-    rows[:, 0] = bos
-    rows[:, 1:] = flat[:n * body].reshape(n, body)
+    n = len(flat) // seq_len
+    rows = flat[:n * seq_len].reshape(n, seq_len).copy()
+    rows[::2, 0] = bos
     return rows
 
 

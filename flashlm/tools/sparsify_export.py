@@ -12,7 +12,8 @@ import os
 
 import gguf
 import numpy as np
-from gguf.constants import GGMLQuantizationType as QT, LlamaFileType
+from gguf.constants import GGMLQuantizationType as QT
+from gguf.constants import LlamaFileType
 
 from ..atomic_file import discard, finish_gguf, temp_path
 from ..flash_store.writer import copy_metadata
@@ -65,6 +66,7 @@ def write_sparse_gguf(src: str, student, quant: str, dst: str) -> None:
 def chat_answers(model, enc, device: str, max_new: int = 64) -> list[tuple[str, str]]:
     """Greedy answers to CHAT_PROMPTS in the ChatML format of SmolLM2's template."""
     import torch
+
     from .sparsify_data import SYSTEM_PROMPT
     from .sparsify_model import sample
 
@@ -85,39 +87,54 @@ def _curve_table(curve: list[dict]) -> list[str]:
     return lines
 
 
+def _card_intro(o) -> str:
+    l1 = (f", with a per-layer L1 penalty on the ReLU outputs ramped to a {o.target_sparsity:.0%} zero target"
+          if o.target_sparsity else "")
+    return (f"A ReLU-sparse version of `{os.path.basename(o.model)}`, made with `flashlm sparsify` by "
+            "self-distillation: the FFN's SiLU replaced by ReLU (`flashlm.ffn_activation = \"relu\"`), the student "
+            f"trained to match the original's next-token distribution (KL on its logits){l1}. Embedding and output "
+            f"head are the original's, byte for byte; the block matrices are {o.quant.upper()}.")
+
+
+def _card_data(o, data: dict) -> list[str]:
+    dirs = ", ".join(data["doc_dirs"]) or "-"
+    files = f" and {', '.join(data['texts'])}" if data["texts"] else ""
+    return [(f"- teacher samples: {data['teacher_sample_tokens'] / 1e6:.1f}M tokens (temperature {o.temperature}; "
+             "chats the teacher writes itself, instructions about document snippets, continuations)"),
+            f"- document text: {data['document_tokens'] / 1e6:.1f}M tokens from {dirs}{files} (license texts excluded)",
+            f"- held-out evaluation text (never trained on): {o.eval_text or '-'}"]
+
+
+def _card_training(o, s: dict) -> str:
+    qat = f", last {o.qat_frac:.0%} through Q4_0 rounding" if o.quant == "q4_0" else ""
+    return (f"- {s['steps']} steps of {o.batch} x {o.seq_len} tokens: {s['tokens'] / 1e6:.1f}M tokens in "
+            f"{s['seconds'] / 60:.1f} min ({s['tokens'] / max(s['seconds'], 1e-9):,.0f} tokens/s), AdamW lr {o.lr:g} "
+            f"(cosine){qat}")
+
+
+def _card_figures(o, s: dict) -> list[str]:
+    e, b = s["eval"], s["baseline"]
+    return [f"## Figures (held-out text, context {o.seq_len}, this file vs the original)", "",
+            f"- perplexity {e['ppl']:.3f} vs {b['ppl']:.3f} ({e['ppl'] / b['ppl']:.3f}x)",
+            (f"- FFN zeros per token: mean {e['sparsity_mean']:.3f}, min over layers {e['sparsity_min']:.3f} "
+             f"(original: {b['sparsity_mean']:.3f} of gate values <= 0)"),
+            "- per layer: " + ", ".join(f"{z:.3f}" for z in e["sparsity"]), "", "### Curve", "",
+            *_curve_table(s["curve"]), ""]
+
+
 def model_card(o, summary: dict) -> str:
-    s = summary
-    lines = [f"# {os.path.basename(o.output)}", "",
-             f"A ReLU-sparse version of `{os.path.basename(o.model)}`, made with `flashlm sparsify` by self-distillation: "
-             "the FFN's SiLU replaced by ReLU (`flashlm.ffn_activation = \"relu\"`), the student trained to match the "
-             "original's next-token distribution (KL on its logits)" +
-             (f", with a per-layer L1 penalty on the ReLU outputs ramped to a {o.target_sparsity:.0%} zero target"
-              if o.target_sparsity else "") + ". Embedding and output head are the original's, byte for byte; the "
-             f"block matrices are {o.quant.upper()}.", "", "## Data", "",
-             f"- teacher samples: {s['data']['teacher_sample_tokens'] / 1e6:.1f}M tokens (temperature "
-             f"{o.temperature}; chats the teacher writes itself, instructions about document snippets, continuations)",
-             f"- document text: {s['data']['document_tokens'] / 1e6:.1f}M tokens from {', '.join(s['data']['doc_dirs']) or '-'}"
-             f"{' and ' + ', '.join(s['data']['texts']) if s['data']['texts'] else ''} (license texts excluded)",
-             f"- held-out evaluation text (never trained on): {o.eval_text or '-'}", "", "## Training", "",
-             f"- {s['steps']} steps of {o.batch} x {o.seq_len} tokens: {s['tokens'] / 1e6:.1f}M tokens in "
-             f"{s['seconds'] / 60:.1f} min ({s['tokens'] / max(s['seconds'], 1e-9):,.0f} tokens/s), AdamW lr {o.lr:g} "
-             "(cosine)" + (f", last {o.qat_frac:.0%} through Q4_0 rounding" if o.quant == "q4_0" else ""), ""]
-    if s.get("eval"):
-        e, b = s["eval"], s["baseline"]
-        lines += ["## Figures (held-out text, context %d, this file vs the original)" % o.seq_len, "",
-                  f"- perplexity {e['ppl']:.3f} vs {b['ppl']:.3f} ({e['ppl'] / b['ppl']:.3f}x)",
-                  f"- FFN zeros per token: mean {e['sparsity_mean']:.3f}, min over layers {e['sparsity_min']:.3f} "
-                  f"(original: {b['sparsity_mean']:.3f} of gate values <= 0)",
-                  "- per layer: " + ", ".join(f"{z:.3f}" for z in e["sparsity"]), "", "### Curve", ""]
-        lines += _curve_table(s["curve"]) + [""]
+    lines = [f"# {os.path.basename(o.output)}", "", _card_intro(o), "", "## Data", "",
+             *_card_data(o, summary["data"]), "", "## Training", "", _card_training(o, summary), ""]
+    if summary.get("eval"):
+        lines += _card_figures(o, summary)
     lines += ["## Greedy chat answers", ""]
-    for q, a in s["chat"]:
-        lines += [f"- **{q}** {a}"]
+    lines += [f"- **{q}** {a}" for q, a in summary["chat"]]
     return "\n".join(lines) + "\n"
 
 
-def finish(o, src, student, teacher, enc, st, data: dict, baseline, eval_ids, bos: int, log) -> dict:
+def finish(o, src, student, teacher, enc, st, data: dict, baseline, eval_ids, bos: int | None, log) -> dict:
     import torch
+
     from .sparsify import evaluate
     from .sparsify_model import Llama
 

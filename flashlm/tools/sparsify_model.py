@@ -39,7 +39,7 @@ class LlamaShape:
     tied: bool
 
     @classmethod
-    def from_gguf(cls, f: GGUFFile) -> "LlamaShape":
+    def from_gguf(cls, f: GGUFFile) -> LlamaShape:
         meta = Metadata(f)
         if meta.arch != "llama":
             raise UnsupportedModelError(f"{f.path}: sparsify runs llama-family models, not {meta.arch!r}")
@@ -105,7 +105,7 @@ class Llama(torch.nn.Module):
                              persistent=False)
 
     @classmethod
-    def from_gguf(cls, path: str, activation: str) -> "Llama":
+    def from_gguf(cls, path: str, activation: str) -> Llama:
         with GGUFFile(path) as f:
             shape = LlamaShape.from_gguf(f)
             layers = [{role: read_tensor(f, f"blk.{i}.{name}.weight") for name, role in LAYER_TENSORS.items()}
@@ -211,9 +211,9 @@ class HeldOutScore:
 
 
 @torch.no_grad()
-def held_out_score(model: Llama, ids: list[int], n_ctx: int, bos: int | None) -> HeldOutScore:
-    """Perplexity as llama.cpp's llama-perplexity (chunks of n_ctx, BOS first, second half scored) and the
-    per-layer FFN zero fraction over every token of those chunks."""
+def held_out_score(model: Llama, ids: list[int], n_ctx: int, bos: int | None, dtype=torch.bfloat16) -> HeldOutScore:
+    """Perplexity as llama.cpp's llama-perplexity (chunks of n_ctx, BOS first where `bos` is given, second half
+    scored) and the per-layer FFN zero fraction over every token of those chunks."""
     dev = model.embed.device
     n_chunks = len(ids) // n_ctx
     chunks = torch.tensor(ids[:n_chunks * n_ctx], device=dev).view(n_chunks, n_ctx)
@@ -222,10 +222,44 @@ def held_out_score(model: Llama, ids: list[int], n_ctx: int, bos: int | None) ->
     nll, n, zeros = 0.0, 0, torch.zeros(model.shape.n_layers, device=dev)
     for row in chunks.split(8):
         stats: list = []
-        logits = model(row, stats=stats)
+        logits = model(row, stats=stats, dtype=dtype)
         first = n_ctx // 2
         lp = torch.log_softmax(logits[:, first - 1:-1], -1).gather(-1, row[:, first:, None])
         nll -= float(lp.sum())
         n += lp.numel()
         zeros += torch.stack([z for z, _ in stats]) * row.shape[0]
     return HeldOutScore(float(np.exp(nll / n)), n, (zeros / n_chunks).tolist())
+
+
+def measure(path: str, text: str, n_ctx: int = 512, max_chunks: int = 0) -> HeldOutScore:
+    """Perplexity and per-layer FFN zero fraction of a GGUF on a text, in float32 on the CPU (the GGUF's own
+    flashlm.ffn_activation decides SiLU or ReLU)."""
+    from .sparsify_data import TextEncoder
+
+    with GGUFFile(path) as f:  # BOS first in each chunk only where the tokenizer adds one, as llama-perplexity
+        activation, bos = f.get("flashlm.ffn_activation", "silu"), f.get("tokenizer.ggml.bos_token_id")
+        bos = bos if f.get("tokenizer.ggml.add_bos_token", False) else None
+    ids = TextEncoder(path, None).encode_many([text])[0]
+    if max_chunks:
+        ids = ids[:max_chunks * n_ctx]
+    return held_out_score(Llama.from_gguf(path, activation).eval(), ids, n_ctx, None if bos is None else int(bos),
+                          dtype=torch.float32)
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Perplexity and FFN zeros per layer of a llama GGUF on a text (CPU).")
+    p.add_argument("model")
+    p.add_argument("text")
+    p.add_argument("-c", "--ctx-size", type=int, default=512)
+    a = p.parse_args(argv)
+    with open(a.text, encoding="utf-8", errors="ignore") as fh:
+        r = measure(a.model, fh.read(), a.ctx_size)
+    print(f"ppl {r.ppl:.4f} over {r.n_scored} scored tokens; FFN zeros mean {np.mean(r.sparsity):.4f} "
+          f"min {np.min(r.sparsity):.4f}")
+    print("per layer: " + " ".join(f"{z:.3f}" for z in r.sparsity))
+
+
+if __name__ == "__main__":
+    main()
