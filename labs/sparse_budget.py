@@ -2,6 +2,7 @@
 fresh process inside a cgroup limited to the budget, the page cache dropped first, 64 greedy tokens.
 
     python -m labs.sparse_budget SPARSE.flash ORIGINAL.gguf [--windows 0,1,2,3,4,5,6,7,8] [--score exact] [-n 64]
+        [--output-head exact|sketch|auto]
 
 Rows: llama.cpp on ORIGINAL.gguf (the dense model a user has today) in the same limit; flashlm dense streaming of
 SPARSE.flash (--sparsity off); flashlm reading only the neurons predicted active (--sparsity auto) with a sliding
@@ -20,10 +21,10 @@ from labs.sparsity_table import half_model_budget
 
 
 def run(engine: str, path: str, budget: int, n: int, ctx: int, sparsity: str = "off", score: str = "exact",
-        window: int = 0) -> dict:
+        window: int = 0, head: str = "exact") -> dict:
     drop_caches()
     cmd = [sys.executable, "-m", "flashlm.tools.bench_budget", engine, path, str(n), "2", str(ctx), str(budget),
-           "exact", sparsity, score, str(window)]
+           head, sparsity, score, str(window)]
     try:
         return run_limited(cmd, budget, 600)
     except subprocess.TimeoutExpired:
@@ -49,6 +50,7 @@ def main() -> None:
     ap.add_argument("original")
     ap.add_argument("--windows", default="0,1,2,3,4,5,6,7,8")
     ap.add_argument("--score", default="exact")
+    ap.add_argument("--output-head", default="exact", help="exact, sketch or auto (every flashlm row)")
     ap.add_argument("-n", type=int, default=64)
     ap.add_argument("-c", "--ctx-size", type=int, default=512)
     a = ap.parse_args()
@@ -60,10 +62,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     llama = run("llama.cpp", a.original, budget, a.n, a.ctx_size)
     print(row("llama.cpp, original model", llama, None, None), flush=True)
-    dense = run("flashlm", a.sparse, budget, a.n, a.ctx_size)
+    dense = run("flashlm", a.sparse, budget, a.n, a.ctx_size, head=a.output_head)
     print(row("flashlm dense streaming", dense, None, llama), flush=True)
     for k in (int(w) for w in a.windows.split(",")):
-        r = run("flashlm", a.sparse, budget, a.n, a.ctx_size, "auto", a.score, k)
+        r = run("flashlm", a.sparse, budget, a.n, a.ctx_size, "auto", a.score, k, a.output_head)
         print(row(f"flashlm sparse ({a.score}), window {k}", r, dense, llama), flush=True)
 
 

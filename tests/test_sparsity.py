@@ -69,9 +69,9 @@ def test_sparse_logits_close_to_dense(resident, sparse, gpl_text):
 def test_sparse_decode_under_budget_equals_resident_sparse(resident, sparse, flash_path, monkeypatch, read_selected):
     """Under half the file, the cold range streams whole (SmolLM2's small records: the cost model's choice) or, forced,
     only the pages holding each token's selected cold records; the result must not depend on what was resident."""
-    from flashlm.runtime import streaming
+    from flashlm.flash_store import predictor
 
-    monkeypatch.setattr(streaming, "SPARSE_READ_MAX_COVERAGE", 1.0 if read_selected else 0.75)
+    monkeypatch.setattr(predictor, "SPARSE_READ_MAX_COVERAGE", 1.0 if read_selected else 0.75)
     tokens, flash = _greedy(sparse)
     # half the file plus the scorer's resident gate and up rows
     budget = _half_model_budget(resident, flash_path) + sparse.engine.executor.ffn.scorer.nbytes

@@ -1,8 +1,8 @@
 """Run in a fresh process (as a user would): greedy decode from a .flash under the half-model budget plus the CATS
-scorer's rows plus EXTRA_MB, 90% of neurons skipped, with a sliding window of W tokens; checks the window's
-bookkeeping against the file's records at the end. Prints one JSON line.
+scorer's rows plus EXTRA_MB, --sparsity SPARSITY with CATS scores, with a sliding window of W tokens; checks the
+window's bookkeeping against the file's records at the end. Prints one JSON line.
 
-    python -m tests.window_run MODEL.flash W N EXTRA_MB PROMPT
+    python -m tests.window_run MODEL.flash W N EXTRA_MB SPARSITY PROMPT
 """
 
 import json
@@ -34,19 +34,20 @@ def bookkeeping_errors(ffn, path: str) -> list[str]:
 
 
 def main():
-    path, window, n, extra_mb, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+    path, window, n, extra_mb, sparsity, prompt = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]),
+                                                   sys.argv[5], sys.argv[6])
     f, _, args = read_model(path)
     extra = scorer_bytes(FlashStore(f, args.n_layers, args.n_ff, args.d_model, verify=False), "cats")
     f.close()
     budget = half_model_budget(path, 512) + extra + int(extra_mb * 1e6)
-    m = flashlm.load(path, threads=2, ctx_size=512, memory_budget=budget, sparsity=0.9, sparsity_score="cats",
+    m = flashlm.load(path, threads=2, ctx_size=512, memory_budget=budget, sparsity=sparsity, sparsity_score="cats",
                      window=window)
     responses = list(m.stream(prompt, max_tokens=n, temperature=0.0, ignore_eos=True))
     fl = responses[-1].timings.flash
     ffn = m.engine.executor.ffn
     print(json.dumps({"tokens": [r.token for r in responses], "budget": budget, "total": m.plan.total_bytes,
                       "hot": ffn.hot, "window_rows": m.plan.window_rows, "mb_per_token": fl.bytes_read / fl.tokens / 1e6,
-                      "window_hit_rate": fl.window_hit_rate, "rows_moved": fl.rows_moved,
+                      "window_hit_rate": fl.window_hit_rate, "rows_moved": fl.rows_moved, "used": fl.used_fraction,
                       "errors": bookkeeping_errors(ffn, path)}))
 
 

@@ -1,7 +1,8 @@
 """Activation statistics per FFN neuron on calibration text: what orders a layer's neurons hot first.
 
-A neuron "fires" on a token when its |act(gate) * up| is in the top half of that layer's neurons for the token
-(SwiGLU/GeGLU FFNs are not sparse: on SmolLM2 ~52% of neurons carry 90% of the mass); its frequency is
+A neuron "fires" on a token when its |act(gate) * up| is above the median of that layer's neurons for the token
+(SwiGLU/GeGLU FFNs are not sparse: on SmolLM2 ~52% of neurons carry 90% of the mass; on a ReLU FFN, whose median
+is 0, the neurons that fire are the active ones); its frequency is
 the fraction of calibration tokens on which it fires. The hot set is then the prefix of the frequency order.
 """
 

@@ -23,7 +23,7 @@ import psutil
 
 from flashlm.errors import BudgetError, InvalidOptionError
 from flashlm.flash_store.head_sketch import DEFAULT_CACHE_ROWS, DEFAULT_CANDIDATES, STREAMING_CACHE_ROWS, sketch_bytes
-from flashlm.flash_store.predictor import resolve_sparsity, scorer_bytes
+from flashlm.flash_store.predictor import reads_selected, resolve_sparsity, scorer_bytes
 from flashlm.flash_store.reader import FlashStore
 from flashlm.loaders.gguf_reader import GGUFFile
 from flashlm.models import output_matrix
@@ -165,6 +165,8 @@ def window_rows(store: FlashStore, activation: str, opts: LoadOptions) -> int:
     if not opts.window or not opts.sparsity:
         return 0
     fraction, _ = resolve_sparsity(opts.sparsity, store, activation, opts.sparsity_score)
+    if not reads_selected(fraction, store.record_bytes):  # the cold range streams whole: nothing to keep
+        return 0
     per_token = (1.0 - fraction) * store.n_records
     return min(store.n_records, int(opts.window * per_token * 1.25))
 

@@ -29,7 +29,7 @@ from flashlm.flash_store import format as fmt
 from flashlm.options import SCORES, parse_sparsity  # noqa: F401  (re-exported for callers of this module)
 
 AUTO_FRACTION = 0.4  # measured on SmolLM2 with the exact score: +0.1% perplexity (README table)
-RELU_SKIP_GUESS = 0.5  # a ReLU FFN read by exact/cats scores above zero: the share skipped, for the read planning
+RELU_SKIP_GUESS = 0.5  # a ReLU FFN read by exact/cats scores above zero, converted without activation statistics
 PAGE = 4096
 MERGE_GAP_PAGES = 2  # reading two unneeded pages costs less than another request (probe-disk: 4 KiB reads ~0.4 GB/s)
 
@@ -40,7 +40,8 @@ def resolve_sparsity(sparsity, store, activation: str, score: str) -> tuple[floa
     on a ReLU FFN reads, as in the paper, the neurons predicted active: with "predictor", those whose score reaches
     the layer's threshold stored by `flashlm calibrate` (set for 96% recall on validation tokens); with "exact" or
     "cats", those whose score is above zero, which for ReLU is the true active set (output equal to dense). The
-    fraction returned then is the expected share skipped (calibration's held-out figure), used to plan reads.
+    fraction returned then is the expected share skipped (calibration's held-out figure, or the conversion's
+    activation statistics), used to plan reads.
     "auto" elsewhere is AUTO_FRACTION."""
     if sparsity != "auto":
         return float(sparsity), None
@@ -49,7 +50,9 @@ def resolve_sparsity(sparsity, store, activation: str, score: str) -> tuple[floa
     if score == "predictor":
         thresholds, selected = store.predictor_thresholds()
         return float(1.0 - selected.mean()), thresholds
-    return RELU_SKIP_GUESS, np.full(len(store.layers), np.finfo(np.float32).tiny, np.float32)
+    active = store.active_share()  # measured at conversion; a guess for a store converted without calibration
+    skip = RELU_SKIP_GUESS if active is None else 1.0 - active
+    return skip, np.full(len(store.layers), np.finfo(np.float32).tiny, np.float32)
 
 
 def scorer_bytes(store, kind: str) -> int:
@@ -63,6 +66,23 @@ def scorer_bytes(store, kind: str) -> int:
     layout = store.layout
     per_neuron = layout.gate_bytes + (layout.up_bytes if kind == "exact" else 0)
     return len(store.layers) * store.n_records * per_neuron
+
+
+SPARSE_READ_MAX_COVERAGE = 0.75
+
+
+def page_coverage(skip: float, record_bytes: int) -> float:
+    """Expected share of the cold range's pages a token's selection touches: reads have page granularity
+    (O_DIRECT), and a page is needed unless all its records are skipped (records assumed independent)."""
+    return 1.0 - skip ** max(1.0, PAGE / record_bytes)
+
+
+def reads_selected(skip: float, record_bytes: int) -> bool:
+    """Whether a token reads only the pages of its selected cold records. That gives up the next layer's prefetch
+    (the selection needs this layer's input), so it is done only where it saves a quarter of the bytes or more
+    (7B-sized records: ~2 pages each); otherwise the cold range streams as when dense and the skipped neurons save
+    compute only (and a sliding window has nothing to save)."""
+    return skip > 0 and page_coverage(skip, record_bytes) <= SPARSE_READ_MAX_COVERAGE
 
 
 def keep_count(n: int, fraction: float) -> int:

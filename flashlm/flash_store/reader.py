@@ -249,6 +249,17 @@ class FlashStore:
             out.append(np.array(data).reshape(shape))
         return out[0], out[1], out[2].view(np.float32)
 
+    def active_share(self) -> float | None:
+        """The mean share of each layer's neurons that fired per calibration token (the conversion's activation
+        statistics; for a ReLU FFN, the neurons whose activation is not zero); None if the store has none."""
+        shares = []
+        for i in range(len(self.layers)):
+            freq = self.file.get(fmt.layer_key(i, "frequency"))
+            if not isinstance(freq, np.ndarray) or not np.isfinite(freq).all() or not freq.any():
+                return None
+            shares.append(float(freq.mean()))
+        return float(np.mean(shares))
+
     def predictor_thresholds(self) -> tuple[np.ndarray, np.ndarray]:
         """Per layer: the predictor's score threshold for its target recall, and the share of neurons it selected
         on held-out tokens (calibration metadata)."""

@@ -20,7 +20,8 @@ import numpy as np
 
 from flashlm.flash_store.io_engine import ALIGN, FlashReader, IOStats, aligned_buffer, wait_all
 from flashlm.flash_store.planner import FlashPlan
-from flashlm.flash_store.predictor import PAGE, NeuronScorer, keep_count, page_runs, select, topk_mask
+from flashlm.flash_store.predictor import (NeuronScorer, keep_count, page_coverage, page_runs, reads_selected, select,
+                                           topk_mask)
 from flashlm.flash_store.reader import FlashStore
 from flashlm.flash_store.residency import NeuronWindowCache
 from flashlm.quant.bundle_kernel import BLAS_MIN_TOKENS, BundleKernel, rows_matvec
@@ -46,7 +47,6 @@ class FFNStats:
         counters = {f.name: getattr(self, f.name) - getattr(before, f.name) for f in fields(self) if f.name != "io"}
         return FFNStats(**counters, io=self.io.since(before.io))
 
-SPARSE_READ_MAX_COVERAGE = 0.75
 
 
 class StreamedFFN:
@@ -73,13 +73,8 @@ class StreamedFFN:
         gate_rows, up_rows = self._load_hot_sets(score if sparsity > 0 and score != "predictor" else None)
         predictor = [store.predictor(i) for i in range(len(store.layers))] \
             if sparsity > 0 and score == "predictor" else None
-        # Reads have page granularity (O_DIRECT): a token's selection touches a page unless all of the page's
-        # records are skipped. Expected share of the cold range's pages touched, records assumed independent:
-        self.page_coverage = 1.0 - sparsity ** max(1.0, PAGE / rb)
-        # Reading only those pages gives up the next layer's prefetch (the selection needs this layer's input),
-        # so it is done only where it saves a quarter of the bytes or more (7B-sized records: ~2 pages each);
-        # otherwise the cold range streams as when dense and the skipped neurons save compute only.
-        self.read_selected = sparsity > 0 and self.page_coverage <= SPARSE_READ_MAX_COVERAGE
+        self.page_coverage = page_coverage(sparsity, rb)
+        self.read_selected = reads_selected(sparsity, rb)
         self.scorer = NeuronScorer(score, gate_rows, up_rows, store.layout.gate_type, store.layout.up_type,
                                    kernel.activation, predictor) if sparsity > 0 else None
         self.stats.io = reader.stats  # the reader's live counters (per-token traffic from here on)

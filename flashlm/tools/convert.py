@@ -72,7 +72,8 @@ def activation_statistics(model_path: str, text_path: str | None, max_tokens: in
         chunk = np.asarray(ids[start:start + 256], dtype=np.int64)
         engine.executor.forward(chunk)
         acts = np.stack([np.abs(engine.executor.tap_values[f"ffn_act_{i}"][0]) for i in range(n_layers)])
-        top_half = acts >= np.median(acts, axis=-1, keepdims=True)  # (layers, S, n_ff)
+        # strictly above: on a ReLU FFN the median is 0, and a neuron fires where its activation is not
+        top_half = acts > np.median(acts, axis=-1, keepdims=True)  # (layers, S, n_ff)
         fires = top_half.sum(1) if fires is None else fires + top_half.sum(1)
         mean_abs = acts.sum(1) if mean_abs is None else mean_abs + acts.sum(1)
         if progress:
