@@ -61,3 +61,22 @@ def resident(flash_path):
     m = flashlm.load(flash_path, threads=2, ctx_size=512)
     yield m
     m.close()
+
+
+SPARSE_MODEL = os.path.join(os.path.dirname(__file__), "..", "assets", "SmolLM2-135M-Instruct-ReLU.Q4_0.gguf")
+
+
+@pytest.fixture(scope="session")
+def sparse_path() -> str:
+    """The committed ReLU-sparse SmolLM2 (assets/, made by flashlm sparsify)."""
+    return SPARSE_MODEL
+
+
+@pytest.fixture(scope="session")
+def sparse_flash(sparse_path, tmp_path_factory) -> str:
+    """The committed model as a flash store (neuron records, hot-first order from the built-in calibration text)."""
+    from flashlm.tools.convert import convert_gguf
+
+    path = str(tmp_path_factory.mktemp("sparse") / "relu.flash")
+    convert_gguf(sparse_path, path)
+    return path

@@ -18,18 +18,10 @@ from flashlm.tools.perplexity import perplexity
 
 from .conftest import GPL3
 
-MODEL = os.path.join(os.path.dirname(__file__), "..", "assets", "SmolLM2-135M-Instruct-ReLU.Q4_0.gguf")
 N_CTX, N_CHUNKS = 512, 4
 PPL_BAR = 33.5          # measured 31.65 on these 4 chunks (original SmolLM2 Q4_1: 18.25)
 LAYER_ZERO_BAR = 0.78   # measured per layer on the first 2 chunks: min 0.806 (layer 27)
 MEAN_ZERO_BAR = 0.82    # measured mean 0.837
-
-
-@pytest.fixture(scope="module")
-def sparse_path() -> str:
-    if not os.path.exists(MODEL):
-        pytest.skip(f"{MODEL} is not present")
-    return MODEL
 
 
 @pytest.fixture(scope="module")
@@ -98,16 +90,6 @@ def test_flashlm_matches_transformers(sparse_path, held_out):
           f"NLL {_nll(got, ids):.4f} vs {_nll(ref, ids):.4f}")
     # flashlm's kernels round activations to int8 (measured: 0.043, 0.941, NLL 3.389 vs 3.373)
     assert err <= 0.08 and top1 >= 0.9 and abs(_nll(got, ids) - _nll(ref, ids)) <= 0.05
-
-
-@pytest.fixture(scope="module")
-def sparse_flash(sparse_path, tmp_path_factory) -> str:
-    """The committed model as a flash store (neuron records, hot-first order from the built-in calibration text)."""
-    from flashlm.tools.convert import convert_gguf
-
-    path = str(tmp_path_factory.mktemp("sparse") / "relu.flash")
-    convert_gguf(sparse_path, path)
-    return path
 
 
 def test_reading_only_active_neurons_equals_dense(sparse_flash, held_out, monkeypatch):

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 from .test_flash_store import PROMPTS
-from .test_sparse_model import sparse_flash, sparse_path  # noqa: F401  (fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
