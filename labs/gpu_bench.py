@@ -79,7 +79,8 @@ def _kernel_errors(rng) -> dict:
     import gguf
 
     from flashlm.flash_store.format import RecordLayout
-    from flashlm.quant.bundle_kernel import quantize_x_reference, reference_ffn
+    from flashlm.quant.bundle_kernel import reference_ffn
+    from tests.oracles import quantize_x_reference
     from flashlm.quant.cuda_kernels import CudaKernels
 
     kk = CudaKernels()

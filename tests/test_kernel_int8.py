@@ -18,6 +18,8 @@ from gguf.constants import GGMLQuantizationType as QT
 
 from flashlm.quant import bundle_kernel as bk
 
+from .oracles import quantize_x_reference
+
 from .test_kquants import REAL_TENSORS, gemma_file, synthetic_rows  # noqa: F401  (gemma_file: a fixture)
 
 TYPES = [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K]
@@ -36,7 +38,7 @@ def kernel():
     return k
 
 
-quantize_x = bk.quantize_x_reference
+quantize_x = quantize_x_reference
 
 
 def c_quantize_x(lib, x: np.ndarray):
