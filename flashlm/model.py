@@ -18,6 +18,7 @@ re-evaluates its own tokens from the shared prefix, correct but a prefill per sw
 from __future__ import annotations
 
 import logging
+import sys
 import os
 import threading
 from dataclasses import fields
@@ -49,6 +50,9 @@ class Model:
         self.engine = self._loaded.engine
         self.n_ctx = self._loaded.n_ctx
         _warn_unused_sliding_window(self._loaded.file, self.args, self.n_ctx)
+        if self.n_ctx > self.args.n_ctx_train:
+            print(f"flashlm: warning: a context of {self.n_ctx} tokens is longer than the {self.args.n_ctx_train} the "
+                  "model was trained on: beyond that its output degrades", file=sys.stderr)
         self.load_ms = self._loaded.load_ms
         self._chat_template: ChatTemplate | None = None
         self._session = Session(self, self.engine)

@@ -18,11 +18,13 @@ def _check(cond: bool, message: str) -> None:
 
 
 MB = 1_000_000
+DEFAULT_CTX = 4096  # tokens, or the model's training context where that is shorter
 SCORES = ("cats", "exact", "predictor")  # how --sparsity ranks a store's neurons (flash_store/predictor.py)
 
 
 def parse_size(text: str | int | None) -> int | None:
-    """'150MB', '1.5GB', '800MiB', '123456' -> bytes."""
+    """'150MB', '1.5GB', '800MiB', '123456B' -> bytes; a number without a unit is MB ('150': 150 MB, as a user
+    typing --memory-budget 150 means); an int is bytes."""
     if text is None or isinstance(text, int):
         return text
     s = str(text).strip().upper().replace(" ", "")
@@ -33,7 +35,7 @@ def parse_size(text: str | int | None) -> int | None:
             number = s[: -len(unit)]
             break
     else:
-        number, factor = s, 1
+        number, factor = s, MB
     try:
         value = float(number)
     except ValueError:
@@ -62,11 +64,11 @@ def parse_sparsity(value) -> float | str:
 @dataclass(frozen=True)
 class LoadOptions:
     threads: int = 0  # 0: the number of physical cores available to this process
-    ctx_size: int = 4096  # 0: the model's training context
+    ctx_size: int | None = None  # None: min(DEFAULT_CTX, the model's training context); 0: the training context
     # Prompt tokens per forward call (llama.cpp's micro-batch). Measured on SmolLM2, 128-token prompt: 32 -> 317
     # tok/s and 269 MiB peak, 512 -> 325 tok/s and 276 MiB: activation memory grows with the batch, speed barely.
     batch_size: int = 32
-    memory_budget: int | str | None = None  # cap on the whole process's memory: bytes or "150MB"; None: no cap
+    memory_budget: int | str | None = None  # cap on the whole process's memory: bytes, or "150MB" ("150": MB); None: no cap
     io_threads: int = 4  # reader threads for flash-store streaming
     # FFN neurons skipped per token on a flash store: "off", "auto" or a fraction; ranked by sparsity_score
     # (flash_store/predictor.py: "exact" or "cats").
@@ -89,7 +91,8 @@ class LoadOptions:
 
     def validate(self) -> "LoadOptions":
         _check(isinstance(self.threads, int) and self.threads >= 0, f"threads must be >= 0, got {self.threads!r}")
-        _check(isinstance(self.ctx_size, int) and self.ctx_size >= 0, f"ctx_size must be >= 0, got {self.ctx_size!r}")
+        _check(self.ctx_size is None or (isinstance(self.ctx_size, int) and self.ctx_size >= 0),
+               f"ctx_size must be >= 0, got {self.ctx_size!r}")
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
                f"batch_size must be >= 1, got {self.batch_size!r}")
         _check(isinstance(self.window, int) and self.window >= 0, f"window must be >= 0, got {self.window!r}")
@@ -113,6 +116,12 @@ class LoadOptions:
         _check(self.memory_budget is None or (isinstance(self.memory_budget, int) and self.memory_budget > 0),
                f"memory_budget must be a positive size, got {self.memory_budget!r}")
         return self
+
+    def resolved_ctx(self, n_ctx_train: int) -> int:
+        """The context in tokens for a model trained on n_ctx_train (as llama.cpp: 0 means the training context)."""
+        if self.ctx_size is None:
+            return min(DEFAULT_CTX, n_ctx_train)
+        return self.ctx_size or n_ctx_train
 
     def resolved_threads(self) -> int:
         if self.threads:

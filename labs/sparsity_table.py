@@ -44,7 +44,7 @@ def perplexity(path: str, text: str, ctx: int, chunks: int, sparsity: str, score
 
 def decode(path: str, budget: int, n: int, ctx: int, sparsity: str, score: str) -> dict:
     p = _flashlm("generate", "-m", path, "-p", PROMPT, "-n", str(n), "--temp", "0", "-c", str(ctx), "-t", "2",
-                 "--memory-budget", str(budget), "--sparsity", sparsity, "--sparsity-score", score, "--json")
+                 "--memory-budget", f"{budget}B", "--sparsity", sparsity, "--sparsity-score", score, "--json")
     if p.returncode != 0:
         return {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"}
     t = json.loads(p.stdout)["timings"]

@@ -71,12 +71,13 @@ def test_api_raises_typed_error(bad_files, key, exc, words):
 
 
 @pytest.mark.parametrize("key,exc,words", CASES)
-def test_cli_one_line_exit_1(bad_files, key, exc, words):
-    assert_one_line_error(run_cli("generate", "-m", bad_files[key], "-p", "hi", "-n", "4"), *words, code=1)
+def test_cli_one_line_exit_2(bad_files, key, exc, words):
+    """A bad model file is the user's to fix: exit status 2, as for bad flags."""
+    assert_one_line_error(run_cli("generate", "-m", bad_files[key], "-p", "hi", "-n", "4"), *words, code=2)
 
 
 def test_info_rejects_bad_file_too(bad_files):
-    assert_one_line_error(run_cli("info", bad_files["truncated"]), "truncated", code=1)
+    assert_one_line_error(run_cli("info", bad_files["truncated"]), "truncated", code=2)
 
 
 def test_verbose_shows_traceback(bad_files):
@@ -122,7 +123,7 @@ def test_invalid_load_options_api(smollm_path):
 
 def test_missing_prompt_file(smollm_path, tmp_path):
     assert_one_line_error(run_cli("generate", "-m", smollm_path, "-f", str(tmp_path / "absent.txt")), "absent.txt",
-                          code=1)
+                          code=2)
 
 
 def test_reader_rejects_hostile_counts(tmp_path):

@@ -12,13 +12,13 @@ from .test_bad_input import assert_one_line_error, run_cli
 # Runs the CLI with the engine's decode step failing at the 4th token, as failing storage would.
 FAIL_MIDWAY = """
 import sys
-from flashlm.errors import ModelFileError
+from flashlm.errors import StorageError
 from flashlm.runtime.executor import Engine
 evaluate, calls = Engine._eval, [0]
 def failing_eval(self, *a, **kw):
     calls[0] += 1
     if calls[0] == 4:  # the prompt, then the 3rd decode step
-        raise ModelFileError("model.flash: read failed at byte 123456: Input/output error")
+        raise StorageError("model.flash: read failed at byte 123456: Input/output error")
     return evaluate(self, *a, **kw)
 Engine._eval = failing_eval
 from flashlm.cli import main
@@ -53,10 +53,58 @@ def test_failure_midway_json_prints_nothing_to_stdout(smollm_path):
 def test_usage_and_runtime_errors_have_distinct_codes(smollm_path, tmp_path):
     assert_one_line_error(run_cli("generate", "-m", smollm_path, "-p", "hi", "--top-p", "3", "--json"), "top_p")
     assert_one_line_error(run_cli("generate", "-m", str(tmp_path / "absent.gguf"), "-p", "hi", "--json"),
-                          "absent.gguf", code=1)
+                          "absent.gguf", code=2)
     assert_one_line_error(run_cli("generate", "-m", smollm_path, "-c", "16", "-p", "word " * 40, "--json"),
                           "context", code=2)
     proc = run_cli("convert", smollm_path, "-o", str(tmp_path / "no_such_dir" / "x.flash"))  # an OSError
     assert_one_line_error(proc, "x.flash", code=1)
     assert_one_line_error(run_cli("bench", "-m", smollm_path, "--flash", str(tmp_path / "absent.flash")),
                           "absent.flash", code=2)
+
+
+# -- issue 20's defects: each of these failed before ------------------------------------------------------------
+def test_ctrl_c_in_generate_exits_130(smollm_path):
+    """Ctrl-C stops the answer, keeps what was printed, says so, and exits 130 (was: 0)."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "flashlm.cli", "generate", "-m", smollm_path, "-p", "Once upon a",
+                             "-n", "2000", "--temp", "0", "--ignore-eos"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.read(8)  # the answer has started
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert first and proc.returncode == 130, err
+    assert "[interrupted]" in err and "Traceback" not in err
+
+
+def test_prompt_from_stdin(smollm_path):
+    """-f - reads the prompt from standard input (was: refused as a missing file)."""
+    piped = run_cli("generate", "-m", smollm_path, "-f", "-", "-n", "6", "--temp", "0", stdin="The capital of France is")
+    given = run_cli("generate", "-m", smollm_path, "-p", "The capital of France is", "-n", "6", "--temp", "0")
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == given.stdout and "Paris" in piped.stdout
+
+
+def test_budget_without_a_unit_is_mb(flash_path):
+    """--memory-budget 150 means 150 MB (was: 150 bytes, "a memory budget of 0 MB cannot hold this model")."""
+    proc = run_cli("info", flash_path, "--memory-budget", "150", "-c", "512")
+    assert proc.returncode == 0, proc.stderr
+    assert "memory plan for a budget of 150.0 MB" in proc.stdout
+
+
+def test_context_defaults_to_the_training_context_and_longer_warns(smollm_path, tmp_path):
+    """-c defaults to min(4096, the model's training context) (was: 4096 for every model), and a context longer
+    than the training one is said (was: silence)."""
+    import flashlm
+
+    from .ggufs import write_tiny_llama
+
+    tiny = tmp_path / "tiny.gguf"
+    write_tiny_llama(tiny, smollm_path)  # trained context: 512 tokens
+    with flashlm.load(str(tiny)) as m:
+        assert m.n_ctx == 512
+    with flashlm.load(smollm_path) as m:
+        assert m.n_ctx == 4096  # trained on 8192
+    proc = run_cli("generate", "-m", smollm_path, "-c", "100000", "-p", "hi", "-n", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: a context of 100000 tokens is longer than the 8192 the model was trained on" in proc.stderr

@@ -53,7 +53,8 @@ def test_parse_size():
     assert parse_size("150MB") == 150_000_000
     assert parse_size("1.5GB") == 1_500_000_000
     assert parse_size("800MiB") == 800 * 2 ** 20
-    assert parse_size("123456") == 123456
+    assert parse_size("123456B") == 123456
+    assert parse_size("150") == 150_000_000  # no unit: MB
     for bad in ("lots", "-5MB", "0"):
         with pytest.raises(ValueError):
             parse_size(bad)

@@ -144,7 +144,7 @@ def test_corrupt_and_truncated_stores_fail_clearly(flash_path, tmp_path):
         dst.write(src.read(size - 5_000_000))
     with pytest.raises(ModelFileError, match="truncated"):
         flashlm.load(str(truncated), ctx_size=256)
-    assert_one_line_error(run_cli("generate", "-m", str(truncated), "-p", "hi"), "truncated", code=1)
+    assert_one_line_error(run_cli("generate", "-m", str(truncated), "-p", "hi"), "truncated", code=2)
 
 
 def test_infeasible_budget_fails_before_loading(flash_path):
@@ -183,14 +183,14 @@ def test_convert_refuses_to_overwrite(flash_path, smollm_path):
 
 def test_cli_generate_under_budget_prints_streaming_stats(resident, flash_path):
     budget = _half_model_budget(resident, flash_path)
-    proc = run_cli("generate", "-m", flash_path, "-c", "512", "--memory-budget", str(budget), "-p", PROMPTS[0],
+    proc = run_cli("generate", "-m", flash_path, "-c", "512", "--memory-budget", f"{budget}B", "-p", PROMPTS[0],
                    "-n", "8", "--temp", "0")
     assert proc.returncode == 0, proc.stderr
     for label in ("flash reads", "MB / token", "neuron cache", "hit rate", "I/O wait", "FFN compute", "peak memory"):
         assert label in proc.stderr
-    info = run_cli("info", flash_path, "--memory-budget", str(budget), "-c", "512")
+    info = run_cli("info", flash_path, "--memory-budget", f"{budget}B", "-c", "512")
     assert info.returncode == 0 and "memory plan" in info.stdout and "hot neurons" in info.stdout
-    sketch = run_cli("info", flash_path, "--memory-budget", str(budget), "-c", "512", "--output-head", "sketch")
+    sketch = run_cli("info", flash_path, "--memory-budget", f"{budget}B", "-c", "512", "--output-head", "sketch")
     assert sketch.returncode == 0 and "head sketch + row cache" in sketch.stdout
 
 

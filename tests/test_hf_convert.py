@@ -296,7 +296,7 @@ def test_cli_convert_and_model_directory(hf_dirs, tmp_path):
     assert_one_line_error(_cli("convert", hf_dirs["qwen2"], "-o", out), "already exists")
     bad = _copy(hf_dirs["qwen2"], tmp_path / "bad")
     _edit_config(bad, model_type="bert")
-    assert_one_line_error(_cli("convert", bad, "-o", str(tmp_path / "b.gguf")), "model_type 'bert'", code=1)
+    assert_one_line_error(_cli("convert", bad, "-o", str(tmp_path / "b.gguf")), "model_type 'bert'", code=2)
 
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     args = ("generate", "-m", hf_dirs["mistral"], "-p", "The", "-n", "4", "--temp", "0", "-c", "8192")

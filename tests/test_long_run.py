@@ -117,7 +117,7 @@ def test_long_run_under_budget_does_not_grow(flash_path):
                                  f"half_model_budget as h; print(h(sys.argv[1], {ctx}))", flash_path],
                                 capture_output=True, text=True, timeout=120, cwd=ROOT, check=True).stdout.split()[-1])
     proc = subprocess.run([sys.executable, "-m", "labs.long_run", "-m", flash_path, "--memory-budget",
-                           str(budget), "-n", "400", "-c", str(ctx), "--sample-every", "8", "--json"],
+                           f"{budget}B", "-n", "400", "-c", str(ctx), "--sample-every", "8", "--json"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])

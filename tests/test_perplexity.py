@@ -49,7 +49,7 @@ def test_perplexity_of_a_flash_store_stays_within_its_budget(flash_path):
     args = ["perplexity", "-m", flash_path, "-f", GPL3, "-c", "256", "--chunks", "2", "-t", "2"]
     runs = {}
     for budget in (None, 150_000_000):
-        extra = ["--memory-budget", str(budget)] if budget else []
+        extra = ["--memory-budget", f"{budget}B"] if budget else []
         proc = subprocess.run([sys.executable, "-c", code, *args, *extra], capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]

@@ -145,7 +145,7 @@ def test_calibrate_bad_input_loses_nothing(flash_path, tmp_path, smollm_path):
     for args, needle, code in (([copy, "--text", str(short)], "too short", 2),
                                ([copy, "--text", str(tmp_path / "missing.txt")], "cannot read calibration text", 2),
                                ([copy, "--text", CAL_TEXT, "--rank", "48"], "multiple of 32", 2),
-                               ([str(tmp_path / "none.flash"), "--text", CAL_TEXT], "no such file", 1)):
+                               ([str(tmp_path / "none.flash"), "--text", CAL_TEXT], "no such file", 2)):
         assert_one_line_error(run_cli("calibrate", *args), needle, code=code)
     assert _sha(copy) == before
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
@@ -153,7 +153,7 @@ def test_calibrate_bad_input_loses_nothing(flash_path, tmp_path, smollm_path):
     with pytest.raises(ModelFileError, match="flashlm calibrate"):
         flashlm.load(copy, sparsity=0.4, sparsity_score="predictor")
     assert_one_line_error(run_cli("generate", "-m", copy, "-p", "hi", "-n", "2", "--sparsity", "0.4",
-                                  "--sparsity-score", "predictor"), "has no sparsity predictor", code=1)
+                                  "--sparsity-score", "predictor"), "has no sparsity predictor", code=2)
     with pytest.raises(InvalidOptionError, match="not a .flash store"):
         calibrate_predictor(smollm_path, CAL_TEXT, **SETTINGS)
 

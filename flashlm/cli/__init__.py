@@ -1,10 +1,11 @@
 """The `flashlm` command line (click). Flag letters follow llama.cpp's tools.
 
-Every user error ends as one line on stderr, `flashlm: error: ...`, never a traceback (--verbose shows it): exit
-status 2 for usage errors (bad flags or option values, an impossible memory budget, a prompt longer than the
-context, an output that exists without --force), 1 for runtime failures (a missing, malformed or unsupported model
-or input file, failing storage, a template that does not render, out of memory). With --json, stdout gets one JSON
-document on success and nothing on failure.
+Every user error ends as one line on stderr, `flashlm: error: ...`, never a traceback (--verbose shows it), with
+exit status 2: bad flags or option values, an impossible memory budget, a prompt longer than the context, an output
+that exists without --force, a missing, unreadable, malformed or unsupported model or input file. Exit status 1 is
+for failures while running (storage failing under a loaded model, a template that does not render, out of memory,
+an output that cannot be written), 130 for Ctrl-C. With --json, stdout gets one JSON document on success and
+nothing on failure.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import click
 
 from flashlm.cli import bench, run, store, train  # noqa: F401  (they register their commands)
-from flashlm.cli.common import EXIT_RUNTIME, _exit_code, _fail, cli
+from flashlm.cli.common import EXIT_INTERRUPTED, EXIT_RUNTIME, _exit_code, _fail, cli
 
 
 def main(argv=None) -> None:
@@ -26,7 +27,7 @@ def main(argv=None) -> None:
         cli.main(args=argv, prog_name="flashlm", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except click.exceptions.ClickException as e:  # bad flags: one line, exit 2
         if verbose:
             raise
@@ -39,7 +40,7 @@ def main(argv=None) -> None:
         sys.exit(0)
     except KeyboardInterrupt:
         click.echo("", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except MemoryError:
         if verbose:
             raise

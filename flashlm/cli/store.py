@@ -12,7 +12,8 @@ from flashlm.cli.common import _L, EXIT_RUNTIME, _fail, _resolve_model, cli
 @cli.command()
 @click.argument("model", required=False)
 @click.option("--memory-budget", type=str, default=None, help="Show the memory plan for this budget.")
-@click.option("-c", "--ctx-size", type=int, default=_L.ctx_size, show_default=True, help="Context for the plan.")
+@click.option("-c", "--ctx-size", type=int, default=None,
+              help="Context for the plan (default: 4096, or the model's training context where that is shorter).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Show the plan for this device (cuda: what lives on the GPU, in pinned host memory, on flash).")
 @click.option("--gpu-memory-budget", type=str, default=None, help="GPU memory for the cuda plan.")

@@ -97,7 +97,7 @@ def load_model(path: str, opts: LoadOptions, taps: tuple[str, ...] = (), load_to
     flash = is_flash_store(f)
 
     try:
-        n_ctx = opts.ctx_size or args.n_ctx_train
+        n_ctx = opts.resolved_ctx(args.n_ctx_train)
         threads = opts.resolved_threads()
         if flash and load_tokenizer is not None:
             load_tokenizer()

@@ -48,14 +48,14 @@ def _plan_lines(path, f, family, args, budget, ctx_size, device="cpu", gpu_budge
     if device == "cuda":
         from flashlm.flash_store.planner import gpu_plan_for
 
-        _, gpu = gpu_plan_for(f, family, args, store, opts, ctx_size or args.n_ctx_train)
+        _, gpu = gpu_plan_for(f, family, args, store, opts, opts.resolved_ctx(args.n_ctx_train))
         return head + ["device plan   " + gpu.describe(),
                        "              (host baseline measured here without CUDA's context, which a GPU run adds)"]
-    plan = plan_for(f, family, args, store, opts, ctx_size or args.n_ctx_train)
+    plan = plan_for(f, family, args, store, opts, opts.resolved_ctx(args.n_ctx_train))
     return head + plan.describe().splitlines()
 
 
-def describe(path: str, budget: str | None = None, ctx_size: int = 4096, device: str = "cpu",
+def describe(path: str, budget: str | None = None, ctx_size: int | None = None, device: str = "cpu",
              gpu_budget: str | None = None, output_head: str = "exact") -> str:
     f, family, args = read_model(path)
     try:
