@@ -108,3 +108,18 @@ def test_context_defaults_to_the_training_context_and_longer_warns(smollm_path, 
     proc = run_cli("generate", "-m", smollm_path, "-c", "100000", "-p", "hi", "-n", "2")
     assert proc.returncode == 0, proc.stderr
     assert "warning: a context of 100000 tokens is longer than the 8192 the model was trained on" in proc.stderr
+
+
+def test_every_command_takes_the_model_as_dash_m(smollm_path, flash_path, tmp_path):
+    """info, convert, calibrate and verify take -m/--model as generate and chat do (they refused it), the bare
+    argument still works, and convert without a model converts the default one (it required an argument)."""
+    assert run_cli("info", "-m", smollm_path).stdout == run_cli("info", smollm_path).stdout != ""
+    verified = run_cli("verify", "-m", flash_path)
+    assert verified.returncode == 0 and "sections verified" in verified.stdout, verified.stderr
+    out = tmp_path / "default.flash"
+    converted = run_cli("convert", "-o", str(out), "--no-calibration")
+    assert converted.returncode == 0 and out.exists(), converted.stderr
+    assert "using the default model" in converted.stderr
+    assert_one_line_error(run_cli("info", "-m", smollm_path, flash_path), "two models given")
+    # -m reaches calibrate itself (it used to be refused as an unknown option)
+    assert_one_line_error(run_cli("calibrate", "-m", smollm_path, "--text", "/dev/null"), "not a .flash store")

@@ -52,6 +52,25 @@ def _resolve_model(path: str | None) -> str:
     return path
 
 
+def model_argument(f):
+    """The model as -m/--model, as every command takes it, or as a bare argument (the older form)."""
+    f = click.option("-m", "--model", "model_opt", type=str, default=None,
+                     help="GGUF or .flash model, or a Hugging Face directory (default: SmolLM2-135M-Instruct).")(f)
+    return click.argument("model", required=False)(f)
+
+
+def given_model(model: str | None, model_opt: str | None) -> str | None:
+    """The model given as -m or as the argument (None: neither)."""
+    if model and model_opt and model != model_opt:
+        _fail(f"two models given ({model_opt} with -m, {model} as an argument): give one")
+    return model or model_opt
+
+
+def pick_model(model: str | None, model_opt: str | None) -> str:
+    """The model file given (a Hugging Face directory: its cached GGUF), else the default model."""
+    return _resolve_model(given_model(model, model_opt))
+
+
 def _options(f, opts):
     for opt in reversed(opts):
         f = opt(f)

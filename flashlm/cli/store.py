@@ -6,11 +6,11 @@ import os
 
 import click
 
-from flashlm.cli.common import _L, EXIT_RUNTIME, _fail, _resolve_model, cli
+from flashlm.cli.common import _L, EXIT_RUNTIME, _fail, cli, given_model, model_argument, pick_model
 
 
 @cli.command()
-@click.argument("model", required=False)
+@model_argument
 @click.option("--memory-budget", type=str, default=None, help="Show the memory plan for this budget.")
 @click.option("-c", "--ctx-size", type=int, default=None,
               help="Context for the plan (default: 4096, or the model's training context where that is shorter).")
@@ -20,15 +20,15 @@ from flashlm.cli.common import _L, EXIT_RUNTIME, _fail, _resolve_model, cli
 @click.option("--output-head", type=click.Choice(["exact", "sketch", "auto"]), default=_L.output_head,
               show_default=True, help="The output head the plan is for (see generate --help).")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def info(model, memory_budget, ctx_size, device, gpu_memory_budget, output_head, verbose):
+def info(model, model_opt, memory_budget, ctx_size, device, gpu_memory_budget, output_head, verbose):
     """Architecture, hyperparameters, size per tensor group and quant types; for a .flash, the memory plan."""
     from flashlm.tools.model_info import describe
 
-    click.echo(describe(_resolve_model(model), memory_budget, ctx_size, device, gpu_memory_budget, output_head))
+    click.echo(describe(pick_model(model, model_opt), memory_budget, ctx_size, device, gpu_memory_budget, output_head))
 
 
 @cli.command()
-@click.argument("model")
+@model_argument
 @click.option("-o", "--output", required=True,
               help="Output .flash file; from a Hugging Face directory, a .gguf or a .flash file.")
 @click.option("--quant", type=click.Choice(["f32", "f16", "q8_0", "q4_0", "q4_1"]), default="q8_0",
@@ -42,11 +42,14 @@ def info(model, memory_budget, ctx_size, device, gpu_memory_budget, output_head,
                    "is Q4_0/Q4_1/Q8_0 in every layer and the FFN is not ReLU (sparse), else neuron.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def convert(model, output, quant, calibration_text, no_calibration, bundle, force, verbose):
+def convert(model, model_opt, output, quant, calibration_text, no_calibration, bundle, force, verbose):
     """Convert a GGUF model into a flash store (row-column bundled FFN, hot neurons first), or a Hugging Face
     directory (config.json, *.safetensors, tokenizer.json) into a GGUF or a flash store."""
     from flashlm.tools.convert import convert_gguf, convert_hf
 
+    model = given_model(model, model_opt)
+    if model is None or not os.path.isdir(model):  # a Hugging Face directory converts as it is, not from the cache
+        model = pick_model(model, None)
     if os.path.isdir(model):
         r = convert_hf(model, output, quant, force, "none" if no_calibration else calibration_text)
         fallback = f"; F16 for {len(r.f16_fallbacks)} matrices whose rows do not divide into {quant} blocks" \
@@ -64,7 +67,7 @@ def convert(model, output, quant, calibration_text, no_calibration, bundle, forc
 
 
 @cli.command()
-@click.argument("model")
+@model_argument
 @click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False),
               help="Calibration text (not the text you evaluate on).")
 @click.option("--rank", type=int, default=128, show_default=True, help="Predictor rank (a multiple of 32).")
@@ -74,7 +77,7 @@ def convert(model, output, quant, calibration_text, no_calibration, bundle, forc
 @click.option("-t", "--threads", type=int, default=0, help="Compute threads (0: all cores).")
 @click.option("-o", "--output", default=None, help="Write the result here instead of rewriting MODEL in place.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def calibrate(model, text_file, rank, epochs, seed, tokens, threads, output, verbose):
+def calibrate(model, model_opt, text_file, rank, epochs, seed, tokens, threads, output, verbose):
     """Train a low-rank sparsity predictor per layer on a .flash model's own activations and store it in the file
     (for --sparsity-score predictor); prints held-out recall and precision per layer."""
     from flashlm.tools.calibrate import calibrate_predictor
@@ -82,20 +85,21 @@ def calibrate(model, text_file, rank, epochs, seed, tokens, threads, output, ver
     def progress(what, done, total):
         click.echo(f"\r{what:<9} {done}/{total}", nl=done >= total, err=True)
 
-    r = calibrate_predictor(model, text_file, rank, epochs, seed, tokens, threads, output, progress)
+    r = calibrate_predictor(pick_model(model, model_opt), text_file, rank, epochs, seed, tokens, threads, output, progress)
     for i, (rc, pr, sel) in enumerate(zip(r.recall, r.precision, r.selected)):
         click.echo(f"layer {i:>3}: held-out recall {rc:.4f}, precision {pr:.4f}, selects {sel:.1%}")
     click.echo(f"wrote {r.path} in {r.seconds:.0f} s: {r.description}")
 
 
 @cli.command()
-@click.argument("file")
+@model_argument
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def verify(file, verbose):
+def verify(model, model_opt, verbose):
     """Check every section of a .flash file against its checksum (header and metadata, resident tensors, each
     layer's FFN bundle) and every padding byte, reading in 1 MiB chunks; exit status 1 on corruption."""
     from flashlm.flash_store.reader import verify_store
 
+    file = pick_model(model, model_opt)
     sections = verify_store(file)
     for s in sections:
         state = "OK " if s.ok else "BAD"
