@@ -123,3 +123,14 @@ def test_every_command_takes_the_model_as_dash_m(smollm_path, flash_path, tmp_pa
     assert_one_line_error(run_cli("info", "-m", smollm_path, flash_path), "two models given")
     # -m reaches calibrate itself (it used to be refused as an unknown option)
     assert_one_line_error(run_cli("calibrate", "-m", smollm_path, "--text", "/dev/null"), "not a .flash store")
+
+
+def test_info_json(smollm_path, flash_path):
+    """info --json: the facts the text shows, as one JSON document (was: no such option)."""
+    gguf = json.loads(run_cli("info", "-m", smollm_path, "--json").stdout)
+    assert gguf["architecture"] == "llama" and gguf["args"]["n_layers"] == 30 and gguf["chat_template"] is True
+    assert gguf["flash_store"] is None and gguf["tensor_groups"]["feed-forward"]["bytes"] > 0
+    flash = json.loads(run_cli("info", "-m", flash_path, "--memory-budget", "150MB", "-c", "512", "--json").stdout)
+    plan = flash["flash_store"]["plan"]
+    assert plan["budget_bytes"] == 150_000_000 and 0 < plan["hot_neurons"] < plan["n_ff"]
+    assert plan["total_bytes"] <= plan["budget_bytes"]

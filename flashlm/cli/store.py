@@ -19,12 +19,14 @@ from flashlm.cli.common import _L, EXIT_RUNTIME, _fail, cli, given_model, model_
 @click.option("--gpu-memory-budget", type=str, default=None, help="GPU memory for the cuda plan.")
 @click.option("--output-head", type=click.Choice(["exact", "sketch", "auto"]), default=_L.output_head,
               show_default=True, help="The output head the plan is for (see generate --help).")
+@click.option("--json", "as_json", is_flag=True, help="Print the same facts as one JSON document.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def info(model, model_opt, memory_budget, ctx_size, device, gpu_memory_budget, output_head, verbose):
+def info(model, model_opt, memory_budget, ctx_size, device, gpu_memory_budget, output_head, as_json, verbose):
     """Architecture, hyperparameters, size per tensor group and quant types; for a .flash, the memory plan."""
     from flashlm.tools.model_info import describe
 
-    click.echo(describe(pick_model(model, model_opt), memory_budget, ctx_size, device, gpu_memory_budget, output_head))
+    click.echo(describe(pick_model(model, model_opt), memory_budget, ctx_size, device, gpu_memory_budget, output_head,
+                        as_json))
 
 
 @cli.command()
