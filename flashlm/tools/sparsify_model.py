@@ -17,6 +17,7 @@ from gguf.quants import dequantize
 
 from flashlm.errors import UnsupportedModelError
 from flashlm.loaders.gguf_reader import GGUFFile
+from flashlm.models import llama
 from flashlm.models.base import Metadata
 
 # GGUF tensor name (per layer) -> its role in LlamaLayer
@@ -40,18 +41,15 @@ class LlamaShape:
 
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> LlamaShape:
-        meta = Metadata(f)
-        if meta.arch != "llama":
-            raise UnsupportedModelError(f"{f.path}: sparsify runs llama-family models, not {meta.arch!r}")
-        if "rope_freqs.weight" in f.tensors or meta.str("rope.scaling.type", "none") != "none":
+        """From the llama family's own reading of the metadata (models/llama.py), for what this trainer runs."""
+        arch = Metadata(f).arch
+        if arch != "llama":
+            raise UnsupportedModelError(f"{f.path}: sparsify runs llama-family models, not {arch!r}")
+        a = llama.ModelArgs.from_gguf(f)
+        if "rope_freqs.weight" in f.tensors or a.rope.scaling != "none":
             raise UnsupportedModelError(f"{f.path}: RoPE scaling is not supported by sparsify")
-        d_model, n_heads = meta.int("embedding_length"), meta.int("attention.head_count")
-        return cls(n_layers=meta.int("block_count"), d_model=d_model, n_ff=meta.int("feed_forward_length"),
-                   n_heads=n_heads, n_kv_heads=meta.int("attention.head_count_kv", n_heads),
-                   head_dim=meta.int("attention.key_length", d_model // n_heads),
-                   vocab=f.tensors["token_embd.weight"].shape[0],
-                   rope_theta=meta.float("rope.freq_base", 10000.0),
-                   norm_eps=meta.float("attention.layer_norm_rms_epsilon", 1e-5),
+        return cls(n_layers=a.n_layers, d_model=a.d_model, n_ff=a.n_ff, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
+                   head_dim=a.head_dim, vocab=a.vocab_size, rope_theta=a.rope.base, norm_eps=a.norm_eps,
                    tied="output.weight" not in f.tensors)
 
 
