@@ -16,7 +16,6 @@ from flashlm.loaders.gguf_reader import GGUFFile
 from flashlm.loaders.keys import KEY_FFN_ACTIVATION
 from flashlm.tools.perplexity import perplexity
 
-from .conftest import GPL3
 
 N_CTX, N_CHUNKS = 512, 4
 PPL_BAR = 33.5          # measured 31.65 on these 4 chunks (original SmolLM2 Q4_1: 18.25)
@@ -25,11 +24,9 @@ MEAN_ZERO_BAR = 0.82    # measured mean 0.837
 
 
 @pytest.fixture(scope="module")
-def held_out() -> str:
-    if not os.path.exists(GPL3):
-        pytest.skip(f"{GPL3} is not present")
-    with open(GPL3, encoding="utf-8") as fh:
-        return fh.read()
+def held_out(gpl_text) -> str:
+    """GPL-3: never in the training data (conftest's gpl_text)."""
+    return gpl_text
 
 
 def test_file_is_a_relu_llama_under_95_mb(sparse_path):

@@ -272,11 +272,9 @@ class CudaExecutor(KernelExecutor):
 
     def __init__(self, cp, family, args, layers: list[GpuLayer], ffn: GpuFFN, head: GpuHead, embed, kv: KVCache,
                  rope: dict[str, np.ndarray], plan: GpuPlan):
-        self.compute = contextlib.nullcontext()
-        self.family, self.args, self.layers, self.kernel, self.ffn, self.head_stream = family, args, layers, \
-            ffn.kernels, ffn, head
-        self.embed, self.kv, self.vocab_size = embed, kv, args.vocab_size
-        self.rope = {name: cp.asarray(t, dtype=cp.float32) for name, t in rope.items()}
+        super().__init__(family, args, layers, ffn.kernels, ffn, head, embed, kv,
+                         {name: cp.asarray(t, dtype=cp.float32) for name, t in rope.items()},
+                         compute=contextlib.nullcontext())
         self.cp, self.xp, self.kernels, self.gpu_plan = cp, cp, ffn.kernels, plan
 
     def report(self) -> str:

@@ -225,13 +225,14 @@ class KernelExecutor:
     ops_class = KernelOps
 
     def __init__(self, family, args, layers: list[AttentionWeights], kernel: BundleKernel, ffn: FFNSource,
-                 head: OutputHead, embed: EmbeddingTable, kv: KVCache, rope: dict[str, np.ndarray]):
+                 head: OutputHead, embed: EmbeddingTable, kv: KVCache, rope: dict[str, np.ndarray], compute=None):
         self.family, self.args, self.layers, self.kernel, self.ffn, self.head_stream = family, args, layers, kernel, \
             ffn, head
         self.embed, self.kv, self.vocab_size = embed, kv, args.vocab_size
         self.rope = rope  # name -> table; layer i reads the pair args.rope_names(i)
-        # numpy's attention products next to the OpenMP kernels take one BLAS thread (quant/bundle_kernel.py)
-        self.compute = kernel.one_blas_thread
+        # numpy's attention products next to the OpenMP kernels take one BLAS thread (quant/bundle_kernel.py);
+        # compute: the context the layers run in where a backend needs another
+        self.compute = kernel.one_blas_thread if compute is None else compute
 
     def forward(self, ids: np.ndarray, all_logits: bool = False) -> np.ndarray:
         h = self.hidden(ids)
