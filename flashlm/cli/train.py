@@ -19,10 +19,14 @@ from flashlm.cli.common import cli
 @click.option("--work-dir", default="sparsify-work", show_default=True, help="Checkpoints and caches (resumes).")
 @click.option("--train-tokens", type=int, default=100_000_000, show_default=True)
 @click.option("--train-minutes", type=float, default=0.0, help="Stop training on the clock (0: no limit).")
+@click.option("--stop-after-minutes", type=float, default=0.0,
+              help="End this run after so many minutes of training (checkpointed; run again to resume).")
 @click.option("--gen-tokens", type=int, default=20_000_000, show_default=True, help="Teacher-sampled tokens.")
 @click.option("--gen-minutes", type=float, default=0.0, help="Stop sampling on the clock (0: no limit).")
 @click.option("--gen-batch", type=int, default=1024, show_default=True, help="Rows sampled at once.")
 @click.option("--temperature", type=float, default=0.9, show_default=True, help="Teacher sampling temperature.")
+@click.option("--activation", type=click.Choice(["relu", "drelu"]), default="relu", show_default=True,
+              help="relu: relu(gate) * up (ProSparse); drelu: relu(gate) * relu(up) (TurboSparse).")
 @click.option("--target-sparsity", type=float, default=0.0, help="L1 target zero fraction per layer (0: no L1).")
 @click.option("--l1-start", type=float, default=0.05, show_default=True, help="Training fraction where L1 starts.")
 @click.option("--l1-full", type=float, default=0.5, show_default=True, help="Training fraction where the target is full.")
@@ -42,6 +46,9 @@ def sparsify(model, texts, doc_dirs, verbose, **kw):
     from flashlm.tools.sparsify import SparsifyOptions, run as run_sparsify
 
     r = run_sparsify(SparsifyOptions(model=model, texts=list(texts), doc_dirs=list(doc_dirs), **kw))
+    if r.get("stopped"):
+        click.echo(f"stopped at {r['tokens'] / 1e6:.1f}M tokens trained; the same command resumes")
+        return
     figures = f", held-out ppl {r['eval']['ppl']:.3f} (original {r['baseline']['ppl']:.3f}), zeros mean " \
         f"{r['eval']['sparsity_mean']:.3f} min {r['eval']['sparsity_min']:.3f}" if r.get("eval") else ""
     click.echo(f"wrote {kw['output']}: {r['tokens'] / 1e6:.1f}M tokens trained{figures}")

@@ -40,10 +40,13 @@ class SparsifyOptions:
     lr: float = 2e-4
     train_tokens: int = 100_000_000
     train_minutes: float = 0.0         # 0: no time limit; else progress runs on the clock (whichever ends first)
+    stop_after_minutes: float = 0.0    # end this run after so many minutes of training, checkpointed, no GGUF yet
+                                       # (a machine lent for 10 minutes at a time: the next run resumes)
     gen_tokens: int = 20_000_000       # teacher-sampled tokens
     gen_minutes: float = 0.0
     gen_batch: int = 1024
     temperature: float = 0.9
+    activation: str = "relu"           # relu: relu(gate) * up; drelu: relu(gate) * relu(up) (TurboSparse)
     target_sparsity: float = 0.0       # 0: no L1 penalty
     l1_start: float = 0.05             # fraction of training where the penalty starts (target from 0.6) ...
     l1_full: float = 0.5               # ... and where the target is reached
@@ -70,6 +73,8 @@ def check_options(o: SparsifyOptions) -> None:
         raise InvalidOptionError(f"{o.model or 'MODEL'}: no such file or directory")
     if not o.output.endswith(".gguf"):
         raise InvalidOptionError(f"{o.output or '-o'}: the output must be a .gguf file")
+    if o.activation not in ("relu", "drelu"):
+        raise InvalidOptionError(f"--activation {o.activation!r}: choose relu or drelu")
     if o.quant not in ("q4_0", "q8_0"):
         raise InvalidOptionError(f"--quant {o.quant!r}: choose q4_0 or q8_0")
     if not 0.0 <= o.target_sparsity < 1.0:
@@ -245,6 +250,9 @@ def train(o: SparsifyOptions, teacher, student, rows: np.ndarray, eval_ids, bos:
     tokens_per_step, last_ck, last_log, t_start, tok_start = o.batch * o.seq_len, time.time(), 0.0, time.time(), st.tokens
     next_eval = (st.tokens // o.eval_every_tokens + 1) * o.eval_every_tokens
     while (p := progress_of(o, st)) < 1.0:
+        if o.stop_after_minutes and time.time() - t_start > o.stop_after_minutes * 60:
+            log(f"stopping after {o.stop_after_minutes} minutes at {p:.1%} of training; run again to resume")
+            break
         t0 = time.time()
         for group in opt.param_groups:
             group["lr"] = learning_rate(o, p)
@@ -278,7 +286,7 @@ def train(o: SparsifyOptions, teacher, student, rows: np.ndarray, eval_ids, bos:
     return st
 
 
-def load_models(src: str, device: str):
+def load_models(src: str, device: str, activation: str):
     import torch
 
     from flashlm.tools.sparsify_model import Llama
@@ -286,7 +294,7 @@ def load_models(src: str, device: str):
     teacher = Llama.from_gguf(src, "silu").to(device=device, dtype=torch.bfloat16).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student = Llama.from_gguf(src, "relu").to(device).train()
+    student = Llama.from_gguf(src, activation).to(device).train()
     return teacher, student
 
 
@@ -309,7 +317,7 @@ def run(o: SparsifyOptions, log=lambda s: print(s, file=sys.stderr, flush=True))
     bos = bos_id(src)
     docs = document_rows(o, enc, bos)
     log(f"document text: {docs.size / 1e6:.1f}M tokens in {len(docs)} rows")
-    teacher, student = load_models(src, o.device)
+    teacher, student = load_models(src, o.device, o.activation)
     samples = teacher_rows(o, teacher, enc, docs, bos, log) if o.gen_tokens else docs[:0]
     rows = np.concatenate([docs, samples])
     if len(rows) == 0:
@@ -321,6 +329,8 @@ def run(o: SparsifyOptions, log=lambda s: print(s, file=sys.stderr, flush=True))
     chunk_bos = bos if adds_bos(src) else None  # held-out chunks start as flashlm perplexity's do
     baseline = evaluate(o, teacher, eval_ids, chunk_bos, None) if eval_ids else None
     st = train(o, teacher, student, rows, eval_ids, chunk_bos, log)
+    if progress_of(o, st) < 1.0:  # stopped on --stop-after-minutes: the checkpoint holds it
+        return {"stopped": True, "tokens": st.tokens, "curve": st.curve, "baseline": baseline}
     data = {"document_tokens": int(docs.size), "teacher_sample_tokens": int(samples.size), "texts": o.texts,
             "doc_dirs": o.doc_dirs}
     return finish(o, src, student, teacher, enc, st, data, baseline, eval_ids, chunk_bos, log)
