@@ -25,8 +25,6 @@ from flashlm.cli.common import cli
 @click.option("--gen-minutes", type=float, default=0.0, help="Stop sampling on the clock (0: no limit).")
 @click.option("--gen-batch", type=int, default=1024, show_default=True, help="Rows sampled at once.")
 @click.option("--temperature", type=float, default=0.9, show_default=True, help="Teacher sampling temperature.")
-@click.option("--activation", type=click.Choice(["relu", "drelu"]), default="relu", show_default=True,
-              help="relu: relu(gate) * up (ProSparse); drelu: relu(gate) * relu(up) (TurboSparse).")
 @click.option("--target-sparsity", type=float, default=0.0, help="L1 target zero fraction per layer (0: no L1).")
 @click.option("--l1-start", type=float, default=0.05, show_default=True, help="Training fraction where L1 starts.")
 @click.option("--l1-full", type=float, default=0.5, show_default=True, help="Training fraction where the target is full.")

@@ -46,7 +46,6 @@ class SparsifyOptions:
     gen_minutes: float = 0.0
     gen_batch: int = 1024
     temperature: float = 0.9
-    activation: str = "relu"           # relu: relu(gate) * up; drelu: relu(gate) * relu(up) (TurboSparse)
     target_sparsity: float = 0.0       # 0: no L1 penalty
     l1_start: float = 0.05             # fraction of training where the penalty starts (target from 0.6) ...
     l1_full: float = 0.5               # ... and where the target is reached
@@ -73,8 +72,6 @@ def check_options(o: SparsifyOptions) -> None:
         raise InvalidOptionError(f"{o.model or 'MODEL'}: no such file or directory")
     if not o.output.endswith(".gguf"):
         raise InvalidOptionError(f"{o.output or '-o'}: the output must be a .gguf file")
-    if o.activation not in ("relu", "drelu"):
-        raise InvalidOptionError(f"--activation {o.activation!r}: choose relu or drelu")
     if o.quant not in ("q4_0", "q8_0"):
         raise InvalidOptionError(f"--quant {o.quant!r}: choose q4_0 or q8_0")
     if not 0.0 <= o.target_sparsity < 1.0:
@@ -286,7 +283,7 @@ def train(o: SparsifyOptions, teacher, student, rows: np.ndarray, eval_ids, bos:
     return st
 
 
-def load_models(src: str, device: str, activation: str):
+def load_models(src: str, device: str):
     import torch
 
     from flashlm.tools.sparsify_model import Llama
@@ -294,7 +291,7 @@ def load_models(src: str, device: str, activation: str):
     teacher = Llama.from_gguf(src, "silu").to(device=device, dtype=torch.bfloat16).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student = Llama.from_gguf(src, activation).to(device).train()
+    student = Llama.from_gguf(src, "relu").to(device).train()
     return teacher, student
 
 
@@ -317,7 +314,7 @@ def run(o: SparsifyOptions, log=lambda s: print(s, file=sys.stderr, flush=True))
     bos = bos_id(src)
     docs = document_rows(o, enc, bos)
     log(f"document text: {docs.size / 1e6:.1f}M tokens in {len(docs)} rows")
-    teacher, student = load_models(src, o.device, o.activation)
+    teacher, student = load_models(src, o.device)
     samples = teacher_rows(o, teacher, enc, docs, bos, log) if o.gen_tokens else docs[:0]
     rows = np.concatenate([docs, samples])
     if len(rows) == 0:

@@ -38,8 +38,7 @@ def sparse_tensors(student, qtype: QT) -> list[tuple[str, np.ndarray, QT]]:
 
 
 def write_sparse_gguf(src: str, student, quant: str, dst: str) -> None:
-    """The student's blocks (quantized) and the source's vocabulary tensors and metadata, with the student's
-    activation under flashlm.ffn_activation."""
+    """The student's blocks (quantized), then the source's vocabulary tensors (last, byte for byte) and metadata."""
     qtype, file_type = QUANTS[quant]
     tensors = sparse_tensors(student, qtype)
     tmp = temp_path(dst)
@@ -48,7 +47,7 @@ def write_sparse_gguf(src: str, student, quant: str, dst: str) -> None:
             w = gguf.GGUFWriter(tmp, "llama")
             copy_metadata(w, f, skip=lambda key: key.startswith("flashlm.") or key == "general.file_type")
             w.add_file_type(file_type)
-            w.add_string(KEY_FFN_ACTIVATION, student.activation)
+            w.add_string(KEY_FFN_ACTIVATION, "relu")
             for name, data, qt in tensors:
                 w.add_tensor(name, data, raw_dtype=None if qt == QT.F32 else qt)
             for name in VOCAB_TENSORS:
@@ -89,15 +88,11 @@ def _curve_table(curve: list[dict]) -> list[str]:
     return lines
 
 
-_ACTIVATION_TEXT = {"relu": "ReLU", "drelu": "dReLU (relu(gate) * relu(up), as TurboSparse)"}
-
-
 def _card_intro(o) -> str:
     l1 = (f", with a per-layer L1 penalty on the ReLU outputs ramped to a {o.target_sparsity:.0%} zero target"
           if o.target_sparsity else "")
     return (f"A ReLU-sparse version of `{os.path.basename(o.model)}`, made with `flashlm sparsify` by "
-            f"self-distillation: the FFN's SiLU replaced by {_ACTIVATION_TEXT[o.activation]} "
-            f"(`flashlm.ffn_activation = \"{o.activation}\"`), the student "
+            "self-distillation: the FFN's SiLU replaced by ReLU (`flashlm.ffn_activation = \"relu\"`), the student "
             f"trained to match the original's next-token distribution (KL on its logits){l1}. Embedding and output "
             f"head are the original's, byte for byte; the block matrices are {o.quant.upper()}.")
 
@@ -146,7 +141,7 @@ def finish(o, src, student, teacher, enc, st, data: dict, baseline, eval_ids, bo
 
     write_sparse_gguf(src, student, o.quant, o.output)
     log(f"wrote {o.output} ({os.path.getsize(o.output) / 1e6:.1f} MB)")
-    exported = Llama.from_gguf(o.output, o.activation).to(device=o.device, dtype=torch.bfloat16).eval()
+    exported = Llama.from_gguf(o.output, "relu").to(device=o.device, dtype=torch.bfloat16).eval()
     summary = {"steps": st.step, "tokens": st.tokens, "seconds": st.seconds, "data": data, "curve": st.curve,
                "baseline": baseline, "options": {k: v for k, v in vars(o).items()}}
     if eval_ids:

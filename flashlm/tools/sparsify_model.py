@@ -144,17 +144,10 @@ class Llama(torch.nn.Module):
 
     def _ffn(self, layer: LlamaLayer, h: torch.Tensor, stats: list | None) -> torch.Tensor:
         gate = h @ self._w(layer.w_gate).to(h.dtype).T
-        up = h @ self._w(layer.w_up).to(h.dtype).T
-        if self.activation == "drelu":  # TurboSparse: zero unless both gate and up are positive
-            act = F.relu(gate) * F.relu(up)
-            zero = (gate <= 0) | (up <= 0)
-        else:
-            act = F.relu(gate) if self.activation == "relu" else F.silu(gate)
-            zero = gate <= 0
-        if stats is not None:  # (zero fraction, mean activation output): the L1 term is the second, with its gradient
-            stats.append((zero.float().mean().detach(), act.float().mean()))
-        hidden = act if self.activation == "drelu" else act * up
-        return hidden @ self._w(layer.w_down).to(h.dtype).T
+        act = F.relu(gate) if self.activation == "relu" else F.silu(gate)
+        if stats is not None:  # (zero fraction, mean ReLU output): the L1 term is the second, with its gradient
+            stats.append(((gate <= 0).float().mean().detach(), act.float().mean()))
+        return (act * (h @ self._w(layer.w_up).to(h.dtype).T)) @ self._w(layer.w_down).to(h.dtype).T
 
     def forward(self, ids: torch.Tensor, stats: list | None = None, cache=None, pos0: int = 0,
                 dtype=torch.bfloat16, last_only: bool = False) -> torch.Tensor:
@@ -212,7 +205,7 @@ def sample(model: Llama, prompts: torch.Tensor, n_new: int, temperature: float, 
 class HeldOutScore:
     ppl: float
     n_scored: int
-    sparsity: list[float]  # per layer: fraction of (token, neuron) whose activation is zero
+    sparsity: list[float]  # per layer: fraction of (token, neuron) with gate <= 0
 
 
 @torch.no_grad()
