@@ -7,7 +7,7 @@ import pytest
 
 import flashlm
 from flashlm.errors import InvalidOptionError
-from flashlm.flash_store.predictor import PAGE, page_runs, parse_sparsity, select, topk_mask
+from flashlm.flash_store.predictor import page_runs, parse_sparsity, select, topk_mask
 
 from .test_bad_input import assert_one_line_error, run_cli
 from .test_flash_store import _half_model_budget
@@ -15,17 +15,21 @@ from .test_flash_store import _half_model_budget
 PROMPT = "The capital of France is"
 
 
-def test_page_runs_cover_every_record_aligned_and_merged():
+@pytest.mark.parametrize("unit, gap", [(512, 0), (512, 4096), (4096, 8192)])
+def test_page_runs_cover_every_record_aligned_and_merged(unit, gap):
     rb = 1344
     rng = np.random.default_rng(0)
-    starts = np.sort(rng.choice(2000, 700, replace=False)) * rb + 512
-    runs = page_runs(starts, rb)
-    assert all(a % PAGE == 0 and b % PAGE == 0 and a < b for a, b in runs)
-    assert all(runs[k][1] < runs[k + 1][0] for k in range(len(runs) - 1))  # disjoint, ascending
+    starts = np.sort(rng.choice(2000, 300, replace=False)) * rb + 512
+    runs = page_runs(starts, rb, unit, gap)
+    assert all(a % unit == 0 and b % unit == 0 and a < b for a, b in runs)
+    assert all(runs[k + 1][0] - runs[k][1] > gap for k in range(len(runs) - 1))  # disjoint, ascending, gaps kept
     for s in starts:  # every record's bytes are inside one run
         assert any(a <= s and s + rb <= b for a, b in runs)
+    needed = {u for s in starts for u in range(s // unit, (s + rb - 1) // unit + 1)}
+    read = {u for a, b in runs for u in range(a // unit, b // unit)}
+    assert needed <= read and (gap > 0 or read == needed)  # without a gap, exactly the units holding records
     assert len(runs) < len(starts)  # neighbours coalesced
-    assert page_runs(np.array([], np.int64), rb) == []
+    assert page_runs(np.array([], np.int64), rb, unit, gap) == []
 
 
 def test_select_and_mask_agree():
@@ -68,7 +72,7 @@ def test_sparse_logits_close_to_dense(resident, sparse, gpl_text):
 @pytest.mark.parametrize("read_selected", [False, True])
 def test_sparse_decode_under_budget_equals_resident_sparse(resident, sparse, flash_path, monkeypatch, read_selected):
     """Under half the file, the cold range streams whole (SmolLM2's small records: the cost model's choice) or, forced,
-    only the pages holding each token's selected cold records; the result must not depend on what was resident."""
+    only the sectors holding each token's selected cold records; the result must not depend on what was resident."""
     from flashlm.flash_store import predictor
 
     monkeypatch.setattr(predictor, "SPARSE_READ_MAX_COVERAGE", 1.0 if read_selected else 0.75)
@@ -79,8 +83,9 @@ def test_sparse_decode_under_budget_equals_resident_sparse(resident, sparse, fla
     assert m.engine.executor.ffn.read_selected == read_selected
     reader = m.engine.executor.ffn.reader
     issued = []
-    original = reader.read
+    original, original_runs = reader.read, reader.read_runs
     reader.read = lambda offset, nbytes, out=None: (issued.append(nbytes), original(offset, nbytes, out))[1]
+    reader.read_runs = lambda base, runs, out: (issued.extend(b - a for a, b in runs), original_runs(base, runs, out))[1]
     streamed, stats = _greedy(m)
     m.close()
     assert m._loaded.plan.hot_neurons < m._loaded.plan.n_ff

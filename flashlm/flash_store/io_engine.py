@@ -187,6 +187,38 @@ class FlashReader:
             if f.exception() is not None:
                 raise f.exception()
 
+    @property
+    def read_unit(self) -> int:
+        """The granularity of an aligned read: a disk sector with O_DIRECT, a page through the page cache."""
+        return DIRECT_IO_ALIGN if self.direct else ALIGN
+
+    def read_runs(self, base: int, runs: list[tuple[int, int]], out: np.ndarray) -> None:
+        """Scattered reads, [base + a, base + b) into out[a:b] for each run (base, a, b and out's address multiples
+        of read_unit), on the pool's threads, one task per thread reading its share one after another: a token's
+        dozens of small selective reads cost a pool round trip per thread, not one each. Returns when all are in (a
+        failure raises StorageError after every task has stopped)."""
+        if not runs:
+            return
+        self.check()
+        if base < 0 or base + runs[-1][0] >= self.file_size:
+            raise ModelFileError(f"{self.path}: read at byte {base + runs[-1][0]} is past the end of the file "
+                                 f"({self.file_size} bytes; truncated?)")
+        view, k = memoryview(out), min(self.threads, len(runs))
+
+        def task(share):
+            for a, b in share:
+                self._read_chunk(view[a:b], base + a)
+
+        t = time.perf_counter()
+        futures = [self._pool.submit(task, runs[j::k]) for j in range(k)]
+        wait(futures)
+        with self._lock:
+            self.stats.bytes_read += sum(min(b, self.file_size - base) - a for a, b in runs)
+            self.stats.request_s += time.perf_counter() - t
+        for f in futures:
+            if f.exception() is not None:
+                raise f.exception()
+
     def read(self, file_offset: int, nbytes: int, out: np.ndarray | None = None) -> Future:
         """Read [file_offset, file_offset + nbytes) in parallel chunks. The future's result is a uint8 view of
         exactly those bytes (inside `out`, an aligned buffer of at least nbytes + 2*ALIGN, if given). A failed

@@ -30,8 +30,9 @@ from flashlm.options import SCORES, parse_sparsity  # noqa: F401  (re-exported f
 
 AUTO_FRACTION = 0.4  # measured on SmolLM2 with the exact score: +0.1% perplexity (README table)
 RELU_SKIP_GUESS = 0.5  # a ReLU FFN read by exact/cats scores above zero, converted without activation statistics
-PAGE = 4096
-MERGE_GAP_PAGES = 2  # reading two unneeded pages costs less than another request (probe-disk: 4 KiB reads ~0.4 GB/s)
+READ_UNIT = 512  # selective reads go by disk sectors (O_DIRECT's logical block size), not 4 KiB pages: a 1,280-byte
+                 # record then costs ~1.4x its size instead of a whole page shared with two neighbours
+MERGE_GAP_BYTES = 4096  # a gap this small is read through rather than starting another request (~13 us each here)
 
 
 
@@ -71,18 +72,22 @@ def scorer_bytes(store, kind: str) -> int:
 SPARSE_READ_MAX_COVERAGE = 0.75
 
 
-def page_coverage(skip: float, record_bytes: int) -> float:
-    """Expected share of the cold range's pages a token's selection touches: reads have page granularity
-    (O_DIRECT), and a page is needed unless all its records are skipped (records assumed independent)."""
-    return 1.0 - skip ** max(1.0, PAGE / record_bytes)
+def page_coverage(skip: float, record_bytes: int, unit: int = READ_UNIT) -> float:
+    """Expected share of the cold range's bytes a token's selection reads: reads go by aligned units of `unit`
+    bytes (O_DIRECT sectors; 4 KiB pages when the file is read through the page cache). A unit no larger than a
+    record is read for each selected record it overlaps (on average record_bytes / unit + 1 of them); a larger one
+    is needed unless all its records are skipped (records assumed independent)."""
+    if unit <= record_bytes:
+        return min(1.0, (1.0 - skip) * (1.0 + unit / record_bytes))
+    return 1.0 - skip ** (unit / record_bytes)
 
 
-def reads_selected(skip: float, record_bytes: int) -> bool:
-    """Whether a token reads only the pages of its selected cold records. That gives up the next layer's prefetch
-    (the selection needs this layer's input), so it is done only where it saves a quarter of the bytes or more
-    (7B-sized records: ~2 pages each); otherwise the cold range streams as when dense and the skipped neurons save
-    compute only (and a sliding window has nothing to save)."""
-    return skip > 0 and page_coverage(skip, record_bytes) <= SPARSE_READ_MAX_COVERAGE
+def reads_selected(skip: float, record_bytes: int, unit: int = READ_UNIT) -> bool:
+    """Whether a token reads only the units of its selected cold records. That gives up the next layer's prefetch
+    (the selection needs this layer's input), so it is done only where it saves a quarter of the bytes or more;
+    otherwise the cold range streams as when dense and the skipped neurons save compute only (and a sliding window
+    has nothing to save)."""
+    return skip > 0 and page_coverage(skip, record_bytes, unit) <= SPARSE_READ_MAX_COVERAGE
 
 
 def keep_count(n: int, fraction: float) -> int:
@@ -144,20 +149,18 @@ def topk_mask(scores: np.ndarray, keep: int) -> np.ndarray:
     return mask
 
 
-def page_runs(rel_starts: np.ndarray, record_bytes: int) -> list[tuple[int, int]]:
-    """Byte ranges [start, stop) relative to an aligned origin, page-aligned, covering the records that start at
-    `rel_starts` (ascending); runs closer than MERGE_GAP_PAGES pages are read as one."""
+def page_runs(rel_starts: np.ndarray, record_bytes: int, unit: int = READ_UNIT,
+              merge_gap: int = MERGE_GAP_BYTES) -> list[tuple[int, int]]:
+    """Byte ranges [start, stop) relative to an aligned origin, multiples of `unit`, covering the records that start
+    at `rel_starts` (ascending); runs separated by at most `merge_gap` bytes are read as one."""
     if len(rel_starts) == 0:
         return []
-    first = rel_starts // PAGE
-    last = (rel_starts + record_bytes - 1) // PAGE
-    runs = []
-    lo, hi = int(first[0]), int(last[0])
-    for a, b in zip(first[1:].tolist(), last[1:].tolist()):
-        if a <= hi + 1 + MERGE_GAP_PAGES:
-            hi = max(hi, b)
-        else:
-            runs.append((lo * PAGE, (hi + 1) * PAGE))
-            lo, hi = a, b
-    runs.append((lo * PAGE, (hi + 1) * PAGE))
-    return runs
+    first = rel_starts // unit
+    last = (rel_starts + record_bytes - 1) // unit
+    gap_units = merge_gap // unit
+    # a new run starts where a record's first unit lies beyond the previous record's last unit plus the gap
+    # (records ascend and do not overlap, so the previous record's last unit is the run's furthest so far)
+    starts = np.flatnonzero(first[1:] > last[:-1] + 1 + gap_units) + 1
+    lo = first[np.concatenate([[0], starts])]
+    hi = last[np.concatenate([starts - 1, [len(first) - 1]])]
+    return [(int(a) * unit, (int(b) + 1) * unit) for a, b in zip(lo, hi)]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
-from flashlm.flash_store.io_engine import ALIGN, FlashReader, IOStats, aligned_buffer, wait_all
+from flashlm.flash_store.io_engine import ALIGN, FlashReader, IOStats, aligned_buffer
 from flashlm.flash_store.planner import FlashPlan
 from flashlm.flash_store.predictor import (NeuronScorer, keep_count, page_coverage, page_runs, reads_selected, select,
                                            topk_mask)
@@ -73,8 +73,8 @@ class StreamedFFN:
         gate_rows, up_rows = self._load_hot_sets(score if sparsity > 0 and score != "predictor" else None)
         predictor = [store.predictor(i) for i in range(len(store.layers))] \
             if sparsity > 0 and score == "predictor" else None
-        self.page_coverage = page_coverage(sparsity, rb)
-        self.read_selected = reads_selected(sparsity, rb)
+        self.page_coverage = page_coverage(sparsity, rb, reader.read_unit)
+        self.read_selected = reads_selected(sparsity, rb, reader.read_unit)
         self.scorer = NeuronScorer(score, gate_rows, up_rows, store.layout.gate_type, store.layout.up_type,
                                    kernel.activation, predictor) if sparsity > 0 else None
         self.stats.io = reader.stats  # the reader's live counters (per-token traffic from here on)
@@ -227,20 +227,14 @@ class StreamedFFN:
         self._count(t2 - t1, t1 - t0, time.perf_counter() - t2, len(idx), len(idx) - len(read))
 
     def _read_cold(self, i: int, ids: np.ndarray) -> None:
-        """Read the pages holding records `ids` (cold, ascending) where a full cold-range read into buffer 0 would
-        put them."""
+        """Read the sectors (pages without O_DIRECT) holding records `ids` (cold, ascending) where a full cold-range
+        read into buffer 0 would put them."""
         if not len(ids):
             return
         hot, rb, lead = self.hot, self.record_bytes, self._lead(i)
         rel = lead + (ids - hot) * rb
         base = self.store.layers[i].offset + hot * rb - lead  # aligned file offset of buffer byte 0
-        size, buf = self.reader.file_size, self.buffers[0]
-        futures = []
-        try:
-            for a, b in page_runs(rel, rb):
-                futures.append(self.reader.read(base + a, min(b, size - base) - a, buf[a:b]))
-        finally:
-            wait_all(futures)  # every run read (or the first failure raised) before the kernel sees buf
+        self.reader.read_runs(base, page_runs(rel, rb, self.reader.read_unit), self.buffers[0])
 
     def _from_window(self, i: int, cold: np.ndarray, addresses: np.ndarray) -> np.ndarray:
         """A token of layer i: drop what the last `window` tokens did not use, point the selected cold records the
