@@ -6,10 +6,19 @@ Public API (imported lazily, so `flashlm --help` stays fast):
     LoadOptions, SamplingOptions, GenerationOptions; errors in flashlm.errors
 """
 
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:  # what the lazy exports below resolve to, for type checkers and IDEs
+    from flashlm.errors import (ChatTemplateError, ContextLengthError, FlashLMError, InvalidOptionError,
+                                ModelFileError, UnsupportedModelError)
+    from flashlm.model import Model, Session, load
+    from flashlm.options import GenerationOptions, LoadOptions, SamplingOptions
+    from flashlm.runtime.generate import GenerationResponse, Timings
+
 _EXPORTS = {
-    "load": "flashlm.model", "Model": "flashlm.model",
+    "load": "flashlm.model", "Model": "flashlm.model", "Session": "flashlm.model",
     "LoadOptions": "flashlm.options", "SamplingOptions": "flashlm.options", "GenerationOptions": "flashlm.options",
     "GenerationResponse": "flashlm.runtime.generate", "Timings": "flashlm.runtime.generate",
     "FlashLMError": "flashlm.errors", "ModelFileError": "flashlm.errors", "UnsupportedModelError": "flashlm.errors",
@@ -19,7 +28,7 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 
-def __getattr__(name):
+def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'flashlm' has no attribute {name!r}")

@@ -22,6 +22,32 @@ ROLES = ("system", "user", "assistant", "tool")
 RENDER_LIMIT_CHARS = 4 << 20  # far beyond any context a prompt can fill
 RENDER_LIMIT_S = 10.0
 
+# For a model without a template of its own (a base model, most often): a plain transcript it can continue, and
+# the stop string that ends its answer where it would start writing the user's next turn.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m.role == 'system' %}{{ m.content }}\n\n"
+    "{% elif m.role == 'user' %}User: {{ m.content }}\n"
+    "{% else %}Assistant: {{ m.content }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+PLAIN_CHAT_STOP = "\nUser:"
+
+# Words in a GGUF's general.name / general.finetune / general.basename that mark a model tuned to chat.
+CHAT_TUNED_WORDS = ("instruct", "chat", "it", "sft", "dpo", "rlhf", "assistant", "hermes", "orpo")
+
+
+def looks_like_base_model(name: str, template: str | None) -> bool:
+    """A heuristic for models that will not follow a conversation: no chat template, or a name that has a word
+    from CHAT_TUNED_WORDS nowhere ("Gemma 3 270m" vs "SmolLM2 135M Instruct", "gemma-3-270m-it"). Families whose
+    chat models carry no such word (Qwen3) give a false alarm: it is only ever a warning."""
+    if not template:
+        return True
+    if not name.strip():  # nothing to go by
+        return False
+    words = "".join(c if c.isalnum() else " " for c in name.lower()).split()
+    return not any(w in CHAT_TUNED_WORDS for w in words)
+
 
 def _sandbox():
     from jinja2.exceptions import SecurityError
