@@ -30,7 +30,7 @@ from flashlm.errors import ContextLengthError, InvalidOptionError
 from flashlm.runtime.model_loader import load_model
 from flashlm.loaders.tokenizer import Tokenizer
 from flashlm.options import GenerationOptions, LoadOptions, generation_options
-from flashlm.runtime.chat import ChatTemplate, looks_like_base_model
+from flashlm.runtime.chat import ChatTemplate, base_model_reason
 from flashlm.runtime.generate import GenerationResponse, check_prompt, stream_generate
 
 if TYPE_CHECKING:
@@ -133,16 +133,11 @@ class Model:
         self._chat_template = ChatTemplate(source, tok.token_text(tok.bos_id), tok.token_text(tok.eos_id))
 
     def base_model_reason(self) -> str | None:
-        """Why the model looks like a base model, not one tuned to chat (runtime/chat.py: looks_like_base_model),
-        from its GGUF general.name and general.finetune; None where nothing says so."""
+        """Why the model looks like a base model, not one tuned to chat (runtime/chat.py: base_model_reason, from
+        the file's own chat template and its general.name / general.finetune); None where nothing says so."""
         f = self._loaded.file
         name = " ".join(str(f.get(k) or "") for k in ("general.name", "general.finetune")).strip()
-        template = f.get("tokenizer.chat_template") or self._loaded.family.DEFAULT_CHAT_TEMPLATE
-        if not template:
-            return "the model has no chat template"
-        if looks_like_base_model(name, template):
-            return f"the model's name ({name!r}) has no instruct, chat or -it in it"
-        return None
+        return base_model_reason(f.get("tokenizer.chat_template"), name)
 
     def chat_prompt_ids(self, messages: list[Message]) -> list[int]:
         text = self.chat_template.render(messages, add_generation_prompt=True)

@@ -198,7 +198,11 @@ _OPTION_FIELDS = {f.name for cls in (LoadOptions, SamplingOptions, GenerationOpt
 
 def generation_options(base: GenerationOptions | None = None, **overrides) -> GenerationOptions:
     """Build GenerationOptions from keyword overrides (sampling keys accepted at the top level)."""
+    _check(base is None or isinstance(base, GenerationOptions),
+           f"options must be a GenerationOptions, got {type(base).__name__}")
     opts = base or GenerationOptions()
+    _check(isinstance(opts.sampling, SamplingOptions),
+           f"sampling must be a SamplingOptions, got {type(opts.sampling).__name__}")
     sampling = {k: overrides.pop(k) for k in list(overrides) if k in _SAMPLING_KEYS}
     unknown = set(overrides) - {f.name for f in fields(GenerationOptions)}
     _check(not unknown, f"unknown option(s): {', '.join(sorted(unknown))}")

@@ -33,20 +33,18 @@ PLAIN_CHAT_TEMPLATE = (
 )
 PLAIN_CHAT_STOP = "\nUser:"
 
-# Words in a GGUF's general.name / general.finetune / general.basename that mark a model tuned to chat.
-CHAT_TUNED_WORDS = ("instruct", "chat", "it", "sft", "dpo", "rlhf", "assistant", "hermes", "orpo")
 
-
-def looks_like_base_model(name: str, template: str | None) -> bool:
-    """A heuristic for models that will not follow a conversation: no chat template, or a name that has a word
-    from CHAT_TUNED_WORDS nowhere ("Gemma 3 270m" vs "SmolLM2 135M Instruct", "gemma-3-270m-it"). Families whose
-    chat models carry no such word (Qwen3) give a false alarm: it is only ever a warning."""
-    if not template:
-        return True
-    if not name.strip():  # nothing to go by
-        return False
+def base_model_reason(file_template: str | None, name: str) -> str | None:
+    """Why a model looks like a base model rather than one tuned to chat, or None. The sound signal is the file's
+    own template: Hugging Face ships a chat template with the chat-tuned models and (mostly) not with base ones,
+    and the GGUF conversion copies it (Gemma 3 270M has none, SmolLM2-135M-Instruct has one; names do not tell
+    them apart: the latter's general.name is "Smollm2 135M 8k Lc100K Mix1 Ep2"). A name with "base" in it too."""
     words = "".join(c if c.isalnum() else " " for c in name.lower()).split()
-    return not any(w in CHAT_TUNED_WORDS for w in words)
+    if not file_template:
+        return "the model file has no chat template of its own"
+    if "base" in words:
+        return f"the model's name ({name!r}) says base"
+    return None
 
 
 def _sandbox():
