@@ -10,12 +10,21 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-if TYPE_CHECKING:  # what the lazy exports below resolve to, for type checkers and IDEs
-    from flashlm.errors import (ChatTemplateError, ContextLengthError, FlashLMError, InvalidOptionError,
-                                ModelFileError, UnsupportedModelError)
-    from flashlm.model import Model, Session, load
-    from flashlm.options import GenerationOptions, LoadOptions, SamplingOptions
-    from flashlm.runtime.generate import GenerationResponse, Timings
+if TYPE_CHECKING:  # what the lazy exports below resolve to, for type checkers and IDEs ("X as X": re-exported)
+    from flashlm.errors import ChatTemplateError as ChatTemplateError
+    from flashlm.errors import ContextLengthError as ContextLengthError
+    from flashlm.errors import FlashLMError as FlashLMError
+    from flashlm.errors import InvalidOptionError as InvalidOptionError
+    from flashlm.errors import ModelFileError as ModelFileError
+    from flashlm.errors import UnsupportedModelError as UnsupportedModelError
+    from flashlm.model import Model as Model
+    from flashlm.model import Session as Session
+    from flashlm.model import load as load
+    from flashlm.options import GenerationOptions as GenerationOptions
+    from flashlm.options import LoadOptions as LoadOptions
+    from flashlm.options import SamplingOptions as SamplingOptions
+    from flashlm.runtime.generate import GenerationResponse as GenerationResponse
+    from flashlm.runtime.generate import Timings as Timings
 
 _EXPORTS = {
     "load": "flashlm.model", "Model": "flashlm.model", "Session": "flashlm.model",

@@ -22,7 +22,7 @@ import sys
 import os
 import threading
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Union, overload
+from typing import TYPE_CHECKING, Any, Iterator, Literal, overload
 
 import numpy as np
 
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from flashlm.flash_store.planner import FlashPlan
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant" | "tool", "content": ...}, as OpenAI's API
-Prompt = Union[str, list[int]]  # text, or token ids
+Prompt = str | list[int]  # text, or token ids
 
 
 class Model:
@@ -187,7 +187,7 @@ class Model:
             self.engine.executor.ffn.close()
         self._loaded.file.close()
 
-    def __enter__(self) -> Model:
+    def __enter__(self) -> Model:  # noqa: PYI034 (typing.Self needs Python 3.11; flashlm runs on 3.10)
         return self
 
     def __exit__(self, *exc: object) -> None:

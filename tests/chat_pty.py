@@ -59,9 +59,8 @@ class PtyChat:
                 return before
             if time.monotonic() > deadline:
                 raise AssertionError(f"{needle!r} never showed; the screen so far:\n{text}")
-            if self._read(0.2) is False:
-                if self.wait(5) is not None and needle not in self.text[self.seen:]:
-                    raise AssertionError(f"the chat ended before {needle!r}:\n{self.text}")
+            if self._read(0.2) is False and self.wait(5) is not None and needle not in self.text[self.seen:]:
+                raise AssertionError(f"the chat ended before {needle!r}:\n{self.text}")
 
     def send(self, data: bytes | str) -> None:
         os.write(self.fd, data.encode() if isinstance(data, str) else data)

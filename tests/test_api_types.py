@@ -11,7 +11,12 @@ import pytest
 
 import flashlm
 from flashlm.errors import InvalidOptionError
-from flashlm.options import GenerationOptions, LoadOptions, SamplingOptions, generation_options
+from flashlm.options import (
+    GenerationOptions,
+    LoadOptions,
+    SamplingOptions,
+    generation_options,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -103,8 +103,8 @@ def test_pipe_commands_are_not_sent_and_no_hint(smollm_path, tmp_path):
 
 def test_base_model_warns_once(smollm_path):
     """Gemma 3 270M (a base model: general.name has no instruct/-it) warns; SmolLM2-135M-Instruct does not."""
-    from flashlm.loaders.default_model import gemma3_path
     from flashlm.errors import ModelFileError
+    from flashlm.loaders.default_model import gemma3_path
 
     try:
         gemma = gemma3_path()
@@ -166,7 +166,8 @@ def test_tmux_session_script(smollm_path, tmp_path):
     env = {**os.environ, "HOME": str(tmp_path), "FLASHLM": f"{os.sys.executable} -m flashlm.cli",
            "MODEL": smollm_path, "TMUX_TMPDIR": str(tmp_path)}
     env.pop("TMUX", None)
-    proc = subprocess.run(["bash", str(TMUX_SCRIPT)], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(["bash", str(TMUX_SCRIPT)], capture_output=True, text=True, env=env,
+                          timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     screen = proc.stdout
     for needle in ("/help for commands, Ctrl-D to quit", "/system TEXT", "(per-turn stats off)", "[stopped]",

@@ -167,8 +167,8 @@ def test_llama_cpp_long_forms_are_accepted(smollm_path):
 def test_errors_name_the_flag_typed_not_the_api_field(smollm_path, flags, flag, field):
     """The CLI said "max_tokens must be >= -1" for -n -7: the API's field, not the flag the user typed."""
     proc = run_cli("generate", "-m", smollm_path, "-p", "hi", *flags)
-    assert_one_line_error(proc, flag)
-    assert field not in proc.stderr
+    assert_one_line_error(proc, f"flashlm: error: {flag} must be")
+    assert f"error: {field} " not in proc.stderr
 
 
 def test_budget_error_names_the_path_given(smollm_path, tmp_path):

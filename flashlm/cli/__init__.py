@@ -15,7 +15,15 @@ import sys
 import click
 
 from flashlm.cli import bench, run, store, train  # noqa: F401  (they register their commands)
-from flashlm.cli.common import EXIT_INTERRUPTED, EXIT_RUNTIME, _exit_code, _fail, cli, error_message, foreign_flag
+from flashlm.cli.common import (
+    EXIT_INTERRUPTED,
+    EXIT_RUNTIME,
+    _exit_code,
+    _fail,
+    cli,
+    error_message,
+    foreign_flag,
+)
 
 
 def main(argv=None) -> None:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable, TextIO
+from typing import TextIO
 
 from flashlm.errors import ChatTemplateError, ContextLengthError, InvalidOptionError
 from flashlm.options import GenerationOptions
@@ -266,7 +267,7 @@ class ChatRepl:
         continue) and a warning; a model that looks like a base model gets a warning. Both once, on stderr."""
         m = self.model
         try:
-            m.chat_template
+            _ = m.chat_template  # the model's own template, built here: raises where there is none
         except ChatTemplateError as e:
             self._say(f"flashlm: warning: {e}: chatting in a plain 'User: / Assistant:' transcript instead; "
                       "a base model continues text rather than answering (an instruct model chats)")
