@@ -145,6 +145,8 @@ def test_llama_cpp_gpu_layers_flag_is_named_not_read_as_n(smollm_path):
                  ["bench", "--n-gpu-layers=99"]):
         assert_one_line_error(run_cli(*args), args[-1].split("=")[0] if "=" in args[-1] else "-ngl",
                               "--device cuda")
+    proc = run_cli("generate", "-m", smollm_path, "-p", "-ngl", "-n", "2", "--temp", "0")  # a prompt, not a flag
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_llama_cpp_long_forms_are_accepted(smollm_path):

@@ -40,9 +40,12 @@ FOREIGN_FLAGS["--n-gpu-layers"] = FOREIGN_FLAGS["--gpu-layers"] = FOREIGN_FLAGS[
 
 def foreign_flag(argv: list[str]) -> str | None:
     """A one-line error for the first llama.cpp flag in argv that flashlm does not take (None: none)."""
-    for arg in argv:
+    text_flags = {"-p", "--prompt", "-sys", "--system-prompt", "--stop"}  # their value may be any text
+    for before, arg in zip([None, *argv], argv):
         if arg == "--":
             break
+        if before in text_flags:
+            continue
         flag = arg.split("=", 1)[0]
         if flag in FOREIGN_FLAGS:
             return f"{flag} is llama.cpp's; {FOREIGN_FLAGS[flag]}"
