@@ -90,3 +90,21 @@ def test_model_aliases(smollm_path):
     assert proc.returncode == 0, proc.stderr
     with flashlm.load("smollm2", ctx_size=64) as m:
         assert m.path == smollm_path
+
+
+def test_type_checker_sees_the_api(tmp_path):
+    """mypy (where installed; it is not a test dependency) resolves flashlm.load and the chat overloads."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("mypy")
+    user = tmp_path / "use.py"
+    user.write_text('import flashlm\n\nmodel = flashlm.load(threads=2)\n'
+                    'reveal_type(model.chat([{"role": "user", "content": "Hi"}], stream=True))\n'
+                    'reveal_type(model.chat([{"role": "user", "content": "Hi"}]))\n')
+    proc = subprocess.run([sys.executable, "-m", "mypy", "--follow-imports=silent", "--ignore-missing-imports",
+                           "--cache-dir", str(tmp_path / "cache"), str(user)], capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout
+    assert 'Iterator[flashlm.runtime.generate.GenerationResponse]"' in proc.stdout
+    assert 'Revealed type is "str"' in proc.stdout or 'Revealed type is "builtins.str"' in proc.stdout
