@@ -6,6 +6,7 @@ Defaults follow llama.cpp's (common/common.h) where flashlm has the same knob.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, field, fields, replace
 
@@ -20,13 +21,14 @@ def _check(cond: bool, message: str) -> None:
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_number(value: object) -> bool:
-    """A finite int or float (a string such as "hot" or "0.5" is not: the comparisons after it would raise
-    TypeError, which is not a flashlm error)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite real number (numpy's too), not a bool; a string such as "hot" or "0.5" is not: the comparisons
+    after it would raise TypeError, which is not a flashlm error."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 MB = 1_000_000
@@ -181,8 +183,9 @@ class GenerationOptions:
     def validate(self) -> "GenerationOptions":
         _check(_is_int(self.max_tokens) and self.max_tokens >= -1,
                f"max_tokens must be an integer >= -1, got {self.max_tokens!r}")
-        _check(isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
-               "stop strings must be non-empty strings")
+        _check(isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) and s for s in self.stop),
+               f"stop must be a list of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))  # GenerationOptions(stop=[...]) as well
         _check(isinstance(self.sampling, SamplingOptions),
                f"sampling must be a SamplingOptions, got {type(self.sampling).__name__}")
         _check(isinstance(self.ignore_eos, bool), f"ignore_eos must be True or False, got {self.ignore_eos!r}")

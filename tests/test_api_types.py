@@ -108,3 +108,13 @@ def test_type_checker_sees_the_api(tmp_path):
     assert proc.returncode == 0, proc.stdout
     assert 'Iterator[flashlm.runtime.generate.GenerationResponse]"' in proc.stdout
     assert 'Revealed type is "str"' in proc.stdout or 'Revealed type is "builtins.str"' in proc.stdout
+
+
+def test_numpy_numbers_and_stop_lists_stay_valid():
+    import numpy as np
+
+    opts = GenerationOptions(stop=["\n"], max_tokens=np.int64(3),
+                             sampling=SamplingOptions(temperature=np.float32(0.5), top_k=np.int32(4))).validate()
+    assert opts.stop == ("\n",)
+    with pytest.raises(InvalidOptionError, match="stop"):
+        GenerationOptions(stop="\n").validate()  # type: ignore[arg-type]  (each character was a stop string)
