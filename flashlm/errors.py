@@ -18,7 +18,12 @@ class ContextLengthError(FlashLMError):
 
 
 class InvalidOptionError(FlashLMError, ValueError):
-    """A sampling, generation or load option has an invalid value."""
+    """A sampling, generation or load option has an invalid type or value; `field` names the option (the
+    dataclass field, e.g. "max_tokens") where there is one, so the CLI can name its flag instead."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class ChatTemplateError(FlashLMError):

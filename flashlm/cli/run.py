@@ -93,14 +93,17 @@ def _generate_json(m, prompt: str, opts: GenerationOptions) -> None:
 def chat(system_prompt, **kw):
     """Interactive multi-turn chat with the model's own template (also reads piped stdin, one turn per line).
 
-    Ctrl-C stops the current answer; Ctrl-D (end of input) or /exit ends the session; /clear starts over.
+    On a terminal: line editing and history (~/.flashlm_history), /help for commands, three double quotes to start
+    and end a multi-line message. Ctrl-C stops the current answer (twice at the prompt quits, status 130); Ctrl-D or /exit ends the
+    session. A model without a chat template chats in a plain User:/Assistant: transcript, with a warning.
     """
     from flashlm.tools.chat_repl import run_repl
 
     opts = _gen_options(kw)
     m = _load(kw)
-    m.chat_template  # fail before the first prompt if the model has no usable template
-    run_repl(m, opts, system_prompt, stats=kw["verbose"])
+    status = run_repl(m, opts, system_prompt, stats=kw["verbose"])
+    if status:
+        sys.exit(status)
 
 
 @cli.command()

@@ -54,3 +54,15 @@ def gemma3_path() -> str:
                 os.unlink(tmp)
             raise
     return path
+
+
+# Names for the models flashlm knows how to install, usable wherever a model path is (`-m gemma3`,
+# `flashlm.load("smollm2")`); a file or folder of that name in the working directory wins.
+ALIASES = {"smollm2": default_model_path, "gemma3": gemma3_path}
+
+
+def resolve_alias(path: str) -> str:
+    """The installed model a name in ALIASES stands for; any other path unchanged."""
+    if path.lower() in ALIASES and not os.path.exists(path):
+        return ALIASES[path.lower()]()
+    return path

@@ -22,6 +22,30 @@ ROLES = ("system", "user", "assistant", "tool")
 RENDER_LIMIT_CHARS = 4 << 20  # far beyond any context a prompt can fill
 RENDER_LIMIT_S = 10.0
 
+# For a model without a template of its own (a base model, most often): a plain transcript it can continue, and
+# the stop string that ends its answer where it would start writing the user's next turn.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m.role == 'system' %}{{ m.content }}\n\n"
+    "{% elif m.role == 'user' %}User: {{ m.content }}\n"
+    "{% else %}Assistant: {{ m.content }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+PLAIN_CHAT_STOP = "\nUser:"
+
+
+def base_model_reason(file_template: str | None, name: str) -> str | None:
+    """Why a model looks like a base model rather than one tuned to chat, or None. The sound signal is the file's
+    own template: Hugging Face ships a chat template with the chat-tuned models and (mostly) not with base ones,
+    and the GGUF conversion copies it (Gemma 3 270M has none, SmolLM2-135M-Instruct has one; names do not tell
+    them apart: the latter's general.name is "Smollm2 135M 8k Lc100K Mix1 Ep2"). A name with "base" in it too."""
+    words = "".join(c if c.isalnum() else " " for c in name.lower()).split()
+    if not file_template:
+        return "the model file has no chat template of its own"
+    if "base" in words:
+        return f"the model's name ({name!r}) says base"
+    return None
+
 
 def _sandbox():
     from jinja2.exceptions import SecurityError

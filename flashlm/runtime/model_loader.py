@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import shlex
 import time
 
 import numpy as np
@@ -103,7 +104,7 @@ def load_model(path: str, opts: LoadOptions, taps: tuple[str, ...] = (), load_to
             load_tokenizer()
         if opts.device == "cuda" and not flash:
             raise InvalidOptionError(f"{path}: --device cuda runs flash stores: convert it first (flashlm convert "
-                                     f"{os.path.basename(path)} -o MODEL.flash)")
+                                     f"-m {shlex.quote(str(path))} -o MODEL.flash)")
         if flash and opts.device == "cuda":
             if opts.sparsity:
                 raise InvalidOptionError("--sparsity is not available with --device cuda yet")
@@ -122,8 +123,8 @@ def load_model(path: str, opts: LoadOptions, taps: tuple[str, ...] = (), load_to
         else:
             plan = None
             if opts.sparsity:
-                raise InvalidOptionError(f"{path}: --sparsity needs a .flash store (flashlm convert MODEL.gguf -o "
-                                         "MODEL.flash); a GGUF runs dense")
+                raise InvalidOptionError(f"{path}: --sparsity needs a .flash store (flashlm convert -m "
+                                         f"{shlex.quote(str(path))} -o MODEL.flash); a GGUF runs dense")
             if opts.memory_budget is not None:
                 _check_gguf_fits(f, opts.memory_budget)
             executor, resident = _gguf_executor(f, family, args, n_ctx, threads, taps)
@@ -170,5 +171,5 @@ def _check_gguf_fits(f: GGUFFile, budget: int) -> None:
     need = psutil.Process().memory_info().rss + int(sum(t.nbytes for t in f.tensors.values()) * 1.7)
     if need > budget:
         raise BudgetError(f"{f.path}: a GGUF runs fully resident and needs about {need / 1e6:.0f} MB; for a budget "
-                          f"of {budget / 1e6:.0f} MB convert it first (flashlm convert {os.path.basename(f.path)} "
+                          f"of {budget / 1e6:.0f} MB convert it first (flashlm convert -m {shlex.quote(str(f.path))} "
                           f"-o MODEL.flash) and run the .flash file")
