@@ -515,24 +515,30 @@ int bundle_ffn_i8(const uint8_t *const *rows, int64_t n, int d, int gate_type, i
         float *ylocal = partial + (size_t)tid * sd;
         for (int64_t i = lo; i < hi; i += DOWN_GROUP) {
             const int g = (int)(hi - i < DOWN_GROUP ? hi - i : DOWN_GROUP);
-            const uint8_t *down[DOWN_GROUP];
-            for (int k = 0; k < g; k++) down[k] = rows[i + k] + down_offset;
             for (int s0 = 0; s0 < S; s0 += I8_MAX_TOKENS) {
                 const int m = S - s0 < I8_MAX_TOKENS ? S - s0 : I8_MAX_TOKENS;
                 const dots_fn fg = dots_for(gate_type, m), fu = dots_for(up_type, m);
                 const xq_t xg = xq_from(&XG, s0), xu = xq_from(&XU, s0);
                 float a[I8_MAX_TOKENS][DOWN_GROUP];
+                const uint8_t *down[DOWN_GROUP];
+                int kept = 0;  /* neurons with a nonzero activation for some token: only they reach down */
                 for (int k = 0; k < g; k++) {
                     float gv[I8_MAX_TOKENS] = {0}, uv[I8_MAX_TOKENS], av[I8_MAX_TOKENS];
                     fg(rows[i + k], &xg, gv);
+                    if (act == ACT_RELU) {  /* relu(gate) == 0 for every token: no up product, no down column */
+                        int any = 0;
+                        for (int s = 0; s < m; s++) any |= gv[s] > 0.0f;
+                        if (!any) continue;
+                    }
                     fu(rows[i + k] + up_offset, &xu, uv);
                     activate_8(gv, act, av);
-                    for (int s = 0; s < m; s++) a[s][k] = av[s] * uv[s];
+                    for (int s = 0; s < m; s++) a[s][kept] = av[s] * uv[s];
                     if (mask)
                         for (int s = 0; s < m; s++)
-                            if (!mask[(size_t)(s0 + s) * n + i + k]) a[s][k] = 0.0f;
+                            if (!mask[(size_t)(s0 + s) * n + i + k]) a[s][kept] = 0.0f;
+                    down[kept++] = rows[i + k] + down_offset;
                 }
-                down_axpy_tokens(down, a, g, m, ylocal + (size_t)s0 * d, d);
+                if (kept) down_axpy_tokens(down, a, kept, m, ylocal + (size_t)s0 * d, d);
             }
         }
     }
