@@ -1,0 +1,49 @@
+"""`flashlm serve`: the OpenAI-compatible HTTP server (tools/serve/)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import click
+
+from flashlm.cli.common import _fail, _gen_options, _load, cli, model_options, sampling_options
+
+DEFAULT_PARALLEL = 2  # two conversations progress at once, and one keeps its cached prefix while the other runs
+DEFAULT_QUEUE = 16
+
+
+@cli.command()
+@model_options
+@sampling_options(n_predict=-1, what="Default for requests without the field. ")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; anyone who reaches it can use the model).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port to listen on (0: a free one, printed at start).")
+@click.option("-np", "--parallel", type=click.IntRange(1, 64), default=DEFAULT_PARALLEL, show_default=True,
+              help="Requests generated at once, each in a session (KV cache) of its own; their tokens interleave "
+                   "on the one model, so more slots share the compute rather than add to it.")
+@click.option("--queue", type=click.IntRange(0), default=DEFAULT_QUEUE, show_default=True,
+              help="Requests that wait for a slot, first come first served; beyond them: HTTP 429.")
+@click.option("-a", "--alias", type=str, default=None,
+              help="Model name in /v1/models and responses (default: the file name without its extension).")
+@click.option("--api-key", type=str, default=None, envvar="FLASHLM_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1/ routes (also from $FLASHLM_API_KEY).")
+def serve(host, port, parallel, queue, alias, api_key, **kw):
+    """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions and /v1/completions (streaming
+    with "stream": true), /v1/models, /health.
+
+    Up to --parallel requests generate at once; the next --queue wait their turn; beyond that a request gets
+    HTTP 429. The sampling flags are defaults for requests that leave a field out; -n defaults to -1 (until end of
+    generation or a full context). One line per request goes to stderr. Needs `pip install 'flashlm[serve]'`.
+    """
+    if not all(importlib.util.find_spec(name) for name in ("starlette", "uvicorn", "anyio")):
+        _fail("flashlm serve needs Starlette and uvicorn: pip install 'flashlm[serve]'")
+    from flashlm.tools.serve import listen, model_id, run_server
+
+    defaults = _gen_options(kw)
+    try:
+        sock = listen(host, port)  # before loading: a taken port fails at once
+    except OSError as e:
+        _fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+    with _load(kw) as m:  # after the server's imports: a memory budget's baseline counts them
+        run_server(m, sock, model_id(m.path, alias), defaults, parallel, queue, api_key)
