@@ -5,7 +5,8 @@ non-streaming, concurrent and disconnecting clients, bad requests get OpenAI's e
 from __future__ import annotations
 
 import asyncio
-import os
+import http.client
+import json
 import re
 import socket
 import subprocess
@@ -14,16 +15,16 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import urlsplit
 
 import pytest
 
 openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
 
 ROOT = Path(__file__).resolve().parent.parent
 CTX = 2048  # as conftest's `model`, so the server's greedy tokens are the in-process ones
 KEY = "test-key"
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "Water boils at",
            "My favourite colour is"]
 
@@ -78,8 +79,26 @@ def _greedy_chat(model, messages, n) -> tuple[str, int]:
     return "".join(r.text for r in steps), steps[-1].timings.eval_tokens
 
 
+def _connect(server) -> http.client.HTTPConnection:
+    u = urlsplit(server.base)
+    return http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+
+
+def _http(server, method: str, path: str, body: bytes | dict | None = None, auth: bool = True):
+    """(status, content type, text) of a plain HTTP request: what the openai client would not send."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {KEY}"} if auth else {})}
+    conn = _connect(server)
+    try:
+        conn.request(method, path, body=json.dumps(body).encode() if isinstance(body, dict) else body,
+                     headers=headers)
+        r = conn.getresponse()
+        return r.status, r.getheader("Content-Type"), r.read().decode()
+    finally:
+        conn.close()
+
+
 def _health(server) -> dict:
-    return httpx.get(f"{server.base}/health", timeout=10).json()
+    return json.loads(_http(server, "GET", "/health", auth=False)[2])
 
 
 def test_health_and_models(server, client, smollm_path):
@@ -105,7 +124,7 @@ def test_chat_equals_flashlm_greedy(client, model):
 
 
 def test_chat_stream_equals_non_stream(client):
-    kw = dict(model="any", messages=QUESTION, max_tokens=24, temperature=0)
+    kw = {"model": "any", "messages": QUESTION, "max_tokens": 24, "temperature": 0}
     whole = client.chat.completions.create(**kw)
     chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -120,10 +139,9 @@ def test_chat_stream_equals_non_stream(client):
 
 def test_sse_wire_format(server):
     body = {"messages": QUESTION, "max_tokens": 4, "temperature": 0, "stream": True}
-    r = httpx.post(f"{server.base}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
-                   timeout=60)
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    events = r.text.split("\n\n")
+    status, kind, text = _http(server, "POST", "/v1/chat/completions", body)
+    assert status == 200 and kind.startswith("text/event-stream")
+    events = text.split("\n\n")
     assert events[-2:] == ["data: [DONE]", ""]
     assert all(e.startswith("data: {") for e in events[:-2])
     assert '"finish_reason":"length"' in events[-3] and '"delta":{}' in events[-3]
@@ -181,11 +199,13 @@ def test_client_disconnect_frees_the_slot(server, client):
     """Two streams (both slots) cut after a few chunks: the slots are freed at once and a request then succeeds."""
     body = {"prompt": PROMPTS[1], "max_tokens": 1500, "temperature": 0, "ignore_eos": True, "stream": True}
     for _ in range(2):
-        with httpx.stream("POST", f"{server.base}/v1/completions", json=body, timeout=60,
-                          headers={"Authorization": f"Bearer {KEY}"}) as r:
-            lines = r.iter_lines()
-            got = [next(lines) for _ in range(6)]
-        assert sum(line.startswith("data: {") for line in got) == 3
+        conn = _connect(server)
+        conn.request("POST", "/v1/completions", body=json.dumps(body).encode(),
+                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        r = conn.getresponse()
+        got = [r.readline() for _ in range(6)]  # three events and their blank lines
+        conn.close()
+        assert r.status == 200 and sum(line.startswith(b"data: {") for line in got) == 3
     deadline = time.monotonic() + 10
     while _health(server)["slots_idle"] != 2:
         assert time.monotonic() < deadline, _health(server)
@@ -201,21 +221,21 @@ def _error(exc_info) -> dict:
 
 
 def test_bad_requests_get_openai_errors(server, client):
-    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    r = httpx.post(f"{server.base}/v1/chat/completions", content=b'{"messages": [', headers=headers, timeout=30)
-    assert r.status_code == 400
-    assert r.json()["error"]["type"] == "invalid_request_error" and "not valid JSON" in r.json()["error"]["message"]
-    r = httpx.post(f"{server.base}/v1/completions", content=b"[1, 2]", headers=headers, timeout=30)
-    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+    status, kind, text = _http(server, "POST", "/v1/chat/completions", b'{"messages": [')
+    err = json.loads(text)["error"]
+    assert (status, kind, err["type"]) == (400, "application/json", "invalid_request_error")
+    assert "not valid JSON" in err["message"]
+    status, _, text = _http(server, "POST", "/v1/completions", b"[1, 2]")
+    assert status == 400 and "JSON object" in json.loads(text)["error"]["message"]
     cases = [  # (keyword arguments, the field named)
-        (dict(extra_body={"bogus": 1}), "bogus"),
-        (dict(temperature="hot"), "temperature"),
-        (dict(temperature=7), "temperature"),
-        (dict(max_tokens=-3), "max_tokens"),
-        (dict(n=2), "n"),
-        (dict(stop=["ok", 5]), "stop"),
-        (dict(messages=[{"role": "wizard", "content": "hi"}]), "messages[0].role"),
-        (dict(messages=[]), "messages"),
+        ({"extra_body": {"bogus": 1}}, "bogus"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": 7}, "temperature"),
+        ({"max_tokens": -3}, "max_tokens"),
+        ({"n": 2}, "n"),
+        ({"stop": ["ok", 5]}, "stop"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": []}, "messages"),
     ]
     for kw, param in cases:
         with pytest.raises(openai.BadRequestError) as e:
@@ -226,7 +246,8 @@ def test_bad_requests_get_openai_errors(server, client):
         assert set(err) == {"message", "type", "param", "code"}
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url, api_key="wrong", max_retries=0).models.list()
-    assert httpx.get(f"{server.base}/v1/nothing", timeout=10).json()["error"]["code"] == "not_found"
+    status, _, text = _http(server, "GET", "/v1/nothing")
+    assert status == 404 and json.loads(text)["error"]["code"] == "not_found"
     assert _health(server)["status"] == "ok"
 
 
@@ -258,10 +279,10 @@ def test_request_log(server, client):
 def test_readme_client_snippet(server, capsys):
     """The README's serving snippet runs as written against the server (its URL and key swapped in)."""
     text = (ROOT / "README.md").read_text()
-    snippet = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "from openai import" in b)
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", text, re.DOTALL) if "from openai import" in b)
     assert 'base_url="http://127.0.0.1:8080/v1"' in snippet
     snippet = snippet.replace("http://127.0.0.1:8080/v1", server.url).replace('api_key="none"', f'api_key="{KEY}"')
-    exec(compile(snippet, "README.md", "exec"), {})
+    exec(compile(snippet, "README.md", "exec"), {})  # noqa: S102
     assert "Paris" in capsys.readouterr().out
 
 
@@ -305,7 +326,7 @@ def test_memory_budget_is_accepted(flash_path):
 
 def _serve(*args: str, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", "from flashlm.cli import main; main()", "serve", *args],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=env, check=False)
 
 
 def test_startup_errors_are_one_line_exit_2(tmp_path):
@@ -327,7 +348,7 @@ def test_without_the_serve_extra(tmp_path):
     """Without Starlette/uvicorn installed (hidden here), one line naming the extra, exit 2."""
     code = "import sys; sys.modules['starlette'] = None; from flashlm.cli import main; main(['serve'])"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
-                       env={**os.environ})
+                       check=False)
     assert r.returncode == 2
     assert r.stderr.strip() == "flashlm: error: flashlm serve needs Starlette and uvicorn: pip install " \
                                "'flashlm[serve]'"

@@ -6,7 +6,14 @@ import importlib.util
 
 import click
 
-from flashlm.cli.common import _fail, _gen_options, _load, cli, model_options, sampling_options
+from flashlm.cli.common import (
+    _fail,
+    _gen_options,
+    _load,
+    cli,
+    model_options,
+    sampling_options,
+)
 
 DEFAULT_PARALLEL = 2  # two conversations progress at once, and one keeps its cached prefix while the other runs
 DEFAULT_QUEUE = 16

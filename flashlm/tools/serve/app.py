@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import anyio
 from starlette.applications import Starlette
@@ -24,12 +24,25 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from flashlm.errors import ChatTemplateError, ContextLengthError, FlashLMError, InvalidOptionError
+from flashlm.errors import (
+    ChatTemplateError,
+    ContextLengthError,
+    FlashLMError,
+    InvalidOptionError,
+)
 from flashlm.options import GenerationOptions
 from flashlm.runtime.executor import common_prefix
 from flashlm.runtime.generate import GenerationResponse, check_prompt
-from flashlm.tools.serve.protocol import (APIError, CompletionRequest, chunk, completion, new_id, parse_request,
-                                          usage, usage_chunk)
+from flashlm.tools.serve.protocol import (
+    APIError,
+    CompletionRequest,
+    chunk,
+    completion,
+    new_id,
+    parse_request,
+    usage,
+    usage_chunk,
+)
 
 log = logging.getLogger("flashlm.serve")
 DISCONNECT_CHECK_STEPS = 8  # a non-streaming request looks for a gone client every this many tokens
@@ -89,11 +102,13 @@ class _EventStream(StreamingResponse):
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
-        except (ClientDisconnect, OSError):
-            scope["flashlm.log"] = scope.get("flashlm.log", "") + " (client disconnected)"
+        except (ClientDisconnect, OSError):  # the client went away (ASGI 2.4: a failed send)
+            pass
         finally:
             await self._body.aclose()
             await self._cleanup()
+            if not scope.get("flashlm.sent_all"):  # stopped before [DONE] was sent: the client went away
+                scope["flashlm.log"] = scope.get("flashlm.log", "") + " (client disconnected)"
 
 
 class Server:
@@ -111,7 +126,7 @@ class Server:
         self._authorize(request)
         return JSONResponse({"object": "list", "data": [self._model_card()]})
 
-    async def model(self, request: Request) -> Response:
+    async def retrieve_model(self, request: Request) -> Response:
         self._authorize(request)
         if request.path_params["name"] != self.model_id:
             raise APIError(404, f"the model {request.path_params['name']!r} does not exist (this server has "
@@ -213,6 +228,7 @@ class Server:
         if req.include_usage and last is not None:
             yield _sse(usage_chunk(req, rid, self.model_id, created, use))
         yield b"data: [DONE]\n\n"
+        request.scope["flashlm.sent_all"] = True  # reached when the stream asks past [DONE]: it was sent
 
     def _usage(self, request: Request, n_prompt: int, last: GenerationResponse | None) -> dict:
         t = last.timings if last is not None else None
@@ -272,7 +288,7 @@ def create_app(server: Server) -> Starlette:
     routes = [
         Route("/health", server.health, methods=["GET"]),
         Route("/v1/models", server.models, methods=["GET"]),
-        Route("/v1/models/{name:path}", server.model, methods=["GET"]),
+        Route("/v1/models/{name:path}", server.retrieve_model, methods=["GET"]),
         Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
         Route("/v1/completions", server.completions, methods=["POST"]),
     ]

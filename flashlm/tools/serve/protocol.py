@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from flashlm.errors import InvalidOptionError
 from flashlm.options import GenerationOptions, generation_options
@@ -85,7 +86,7 @@ def _stream_options(name, v):
         raise _bad(name, f"expected an object, got {_json_type(v)}", "invalid_type")
     unknown = set(v) - {"include_usage"}
     if unknown:
-        raise _bad(f"{name}.{sorted(unknown)[0]}", "unrecognized field", "unknown_parameter")
+        raise _bad(f"{name}.{min(unknown)}", "unrecognized field", "unknown_parameter")
     return _boolean(f"{name}.include_usage", v.get("include_usage", False))
 
 
@@ -94,7 +95,6 @@ def _only(neutral: tuple, why: str):
     def check(name, v):
         if not any(v == n and isinstance(v, bool) == isinstance(n, bool) for n in neutral):  # true is not 1
             raise _bad(name, f"{json_repr(v)} is not supported: {why}", "unsupported_value")
-        return None
     return check
 
 
