@@ -3,7 +3,7 @@
     python -m labs.serve_bench -m MODEL [--memory-budget B] [-c 512] [--streams 1,4] [-n 128]
 
 Starts the server in a subprocess (`--parallel` = the largest K, so every stream has a slot), sends one warm-up
-request, then for each K runs K streaming completions at once (different prompts, -n tokens each with ignore_eos,
+request (-n tokens), then for each K runs K streaming completions at once (different prompts, -n tokens each with ignore_eos,
 temperature 0) and prints per K: the aggregate tokens/s (all streams' tokens over the wall time from the first
 request to the last token), the mean per-stream tokens/s, the mean time to first token, and the server's peak RSS
 (VmHWM, load included) against the budget.
@@ -90,7 +90,7 @@ def main():
     proc, url = start_server(args, max(ks))
     try:
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
-        run(client, 1, 16)  # warm-up
+        run(client, 1, args.n)  # warm-up: the first tokens after a load run several times slower
         print(f"model {args.model}, budget {args.memory_budget or 'none'}, -c {args.ctx}, -t {args.threads}, "
               f"--parallel {max(ks)}, {args.n} tokens per stream")
         for k in ks:

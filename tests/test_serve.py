@@ -297,13 +297,22 @@ def test_slot_pool_queue_and_429():
         first = await pool.acquire([1])
         waiter = asyncio.create_task(pool.acquire([1]))
         await asyncio.sleep(0.01)
-        assert not waiter.done() and pool.waiting == 1
+        assert not waiter.done() and pool.stats()["requests_waiting"] == 1
         with pytest.raises(APIError) as e:
             await pool.acquire([1])
         assert e.value.status == 429 and e.value.body()["error"]["code"] == "rate_limit_exceeded"
-        await pool.release(first)
+        pool.release(first)
         assert await asyncio.wait_for(waiter, 1) is a
-        await pool.release(a)
+        pool.release(a)
+        assert pool.stats() == {"slots_idle": 1, "slots_processing": 0, "requests_waiting": 0}
+        # a waiting request that goes away leaves the queue; the slot then returns to the free ones
+        busy = await pool.acquire([1])
+        gone = asyncio.create_task(pool.acquire([1]))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        pool.release(busy)
+        assert pool.stats() == {"slots_idle": 1, "slots_processing": 0, "requests_waiting": 0}
         pool = SlotPool([a, b], queue=0)
         assert await pool.acquire([7, 8, 9]) is b
 

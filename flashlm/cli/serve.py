@@ -21,7 +21,7 @@ DEFAULT_QUEUE = 16
 
 @cli.command()
 @model_options
-@sampling_options(n_predict=-1, what="Default for requests without the field. ")
+@sampling_options(n_predict=-1, what="Request default: ")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0: every interface; anyone who reaches it can use the model).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
