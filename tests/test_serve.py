@@ -324,11 +324,25 @@ def test_memory_budget_is_accepted(flash_path):
     code = f"from tests.flash_budget_run import half_model_budget; print(half_model_budget({flash_path!r}, 512))"
     budget = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                                 check=True, timeout=120).stdout.split()[-1])
-    s = ServerProcess("-m", flash_path, "-c", "512", "--memory-budget", f"{budget}B", "--parallel", "1")
+    s = ServerProcess("-m", flash_path, "-c", "512", "--memory-budget", f"{budget}B", "--parallel", "2")
     try:
+        assert "MB is kept for the KV caches of 1 more slot(s)" in s.log()  # the plan leaves room for slot 2
         c = openai.OpenAI(base_url=s.url, api_key="none", max_retries=0, timeout=120)
-        r = c.chat.completions.create(model="any", messages=QUESTION, max_tokens=8, temperature=0)
-        assert r.choices[0].message.content and r.usage.completion_tokens > 0
+        out = [None, None]
+
+        def ask(i):
+            out[i] = c.completions.create(model="any", prompt=PROMPTS[i], max_tokens=24, temperature=0,
+                                          extra_body={"ignore_eos": True})
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert [r.usage.completion_tokens for r in out] == [24, 24]
+        with open(f"/proc/{s.proc.pid}/status") as f:
+            peak = int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
+        assert peak <= budget, (peak, budget)
     finally:
         s.stop()
 

@@ -10,6 +10,7 @@ from flashlm.cli.common import (
     _fail,
     _gen_options,
     _load,
+    _resolve_model,
     cli,
     model_options,
     sampling_options,
@@ -52,5 +53,27 @@ def serve(host, port, parallel, queue, alias, api_key, **kw):
         sock = listen(host, port)  # before loading: a taken port fails at once
     except OSError as e:
         _fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+    kw = {**kw, "model": _resolve_model(kw["model"])}
+    if kw["memory_budget"] is not None and parallel > 1:
+        kw["memory_budget"] = _budget_for_slots(kw, parallel)
     with _load(kw) as m:  # after the server's imports: a memory budget's baseline counts them
         run_server(m, sock, model_id(m.path, alias), defaults, parallel, queue, api_key)
+
+
+def _budget_for_slots(kw: dict, parallel: int) -> str:
+    """The budget the model is planned in: --memory-budget less the KV caches of the slots beyond the first (the
+    plan counts one), so the whole process stays within --memory-budget with every slot's context full."""
+    from flashlm.options import LoadOptions
+    from flashlm.tools.serve import slot_kv_bytes
+
+    budget = LoadOptions(memory_budget=kw["memory_budget"]).validate().memory_budget
+    extra = (parallel - 1) * slot_kv_bytes(kw["model"], LoadOptions(ctx_size=kw["ctx_size"], device=kw["device"]))
+    if extra == 0:
+        return f"{budget}B"
+    if extra >= budget:
+        _fail(f"--memory-budget {kw['memory_budget']} cannot hold the KV caches of {parallel} slots "
+              f"({extra / 1e6:.1f} MB for the {parallel - 1} beyond the first): lower --parallel or -c")
+    click.echo(f"flashlm serve: the model is planned in {(budget - extra) / 1e6:.1f} MB of --memory-budget "
+               f"{kw['memory_budget']}: {extra / 1e6:.1f} MB is kept for the KV caches of {parallel - 1} more "
+               "slot(s)", err=True)
+    return f"{budget - extra}B"

@@ -13,14 +13,33 @@ import os
 import socket
 import sys
 
+import numpy as np
 import uvicorn
 
+from flashlm.flash_store.planner import KV_DTYPE
+from flashlm.flash_store.reader import is_flash_store
+from flashlm.models import read_model
+from flashlm.options import LoadOptions
 from flashlm.tools.serve.app import Server, create_app
 
 
 def model_id(path: str, alias: str | None) -> str:
     """What /v1/models lists: the alias, else the file name without its extension."""
     return alias or os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+
+
+def slot_kv_bytes(path: str, options: LoadOptions) -> int:
+    """Host memory of one full-context session's KV cache on this model, as the loader makes it: what each
+    --parallel slot beyond the first adds to a --memory-budget plan (which counts one). 0 on the GPU."""
+    if options.device == "cuda":
+        return 0
+    f, _, args = read_model(path)
+    try:
+        dtype = KV_DTYPE if is_flash_store(f) else np.float32  # runtime/flash_loader.py, runtime/model_loader.py
+        n_ctx = options.resolved_ctx(args.n_ctx_train)
+    finally:
+        f.close()
+    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * np.dtype(dtype).itemsize * n_ctx
 
 
 def listen(host: str, port: int) -> socket.socket:
