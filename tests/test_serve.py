@@ -352,7 +352,7 @@ def _serve(*args: str, env=None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120, cwd=ROOT, env=env, check=False)
 
 
-def test_startup_errors_are_one_line_exit_2(tmp_path):
+def test_startup_errors_are_one_line_exit_2(tmp_path, flash_path):
     r = _serve("-m", str(tmp_path / "missing.gguf"), "--port", "0")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "flashlm: error:" in r.stderr, r.stderr
     taken = socket.socket()
@@ -365,6 +365,8 @@ def test_startup_errors_are_one_line_exit_2(tmp_path):
     assert r.returncode == 2 and "cannot listen on 127.0.0.1:" in r.stderr, r.stderr
     r = _serve("--memory-budget", "lots", "--port", "0")
     assert r.returncode == 2 and "cannot read 'lots' as a size" in r.stderr, r.stderr
+    r = _serve("-m", flash_path, "-c", "512", "--memory-budget", "60MB", "--parallel", "8", "--port", "0")
+    assert r.returncode == 2 and "cannot hold the KV caches of 8 slots" in r.stderr, r.stderr
 
 
 def test_without_the_serve_extra(tmp_path):

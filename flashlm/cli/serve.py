@@ -15,6 +15,7 @@ from flashlm.cli.common import (
     model_options,
     sampling_options,
 )
+from flashlm.errors import BudgetError
 
 DEFAULT_PARALLEL = 2  # two conversations progress at once, and one keeps its cached prefix while the other runs
 DEFAULT_QUEUE = 16
@@ -54,9 +55,17 @@ def serve(host, port, parallel, queue, alias, api_key, **kw):
     except OSError as e:
         _fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
     kw = {**kw, "model": _resolve_model(kw["model"])}
-    if kw["memory_budget"] is not None and parallel > 1:
+    given = kw["memory_budget"]
+    if given is not None and parallel > 1:
         kw["memory_budget"] = _budget_for_slots(kw, parallel)
-    with _load(kw) as m:  # after the server's imports: a memory budget's baseline counts them
+    try:
+        m = _load(kw)  # after the server's imports: a memory budget's baseline counts them
+    except BudgetError as e:
+        if kw["memory_budget"] == given:
+            raise
+        _fail(f"--memory-budget {given} less the KV caches of --parallel {parallel} slots is too small for the "
+              f"model ({e}); raise the budget, or lower --parallel or -c")
+    with m:
         run_server(m, sock, model_id(m.path, alias), defaults, parallel, queue, api_key)
 
 
