@@ -319,6 +319,24 @@ def test_slot_pool_queue_and_429():
     asyncio.run(scenario())
 
 
+def test_chat_without_a_template_is_a_400():
+    """A model without a chat template answers chat completions with 400 (the mapping, on a stand-in model)."""
+    from flashlm.errors import ChatTemplateError
+    from flashlm.options import GenerationOptions
+    from flashlm.tools.serve.app import APIError, Server
+    from flashlm.tools.serve.protocol import parse_request
+
+    def no_template(messages):
+        raise ChatTemplateError("the model has no chat template (tokenizer.chat_template is missing)")
+
+    model = SimpleNamespace(chat_prompt_ids=no_template, session=lambda: None, n_ctx=512)
+    server = Server(model, "m", GenerationOptions(), parallel=1, queue=0)
+    req = parse_request({"messages": QUESTION}, True, GenerationOptions())
+    with pytest.raises(APIError) as e:
+        server._prompt_ids(req, None)
+    assert (e.value.status, e.value.param) == (400, "messages") and "no chat template" in e.value.message
+
+
 def test_memory_budget_is_accepted(flash_path):
     # the budget's baseline measured in a fresh process, as test_concurrency's runs do
     code = f"from tests.flash_budget_run import half_model_budget; print(half_model_budget({flash_path!r}, 512))"
