@@ -216,6 +216,37 @@ def test_client_disconnect_frees_the_slot(server, client):
     assert server.log().count("(client disconnected)") >= 2
 
 
+def test_queue_then_429_end_to_end(server, client):
+    """Both slots busy (two long streams) and the queue's 8 places taken: the next request gets 429 at once
+    (openai's RateLimitError, OpenAI's error object); when the streams go, the queued requests all complete."""
+    body = {"prompt": PROMPTS[1], "max_tokens": 1500, "temperature": 0, "ignore_eos": True, "stream": True}
+    streams = []
+    for _ in range(2):
+        conn = _connect(server)
+        conn.request("POST", "/v1/completions", body=json.dumps(body).encode(),
+                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        r = conn.getresponse()
+        r.readline()  # generating
+        streams.append(conn)
+    done, threads = [], [threading.Thread(target=lambda: done.append(client.completions.create(
+        model="any", prompt=PROMPTS[0], max_tokens=1, temperature=0))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while _health(server)["requests_waiting"] != 8:
+        assert time.monotonic() < deadline, _health(server)
+        time.sleep(0.05)
+    with pytest.raises(openai.RateLimitError) as e:
+        client.completions.create(model="any", prompt=PROMPTS[0], max_tokens=1)
+    assert _error(e)["code"] == "rate_limit_exceeded" and "--queue" in _error(e)["message"]
+    for conn in streams:
+        conn.close()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(done) == 8 and all(r.choices[0].finish_reason == "length" for r in done)
+    assert _health(server)["slots_idle"] == 2
+
+
 def _error(exc_info) -> dict:
     return exc_info.value.response.json()["error"]
 
