@@ -159,6 +159,9 @@ def test_completions_both_ways(client, model):
     assert streamed[-1].choices[0].finish_reason == "length"
     ids = client.completions.create(model="any", prompt=model.tokenize(prompt), max_tokens=12, temperature=0)
     assert ids.choices[0].text == expected  # token ids as the prompt
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="any", prompt=[1, 10 ** 9], max_tokens=1)
+    assert _error(e)["param"] == "prompt"
 
 
 def test_stop_strings(client, model):

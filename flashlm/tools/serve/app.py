@@ -231,8 +231,13 @@ class Server:
         """Tokenized prompt (runs in a worker thread); APIError 400 when it is empty or does not fit the context."""
         m, param = self.model, "messages" if req.chat else "prompt"
         try:
-            if not req.chat:
-                ids = m._prompt_ids(req.prompt)
+            if isinstance(req.prompt, str):
+                ids = m.tokenize(req.prompt)
+            elif not req.chat:  # token ids
+                ids = req.prompt
+                if not all(0 <= i < m.args.vocab_size for i in ids):
+                    raise APIError(400, f"prompt: token ids must be in 0..{m.args.vocab_size - 1}", param="prompt",
+                                   code="invalid_value")
             elif session is not None:
                 ids = session.chat_prompt_ids(req.messages, req.options)
             else:
