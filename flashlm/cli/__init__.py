@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from flashlm.cli import bench, run, store, train  # noqa: F401  (they register their commands)
+from flashlm.cli import bench, run, serve, store, train  # noqa: F401  (they register their commands)
 from flashlm.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_RUNTIME,

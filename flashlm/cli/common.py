@@ -164,26 +164,34 @@ def model_options(f):
     ])
 
 
-def sampling_options(f):
+def sampling_options(f=None, *, n_predict: int = _G.max_tokens, what: str = ""):
+    """The sampling flags. `@sampling_options(n_predict=-1, what="Default: ")` sets -n's default and starts each
+    help text with `what` (serve: the flags are the defaults of requests that leave a field out)."""
+    if f is None:
+        return lambda g: sampling_options(g, n_predict=n_predict, what=what)
+
+    def option(*names, help: str, **kw):
+        return click.option(*names, help=what + help, **kw)
+
     return _options(f, [
-        click.option("-n", "--n-predict", "--predict", "n_predict", type=int, default=_G.max_tokens, show_default=True,
-                     help="Tokens to generate (-1: until end of generation or a full context)."),
-        click.option("--temp", type=float, default=_S.temperature, show_default=True,
-                     help="Temperature (0: greedy)."),
-        click.option("--top-k", type=int, default=_S.top_k, show_default=True, help="Top-k (0: off)."),
-        click.option("--top-p", type=float, default=_S.top_p, show_default=True, help="Top-p (1.0: off)."),
-        click.option("--min-p", type=float, default=_S.min_p, show_default=True, help="Min-p (0.0: off)."),
-        click.option("--repeat-penalty", type=float, default=_S.repeat_penalty, show_default=True,
-                     help="Repetition penalty (1.0: off)."),
-        click.option("--repeat-last-n", type=int, default=_S.repeat_last_n, show_default=True,
-                     help="Tokens the repetition penalty looks back over (-1: all)."),
-        click.option("-s", "--seed", type=int, default=_S.seed, show_default=True, help="RNG seed (-1: random)."),
-        click.option("--stop", "stop", multiple=True, help="Stop string (repeatable)."),
-        click.option("--ctx-overflow", type=click.Choice(["stop", "shift"]), default=_G.ctx_overflow,
-                     show_default=True, help="When the context is full: stop (finish reason 'length') or shift "
-                     "(keep the first 4 tokens and the most recent ones, half the context, and go on; chat drops "
-                     "its oldest turns first)."),
-        click.option("--ignore-eos", is_flag=True, help="Go on past end-of-generation tokens (as llama.cpp)."),
+        option("-n", "--n-predict", "--predict", "n_predict", type=int, default=n_predict, show_default=True,
+               help="Tokens to generate (-1: until end of generation or a full context)."),
+        option("--temp", type=float, default=_S.temperature, show_default=True,
+               help="Temperature (0: greedy)."),
+        option("--top-k", type=int, default=_S.top_k, show_default=True, help="Top-k (0: off)."),
+        option("--top-p", type=float, default=_S.top_p, show_default=True, help="Top-p (1.0: off)."),
+        option("--min-p", type=float, default=_S.min_p, show_default=True, help="Min-p (0.0: off)."),
+        option("--repeat-penalty", type=float, default=_S.repeat_penalty, show_default=True,
+               help="Repetition penalty (1.0: off)."),
+        option("--repeat-last-n", type=int, default=_S.repeat_last_n, show_default=True,
+               help="Tokens the repetition penalty looks back over (-1: all)."),
+        option("-s", "--seed", type=int, default=_S.seed, show_default=True, help="RNG seed (-1: random)."),
+        option("--stop", "stop", multiple=True, help="Stop string (repeatable)."),
+        option("--ctx-overflow", type=click.Choice(["stop", "shift"]), default=_G.ctx_overflow,
+               show_default=True, help="When the context is full: stop (finish reason 'length') or shift "
+               "(keep the first 4 tokens and the most recent ones, half the context, and go on; chat drops "
+               "its oldest turns first)."),
+        option("--ignore-eos", is_flag=True, help="Go on past end-of-generation tokens (as llama.cpp)."),
     ])
 
 
