@@ -93,7 +93,7 @@ def test_model_aliases(smollm_path):
 
 
 def test_type_checker_sees_the_api(tmp_path):
-    """mypy (where installed; it is not a test dependency) resolves flashlm.load and the chat overloads."""
+    """mypy (in the test extra) resolves flashlm.load and the chat overloads."""
     import subprocess
     import sys
 
