@@ -145,6 +145,7 @@ def test_calibrate_bad_input_loses_nothing(flash_path, tmp_path, smollm_path):
     for args, needle, code in (([copy, "--text", str(short)], "too short", 2),
                                ([copy, "--text", str(tmp_path / "missing.txt")], "cannot read calibration text", 2),
                                ([copy, "--text", CAL_TEXT, "--rank", "48"], "multiple of 32", 2),
+                               ([copy, "--text", CAL_TEXT, "--recall", "1.5"], "--recall 1.5: must be in (0, 1]", 2),
                                ([str(tmp_path / "none.flash"), "--text", CAL_TEXT], "no such file", 2)):
         assert_one_line_error(run_cli("calibrate", *args), needle, code=code)
     assert _sha(copy) == before

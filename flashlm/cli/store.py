@@ -76,10 +76,13 @@ def convert(model, model_opt, output, quant, calibration_text, no_calibration, b
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--tokens", type=int, default=4096, show_default=True, help="Calibration tokens used (at most).")
+@click.option("--recall", type=float, default=0.96, show_default=True,
+              help="Share of the active neurons each layer's threshold keeps on validation tokens (higher: fewer "
+                   "misses, more neurons read).")
 @click.option("-t", "--threads", type=int, default=0, help="Compute threads (0: all cores).")
 @click.option("-o", "--output", default=None, help="Write the result here instead of rewriting MODEL in place.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def calibrate(model, model_opt, text_file, rank, epochs, seed, tokens, threads, output, verbose):
+def calibrate(model, model_opt, text_file, rank, epochs, seed, tokens, recall, threads, output, verbose):
     """Train a low-rank sparsity predictor per layer on a .flash model's own activations and store it in the file
     (for --sparsity-score predictor); prints held-out recall and precision per layer."""
     from flashlm.tools.calibrate import calibrate_predictor
@@ -87,7 +90,8 @@ def calibrate(model, model_opt, text_file, rank, epochs, seed, tokens, threads, 
     def progress(what, done, total):
         click.echo(f"\r{what:<9} {done}/{total}", nl=done >= total, err=True)
 
-    r = calibrate_predictor(pick_model(model, model_opt), text_file, rank, epochs, seed, tokens, threads, output, progress)
+    r = calibrate_predictor(pick_model(model, model_opt), text_file, rank, epochs, seed, tokens, threads, output, progress,
+                            recall=recall)
     for i, (rc, pr, sel) in enumerate(zip(r.recall, r.precision, r.selected)):
         click.echo(f"layer {i:>3}: held-out recall {rc:.4f}, precision {pr:.4f}, selects {sel:.1%}")
     click.echo(f"wrote {r.path} in {r.seconds:.0f} s: {r.description}")

@@ -99,11 +99,14 @@ def activity_margin(g: np.ndarray, u: np.ndarray, activation: str) -> np.ndarray
 
 def calibrate_predictor(path: str, text_path: str, rank: int = 128, epochs: int = 10, seed: int = 0,
                         max_tokens: int = DEFAULT_TOKENS, threads: int = 0, output: str | None = None,
-                        progress: Callable[[str, int, int], None] | None = None) -> PredictorReport:
-    """Train and store the predictor of every layer; `output` (default: `path` itself, rewritten atomically)."""
+                        progress: Callable[[str, int, int], None] | None = None,
+                        recall: float = TrainOptions.target_recall) -> PredictorReport:
+    """Train and store the predictor of every layer; `output` (default: `path` itself, rewritten atomically).
+    `recall`: the share of active neurons each layer's threshold keeps on validation tokens (higher: fewer misses,
+    more neurons read)."""
     import flashlm
 
-    _check_request(path, rank, epochs, max_tokens)
+    _check_request(path, rank, epochs, max_tokens, recall)
     text, text_description = read_text(text_path)
     t0 = time.perf_counter()
     model = flashlm.load(path, threads=threads, ctx_size=CHUNK, batch_size=CHUNK)
@@ -120,7 +123,8 @@ def calibrate_predictor(path: str, text_path: str, rank: int = 128, epochs: int 
         xs = collect_ffn_inputs(model, ids, progress and (lambda d, t: progress("running", d, t)))
         activation = model.engine.executor.ffn.kernel.activation
         n_test = max(16, round(HELD_OUT * len(ids)))
-        options = TrainOptions(rank=rank, epochs=epochs, seed=seed, validation_fraction=1 / 9)
+        options = TrainOptions(rank=rank, epochs=epochs, seed=seed, validation_fraction=1 / 9,
+                               target_recall=recall).validate()
         report = PredictorReport(output or path, rank, len(ids), "")
         tensors = []
         for i, x in enumerate(xs):
@@ -131,7 +135,7 @@ def calibrate_predictor(path: str, text_path: str, rank: int = 128, epochs: int 
         model.close()
     active = "relu(gate) > 0" if activation == "relu" else f"top {LABEL_SHARE:.0%} by |act(gate)*up|"
     report.description = (f"{text_description}, {len(ids)} tokens ({len(ids) - n_test} fitted, {n_test} held out), "
-                          f"rank {rank}, {epochs} epochs, seed {seed}, active = {active}; held out: recall "
+                          f"rank {rank}, {epochs} epochs, seed {seed}, recall target {recall}, active = {active}; held out: recall "
                           f"{np.mean(report.recall):.4f}, precision {np.mean(report.precision):.4f} (means over "
                           f"layers)")
     _store(path, output, tensors, report)
@@ -139,7 +143,9 @@ def calibrate_predictor(path: str, text_path: str, rank: int = 128, epochs: int 
     return report
 
 
-def _check_request(path: str, rank: int, epochs: int, max_tokens: int) -> None:
+def _check_request(path: str, rank: int, epochs: int, max_tokens: int, recall: float = 0.96) -> None:
+    if not 0 < recall <= 1:
+        raise InvalidOptionError(f"--recall {recall}: must be in (0, 1]")
     if rank < 32 or rank % 32:
         raise InvalidOptionError(f"--rank must be a positive multiple of 32 (Q8_0 rows), got {rank}")
     if epochs < 0 or max_tokens < 1:
