@@ -23,7 +23,8 @@ def test_window_cache_reads_only_missing_and_deletes_by_moving_last_rows():
     c.insert(np.array([50]), _records([50]), step=0, pin=True)
     assert list(c.missing(np.array([5, 9]), step=1)) == [9]  # 5 is cached: only 9 must be read
     c.insert(np.array([9]), _records([9]), step=1)
-    assert c.evict(step=2) == 2  # 3 and 7 unused since step 0; 50 is pinned
+    assert c.evict(step=2) == 0  # before token 2, a window of 2 keeps what tokens 0 and 1 used
+    assert c.evict(step=3) == 2  # before token 3: 3 and 7 unused since token 0; 50 is pinned
     assert c.num_used == 3
     live = {int(c.id_at[s]) for s in range(c.num_used)}
     assert live == {5, 9, 50}

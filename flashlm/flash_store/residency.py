@@ -85,10 +85,10 @@ class NeuronWindowCache(RowCache):
         return self.capacity - self.num_used
 
     def evict(self, step: int) -> int:
-        """Delete the rows unused for `window` tokens (pinned ones stay), moving the last live rows into the holes;
-        returns how many were deleted."""
+        """Before token `step`: delete the rows none of the last `window` tokens (step - window .. step - 1) used
+        (pinned ones stay), moving the last live rows into the holes; returns how many were deleted."""
         live = slice(0, self.num_used)
-        stale = np.flatnonzero((self.last_used[live] <= step - self.window) & ~self.pinned[live])
+        stale = np.flatnonzero((self.last_used[live] < step - self.window) & ~self.pinned[live])
         for slot in stale[::-1]:  # from the end, so moving the last row never moves a row still to be deleted
             last = self.num_used - 1
             self.slot_of[self.id_at[slot]] = -1
