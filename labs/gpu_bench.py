@@ -2,6 +2,7 @@
 
     python -m labs.gpu_bench kernels                 # kernels vs references; 4096 x 11008 Q4_0 GB/s
     python -m labs.gpu_bench compare MODEL.flash     # GPU vs CPU backend: greedy 3 x 64, teacher-forced
+    python -m labs.gpu_bench speed MODEL.flash -n 128 --runs 3   # decode tok/s: GPU (graphs, and op by op) vs CPU
     python -m labs.gpu_bench naive MODEL.flash --gpu-memory-budget 2GB --memory-budget 4GB -n 8
                                                               # flashlm's tiers vs copying every layer every token
 """
@@ -12,6 +13,7 @@ import argparse
 import contextlib
 import json
 import time
+from types import SimpleNamespace
 
 import numpy as np
 from gguf.constants import GGMLQuantizationType as QT
@@ -142,7 +144,47 @@ def _kernel_errors(rng) -> dict:
         down = _random_rows(dt, 256, 32 * n, rng)  # ffn_down: 256 rows of 32n values
         records[:, dn] = down.reshape(256, n, -1).transpose(1, 0, 2).reshape(n, -1)
         check_records(f"blocks {gt.name}/{dt.name} {act}", records, layout, act)
+    report["errors_exact"].update(_decode_step_errors(kk, rng))
     return report
+
+
+def _decode_step_errors(kk, rng) -> dict:
+    """rms_norm (with and without the fused residual add) and attend_decode (RoPE, float16 cache append,
+    attention; both RoPE pairings, a sliding window) against the numpy references the CPU backend runs: max
+    |GPU - numpy| / max |numpy| (float32 rounding only)."""
+    import cupy as cp
+
+    from flashlm.models.base import RopeConfig
+    from flashlm.runtime.kernel_executor import attend, rms_norm
+
+    errors = {}
+
+    def err(name, got, ref):
+        errors[name] = float(np.abs(cp.asnumpy(got) - ref).max() / np.abs(ref).max())
+
+    x, r = rng.standard_normal((3, 576)).astype(np.float32), rng.standard_normal((3, 576)).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, 576).astype(np.float32)
+    err("rms_norm", kk.rms_norm(cp.asarray(x), cp.asarray(w), 1e-5), rms_norm(x, w, 1e-5))
+    y, total = kk.rms_norm(cp.asarray(x), cp.asarray(w), 1e-5, residual=cp.asarray(r))
+    err("add_rms_norm", y, rms_norm(x + r, w, 1e-5))
+    err("add_rms_norm total", total, x + r)
+    for interleaved, hd, window in ((True, 64, 0), (False, 256, 0), (False, 128, 5)):
+        # the ModelArgs fields attend reads
+        A = SimpleNamespace(n_heads=8, n_kv_heads=2, head_dim=hd, rope=RopeConfig(hd, 10000.0, interleaved=interleaved))
+        cos, sin = A.rope.tables(32)
+        cap, n_past = 32, 20
+        keys = (rng.standard_normal((2, cap, hd)) * 0.5).astype(np.float16)
+        values = (rng.standard_normal((2, cap, hd)) * 0.5).astype(np.float16)
+        q, k, v = (rng.standard_normal((1, n, hd)).astype(np.float32) for n in (8, 2, 2))
+        gk, gv = cp.asarray(keys), cp.asarray(values)
+        ref = attend(A, q, k, v, keys, values, n_past, cos, sin, window)
+        pos = cp.asarray(np.array([n_past], np.int32))
+        got = kk.attend_decode(cp.asarray(q), cp.asarray(k), cp.asarray(v), gk, gv, pos, cp.asarray(cos),
+                               cp.asarray(sin), interleaved, window)
+        name = f"attend_decode hd={hd} {'interleaved' if interleaved else 'halves'} window={window}"
+        err(name, got, ref)
+        err(name + " cache", gk[:, :n_past + 1].astype(cp.float32), keys[:, :n_past + 1].astype(np.float32))
+    return errors
 
 
 def _matvec_bandwidth(rng, rounds: int) -> dict:
@@ -289,6 +331,51 @@ def _decode_rate(engine, ids: list[int], n: int) -> tuple[float, dict]:
     return n / dt, split
 
 
+def _decode_tok_s(m, ids: list[int], n: int) -> float:
+    """Greedy decode steps after a prompt (the sampler's work, an argmax, included), tokens per second."""
+    engine = m._loaded.engine
+    with engine.lock:
+        engine.reset()
+    tok = int(np.argmax(engine.prefill(ids)))
+    t = time.perf_counter()
+    for _ in range(n):
+        tok = int(np.argmax(engine.step(tok)))
+    return n / (time.perf_counter() - t)
+
+
+def speed(path: str, n_tokens: int = 128, runs: int = 3, gpu_budget: str | None = None) -> dict:
+    """Decode tok/s on one .flash: the GPU with each step one CUDA graph, the GPU launching op by op, and the CPU
+    backend (default threads), in this process, one after the other; `runs` runs of n_tokens each after a warm-up
+    run, 16-token prompt. For the graphs: the GPU time of a replayed step (CUDA events) against the wall time."""
+    import flashlm
+
+    ids = list(range(1000, 1016))
+    report = {}
+    gpu = flashlm.load(path, ctx_size=1024, device="cuda", gpu_memory_budget=gpu_budget)
+    ex = gpu._loaded.engine.executor
+    report["gpu_plan"] = ex.gpu_plan.describe()
+    report["graphable"] = ex.graphable
+    for name, graphs in (("gpu_graphs", True), ("gpu_op_by_op", False)):
+        ex.use_graphs = graphs
+        _decode_tok_s(gpu, ids, 16)  # warm-up (compiles, captures)
+        replays, gpu_s = ex.graph_replays, ex.graph_gpu_s
+        rates = [_decode_tok_s(gpu, ids, n_tokens) for _ in range(runs)]
+        report[name] = {"tok_s": rates, "median": float(np.median(rates))}
+        if graphs and ex.graph_replays > replays:
+            report[name]["gpu_ms_per_step"] = (ex.graph_gpu_s - gpu_s) / (ex.graph_replays - replays) * 1e3
+            report[name]["wall_ms_per_step"] = 1e3 / float(np.median(rates))
+    gpu.close()
+    cpu = flashlm.load(path, ctx_size=1024)
+    report["cpu_threads"] = cpu._loaded.engine.executor.kernel.threads
+    _decode_tok_s(cpu, ids, 16)
+    rates = [_decode_tok_s(cpu, ids, n_tokens) for _ in range(runs)]
+    report["cpu"] = {"tok_s": rates, "median": float(np.median(rates))}
+    cpu.close()
+    report["ratio_graphs_vs_cpu"] = report["gpu_graphs"]["median"] / report["cpu"]["median"]
+    report["ratio_per_run"] = [g / c for g, c in zip(report["gpu_graphs"]["tok_s"], rates)]
+    return report
+
+
 def naive_vs_tiers(path: str, gpu_budget: str, host_budget: str, n_tokens: int) -> dict:
     """Both in this process, one after the other: flashlm's tiers, then the naive baseline (every layer's
     weights copied to the GPU for every token: FFN records read from flash, attention from host memory)."""
@@ -332,6 +419,11 @@ def main(argv=None) -> int:
     c.add_argument("-n", type=int, default=64)
     c.add_argument("--gpu-memory-budget", default=None)
     c.add_argument("--text", default=None)
+    sp = sub.add_parser("speed")
+    sp.add_argument("model")
+    sp.add_argument("-n", type=int, default=128)
+    sp.add_argument("--runs", type=int, default=3)
+    sp.add_argument("--gpu-memory-budget", default=None)
     nv = sub.add_parser("naive")
     nv.add_argument("model")
     nv.add_argument("--gpu-memory-budget", default="2GB")
@@ -342,6 +434,8 @@ def main(argv=None) -> int:
         out = check_kernels()
     elif a.cmd == "compare":
         out = compare(a.model, a.n, a.gpu_memory_budget, a.text)
+    elif a.cmd == "speed":
+        out = speed(a.model, a.n, a.runs, a.gpu_memory_budget)
     else:
         out = naive_vs_tiers(a.model, a.gpu_memory_budget, a.memory_budget, a.n)
     print(json.dumps(out, indent=1))

@@ -450,3 +450,138 @@ extern "C" __global__ void gate_up1_##G##U(const u8* Rb, long long rb, int n, in
 }
 GATE_UP(0, 0) GATE_UP(0, 1) GATE_UP(0, 2) GATE_UP(1, 0) GATE_UP(1, 1) GATE_UP(1, 2) GATE_UP(2, 0) GATE_UP(2, 1)
 GATE_UP(2, 2) GATE_UP(3, 3) GATE_UP(4, 4) GATE_UP(5, 5)
+
+// ---- One decode step's small ops, fused (the step is captured in a CUDA graph by runtime/cuda_executor.py, so the
+// token's position is read from device memory, pos, never passed by value: one graph replays every step).
+
+// RMSNorm of rows of n: y[r] = v / sqrt(mean(v * v) + eps) * w with v = x[r] (+ res[r], then also written to total[r]:
+// the residual add fused in). One thread block per row, blockDim a multiple of 32 (<= 1024).
+extern "C" __global__ void rms_norm(const float* x, const float* res, const float* w, float* y, float* total, int n,
+                                    float eps) {
+    long long r = blockIdx.x;
+    x += r * n;
+    y += r * n;
+    if (res) { res += r * n; total += r * n; }
+    __shared__ float part[32];
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = x[i];
+        if (res) { v += res[i]; total[i] = v; }
+        ss += v * v;
+    }
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float t = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.f;
+        t = warp_sum(t);
+        if (threadIdx.x == 0) part[0] = t;
+    }
+    __syncthreads();
+    float s = sqrtf(part[0] / (float)n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) y[i] = (res ? total[i] : x[i]) / s * w[i];
+}
+
+// RoPE of one token's q (n_heads, hd) and k (n_kv, hd) at position *pos (table rows cos/sin (positions, hd / 2);
+// interleaved: pairs (2i, 2i + 1), else (i, i + hd / 2)); rotated q to qr, rotated k and v appended to the float16
+// caches kc, vc (n_kv, capacity, hd) at *pos. Products rounded apart, as numpy and the CPU kernel compute them.
+extern "C" __global__ void rope_append(const float* q, const float* k, const float* v, const int* pos,
+                                       const float* cos, const float* sin, int interleaved, int n_heads, int n_kv,
+                                       int hd, long long capacity, float* qr, u16* kc, u16* vc) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x, half = hd >> 1, p = *pos;
+    int n_rot = (n_heads + n_kv) * half;
+    if (t < n_rot) {
+        int head = t / half, i = t - head * half;
+        const float* x = head < n_heads ? q + (long long)head * hd : k + (long long)(head - n_heads) * hd;
+        int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+        float c = cos[(long long)p * half + i], s = sin[(long long)p * half + i], x0 = x[a], x1 = x[b];
+        float y0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s)), y1 = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
+        if (head < n_heads) {
+            qr[(long long)head * hd + a] = y0;
+            qr[(long long)head * hd + b] = y1;
+        } else {
+            u16* dst = kc + ((long long)(head - n_heads) * capacity + p) * hd;
+            dst[a] = __half_as_ushort(__float2half_rn(y0));
+            dst[b] = __half_as_ushort(__float2half_rn(y1));
+        }
+    } else if (t < n_rot + n_kv * hd) {
+        int j = t - n_rot, g = j / hd;
+        vc[((long long)g * capacity + p) * hd + (j - g * hd)] = __half_as_ushort(__float2half_rn(v[j]));
+    }
+}
+
+// One token's attention, a thread block (ATT_WARPS warps) per query head: softmax(q . K[lo..pos] * scale) . V[lo..pos]
+// over its KV head's float16 cache rows, lo = max(0, pos - window + 1) in a sliding window (window 0: none). A warp
+// per cached position, lanes over pairs of dimensions (hd even, <= 256); scores (n_heads, capacity) is scratch.
+#define ATT_WARPS 4
+extern "C" __global__ void attend_decode(const float* qr, const u16* kc, const u16* vc, const int* pos, int window,
+                                         int n_heads, int n_kv, int hd, long long capacity, float scale,
+                                         float* scores, float* out) {
+    int h = blockIdx.x, g = h / (n_heads / n_kv), p = *pos;
+    int lo = window > 0 ? max(0, p - window + 1) : 0, T = p + 1 - lo, pairs = hd >> 1;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const __half2* K = (const __half2*)(kc + ((long long)g * capacity + lo) * hd);
+    const __half2* V = (const __half2*)(vc + ((long long)g * capacity + lo) * hd);
+    float* sc = scores + (long long)h * capacity;
+    float2 qv[4];
+    #pragma unroll
+    for (int j = 0; j < 4; j++) {
+        int d2 = lane + 32 * j;
+        qv[j] = d2 < pairs ? make_float2(qr[(long long)h * hd + 2 * d2], qr[(long long)h * hd + 2 * d2 + 1])
+                           : make_float2(0.f, 0.f);
+    }
+    float mx = __int_as_float(0xff800000);  // -inf
+    for (int t = warp; t < T; t += ATT_WARPS) {
+        float s = 0.f;
+        #pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int d2 = lane + 32 * j;
+            if (d2 < pairs) {
+                float2 kf = __half22float2(K[(long long)t * pairs + d2]);
+                s += qv[j].x * kf.x + qv[j].y * kf.y;
+            }
+        }
+        s = warp_sum(s) * scale;
+        if (lane == 0) sc[t] = s;
+        mx = fmaxf(mx, s);
+    }
+    __shared__ float red[ATT_WARPS], acc_s[ATT_WARPS][256];
+    if (lane == 0) red[warp] = mx;
+    __syncthreads();
+    mx = red[0];
+    #pragma unroll
+    for (int w = 1; w < ATT_WARPS; w++) mx = fmaxf(mx, red[w]);
+    float sum = 0.f;
+    float2 acc[4] = {};
+    for (int t = warp; t < T; t += ATT_WARPS) {
+        float e = expf(sc[t] - mx);
+        sum += e;
+        #pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int d2 = lane + 32 * j;
+            if (d2 < pairs) {
+                float2 vf = __half22float2(V[(long long)t * pairs + d2]);
+                acc[j].x += e * vf.x;
+                acc[j].y += e * vf.y;
+            }
+        }
+    }
+    __syncthreads();  // every warp has read red[]
+    if (lane == 0) red[warp] = sum;
+    #pragma unroll
+    for (int j = 0; j < 4; j++) {
+        int d2 = lane + 32 * j;
+        if (d2 < pairs) { acc_s[warp][2 * d2] = acc[j].x; acc_s[warp][2 * d2 + 1] = acc[j].y; }
+    }
+    __syncthreads();
+    float total = 0.f;
+    #pragma unroll
+    for (int w = 0; w < ATT_WARPS; w++) total += red[w];
+    float inv = 1.f / total;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        float o = 0.f;
+        #pragma unroll
+        for (int w = 0; w < ATT_WARPS; w++) o += acc_s[w][i];
+        out[(long long)h * hd + i] = o * inv;
+    }
+}

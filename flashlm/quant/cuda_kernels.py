@@ -49,6 +49,7 @@ GATE_UP_PAIRS = [(g, u) for g in range(3) for u in range(3)] + [(3, 3), (4, 4), 
 DOWN_CHUNK = 64  # neurons per thread block in the down projection
 THREADS = 128  # threads per thread block of the row-pair kernels (4 warps)
 BLOCKS_PER_SM = 8  # persistent grid: 32 warps per multiprocessor (H200 lab: 4 / 8 / 16 blocks 8.3 / 8.0 / 8.4 us)
+ATT_WARPS = 4  # warps per thread block of attend_decode (its #define in cuda_kernels.cu)
 DEQUANT_MAX_BYTES = 8 << 20  # float32 rows dequantized at a time for a prompt batch through cuBLAS
 
 SOURCE_PATH = os.path.join(os.path.dirname(__file__), "cuda_kernels.cu")
@@ -114,6 +115,8 @@ class CudaKernels:
         self._gate_up, self._gate_up1 = ({(g, u): fn(f"{name}_{g}{u}") for g, u in GATE_UP_PAIRS}
                                          for name in ("gate_up", "gate_up1"))
         self._quantize_x = fn("quantize_x")
+        self._rms_norm, self._rope_append, self._attend_decode = (fn(n) for n in ("rms_norm", "rope_append",
+                                                                                   "attend_decode"))
         sms = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["multiProcessorCount"]
         self.max_blocks = sms * BLOCKS_PER_SM
 
@@ -192,6 +195,44 @@ class CudaKernels:
         self._quantize_x(((S * nb * 32 + 255) // 256,), (256,), (cp.ascontiguousarray(x, dtype=cp.float32),
                                                                   np.int32(k), np.int32(S), xq, xd, xs))
         return xq, xd, xs
+
+    def rms_norm(self, x, weight, eps: float, residual=None):
+        """RMSNorm over the last axis (weight's length) of x, float32; with residual: (norm(x + residual),
+        x + residual), the add fused in. One kernel."""
+        cp = self.cp
+        x = cp.ascontiguousarray(x, dtype=cp.float32)
+        n = weight.shape[0]
+        y = cp.empty(x.shape, cp.float32)
+        total = cp.empty(x.shape, cp.float32) if residual is not None else None
+        res = cp.ascontiguousarray(residual, dtype=cp.float32) if residual is not None else None
+        null = np.uint64(0)
+        self._rms_norm((x.size // n,), (min(1024, (n + 31) // 32 * 32),), (
+            x, null if res is None else res, weight, y, null if total is None else total, np.int32(n),
+            np.float32(eps)))
+        return y if residual is None else (y, total)
+
+    def attend_decode(self, q, k, v, keys, values, pos, cos, sin, interleaved: bool, window: int):
+        """One token's attention (q (1, heads, hd), k and v (1, kv_heads, hd)): RoPE at position pos[0] (a device
+        int32, so a captured graph replays every step), k and v appended to the float16 caches (kv_heads,
+        capacity, hd) at that position, softmax attention over the cache (within the window, if any). Two
+        kernels; returns (1, heads * hd) float32."""
+        cp = self.cp
+        _, n_heads, hd = q.shape
+        n_kv, capacity = k.shape[1], keys.shape[1]
+        if hd % 2 or hd > 256 or n_heads % n_kv:
+            raise ValueError(f"attend_decode: head size {hd} (even, <= 256), {n_heads} heads over {n_kv}")
+        q, k, v = (cp.ascontiguousarray(t, dtype=cp.float32) for t in (q, k, v))
+        qr = cp.empty((1, n_heads * hd), cp.float32)
+        out = cp.empty((1, n_heads * hd), cp.float32)
+        scores = cp.empty((n_heads, capacity), cp.float32)
+        n = (n_heads + n_kv) * hd // 2 + n_kv * hd
+        self._rope_append(((n + 255) // 256,), (256,), (
+            q, k, v, pos, cos, sin, np.int32(interleaved), np.int32(n_heads), np.int32(n_kv), np.int32(hd),
+            np.int64(capacity), qr, keys, values))
+        self._attend_decode((n_heads,), (32 * ATT_WARPS,), (
+            qr, keys, values, pos, np.int32(window), np.int32(n_heads), np.int32(n_kv), np.int32(hd),
+            np.int64(capacity), np.float32(hd ** -0.5), scores, out))
+        return out
 
     def _grid(self, n_pairs: int) -> tuple[int]:
         """Thread blocks of a row-pair walk: one pair per warp, at most BLOCKS_PER_SM blocks per multiprocessor."""

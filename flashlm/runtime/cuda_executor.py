@@ -9,6 +9,10 @@ Attention weights, norms, the KV cache (float16, as the CPU flash path) and the 
 their GGUF bytes; embedding rows are looked up on the host. Kernels: quant/cuda_kernels.py. CuPy is imported only
 here, when `device="cuda"` is asked for: the CPU path never imports it.
 
+A decode step launches ~11 kernels per layer (norms with the residual add fused in, one token's RoPE + cache append
+and its attention fused, the quantized products); with everything on the GPU the whole step is one CUDA graph
+(CudaExecutor), since a small model's step is otherwise bound by the host's launches, not the GPU.
+
 `naive=True` is the paper's baseline in the same code: nothing of the FFN resident anywhere, every layer's records
 read from flash and copied to the GPU for every token, and the attention weights copied from host memory each
 token too.
@@ -17,8 +21,10 @@ token too.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 import weakref
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -204,6 +210,20 @@ class GpuFFN:
         st.neurons_used += self.n_ff
         st.neurons_from_cache += self.host_hot
 
+    def run_resident(self, i: int, x, y) -> None:
+        """y (1, d) += FFN_i(x) when every record is GPU-resident: kernel launches only (no copies, reads, events or
+        host clocks), so a decode step can be captured in a CUDA graph."""
+        xq = self.kernels.quantize(x)
+        self.kernels.bundle(self.gpu_records[i].data.ptr, self.gpu_hot, self.layout, self.activation, x, y, self.h,
+                            xq)
+
+    def count_step(self) -> None:
+        """The stats of one replayed decode step (its launches ran in the graph, not through run)."""
+        st = self.stats
+        st.calls += self.n_layers
+        st.neurons_used += self.n_ff * self.n_layers
+        st.neurons_from_cache += self.host_hot * self.n_layers
+
     def collect(self) -> None:
         """Add this pass's event timings to transfer_s (host->GPU copies, on the copy stream: they overlap the
         compute stream's work) and gpu_ffn_s (FFN kernels, waits for copies excluded). The pass is finished:
@@ -243,7 +263,22 @@ class GpuLayer:
 
 
 class CudaOps(ArrayOps):
-    """Ops on CuPy arrays: matrix products by the CUDA kernels on GGUF blocks, attention in CuPy."""
+    """Ops on CuPy arrays: matrix products by the CUDA kernels on GGUF blocks; norms, and one token's RoPE, cache
+    append and attention, in fused kernels (a batch's attention in CuPy).
+
+    `graphed`: the ops of a decode step that CudaExecutor captures in a CUDA graph: kernel launches only, on
+    device buffers (the position is read from device memory), the logits left on the GPU."""
+
+    graphed = False
+
+    def norm(self, x, weight, eps: float):
+        return self.ex.kernels.rms_norm(x, weight, eps)
+
+    def head_norm(self, t, weight, eps: float):
+        return self.ex.kernels.rms_norm(t, weight, eps)
+
+    def add_norm(self, x, residual, weight, eps: float):
+        return self.ex.kernels.rms_norm(x, weight, eps, residual=residual)
 
     def qkv(self, i: int, w: GpuLayer, x):
         cp = self.ex.cp
@@ -255,36 +290,183 @@ class CudaOps(ArrayOps):
     def attend(self, i: int, q, k, v):
         keys, values, cos, sin, window = self.cache_of(i)
         cp = self.ex.cp
+        if q.shape[0] == 1:
+            return self.ex.kernels.attend_decode(q, k, v, keys, values, self.ex.position, cos, sin,
+                                                 self.args.rope.interleaved, window)
         return cp.ascontiguousarray(attend(self.args, q, k, v, keys, values, self.start, cos, sin, window, cp))
 
     def linear(self, x, matrix: GpuMatrix):
         return matrix(x)
 
-    def add_norm(self, x, residual, weight, eps: float):
-        normed, total = super().add_norm(x, residual, weight, eps)
-        return self.ex.cp.ascontiguousarray(normed, dtype=self.ex.cp.float32), total
+    def ffn(self, i: int, w, x, residual=None):
+        if not self.graphed:
+            return super().ffn(i, w, x, residual)
+        y = residual if residual is not None else self.ex.cp.zeros((1, self.args.d_model), np.float32)
+        self.ex.ffn.run_resident(i, x, y)
+        return y
+
+    def output(self, x, w):
+        if not self.graphed:
+            return super().output(x, w)
+        return w.matrix(self.ex.cp.ascontiguousarray(x[-1:]))  # one token: its logits, on the GPU
+
+    def softcap(self, logits, cap: float):
+        if isinstance(logits, np.ndarray):
+            return super().softcap(logits, cap)
+        return self.ex.cp.tanh(logits / cap) * cap
+
+
+@dataclass
+class DecodeGraph:
+    """One KV cache's decode step captured as a CUDA graph: valid while the cache keeps its buffers (generation).
+    `kept`: every GPU allocation made during the capture, held for as long as the graph may replay (the pool
+    would otherwise give them to later arrays while the graph still writes them)."""
+
+    generation: int
+    graph: object
+    logits: object
+    kept: list
 
 
 class CudaExecutor(KernelExecutor):
-    """The family's layer and head over CudaOps; activations and the KV cache stay on the GPU."""
+    """The family's layer and head over CudaOps; activations and the KV cache stay on the GPU, on one stream.
+
+    A decode step (one token) with the whole model on the GPU (every FFN record and matrix resident) is one CUDA
+    graph launch: the embedding row and the position are copied into fixed device buffers, the graph (captured
+    once per KV cache and its buffers, by running the family's layer and head over CudaOps) replays the ~11
+    kernels of each layer, and the logits come back in one copy. Otherwise (tiers streamed from host memory or
+    flash, the naive baseline, prompt batches) the ops are launched one by one."""
 
     ops_class = CudaOps
 
     def __init__(self, cp, family, args, layers: list[GpuLayer], ffn: GpuFFN, head: GpuHead, embed, kv: KVCache,
                  rope: dict[str, np.ndarray], plan: GpuPlan):
+        import cupyx
+
         super().__init__(family, args, layers, ffn.kernels, ffn, head, embed, kv,
                          {name: cp.asarray(t, dtype=cp.float32) for name, t in rope.items()},
                          compute=contextlib.nullcontext())
         self.cp, self.xp, self.kernels, self.gpu_plan = cp, cp, ffn.kernels, plan
+        # every pass runs on this stream (a graph is captured on a stream other than the legacy default one; a
+        # blocking stream still orders itself after the uploads made at load on the default stream)
+        self.stream = cp.cuda.Stream(non_blocking=False)
+        self.position = cp.zeros(1, cp.int32)  # the decode step's position, read by attend_decode
+        self._position_host = cupyx.empty_pinned((1,), np.int32)
+        self._x = cp.zeros((1, args.d_model), cp.float32)  # the decode step's embedding row
+        self._x_host = cupyx.empty_pinned((1, args.d_model), np.float32)
+        self._logits_host = cupyx.empty_pinned((1, args.vocab_size), np.float32)
+        self.graphable = ffn.gpu_hot == ffn.n_ff and head.resident and all(
+            m.rows is not None for w in layers for m in (*w.qkv, w.o))
+        self.use_graphs = True  # labs/gpu_bench.py turns it off to time the launches one by one
+        self._graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KVCache -> DecodeGraph
+        self._events = (cp.cuda.Event(), cp.cuda.Event())
+        # decode steps through graphs (captures included), replays, and the replays' GPU time (CUDA events)
+        self.graph_steps = self.graph_replays = 0
+        self.graph_gpu_s = 0.0
 
     def report(self) -> str:
         """Host->GPU copy and FFN kernel time per forward pass so far (CUDA events), and the GPU plan."""
         ffn = self.ffn
-        n = max(1, ffn.stats.calls // max(1, ffn.n_layers))
+        n = max(1, ffn.stats.calls // max(1, ffn.n_layers) - self.graph_steps)
+        graphs = (f"{self.graph_replays} decode steps replayed as CUDA graphs, "
+                  f"{self.graph_gpu_s * 1e3 / self.graph_replays:.3f} ms of GPU time each; "
+                  if self.graph_replays else "")
         return (f"{ffn.transfer_s * 1e3 / n:10.2f} ms host->GPU copies, {ffn.gpu_ffn_s * 1e3 / n:.2f} ms FFN kernels "
-                f"per forward pass ({n} passes); " + self.gpu_plan.describe())
+                f"per forward pass ({n} passes launched op by op); " + graphs + self.gpu_plan.describe())
 
     def forward(self, ids: np.ndarray, all_logits: bool = False) -> np.ndarray:
-        out = super().forward(ids, all_logits)
+        with self.stream:
+            if len(ids) == 1 and self.graphable and self.use_graphs:
+                return self._graph_step(ids)
+            out = super().forward(ids, all_logits)
         self.ffn.collect()
         return out
+
+    def hidden(self, ids: np.ndarray) -> np.ndarray:
+        with self.stream:
+            if len(ids) == 1:
+                self._set_position(self.kv.n_past)
+            return super().hidden(ids)
+
+    def logits(self, h, rows: np.ndarray) -> np.ndarray:
+        with self.stream:
+            return super().logits(h, rows)
+
+    def _set_position(self, pos: int) -> None:
+        """The decode step's position into device memory (the pinned source is free again: every pass ends with
+        its logits copied to the host, which waits for the stream)."""
+        self._position_host[0] = pos
+        self.position.data.copy_from_host_async(self._position_host.ctypes.data, 4, self.stream)
+
+    def _decode_pass(self):
+        """The family's layers and head on the step's input buffers, over graph-safe ops; the logits stay on the
+        GPU."""
+        ops = self.ops_class(self, self.kv.n_past)
+        ops.graphed = True
+        h = self._x
+        for i, w in enumerate(self.layers):
+            h = self.family.layer(ops, self.args, w, i, h)
+        ops.rows = np.array([0])
+        return self.family.head(ops, self.args, self.head_stream, h)
+
+    def _kept_allocations(self, kept: list):
+        """An allocator that holds every block it gives out in kept (CuPy's pool otherwise reuses them)."""
+        pool = self.cp.get_default_memory_pool()
+
+        def malloc(size: int):
+            mem = pool.malloc(size)
+            kept.append(mem)
+            return mem
+
+        return self.cp.cuda.using_allocator(malloc)
+
+    def _capture(self, kv: KVCache) -> None:
+        """Run this step's pass once, its logits to the host buffer, then capture the same pass as a graph. The
+        run's blocks, held to its end and then freed, leave the pool the blocks the capture asks for again, so
+        nothing is allocated from the driver while capturing; the garbage collector is held off meanwhile."""
+        warm: list = []
+        with self._kept_allocations(warm):
+            logits = self._decode_pass()
+            logits.data.copy_to_host_async(self._logits_host.ctypes.data, self._logits_host.nbytes, self.stream)
+            self.stream.synchronize()
+            del logits
+        warm.clear()
+        kept: list = []
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with self._kept_allocations(kept):
+                self.stream.begin_capture()
+                try:
+                    captured = self._decode_pass()
+                finally:
+                    graph = self.stream.end_capture()
+        finally:
+            if collecting:
+                gc.enable()
+        self._graphs[kv] = DecodeGraph(kv.generation, graph, captured, kept)
+
+    def _graph_step(self, ids: np.ndarray) -> np.ndarray:
+        kv, stream = self.kv, self.stream
+        start = kv.n_past
+        kv.reserve(start + 1)
+        self._set_position(start)
+        self._x_host[:] = self.embed.lookup(ids)
+        self._x.data.copy_from_host_async(self._x_host.ctypes.data, self._x_host.nbytes, stream)
+        entry = self._graphs.get(kv)
+        if entry is None or entry.generation != kv.generation:
+            self._graphs.pop(kv, None)  # its buffers are gone: the stream is idle (the last step waited for it)
+            self._capture(kv)
+        else:
+            start_event, stop_event = self._events
+            start_event.record(stream)
+            entry.graph.launch(stream)
+            stop_event.record(stream)
+            entry.logits.data.copy_to_host_async(self._logits_host.ctypes.data, self._logits_host.nbytes, stream)
+            stream.synchronize()
+            self.graph_replays += 1
+            self.graph_gpu_s += self.cp.cuda.get_elapsed_time(start_event, stop_event) / 1e3
+        self.graph_steps += 1
+        self.ffn.count_step()
+        kv.n_past = start + 1
+        return self._logits_host.copy()
