@@ -2,7 +2,7 @@
 half-model budget, i.e. this process's runtime baseline (interpreter, libraries, tokenizer, KV cache, scratch)
 plus half of the model file. Prints one JSON line.
 
-    python -m tests.flash_budget_run MODEL.flash half|none[+sketch] N PROMPT...   (+sketch: output_head="sketch")
+    python -m tests.flash_budget_run MODEL.flash half|most|none[+sketch] N PROMPT...   (+sketch: output_head="sketch")
 """
 
 import json
@@ -18,20 +18,26 @@ from flashlm.options import LoadOptions
 from flashlm.tools.memory import peak_rss_bytes
 
 
-def half_model_budget(path: str, ctx: int) -> int:
+def model_budget(path: str, ctx: int, share: float = 0.5) -> int:
+    """The runtime baseline plus `share` of the model file."""
     Tokenizer(path)  # counted in the baseline, as a real load counts it
     f, family, args = read_model(path)
     store = FlashStore(f, args.n_layers, args.n_ff, args.d_model, verify=False)
     p = plan_for(f, family, args, store, LoadOptions(ctx_size=ctx, memory_budget=1 << 40).validate(), ctx)
     f.close()
-    return p.baseline_bytes + p.kv_bytes + p.scratch_bytes + os.path.getsize(path) // 2
+    return p.baseline_bytes + p.kv_bytes + p.scratch_bytes + int(os.path.getsize(path) * share)
+
+
+def half_model_budget(path: str, ctx: int) -> int:
+    return model_budget(path, ctx, 0.5)
 
 
 def main():
     path, mode, n, prompts = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
     mode, _, head = mode.partition("+")
     ctx = 512
-    budget = half_model_budget(path, ctx) if mode == "half" else None
+    shares = {"half": 0.5, "most": 0.75, "none": None}
+    budget = model_budget(path, ctx, shares[mode]) if shares[mode] else None
     m = flashlm.load(path, threads=2, ctx_size=ctx, memory_budget=budget, output_head=head or "exact")
     tokens = [[r.token for r in m.stream(p, max_tokens=n, temperature=0.0, ignore_eos=True)
                if r.token is not None] for p in prompts]

@@ -100,6 +100,18 @@ class RecordLayout:
         g, u, d = self.group * self.gate_bytes, self.group * self.up_bytes, self.down_bytes
         return slice(0, g), slice(g, g + u), slice(g + u, g + u + d)
 
+    def matrices(self, records: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Block records (n, record_bytes) -> the layer's three matrices as GGUF rows, neurons in stored order:
+        gate and up (n * G, row bytes), ffn_down (d_model, n * down_block_bytes). A byte shuffle, nothing
+        requantized: a whole resident layer runs as three row products (quant/bundle_kernel_i8.c: dense_ffn_i8)."""
+        if self.group == 1:
+            raise ValueError("neuron records hold requantized down columns, not ffn_down's rows")
+        n, (g, u, dn) = len(records), self.slices()
+        gate = np.ascontiguousarray(records[:, g]).reshape(n * self.group, self.gate_bytes)
+        up = np.ascontiguousarray(records[:, u]).reshape(n * self.group, self.up_bytes)
+        down = records[:, dn].reshape(n, self.d_model, self.down_block_bytes).transpose(1, 0, 2)
+        return gate, up, np.ascontiguousarray(down).reshape(self.d_model, -1)
+
     def to_metadata(self) -> dict[str, int]:
         meta = {"flashlm.bundle.d_model": self.d_model, "flashlm.bundle.gate_type": int(self.gate_type),
                 "flashlm.bundle.up_type": int(self.up_type), "flashlm.bundle.down_type": int(self.down_type),

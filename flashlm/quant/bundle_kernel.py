@@ -194,6 +194,7 @@ SIGNATURES = {
     "dequant_records": [_P, _I64, _I, _I, _I, _I64, _I64, _P, _P, _P, _I],
     "dequant_rows": [_P, _I64, _I64, _I, _I, _P, _I],
     "dequant_block_records": [_P, _I64] + [_I] * 5 + [_I64, _I64, _P, _P, _P, _I],
+    "dense_ffn_i8": [_P, _I64, _I] * 3 + [_I, _I, _I, _P, _I, _P, _I],
     "attention_decode": [_P] * 5 + [_I64, _I, _P, _P, _I, _I, _I, _I, ctypes.c_float, _P, _P],
 }
 
@@ -218,7 +219,7 @@ class BundleKernel:
         if layout.group > 1 and layout.down_type not in SUPPORTED_ROW_TYPES:
             raise ValueError(f"bundle kernel: unsupported ffn_down blocks {layout.down_type.name}")
         self.layout, self.activation, self.threads = layout, activation, threads
-        self.attention_decode = self._ffn_i8 = self._block_i8 = None
+        self.attention_decode = self._ffn_i8 = self._block_i8 = self._dense_ffn = None
         path = build_library()
         self.native = path is not None
         if self.native:
@@ -229,8 +230,8 @@ class BundleKernel:
             self._dequant_records, self._dequant_rows, self._dequant_blocks = (
                 _bind(lib, n) for n in ("dequant_records", "dequant_rows", "dequant_block_records"))
             # x86 (AVX2) builds only: None elsewhere
-            self._ffn_i8, self._block_i8, self.attention_decode = (
-                _bind(lib, n) for n in ("bundle_ffn_i8", "bundle_ffn_block_i8", "attention_decode"))
+            self._ffn_i8, self._block_i8, self._dense_ffn, self.attention_decode = (
+                _bind(lib, n) for n in ("bundle_ffn_i8", "bundle_ffn_block_i8", "dense_ffn_i8", "attention_decode"))
         g, u, dn = layout.slices()
         self._up_offset, self._down_offset = u.start, dn.start
         self.one_blas_thread = _OneBlasThread(_openblas_local_threads() if self.native else None)
@@ -333,6 +334,27 @@ def activate(g: np.ndarray, activation: str) -> np.ndarray:
     if activation == "relu":
         return np.maximum(g, 0)
     return 0.5 * g * (1.0 + np.tanh(0.7978845608 * (g + 0.044715 * g * g * g)))
+
+
+def dense_ffn(kernel: "BundleKernel", gate: np.ndarray, gate_type: QT, up: np.ndarray, up_type: QT, down: np.ndarray,
+              down_type: QT, x: np.ndarray, y: np.ndarray) -> None:
+    """y (S, d) += down . (act(gate . x) * (up . x)) for a layer's FFN kept as its three matrices of GGUF rows
+    (gate, up: (n_ff, row bytes); down: (d, row bytes)); x, y float32 C-contiguous. One C call with int8
+    activations (dense_ffn_i8), else three rows_matvec products."""
+    S, d, n_ff = x.shape[0], x.shape[1], gate.shape[0]
+    if kernel.native and kernel._dense_ffn is not None and FFN_INT8:
+        status = kernel._dense_ffn(gate.ctypes.data, gate.shape[1], int(gate_type), up.ctypes.data, up.shape[1],
+                                   int(up_type), down.ctypes.data, down.shape[1], int(down_type), d, n_ff,
+                                   ACTIVATIONS[kernel.activation], x.ctypes.data, S, y.ctypes.data, kernel.threads)
+        if status == 0:
+            return
+        if status != -3:
+            raise RuntimeError(f"dense_ffn_i8 failed ({status})")
+    g, u, out = np.empty((S, n_ff), np.float32), np.empty((S, n_ff), np.float32), np.empty((S, d), np.float32)
+    rows_matvec(kernel, gate, gate_type, x, g)
+    rows_matvec(kernel, up, up_type, x, u)
+    rows_matvec(kernel, down, down_type, np.ascontiguousarray(activate(g, kernel.activation) * u, np.float32), out)
+    y += out
 
 
 def rows_matvec(kernel: "BundleKernel", rows: np.ndarray, qtype: QT, x: np.ndarray, out: np.ndarray) -> None:

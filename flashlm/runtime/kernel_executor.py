@@ -61,6 +61,12 @@ class AttentionWeights:
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    if x.ndim == 2 and x.shape[0] == 1 and x.dtype == np.float32 and weight.dtype == np.float32:
+        # one token (decode): the same float32 arithmetic as below (pairwise sum, mean, sqrt) with the mean as a
+        # scalar; the general form's numpy calls (mean's Python wrapper, keepdims, a copy) cost ~12 us, times
+        # Gemma 3's six norms in each of 18 layers (~1.3 ms of a 13 ms token)
+        ms = np.add.reduce(x[0] * x[0]) / x.shape[1]
+        return x / np.sqrt(ms + eps) * weight
     return (x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight).astype(np.float32)
 
 

@@ -24,7 +24,7 @@ from flashlm.flash_store.predictor import (NeuronScorer, keep_count, page_covera
                                            topk_mask)
 from flashlm.flash_store.reader import FlashStore
 from flashlm.flash_store.residency import NeuronWindowCache
-from flashlm.quant.bundle_kernel import BLAS_MIN_TOKENS, BundleKernel, rows_matvec
+from flashlm.quant.bundle_kernel import BLAS_MIN_TOKENS, BundleKernel, dense_ffn, rows_matvec
 
 
 @dataclass
@@ -70,6 +70,10 @@ class StreamedFFN:
         # callables observe(i, x) told each layer's FFN input before it is computed (calibration, lab tables)
         self.observers: list = []
         self.caches: list[NeuronWindowCache] = []
+        # A layer wholly in memory as block records, dense: kept as its three matrices instead (format.py:
+        # RecordLayout.matrices), whose row products are faster than the records' (bundle_kernel_i8.c)
+        self.dense: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = \
+            [] if hot == n_ff and sparsity == 0 and store.layout.group > 1 else None
         gate_rows, up_rows = self._load_hot_sets(score if sparsity > 0 and score != "predictor" else None)
         predictor = [store.predictor(i) for i in range(len(store.layers))] \
             if sparsity > 0 and score == "predictor" else None
@@ -117,6 +121,9 @@ class StreamedFFN:
                 gate_rows.append(np.ascontiguousarray(records.reshape(n_ff, rb)[:, g]))
             if up_rows is not None:
                 up_rows.append(np.ascontiguousarray(records.reshape(n_ff, rb)[:, u]))
+            if self.dense is not None:
+                self.dense.append(self.store.layout.matrices(records.reshape(n_ff, rb)))
+                continue
             # the pinned hot prefix, and room for the sliding window's records
             cache = NeuronWindowCache(hot + self.plan.window_rows, rb, n_ff, self.window)
             if hot:
@@ -162,6 +169,12 @@ class StreamedFFN:
                 self._drain()
                 raise
         t1 = time.perf_counter()
+        if self.dense is not None:
+            L = self.store.layout
+            gate, up, down = self.dense[i]
+            dense_ffn(self.kernel, gate, L.gate_type, up, L.up_type, down, L.down_type, x, y)
+            self._count(t1 - t0, 0.0, time.perf_counter() - t1, self.n_ff, self.n_ff)
+            return
         # One layer ahead: reading further ahead measured no faster under a budget, and each layer's buffer costs
         # resident neurons (docs/RESULTS.md).
         self._issue(i + 1)
