@@ -39,12 +39,22 @@ def main():
     shares = {"half": 0.5, "most": 0.75, "none": None}
     budget = model_budget(path, ctx, shares[mode]) if shares[mode] else None
     m = flashlm.load(path, threads=2, ctx_size=ctx, memory_budget=budget, output_head=head or "exact")
-    tokens = [[r.token for r in m.stream(p, max_tokens=n, temperature=0.0, ignore_eos=True)
-               if r.token is not None] for p in prompts]
+    reader = m.engine.executor.ffn.reader
+    issued: list[int] = []  # the byte counts of the reads the FFN asks the reader for
+    original = reader.read
+    reader.read = lambda offset, nbytes, out=None: (issued.append(nbytes), original(offset, nbytes, out))[1]
+    tokens, reads = [], []
+    for p in prompts:
+        issued.clear()
+        responses = list(m.stream(p, max_tokens=n, temperature=0.0, ignore_eos=True))
+        tokens.append([r.token for r in responses if r.token is not None])
+        flash = responses[-1].timings.flash  # this generation's streaming stats
+        reads.append({"bytes_read": flash.bytes_read, "reads": flash.reads, "issued_bytes": sum(issued),
+                      "issued_reads": len(issued)})
     plan = m._loaded.plan
     print(json.dumps({"budget": budget, "hot": plan.hot_neurons, "n_ff": plan.n_ff,
                       "head_resident": plan.head_resident, "head_resident_rows": plan.head_resident_rows,
-                      "head_rows": plan.head_rows, "tokens": tokens,
+                      "head_rows": plan.head_rows, "tokens": tokens, "reads": reads,
                       "peak_bytes": peak_rss_bytes()}))
 
 
