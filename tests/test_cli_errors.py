@@ -186,11 +186,14 @@ def test_budget_error_names_the_path_given(smollm_path, tmp_path):
 
 def test_bench_json_and_flag_errors(smollm_path):
     """bench --json is one JSON document; its errors name the flags (was: "bench needs n_prompt, n_gen ...")."""
-    proc = run_cli("bench", "-m", smollm_path, "--engines", "flashlm", "-p", "8", "-n", "4", "-r", "1", "-c", "64",
-                   "--json")
+    proc = run_cli("bench", "-m", smollm_path, "-p", "8", "-n", "4", "-r", "1", "-c", "64", "--busy", "1", "--json")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["engines"]["flashlm"]["decode_tps"] > 0 and doc["n_gen"] == 4
+    busy = doc["busy"]  # the same two engines again beside one CPU-bound process
+    assert busy["processes"] == 1 and set(busy["engines"]) == {"flashlm", "llama.cpp"}
+    assert busy["ratios"]["decode"] > 0 and busy["engines"]["llama.cpp"]["decode_tps"] > 0
+    assert_one_line_error(run_cli("bench", "-m", smollm_path, "--busy", "-1"), "--busy")
     proc = run_cli("bench", "-m", smollm_path, "-p", "60", "-n", "10", "-c", "64")
     assert_one_line_error(proc, "-p/--n-prompt", "-c/--ctx-size")
     assert "n_prompt" not in proc.stderr

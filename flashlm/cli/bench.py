@@ -19,9 +19,11 @@ from flashlm.cli.common import EXIT_USAGE, _fail, _resolve_model, cli
 @click.option("--engines", default="flashlm,llama.cpp", show_default=True, help="Engines to run, comma-separated.")
 @click.option("--flash", "flash", type=str, default=None,
               help="flashlm runs this .flash conversion of the model (llama.cpp still runs the GGUF).")
+@click.option("--busy", type=int, default=0, show_default=True,
+              help="Then run both engines again with this many CPU-bound processes beside each (a busy machine).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def bench(model, n_prompt, n_gen, threads, repetitions, ctx_size, engines, flash, as_json, verbose):
+def bench(model, n_prompt, n_gen, threads, repetitions, ctx_size, engines, flash, busy, as_json, verbose):
     """flashlm and llama.cpp side by side: prompt tok/s, decode tok/s, peak memory and their ratios."""
     from flashlm.tools.bench import run_bench
 
@@ -29,10 +31,12 @@ def bench(model, n_prompt, n_gen, threads, repetitions, ctx_size, engines, flash
         _fail(f"{flash}: no such file", EXIT_USAGE)
     if min(n_prompt, n_gen, threads, repetitions) < 1:
         _fail("-p/--n-prompt, -n/--n-gen, -t/--threads and -r/--repetitions must be >= 1")
+    if busy < 0:
+        _fail("--busy must be >= 0")
     if n_prompt + n_gen > ctx_size:
         _fail(f"-p/--n-prompt + -n/--n-gen ({n_prompt} + {n_gen}) must fit in -c/--ctx-size ({ctx_size})")
     run_bench(_resolve_model(model), n_prompt, n_gen, threads, repetitions, ctx_size,
-              [e.strip() for e in engines.split(",") if e.strip()], as_json, flash=flash)
+              [e.strip() for e in engines.split(",") if e.strip()], as_json, flash=flash, busy=busy)
 
 
 @cli.command("bench-budget")

@@ -109,9 +109,41 @@ def _spread(values: list[float]) -> str:
     return f"±{(max(values) - min(values)) / 2:.1f}" if len(values) > 1 else ""
 
 
+BUSY_LOOP = "while True: pass"  # one CPU-bound process: what a compiler or a second program does beside the model
+
+
+def _run_engines(engines: list[str], path: str, flash: str | None, args: list[str], busy: int) -> dict:
+    """Each engine in its own process, one after the other; with `busy` CPU-bound processes running beside it
+    (started before the engine, stopped after it)."""
+    results = {}
+    for engine in engines:
+        own = flash if flash and engine == "flashlm" else path
+        hogs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(busy)]
+        try:
+            proc = subprocess.run([sys.executable, "-m", "flashlm.tools.bench", engine, own, *args],
+                                  capture_output=True, text=True)
+        finally:
+            for hog in hogs:
+                hog.kill()
+                hog.wait()
+        if proc.returncode != 0:
+            raise RuntimeError(f"{engine} benchmark failed:\n{proc.stderr[-2000:]}")
+        results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results
+
+
+def _ratios(results: dict) -> dict | None:
+    if "flashlm" not in results or "llama.cpp" not in results:
+        return None
+    a, b = results["flashlm"], results["llama.cpp"]
+    return {"prompt": a["prompt_tps"] / b["prompt_tps"], "decode": a["decode_tps"] / b["decode_tps"],
+            "peak_memory": a["peak_rss_mib"] / b["peak_rss_mib"]}
+
+
 def run_bench(path: str, n_prompt: int, n_gen: int, threads: int, reps: int, ctx: int, engines: list[str],
-              as_json: bool, flash: str | None = None) -> dict:
-    """flash: flashlm runs this .flash conversion of `path` instead of `path` itself."""
+              as_json: bool, flash: str | None = None, busy: int = 0) -> dict:
+    """flash: flashlm runs this .flash conversion of `path` instead of `path` itself. busy > 0: a second pass of
+    both engines with that many CPU-bound processes beside each (a busy machine), reported after the idle one."""
     from flashlm.errors import InvalidOptionError
 
     unknown = [e for e in engines if e not in ENGINES]
@@ -119,23 +151,19 @@ def run_bench(path: str, n_prompt: int, n_gen: int, threads: int, reps: int, ctx
         raise InvalidOptionError(f"unknown engine(s) {', '.join(unknown)} (known: {', '.join(ENGINES)})")
     if min(n_prompt, n_gen, threads, reps) < 1 or n_prompt + n_gen > ctx:
         raise InvalidOptionError("bench needs n_prompt, n_gen, threads, repetitions >= 1 and n_prompt + n_gen <= ctx")
-    results = {}
-    for engine in engines:
-        own = flash if flash and engine == "flashlm" else path
-        cmd = [sys.executable, "-m", "flashlm.tools.bench", engine, own, str(n_prompt), str(n_gen), str(threads),
-               str(reps), str(ctx)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{engine} benchmark failed:\n{proc.stderr[-2000:]}")
-        results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
+    args = [str(n_prompt), str(n_gen), str(threads), str(reps), str(ctx)]
+    results = _run_engines(engines, path, flash, args, 0)
     report = {"model": path, "flash": flash, "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen, "repetitions": reps,
               "engines": results}
-    if "flashlm" in results and "llama.cpp" in results:
+    if _ratios(results):
         a, b = results["flashlm"], results["llama.cpp"]
         same = sum(x == y for x, y in zip(a["tokens"], b["tokens"]))
-        report["ratios"] = {"prompt": a["prompt_tps"] / b["prompt_tps"], "decode": a["decode_tps"] / b["decode_tps"],
-                            "peak_memory": a["peak_rss_mib"] / b["peak_rss_mib"]}
+        report["ratios"] = _ratios(results)
         report["greedy_tokens_equal"] = f"{same}/{len(a['tokens'])}"
+    if busy:
+        report["busy"] = {"processes": busy, "engines": _run_engines(engines, path, flash, args, busy)}
+        if _ratios(report["busy"]["engines"]):
+            report["busy"]["ratios"] = _ratios(report["busy"]["engines"])
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -150,6 +178,16 @@ def run_bench(path: str, n_prompt: int, n_gen: int, threads: int, reps: int, ctx
             q = report["ratios"]
             print(f"ratio flashlm/llama.cpp: prompt {q['prompt']:.2f}x, decode {q['decode']:.2f}x, "
                   f"peak memory {q['peak_memory']:.2f}x; greedy tokens equal {report['greedy_tokens_equal']}")
+        if busy:
+            print(f"busy: {busy} CPU-bound process{'es' if busy > 1 else ''} beside each engine")
+            for r in report["busy"]["engines"].values():
+                idle = results[r["engine"]]["decode_tps"]
+                print(f"{r['engine']:<10} {r['prompt_tps']:>9.1f} {_spread(r['prompt_tps_all']):>6} "
+                      f"{r['decode_tps']:>9.1f} {_spread(r['decode_tps_all']):>6}   decode {r['decode_tps'] / idle:.2f}x "
+                      "its idle speed")
+            if "ratios" in report["busy"]:
+                q = report["busy"]["ratios"]
+                print(f"busy ratio flashlm/llama.cpp: prompt {q['prompt']:.2f}x, decode {q['decode']:.2f}x")
     return report
 
 
