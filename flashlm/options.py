@@ -79,7 +79,7 @@ def parse_sparsity(value) -> float | str:
 
 @dataclass(frozen=True)
 class LoadOptions:
-    threads: int = 0  # 0: the number of physical cores available to this process
+    threads: int = 0  # 0: the cores available to this process less those other processes keep busy (default_threads)
     ctx_size: int | None = None  # None: min(DEFAULT_CTX, the model's training context); 0: the training context
     # Prompt tokens per forward call (llama.cpp's micro-batch). Measured on SmolLM2, 128-token prompt: 32 -> 317
     # tok/s and 269 MiB peak, 512 -> 325 tok/s and 276 MiB: activation memory grows with the batch, speed barely.
@@ -141,9 +141,29 @@ class LoadOptions:
         return self.ctx_size or n_ctx_train
 
     def resolved_threads(self) -> int:
-        if self.threads:
-            return self.threads
-        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        return self.threads or default_threads()
+
+
+# Cores other processes keep busy, measured over this long when the thread count is chosen (at load).
+BUSY_SAMPLE_S = 0.1
+
+
+def default_threads() -> int:
+    """The cores this process may use, less the ones other processes keep busy right now. A kernel thread that
+    shares its core with another program holds up every parallel region; measured on 2 cores, SmolLM2 .flash
+    decode (flashlm bench --busy 1, docs/RESULTS.md): idle 185 tok/s with 2 threads, 116 with 1; beside one
+    CPU-bound process 54 with 2 threads, 128 with 1. Threads spin between regions (libgomp's default): letting
+    them sleep (OMP_WAIT_POLICY=PASSIVE) cost 59% of idle decode there (185 -> 77 tok/s)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cores <= 1:
+        return 1
+    try:
+        import psutil
+
+        busy = psutil.cpu_percent(interval=BUSY_SAMPLE_S) / 100 * (os.cpu_count() or cores)
+    except Exception:  # no reading (a restricted /proc): every core
+        return cores
+    return max(1, min(cores, cores - int(busy + 0.4)))
 
 
 @dataclass(frozen=True)

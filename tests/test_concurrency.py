@@ -129,3 +129,23 @@ def test_flash_under_budget_from_four_threads(flash_path):
     assert r["threads"] == r["sequential"]
     assert r["sessions"] == r["sequential"]
     assert r["peak_bytes"] <= r["budget"], (r["peak_bytes"], r["budget"])
+
+
+def test_default_threads_leave_out_a_core_another_process_keeps_busy():
+    """threads=0 (the default) takes the cores this process may use less those busy right now: beside a CPU-bound
+    process, one fewer (a thread sharing its core holds up every parallel region: docs/RESULTS.md)."""
+    import time
+
+    from flashlm.options import LoadOptions, default_threads
+
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("one core: nothing to leave out")
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # the busy loop running
+        assert default_threads() == cores - 1
+        assert LoadOptions().resolved_threads() == cores - 1 and LoadOptions(threads=3).resolved_threads() == 3
+    finally:
+        hog.kill()
+        hog.wait()

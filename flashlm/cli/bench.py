@@ -13,7 +13,8 @@ from flashlm.cli.common import EXIT_USAGE, _fail, _resolve_model, cli
 @click.option("-m", "--model", "model", type=str, default=None, help="GGUF model file (default: SmolLM2).")
 @click.option("-p", "--n-prompt", type=int, default=128, show_default=True, help="Prompt tokens.")
 @click.option("-n", "--n-gen", type=int, default=128, show_default=True, help="Tokens generated (greedy).")
-@click.option("-t", "--threads", type=int, default=2, show_default=True, help="Threads for both engines.")
+@click.option("-t", "--threads", type=int, default=2, show_default=True,
+              help="Threads for both engines (0: each engine's own default).")
 @click.option("-r", "--repetitions", type=int, default=3, show_default=True, help="Timed runs (median reported).")
 @click.option("-c", "--ctx-size", type=int, default=1024, show_default=True, help="Context size for both engines.")
 @click.option("--engines", default="flashlm,llama.cpp", show_default=True, help="Engines to run, comma-separated.")
@@ -29,8 +30,10 @@ def bench(model, n_prompt, n_gen, threads, repetitions, ctx_size, engines, flash
 
     if flash is not None and not os.path.isfile(flash):
         _fail(f"{flash}: no such file", EXIT_USAGE)
-    if min(n_prompt, n_gen, threads, repetitions) < 1:
-        _fail("-p/--n-prompt, -n/--n-gen, -t/--threads and -r/--repetitions must be >= 1")
+    if min(n_prompt, n_gen, repetitions) < 1:
+        _fail("-p/--n-prompt, -n/--n-gen and -r/--repetitions must be >= 1")
+    if threads < 0:
+        _fail("-t/--threads must be >= 0")
     if busy < 0:
         _fail("--busy must be >= 0")
     if n_prompt + n_gen > ctx_size:

@@ -133,7 +133,7 @@ def model_options(f):
                      help="Context size in tokens (default: 4096, or the model's training context where that is "
                           "shorter; 0: the training context)."),
         click.option("-t", "--threads", type=int, default=_L.threads, show_default=True,
-                     help="Compute threads (0: all cores available)."),
+                     help="Compute threads (0: the available cores less those other programs keep busy at load)."),
         click.option("-b", "--batch-size", type=int, default=_L.batch_size, show_default=True,
                      help="Prompt tokens evaluated per step."),
         click.option("--memory-budget", type=str, default=None,

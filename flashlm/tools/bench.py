@@ -52,8 +52,9 @@ class _LlamaCpp:
     def __init__(self, path, threads, ctx):
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=path, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                         verbose=False)
+        # threads 0: llama-cpp-python's own default (half the logical CPUs)
+        self.llm = Llama(model_path=path, n_ctx=ctx, n_threads=threads or None, n_threads_batch=threads or None,
+                         n_batch=512, verbose=False)
 
     def tokenize(self, text):
         return self.llm.tokenize(text.encode(), add_bos=True, special=True)
@@ -149,8 +150,9 @@ def run_bench(path: str, n_prompt: int, n_gen: int, threads: int, reps: int, ctx
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
         raise InvalidOptionError(f"unknown engine(s) {', '.join(unknown)} (known: {', '.join(ENGINES)})")
-    if min(n_prompt, n_gen, threads, reps) < 1 or n_prompt + n_gen > ctx:
-        raise InvalidOptionError("bench needs n_prompt, n_gen, threads, repetitions >= 1 and n_prompt + n_gen <= ctx")
+    if min(n_prompt, n_gen, reps) < 1 or threads < 0 or n_prompt + n_gen > ctx:
+        raise InvalidOptionError("bench needs n_prompt, n_gen, repetitions >= 1, threads >= 0 and "
+                                 "n_prompt + n_gen <= ctx")
     args = [str(n_prompt), str(n_gen), str(threads), str(reps), str(ctx)]
     results = _run_engines(engines, path, flash, args, 0)
     report = {"model": path, "flash": flash, "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen, "repetitions": reps,
@@ -167,7 +169,8 @@ def run_bench(path: str, n_prompt: int, n_gen: int, threads: int, reps: int, ctx
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"model {os.path.basename(path)}{f' (flashlm: {os.path.basename(flash)})' if flash else ''}, {threads} threads, prompt {n_prompt} tokens, {n_gen} generated, "
+        print(f"model {os.path.basename(path)}{f' (flashlm: {os.path.basename(flash)})' if flash else ''}, "
+              f"{threads or 'default'} threads, prompt {n_prompt} tokens, {n_gen} generated, "
               f"median of {reps}")
         print(f"{'engine':<10} {'prompt tok/s':>16} {'decode tok/s':>16} {'peak MiB':>9} {'load ms':>8}")
         for r in results.values():
