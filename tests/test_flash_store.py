@@ -92,6 +92,28 @@ def test_half_model_budget_output_identical_to_resident(flash_path):
     assert all(len(t) == 64 for t in full["tokens"])  # the runs ignore end-of-sequence: all 64 compared
 
 
+def _pin_baseline(monkeypatch) -> int:
+    """Fix the planner's measured baseline at this process's RSS now (after a collection) and return it: a budget
+    test that loads in this process then plans exactly the budget it computed. In a long pytest process RSS moves by
+    tens of MB between two moments, so a budget from one reading missed the loader's own (CI: 1271 MB against a
+    smallest workable 1272 MB; or everything fitting)."""
+    import gc
+    import types
+
+    import psutil
+
+    from flashlm.flash_store import planner
+    from flashlm.runtime.model_loader import _release_heap
+
+    gc.collect()
+    _release_heap()
+    rss = psutil.Process().memory_info().rss
+    info = types.SimpleNamespace(rss=rss)
+    monkeypatch.setattr(planner, "psutil", types.SimpleNamespace(Process=lambda: types.SimpleNamespace(
+        memory_info=lambda: info)))
+    return rss
+
+
 def _half_model_budget(resident, flash_path) -> int:
     """In this (test) process: its baseline plus half of the model file. The heap is trimmed first, as the loader
     trims it before measuring its own baseline (freed memory still counted in RSS would inflate the budget)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,7 @@ from flashlm.errors import InvalidOptionError
 from flashlm.flash_store.predictor import page_runs, parse_sparsity, select, topk_mask
 
 from .test_bad_input import assert_one_line_error, run_cli
-from .test_flash_store import _half_model_budget
+from .test_flash_store import _pin_baseline
 
 PROMPT = "The capital of France is"
 
@@ -77,8 +79,10 @@ def test_sparse_decode_under_budget_equals_resident_sparse(resident, sparse, fla
 
     monkeypatch.setattr(predictor, "SPARSE_READ_MAX_COVERAGE", 1.0 if read_selected else 0.75)
     tokens, flash = _greedy(sparse)
-    # half the file plus the scorer's resident gate and up rows
-    budget = _half_model_budget(resident, flash_path) + sparse.engine.executor.ffn.scorer.nbytes
+    # half the file plus the scorer's resident gate and up rows, over a baseline the planner then takes as given
+    p = resident._loaded.plan
+    budget = _pin_baseline(monkeypatch) + p.kv_bytes + p.scratch_bytes + os.path.getsize(flash_path) // 2 + \
+        sparse.engine.executor.ffn.scorer.nbytes
     m = flashlm.load(flash_path, threads=2, ctx_size=512, memory_budget=budget, sparsity=0.3)
     assert m.engine.executor.ffn.read_selected == read_selected
     reader = m.engine.executor.ffn.reader

@@ -195,7 +195,7 @@ SIGNATURES = {
     "dequant_rows": [_P, _I64, _I64, _I, _I, _P, _I],
     "dequant_block_records": [_P, _I64] + [_I] * 5 + [_I64, _I64, _P, _P, _P, _I],
     "dense_ffn_i8": [_P, _I64, _I] * 3 + [_I, _I, _I, _P, _I, _P, _I],
-    "attention_decode": [_P] * 5 + [_I64, _I, _P, _P, _I, _I, _I, _I, ctypes.c_float, _P, _P],
+    "attention_decode": [_P] * 5 + [_I64, _I, _P, _P, _I, _I, _I, _I, ctypes.c_float, _P, _P, _I],
 }
 
 

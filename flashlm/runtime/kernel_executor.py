@@ -211,12 +211,12 @@ class KernelOps(ArrayOps):
         lo = max(0, pos - window + 1) if window else 0
         q, k, v = (np.ascontiguousarray(t, dtype=np.float32) for t in (q, k, v))
         out = np.empty(a.n_heads * a.head_dim, np.float32)
-        scores = np.empty(pos - lo + 1, np.float32)
+        scores = np.empty(a.n_heads * (pos - lo + 1), np.float32)
         skip = lo * a.head_dim * keys.itemsize
         status = self.ex.kernel.attention_decode(
             q.ctypes.data, k.ctypes.data, v.ctypes.data, keys.ctypes.data + skip, values.ctypes.data + skip,
             keys.shape[1], pos - lo, cos[pos].ctypes.data, sin[pos].ctypes.data, int(a.rope.interleaved), a.n_heads,
-            a.n_kv_heads, a.head_dim, a.head_dim ** -0.5, out.ctypes.data, scores.ctypes.data)
+            a.n_kv_heads, a.head_dim, a.head_dim ** -0.5, out.ctypes.data, scores.ctypes.data, self.ex.kernel.threads)
         if status != 0:
             raise RuntimeError(f"attention_decode failed ({status})")
         return out[None]
