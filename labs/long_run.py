@@ -109,7 +109,7 @@ def run_chat(model, turns: int, opts, sample: _Sampler, system: str = "You are a
 
 def long_run(path: str, n_tokens: int = 2000, chat_turns: int = 0, budget: str | int | None = None,
              ctx_size: int = 512, ctx_overflow: str = "shift", max_turn_tokens: int = 96, threads: int = 2,
-             temperature: float = 0.8, seed: int = 1, every: int = 25) -> LongRunResult:
+             temperature: float = 0.8, seed: int = 1, every: int = 25, ignore_eos: bool = False) -> LongRunResult:
     import flashlm
     from flashlm.options import GenerationOptions, LoadOptions, SamplingOptions
     from flashlm.tools.memory import peak_rss_bytes
@@ -117,7 +117,8 @@ def long_run(path: str, n_tokens: int = 2000, chat_turns: int = 0, budget: str |
     load = LoadOptions(threads=threads, ctx_size=ctx_size, memory_budget=budget).validate()
     model = flashlm.load(path, load)
     opts = GenerationOptions(max_tokens=max_turn_tokens if chat_turns else n_tokens, ctx_overflow=ctx_overflow,
-                             sampling=SamplingOptions(temperature=temperature, seed=seed)).validate()
+                             ignore_eos=ignore_eos, sampling=SamplingOptions(temperature=temperature, seed=seed)
+                             ).validate()
     result = LongRunResult("chat" if chat_turns else "generate", budget_bytes=load.memory_budget)
     sample = _Sampler(result, every)
     sample(force=True)
@@ -161,6 +162,8 @@ def main(argv=None) -> None:
     ap.add_argument("--temp", type=float, default=0.8)
     ap.add_argument("-s", "--seed", type=int, default=1)
     ap.add_argument("--sample-every", type=int, default=25, help="generated tokens between RSS samples")
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="generate through end-of-sequence (the context shifts then do not depend on the text)")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = ap.parse_args(argv)
     path = args.model
@@ -169,7 +172,7 @@ def main(argv=None) -> None:
 
         path = default_model_path()
     r = long_run(path, args.n_predict, args.chat_turns, args.memory_budget, args.ctx_size, args.ctx_overflow,
-                 args.max_turn_tokens, args.threads, args.temp, args.seed, args.sample_every)
+                 args.max_turn_tokens, args.threads, args.temp, args.seed, args.sample_every, args.ignore_eos)
     if args.json:
         print(json.dumps({**asdict(r), "slope_mb_per_1k": r.slope_mb_per_1k, "within_budget": r.within_budget}))
     else:
