@@ -434,3 +434,57 @@ def test_unaligned_short_reads_complete_on_o_direct(data_file, monkeypatch):
     page = aligned_buffer(3 * 4096)
     assert np.array_equal(reader.read_now(7000, 5000, page), data[7000:12000])
     reader.close()
+
+
+def _runs(size: int, n: int, length: int, seed: int = 1) -> list[tuple[int, int]]:
+    """n non-overlapping sector-aligned runs of `length` bytes in [0, size), ascending."""
+    starts = np.sort(np.random.default_rng(seed).choice((size - length) // 512, n, replace=False)) * 512
+    runs, end = [], -1
+    for a in starts:
+        if a >= end:
+            runs.append((int(a), int(a) + length))
+            end = int(a) + length
+    return runs
+
+
+def test_selective_reads_all_in_flight_give_the_files_bytes(data_file):
+    """read_runs through Linux AIO (every run submitted at once) and through the reader threads: the same bytes,
+    the file's; more runs than one submission holds go in batches."""
+    from flashlm.flash_store.io_engine import AIO_MAX_EVENTS
+
+    path, data = data_file
+    reader = FlashReader(path, threads=4)
+    if reader._aio is None:
+        reader.close()
+        pytest.skip("no Linux AIO on an O_DIRECT descriptor here (tmpfs, or the kernel refuses io_setup)")
+    runs = _runs(len(data), AIO_MAX_EVENTS + 90, 3072)
+    assert len(runs) > AIO_MAX_EVENTS
+    out = aligned_buffer(len(data))
+    before = reader.stats.snapshot()
+    reader.read_runs(0, runs, out)
+    assert all(np.array_equal(out[a:b], data[a:b]) for a, b in runs)
+    st = reader.stats.since(before)
+    assert st.reads == len(runs) and st.bytes_read == sum(b - a for a, b in runs)
+    threaded = aligned_buffer(len(data))
+    aio, reader._aio = reader._aio, None  # the reader threads' path
+    reader.read_runs(0, runs, threaded)
+    reader._aio = aio
+    assert all(np.array_equal(threaded[a:b], out[a:b]) for a, b in runs)
+    reader.close()
+
+
+def test_selective_reads_past_a_truncated_end_fail_naming_the_byte(data_file, tmp_path):
+    """The file shrinks while open: the run that now passes its end fails with StorageError naming the byte, and the
+    reader refuses further reads."""
+    path, data = data_file
+    copy = tmp_path / "shrinking.bin"
+    shutil.copy(path, copy)
+    reader = FlashReader(str(copy), threads=4)
+    runs = [(4096, 8192), (len(data) - 8192, len(data) - 4096)]
+    os.truncate(copy, len(data) - 6144)  # the second run now ends 2 KiB past the end
+    out = aligned_buffer(len(data))
+    with pytest.raises(StorageError, match=rf"{re.escape(str(copy))}: .*byte {len(data) - 6144}"):
+        reader.read_runs(0, runs, out)
+    with pytest.raises(StorageError):
+        reader.read_runs(0, runs[:1], out)
+    reader.close()

@@ -1,5 +1,7 @@
 """The flash-aware I/O engine: positional reads, O_DIRECT where the filesystem allows, a pool of reader threads,
-adjacent records coalesced into one read, reads issued ahead (the next layer's while this one computes).
+adjacent records coalesced into one read, reads issued ahead (the next layer's while this one computes), and a
+token's scattered selective reads (read_runs) all in flight at once through Linux AIO (aio_reads.c) where the
+kernel allows it.
 
 O_DIRECT keeps the model out of the page cache, so memory use is what the planner budgets and nothing silently
 grows beside it; where O_DIRECT is refused (tmpfs, some network filesystems) reads are buffered and followed by
@@ -16,9 +18,11 @@ PEP 475; a retry here covers wrappers that surface it).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -30,6 +34,30 @@ from flashlm.errors import ModelFileError, StorageError
 
 ALIGN = 4096
 DIRECT_IO_ALIGN = 512  # O_DIRECT offsets must be multiples of the logical block size (512 on every disk we meet)
+AIO_MAX_EVENTS = 256  # reads in flight at once through Linux AIO (aio_reads.c); more are submitted in batches
+AIO_SOURCE = os.path.join(os.path.dirname(__file__), "aio_reads.c")
+_aio_lib: list = []  # the loaded library (or None where it cannot be built), once per process
+
+
+def _load_aio():
+    """aio_reads.c through ctypes, built at first use like the bundle kernel; None off Linux, without a C compiler,
+    or with FLASHLM_AIO=0."""
+    if not _aio_lib:
+        lib = None
+        if sys.platform.startswith("linux") and os.environ.get("FLASHLM_AIO", "1") != "0":
+            from flashlm.quant.bundle_kernel import build_library
+
+            path = build_library(AIO_SOURCE)
+            if path is not None:
+                lib = ctypes.CDLL(path)
+                lib.aio_open.restype, lib.aio_open.argtypes = ctypes.c_uint64, [ctypes.c_int,
+                                                                                ctypes.POINTER(ctypes.c_int)]
+                lib.aio_close.restype, lib.aio_close.argtypes = ctypes.c_int, [ctypes.c_uint64]
+                lib.aio_read_all.restype = ctypes.c_int
+                lib.aio_read_all.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_int] + \
+                    [ctypes.c_void_p] * 4
+        _aio_lib.append(lib)
+    return _aio_lib[0]
 
 
 def aligned_buffer(nbytes: int) -> np.ndarray:
@@ -90,6 +118,14 @@ class FlashReader:
         self.failure: StorageError | None = None  # the first failed read; no read is issued after it
         self._buffered_fd = -1  # opened without O_DIRECT to finish a read that a short read left unaligned
         self._outstanding: set[Future] = set()  # requests not finished yet (drain waits for them)
+        # read_runs' reads all in flight at once (Linux AIO on the O_DIRECT descriptor), where the kernel allows it
+        self._aio, self._aio_lock = None, threading.Lock()
+        lib = _load_aio() if self.direct else None
+        if lib is not None:
+            err = ctypes.c_int(0)
+            ctx = lib.aio_open(AIO_MAX_EVENTS, ctypes.byref(err))
+            if ctx:
+                self._aio = (lib, ctx)
 
     def _fail(self, message: str) -> StorageError:
         error = StorageError(f"{self.path}: {message}")
@@ -203,6 +239,9 @@ class FlashReader:
         if base < 0 or base + runs[-1][0] >= self.file_size:
             raise ModelFileError(f"{self.path}: read at byte {base + runs[-1][0]} is past the end of the file "
                                  f"({self.file_size} bytes; truncated?)")
+        if self._aio is not None:
+            self._read_runs_aio(base, runs, out)
+            return
         view, k = memoryview(out), min(self.threads, len(runs))
 
         def task(share):
@@ -218,6 +257,39 @@ class FlashReader:
         for f in futures:
             if f.exception() is not None:
                 raise f.exception()
+
+    def _read_runs_aio(self, base: int, runs: list[tuple[int, int]], out: np.ndarray) -> None:
+        """read_runs with every read submitted at once (aio_reads.c). A read that failed names its byte; one that
+        came back short inside the file is finished by a positional read."""
+        lib, ctx = self._aio
+        starts = np.fromiter((a for a, _ in runs), np.int64, len(runs))
+        lengths = np.fromiter((b - a for a, b in runs), np.int64, len(runs))
+        offsets = base + starts
+        dests = (out.ctypes.data + starts).astype(np.uint64)
+        res = np.zeros(len(runs), np.int64)
+        t = time.perf_counter()
+        with self._aio_lock:
+            status = lib.aio_read_all(ctx, AIO_MAX_EVENTS, self.fd, len(runs), offsets.ctypes.data,
+                                      lengths.ctypes.data, dests.ctypes.data, res.ctypes.data)
+        if status != 0:  # a submission or the wait failed: some buffers may be stale or still being written
+            raise self._fail(f"reads at bytes {offsets[0]}..{offsets[-1] + lengths[-1]} failed: "
+                             f"{os.strerror(-status)}")
+        failed = np.flatnonzero(res < 0)
+        if len(failed):
+            j = failed[0]
+            raise self._fail(f"read failed at byte {offsets[j]}: {os.strerror(int(-res[j]))}")
+        needed = np.minimum(lengths, self.file_size - offsets)
+        view = memoryview(out)
+        for j in np.flatnonzero(res < needed):  # short: go on from where it stopped (the end of the file fails there)
+            a, got = int(starts[j]), int(res[j])
+            self._read_chunk(view[a + got:a + int(lengths[j])], base + a + got)
+        dt = time.perf_counter() - t
+        with self._lock:
+            self.stats.reads += len(runs)
+            self.stats.bytes_transferred += int(res.sum())
+            self.stats.read_s += dt
+            self.stats.bytes_read += int(needed.sum())
+            self.stats.request_s += dt
 
     def read(self, file_offset: int, nbytes: int, out: np.ndarray | None = None) -> Future:
         """Read [file_offset, file_offset + nbytes) in parallel chunks. The future's result is a uint8 view of
@@ -283,6 +355,10 @@ class FlashReader:
         """Cancel the chunks not started (their requests fail with StorageError), wait for those being read,
         close the file: no reader thread is left behind, no future is left unset."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._aio is not None:
+            with self._aio_lock:  # no read_runs call in flight
+                self._aio[0].aio_close(self._aio[1])
+                self._aio = None
         for fd in (self.fd, self._buffered_fd):
             if fd >= 0:
                 os.close(fd)
