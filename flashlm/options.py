@@ -91,10 +91,11 @@ class LoadOptions:
     sparsity: float | str = "off"
     sparsity_score: str = "exact"
     # With sparsity: neurons used by the last `window` tokens stay in memory (the paper's sliding window), so a
-    # token reads only the selected neurons not among them; 0: none kept beyond the hot ones. 0 by default: on the
-    # ReLU SmolLM2 at its half-model budget, windows of 1-8 tokens cut reads by at most 10% (8.8 -> 7.9 MB per
-    # token) and their speed, one run each, spread both sides of no window's (docs/RESULTS.md)
-    window: int = 0
+    # token reads only the selected neurons not among them; 0: none kept beyond the hot ones. 3 by default: on the
+    # ReLU SmolLM2 at its half-model budget (labs.sparse_budget, reads through Linux AIO), windows of 1-8 tokens
+    # read 6.0-6.7 MB per token instead of 9.4 and ran 21.9-27.9 tok/s against 19.8 with none; 3 tokens: 26.0 and
+    # 26.4 in two runs (docs/RESULTS.md)
+    window: int = 3
     # Output matrix of a flash store: "exact" (resident, or streamed in full where the budget says so), "sketch"
     # (flash_store/head_sketch.py: a 1-bit sketch picks candidates, their exact rows give their logits) or "auto"
     # (exact where the budget keeps the whole matrix resident, else sketch).
