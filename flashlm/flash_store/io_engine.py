@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import sys
@@ -36,28 +37,25 @@ ALIGN = 4096
 DIRECT_IO_ALIGN = 512  # O_DIRECT offsets must be multiples of the logical block size (512 on every disk we meet)
 AIO_MAX_EVENTS = 256  # reads in flight at once through Linux AIO (aio_reads.c); more are submitted in batches
 AIO_SOURCE = os.path.join(os.path.dirname(__file__), "aio_reads.c")
-_aio_lib: list = []  # the loaded library (or None where it cannot be built), once per process
 
 
+@functools.cache
 def _load_aio():
-    """aio_reads.c through ctypes, built at first use like the bundle kernel; None off Linux, without a C compiler,
-    or with FLASHLM_AIO=0."""
-    if not _aio_lib:
-        lib = None
-        if sys.platform.startswith("linux") and os.environ.get("FLASHLM_AIO", "1") != "0":
-            from flashlm.quant.bundle_kernel import build_library
+    """aio_reads.c through ctypes, built at first use like the bundle kernel (once per process); None off Linux,
+    without a C compiler, or with FLASHLM_AIO=0."""
+    if not sys.platform.startswith("linux") or os.environ.get("FLASHLM_AIO", "1") == "0":
+        return None
+    from flashlm.quant.bundle_kernel import build_library
 
-            path = build_library(AIO_SOURCE)
-            if path is not None:
-                lib = ctypes.CDLL(path)
-                lib.aio_open.restype, lib.aio_open.argtypes = ctypes.c_uint64, [ctypes.c_int,
-                                                                                ctypes.POINTER(ctypes.c_int)]
-                lib.aio_close.restype, lib.aio_close.argtypes = ctypes.c_int, [ctypes.c_uint64]
-                lib.aio_read_all.restype = ctypes.c_int
-                lib.aio_read_all.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_int] + \
-                    [ctypes.c_void_p] * 4
-        _aio_lib.append(lib)
-    return _aio_lib[0]
+    path = build_library(AIO_SOURCE)
+    if path is None:
+        return None
+    lib = ctypes.CDLL(path)
+    lib.aio_open.restype, lib.aio_open.argtypes = ctypes.c_uint64, [ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+    lib.aio_close.restype, lib.aio_close.argtypes = ctypes.c_int, [ctypes.c_uint64]
+    lib.aio_read_all.restype = ctypes.c_int
+    lib.aio_read_all.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4
+    return lib
 
 
 def aligned_buffer(nbytes: int) -> np.ndarray:
@@ -262,8 +260,9 @@ class FlashReader:
         """read_runs with every read submitted at once (aio_reads.c). A read that failed names its byte; one that
         came back short inside the file is finished by a positional read."""
         lib, ctx = self._aio
-        starts = np.fromiter((a for a, _ in runs), np.int64, len(runs))
-        lengths = np.fromiter((b - a for a, b in runs), np.int64, len(runs))
+        bounds = np.asarray(runs, np.int64).reshape(-1, 2)  # one conversion of page_runs' list
+        starts = bounds[:, 0].copy()
+        lengths = bounds[:, 1] - starts
         offsets = base + starts
         dests = (out.ctypes.data + starts).astype(np.uint64)
         res = np.zeros(len(runs), np.int64)

@@ -157,15 +157,17 @@ def run_bench(path: str, n_prompt: int, n_gen: int, threads: int, reps: int, ctx
     results = _run_engines(engines, path, flash, args, 0)
     report = {"model": path, "flash": flash, "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen, "repetitions": reps,
               "engines": results}
-    if _ratios(results):
+    ratios = _ratios(results)
+    if ratios:
         a, b = results["flashlm"], results["llama.cpp"]
         same = sum(x == y for x, y in zip(a["tokens"], b["tokens"]))
-        report["ratios"] = _ratios(results)
+        report["ratios"] = ratios
         report["greedy_tokens_equal"] = f"{same}/{len(a['tokens'])}"
     if busy:
-        report["busy"] = {"processes": busy, "engines": _run_engines(engines, path, flash, args, busy)}
-        if _ratios(report["busy"]["engines"]):
-            report["busy"]["ratios"] = _ratios(report["busy"]["engines"])
+        busy_results = _run_engines(engines, path, flash, args, busy)
+        report["busy"] = {"processes": busy, "engines": busy_results}
+        if ratios:
+            report["busy"]["ratios"] = _ratios(busy_results)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
