@@ -41,8 +41,9 @@ def main():
     m = flashlm.load(path, threads=2, ctx_size=ctx, memory_budget=budget, output_head=head or "exact")
     reader = m.engine.executor.ffn.reader
     issued: list[int] = []  # the byte counts of the reads the FFN asks the reader for
-    original = reader.read
+    original, original_ahead = reader.read, reader.read_ahead
     reader.read = lambda offset, nbytes, out=None: (issued.append(nbytes), original(offset, nbytes, out))[1]
+    reader.read_ahead = lambda offset, nbytes, out: (issued.append(nbytes), original_ahead(offset, nbytes, out))[1]
     tokens, reads = [], []
     for p in prompts:
         issued.clear()

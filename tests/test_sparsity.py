@@ -87,8 +87,9 @@ def test_sparse_decode_under_budget_equals_resident_sparse(resident, sparse, fla
     assert m.engine.executor.ffn.read_selected == read_selected
     reader = m.engine.executor.ffn.reader
     issued = []
-    original, original_runs = reader.read, reader.read_runs
+    original, original_runs, original_ahead = reader.read, reader.read_runs, reader.read_ahead
     reader.read = lambda offset, nbytes, out=None: (issued.append(nbytes), original(offset, nbytes, out))[1]
+    reader.read_ahead = lambda offset, nbytes, out: (issued.append(nbytes), original_ahead(offset, nbytes, out))[1]
     reader.read_runs = lambda base, runs, out: (issued.extend(b - a for a, b in runs), original_runs(base, runs, out))[1]
     streamed, stats = _greedy(m)
     m.close()

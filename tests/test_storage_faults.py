@@ -47,6 +47,11 @@ def load_streaming(path: str, **kw) -> flashlm.Model:
             continue
         ex = m.engine.executor
         if ex.ffn.hot < ex.ffn.n_ff and not getattr(ex.head_stream, "resident", False):  # the sketch head: never
+            reader = ex.ffn.reader
+            if reader._ahead is not None:  # the faults below reach os.preadv: the layers' reads ahead go through
+                lib, ctx = reader._ahead  # the reader threads here (their Linux AIO path: tests at the end)
+                lib.aio_close(ctx)
+                reader._ahead = None
             return m
         m.close()
         budget -= 8_000_000
@@ -487,4 +492,39 @@ def test_selective_reads_past_a_truncated_end_fail_naming_the_byte(data_file, tm
         reader.read_runs(0, runs, out)
     with pytest.raises(StorageError):
         reader.read_runs(0, runs[:1], out)
+    reader.close()
+
+
+def test_reads_ahead_in_flight_together_give_the_files_bytes(data_file):
+    """read_ahead (a streamed layer's records, submitted through Linux AIO and collected later): several requests in
+    flight at once, unaligned and longer than a chunk, collected in the other order, give the file's bytes."""
+    path, data = data_file
+    reader = FlashReader(path, threads=2, chunk_bytes=256 << 10)
+    if reader._ahead is None:
+        reader.close()
+        pytest.skip("no Linux AIO on an O_DIRECT descriptor here (tmpfs, or the kernel refuses io_setup)")
+    spans = [(12345, 1 << 20), (3 << 20, 700_001), (len(data) - 5000, 5000)]
+    buffers = [aligned_buffer(n + 2 * 4096) for _, n in spans]
+    requests = [reader.read_ahead(a, n, buf) for (a, n), buf in zip(spans, buffers)]
+    for (a, n), req in reversed(list(zip(spans, requests))):
+        assert np.array_equal(req.result(), data[a:a + n])
+    reader.drain()
+    assert not reader._ahead_parts
+    reader.close()
+
+
+def test_a_read_ahead_past_a_truncated_end_fails_naming_the_byte(data_file, tmp_path):
+    path, data = data_file
+    copy = tmp_path / "shrinking.bin"
+    shutil.copy(path, copy)
+    reader = FlashReader(str(copy), threads=2)
+    if reader._ahead is None:
+        reader.close()
+        pytest.skip("no Linux AIO on an O_DIRECT descriptor here")
+    os.truncate(copy, len(data) - 6144)
+    request = reader.read_ahead(len(data) - 65536, 65536, aligned_buffer(65536 + 2 * 4096))
+    with pytest.raises(StorageError, match=rf"{re.escape(str(copy))}: .*byte {len(data) - 6144}"):
+        request.result()
+    with pytest.raises(StorageError):
+        reader.read_ahead(0, 4096, aligned_buffer(3 * 4096))
     reader.close()

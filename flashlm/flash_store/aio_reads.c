@@ -73,3 +73,56 @@ int aio_read_all(uint64_t ctx, int max_events, int fd, int n, const int64_t *off
     free(cbs); free(ptrs); free(events);
     return status;
 }
+
+/* Submit n reads without waiting (the prefetch of a streamed layer's records: the kernel does the reading, no
+ * thread of ours wakes for it). tags[i] comes back with the read's completion in aio_reap. Returns how many were
+ * submitted (n, unless the kernel refused part: then the caller reaps those and reads the rest itself), or -errno
+ * when none was. */
+int aio_submit(uint64_t ctx, int fd, int n, const int64_t *offsets, const int64_t *lengths, const uint64_t *dests,
+               const int64_t *tags) {
+    struct iocb *cbs = calloc((size_t)(n > 0 ? n : 1), sizeof *cbs);
+    struct iocb **ptrs = malloc((size_t)(n > 0 ? n : 1) * sizeof *ptrs);
+    int submitted = 0, status = (cbs && ptrs) ? 0 : -ENOMEM;
+    for (int i = 0; i < n && status == 0; i++) {
+        cbs[i].aio_fildes = (uint32_t)fd;
+        cbs[i].aio_lio_opcode = IOCB_CMD_PREAD;
+        cbs[i].aio_buf = dests[i];
+        cbs[i].aio_nbytes = (uint64_t)lengths[i];
+        cbs[i].aio_offset = offsets[i];
+        cbs[i].aio_data = (uint64_t)tags[i];
+        ptrs[i] = &cbs[i];
+    }
+    while (status == 0 && submitted < n) {
+        long r = syscall(SYS_io_submit, (aio_context_t)ctx, (long)(n - submitted), ptrs + submitted);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) {
+            status = r < 0 ? -errno : -EIO;
+            break;
+        }
+        submitted += (int)r;
+    }
+    free(cbs); free(ptrs);  /* the kernel copied the iocbs at submission */
+    return submitted > 0 ? submitted : status;
+}
+
+/* Wait for at least min_n and at most max_n completions of aio_submit's reads: their tags and results (bytes read
+ * or -errno). Returns how many, or -errno when the wait itself failed. */
+int aio_reap(uint64_t ctx, int min_n, int max_n, int64_t *tags, int64_t *res) {
+    struct io_event *events = malloc((size_t)(max_n > 0 ? max_n : 1) * sizeof *events);
+    if (!events) return -ENOMEM;
+    long r;
+    do {
+        r = syscall(SYS_io_getevents, (aio_context_t)ctx, (long)min_n, (long)max_n, events, NULL);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) {
+        int e = -errno;
+        free(events);
+        return e;
+    }
+    for (long k = 0; k < r; k++) {
+        tags[k] = (int64_t)events[k].data;
+        res[k] = events[k].res;
+    }
+    free(events);
+    return (int)r;
+}

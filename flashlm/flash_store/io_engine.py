@@ -55,6 +55,10 @@ def _load_aio():
     lib.aio_close.restype, lib.aio_close.argtypes = ctypes.c_int, [ctypes.c_uint64]
     lib.aio_read_all.restype = ctypes.c_int
     lib.aio_read_all.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4
+    lib.aio_submit.restype = ctypes.c_int
+    lib.aio_submit.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4
+    lib.aio_reap.restype = ctypes.c_int
+    lib.aio_reap.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     return lib
 
 
@@ -118,12 +122,19 @@ class FlashReader:
         self._outstanding: set[Future] = set()  # requests not finished yet (drain waits for them)
         # read_runs' reads all in flight at once (Linux AIO on the O_DIRECT descriptor), where the kernel allows it
         self._aio, self._aio_lock = None, threading.Lock()
+        # read_ahead's reads: submitted to a second context and reaped when their layer needs them
+        self._ahead = None
+        self._ahead_parts: dict[int, tuple] = {}  # tag -> (request, buffer, position in it, length, file offset)
+        self._next_tag = 0
         lib = _load_aio() if self.direct else None
         if lib is not None:
             err = ctypes.c_int(0)
             ctx = lib.aio_open(AIO_MAX_EVENTS, ctypes.byref(err))
             if ctx:
                 self._aio = (lib, ctx)
+            ctx = lib.aio_open(AIO_MAX_EVENTS, ctypes.byref(err))
+            if ctx:
+                self._ahead = (lib, ctx)
 
     def _fail(self, message: str) -> StorageError:
         error = StorageError(f"{self.path}: {message}")
@@ -344,16 +355,93 @@ class FlashReader:
             result.set_result(out[lead:lead + nbytes])
         return result
 
+    def read_ahead(self, file_offset: int, nbytes: int, out: np.ndarray) -> "AheadRead | Future":
+        """read() for a range its caller waits on later (the next layer's streamed records): through Linux AIO the
+        kernel reads it while this thread computes, with no reader thread to wake on a machine whose cores the
+        kernels' workers keep busy; where AIO is refused, read() itself. result() gives the same view as read()'s
+        future and raises its StorageError."""
+        if self._ahead is None:
+            return self.read(file_offset, nbytes, out)
+        self.check()
+        if file_offset < 0 or file_offset + nbytes > self.file_size:
+            raise ModelFileError(f"{self.path}: read of bytes {file_offset}..{file_offset + nbytes} is past the end "
+                                 f"of the file ({self.file_size} bytes; truncated?)")
+        start = file_offset // ALIGN * ALIGN
+        stop = min(-(-(file_offset + nbytes) // ALIGN) * ALIGN, -(-self.file_size // ALIGN) * ALIGN)
+        if out.nbytes < stop - start:
+            raise ValueError("read buffer too small")
+        lead = file_offset - start
+        request = AheadRead(self, out[lead:lead + nbytes], file_offset, nbytes)
+        positions = np.arange(0, stop - start, self.chunk_bytes, dtype=np.int64)
+        lengths = np.minimum(self.chunk_bytes, stop - start - positions)
+        offsets = start + positions
+        dests = (out.ctypes.data + positions).astype(np.uint64)
+        tags = np.arange(self._next_tag, self._next_tag + len(positions), dtype=np.int64)
+        self._next_tag += len(positions)
+        lib, ctx = self._ahead
+        with self._aio_lock:
+            for tag, pos, length, offset in zip(tags.tolist(), positions.tolist(), lengths.tolist(), offsets.tolist()):
+                self._ahead_parts[tag] = (request, out, pos, length, offset)
+            request.remaining = len(tags)
+            submitted = lib.aio_submit(ctx, self.fd, len(tags), offsets.ctypes.data, lengths.ctypes.data,
+                                       dests.ctypes.data, tags.ctypes.data) if len(tags) else 0
+            for tag in tags[max(0, submitted):].tolist():  # refused by the kernel: read here, now
+                _, _, pos, length, offset = self._ahead_parts.pop(tag)
+                request.remaining -= 1
+                try:
+                    self._read_chunk(memoryview(out)[pos:pos + length], offset)
+                except StorageError as e:
+                    request.error = request.error or e
+        with self._lock:
+            self.stats.bytes_read += nbytes
+        return request
+
+    def _reap_ahead(self, request: "AheadRead | None") -> None:
+        """Collect read_ahead completions until `request` has all of its own (None: until none is in flight)."""
+        lib, ctx = self._ahead
+        tags, res = np.zeros(AIO_MAX_EVENTS, np.int64), np.zeros(AIO_MAX_EVENTS, np.int64)
+        with self._aio_lock:
+            while self._ahead_parts and (request is None or request.remaining):
+                n = lib.aio_reap(ctx, 1, AIO_MAX_EVENTS, tags.ctypes.data, res.ctypes.data)
+                if n < 0:  # cannot wait: buffers may still be written
+                    self._ahead_parts.clear()
+                    raise self._fail(f"waiting for reads failed: {os.strerror(-n)}")
+                with self._lock:
+                    self.stats.reads += n
+                    self.stats.bytes_transferred += int(np.maximum(res[:n], 0).sum())
+                for tag, got in zip(tags[:n].tolist(), res[:n].tolist()):
+                    owner, out, pos, length, offset = self._ahead_parts.pop(tag)
+                    owner.remaining -= 1
+                    try:
+                        if got < 0:
+                            raise self._fail(f"read failed at byte {offset}: {os.strerror(-got)}")
+                        if got < length:  # short: go on from where it stopped (the end of the file fails there)
+                            end = min(length, self.file_size - offset)
+                            if got < end:
+                                self._read_chunk(memoryview(out)[pos + got:pos + end], offset + got)
+                    except StorageError as e:
+                        owner.error = owner.error or e
+
     def drain(self) -> None:
         """Wait until no request is in flight (however its caller lost track of it: an interrupted pass)."""
         with self._lock:
             outstanding = list(self._outstanding)
         wait(outstanding)
+        if self._ahead is not None and self._ahead_parts:
+            self._reap_ahead(None)
 
     def close(self) -> None:
         """Cancel the chunks not started (their requests fail with StorageError), wait for those being read,
         close the file: no reader thread is left behind, no future is left unset."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._ahead is not None:
+            try:
+                self._reap_ahead(None)
+            except StorageError:
+                pass
+            with self._aio_lock:
+                self._ahead[0].aio_close(self._ahead[1])
+                self._ahead = None
         if self._aio is not None:
             with self._aio_lock:  # no read_runs call in flight
                 self._aio[0].aio_close(self._aio[1])
@@ -362,6 +450,25 @@ class FlashReader:
             if fd >= 0:
                 os.close(fd)
         self.fd = self._buffered_fd = -1
+
+
+class AheadRead:
+    """A read_ahead request: result() waits for its reads (reaping others' on the way) and returns its bytes."""
+
+    def __init__(self, reader: FlashReader, view: np.ndarray, file_offset: int, nbytes: int):
+        self.reader, self.view, self.file_offset, self.nbytes = reader, view, file_offset, nbytes
+        self.remaining = 0
+        self.error: StorageError | None = None
+
+    def result(self) -> np.ndarray:
+        if self.remaining:
+            t = time.perf_counter()
+            self.reader._reap_ahead(self)
+            with self.reader._lock:
+                self.reader.stats.request_s += time.perf_counter() - t
+        if self.error is not None:
+            raise self.error
+        return self.view
 
 
 def wait_all(futures) -> list:

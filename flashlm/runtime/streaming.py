@@ -136,7 +136,7 @@ class StreamedFFN:
     def _issue(self, i: int) -> None:
         if self.hot < self.n_ff and i < self.n_layers and i not in self._pending:
             start = self.store.layers[i].offset + self.hot * self.record_bytes
-            self._pending[i] = self.reader.read(start, (self.n_ff - self.hot) * self.record_bytes,
+            self._pending[i] = self.reader.read_ahead(start, (self.n_ff - self.hot) * self.record_bytes,
                                                 self.buffers[i % 2])
 
     def _drain(self) -> None:
