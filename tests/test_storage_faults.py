@@ -48,10 +48,11 @@ def load_streaming(path: str, **kw) -> flashlm.Model:
         ex = m.engine.executor
         if ex.ffn.hot < ex.ffn.n_ff and not getattr(ex.head_stream, "resident", False):  # the sketch head: never
             reader = ex.ffn.reader
-            if reader._ahead is not None:  # the faults below reach os.preadv: the layers' reads ahead go through
-                lib, ctx = reader._ahead  # the reader threads here (their Linux AIO path: tests at the end)
-                lib.aio_close(ctx)
-                reader._ahead = None
+            for name in ("_ahead", "_aio"):  # the faults below reach os.preadv: reads ahead and row reads go
+                if getattr(reader, name) is not None:  # through the reader threads here (Linux AIO: tests at the end)
+                    lib, ctx = getattr(reader, name)
+                    lib.aio_close(ctx)
+                    setattr(reader, name, None)
             return m
         m.close()
         budget -= 8_000_000
@@ -527,4 +528,26 @@ def test_a_read_ahead_past_a_truncated_end_fails_naming_the_byte(data_file, tmp_
         request.result()
     with pytest.raises(StorageError):
         reader.read_ahead(0, 4096, aligned_buffer(3 * 4096))
+    reader.close()
+
+
+def test_row_reads_all_in_flight_give_the_files_bytes(data_file):
+    """read_rows (the sketch head's candidate rows) through Linux AIO, more rows than one submission holds, at
+    unaligned offsets: the file's bytes, as through the reader threads."""
+    from flashlm.flash_store.io_engine import AIO_MAX_EVENTS
+
+    path, data = data_file
+    reader = FlashReader(path, threads=4)
+    if reader._aio is None:
+        reader.close()
+        pytest.skip("no Linux AIO on an O_DIRECT descriptor here")
+    offsets = np.random.default_rng(2).choice(len(data) - 612, AIO_MAX_EVENTS + 40, replace=False)
+    rows = [np.zeros(612, np.uint8) for _ in offsets]
+    reader.read_rows(offsets, 612, rows)
+    assert all(np.array_equal(r, data[o:o + 612]) for o, r in zip(offsets, rows))
+    threaded = [np.zeros(612, np.uint8) for _ in offsets]
+    aio, reader._aio = reader._aio, None
+    reader.read_rows(offsets, 612, threaded)
+    reader._aio = aio
+    assert all(np.array_equal(a, b) for a, b in zip(rows, threaded))
     reader.close()

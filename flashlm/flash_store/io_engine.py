@@ -1,7 +1,8 @@
 """The flash-aware I/O engine: positional reads, O_DIRECT where the filesystem allows, a pool of reader threads,
-adjacent records coalesced into one read, reads issued ahead (the next layer's while this one computes), and a
-token's scattered selective reads (read_runs) all in flight at once through Linux AIO (aio_reads.c) where the
-kernel allows it.
+adjacent records coalesced into one read, reads issued ahead (the next layer's while this one computes), and,
+through Linux AIO (aio_reads.c) where the kernel allows it, a token's scattered selective reads (read_runs) and the
+output head's rows (read_rows) all in flight at once, and a layer's records submitted ahead (read_ahead) and reaped
+when the layer needs them, so no reader thread has to be woken on cores the kernels keep busy.
 
 O_DIRECT keeps the model out of the page cache, so memory use is what the planner budgets and nothing silently
 grows beside it; where O_DIRECT is refused (tmpfs, some network filesystems) reads are buffered and followed by
@@ -212,6 +213,11 @@ class FlashReader:
         n = len(offsets)
         if n == 0:
             return
+        if self._aio is not None:
+            offsets = np.asarray(offsets, np.int64)
+            for a in range(0, n, AIO_MAX_EVENTS):  # at most AIO_MAX_EVENTS rows' sectors buffered at a time
+                self._read_rows_aio(offsets[a:a + AIO_MAX_EVENTS], nbytes, dests[a:a + AIO_MAX_EVENTS])
+            return
         k = min(self.threads, n)
         span = -(-(nbytes + ALIGN) // ALIGN) * ALIGN  # the aligned pages around any row
         with self._lock:
@@ -231,6 +237,45 @@ class FlashReader:
         for f in futures:
             if f.exception() is not None:
                 raise f.exception()
+
+    def _read_rows_aio(self, offsets: np.ndarray, nbytes: int, dests) -> None:
+        """read_rows with every row's sectors in flight at once (aio_reads.c), each into its own slot of one
+        aligned buffer, then copied out; a row that came back short or failed is read again on this thread (which
+        names the byte if it fails)."""
+        self.check()
+        if offsets.min() < 0 or offsets.max() + nbytes > self.file_size:
+            raise ModelFileError(f"{self.path}: a row read at byte {offsets.max()} is past the end of the file "
+                                 f"({self.file_size} bytes; truncated?)")
+        unit = DIRECT_IO_ALIGN
+        starts = offsets // unit * unit
+        lengths = -(-(offsets + nbytes) // unit) * unit - starts
+        span = int(lengths.max())
+        with self._lock:
+            if not self._row_pages or self._row_pages[0].nbytes < len(offsets) * span:
+                self._row_pages[:1] = [aligned_buffer(len(offsets) * span)]
+            pages = self._row_pages[0]
+        dest = (pages.ctypes.data + np.arange(len(offsets), dtype=np.uint64) * np.uint64(span))
+        res = np.zeros(len(offsets), np.int64)
+        lib, ctx = self._aio
+        t = time.perf_counter()
+        with self._aio_lock:
+            status = lib.aio_read_all(ctx, AIO_MAX_EVENTS, self.fd, len(offsets), starts.ctypes.data,
+                                      lengths.ctypes.data, dest.ctypes.data, res.ctypes.data)
+        if status != 0:
+            raise self._fail(f"reads at bytes {starts.min()}..{starts.max()} failed: {os.strerror(-status)}")
+        lead = offsets - starts
+        for i in range(len(offsets)):
+            a = i * span + int(lead[i])
+            if res[i] >= lead[i] + nbytes:
+                dests[i][:] = pages[a:a + nbytes]
+            else:
+                dests[i][:] = self.read_now(int(offsets[i]), nbytes, aligned_buffer(span + ALIGN))
+        with self._lock:
+            self.stats.reads += len(offsets)
+            self.stats.bytes_read += len(offsets) * nbytes
+            self.stats.bytes_transferred += int(np.maximum(res, 0).sum())
+            self.stats.read_s += time.perf_counter() - t
+            self.stats.request_s += time.perf_counter() - t
 
     @property
     def read_unit(self) -> int:
