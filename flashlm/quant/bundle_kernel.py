@@ -9,13 +9,13 @@ math) and `BundleKernel.native` is False.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import re
 import shutil
 import subprocess
 import tempfile
 import threading
+import zlib
 
 import numpy as np
 
@@ -74,7 +74,10 @@ def build_library(source: str = SOURCE) -> str | None:
     for part in _source_files(source):  # the source and the files it #includes from its own directory
         with open(part, "rb") as f:
             text += f.read()
-    key = hashlib.sha256(text + " ".join([cc, *flags, "link-apart", _cpu_flags()]).encode()).hexdigest()[:16]
+    # zlib's two checksums, not hashlib: importing hashlib loads OpenSSL's libcrypto, 3.75 MB of resident memory
+    # (measured, psutil RSS) in every process that runs a model, for a cache key
+    keyed = text + " ".join([cc, *flags, "link-apart", _cpu_flags()]).encode()
+    key = f"{zlib.crc32(keyed):08x}{zlib.adler32(keyed):08x}"
     stem = os.path.splitext(os.path.basename(source))[0]
     path = os.path.join(_cache_dir(), f"{stem}-{key}.so")
     if os.path.exists(path):
