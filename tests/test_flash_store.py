@@ -68,6 +68,22 @@ def test_flash_perplexity_close_to_source(resident, model, gpl_text):
     assert abs(ours / src - 1) < 0.01
 
 
+def test_prompt_in_chunks_and_decode_steps_give_the_one_pass_logits(resident, gpl_text):
+    """Each prompt token's attention is what a decode step computes at its position (attention_batch), and the
+    FFN and row products give a token the same sums whatever the batch: a prompt in two chunks, and its last tokens
+    decoded one by one, give the one-pass logits bit for bit."""
+    ids = resident.tokenize(gpl_text)[:250]
+    full = resident.logits(ids)
+    engine = resident.engine
+    engine.reset()
+    chunks = np.concatenate([engine._eval(ids[:100], True), engine._eval(ids[100:], True)])
+    np.testing.assert_array_equal(chunks, full)
+    engine.reset()
+    first = engine._eval(ids[:-12], True)
+    stepped = np.concatenate([first] + [engine.step(t) for t in ids[-12:]])
+    np.testing.assert_array_equal(stepped, full)
+
+
 def _run(flash_path, mode, n, prompts) -> dict:
     import json
     import subprocess

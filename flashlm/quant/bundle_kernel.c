@@ -513,11 +513,11 @@ int dequant_rows(const uint8_t *rows, int64_t n, int64_t row_bytes, int type, in
 }
 
 #ifdef HAVE_FUSED
-/* One decode step of grouped-query attention over a float16 KV cache, in place:
- * q (n_heads*hd) and k, v (n_kv*hd) get RoPE (q, k) at position `pos`; k and v are written to the caches
- * (n_kv, capacity, hd) at `pos`; out (n_heads*hd) = softmax(q K^T * scale) V over positions 0..pos.
- * cos/sin: (hd/2) for this position; interleaved rotates pairs (2i, 2i+1), else halves. scores: n_heads * (pos+1)
- * floats. */
+/* Grouped-query attention over a float16 KV cache (n_kv, capacity, hd): RoPE on q and k (cos/sin: hd/2 per
+ * position; interleaved rotates pairs (2i, 2i+1), else halves), k and v written to the caches, then per head
+ * out = softmax(q K^T * scale) V over the positions it sees. attention_decode does one token, attention_batch a
+ * prompt's tokens; both give each (token, head) the same arithmetic (attend_head), so a prompt's attention is what
+ * decoding its tokens one by one gives, bit for bit, in one pass or in chunks. */
 static void rope(float *v, const float *cos, const float *sin, int hd, int interleaved) {
     int half = hd / 2;
     for (int i = 0; i < half; i++) {
@@ -528,11 +528,10 @@ static void rope(float *v, const float *cos, const float *sin, int hd, int inter
     }
 }
 
-#define ATTN_PARALLEL_MIN_T 64
-int attention_decode(float *q, float *k, const float *v, uint16_t *kcache, uint16_t *vcache, int64_t capacity,
-                     int pos, const float *cos, const float *sin, int interleaved, int n_heads, int n_kv, int hd,
-                     float scale, float *out, float *scores, int n_threads) {
-    if (hd % 8) return -1;
+/* RoPE on one token's q heads and k heads; k and v into the caches at `pos`. */
+static void rope_and_store(float *q, float *k, const float *v, uint16_t *kcache, uint16_t *vcache, int64_t capacity,
+                           int64_t pos, const float *cos, const float *sin, int interleaved, int n_heads, int n_kv,
+                           int hd) {
     for (int h = 0; h < n_heads; h++) rope(q + (size_t)h * hd, cos, sin, hd, interleaved);
     for (int g = 0; g < n_kv; g++) {
         rope(k + (size_t)g * hd, cos, sin, hd, interleaved);
@@ -542,45 +541,100 @@ int attention_decode(float *q, float *k, const float *v, uint16_t *kcache, uint1
             _mm_storeu_si128((__m128i *)(vd + j), _mm256_cvtps_ph(_mm256_loadu_ps(v + (size_t)g * hd + j), 0));
         }
     }
+}
+
+/* One head of one token: oh (hd) = softmax(qh K^T * scale) V over the T cached rows of K and V (row stride hd);
+ * sc: T floats of scratch. Not inlined: one compiled copy for both callers (with -ffast-math an inlined copy may
+ * be reassociated differently at each call site). */
+static __attribute__((noinline)) void attend_head(const float *qh, const uint16_t *K, const uint16_t *V, int T, int hd, float scale, float *sc,
+                        float *oh) {
+    float mx = -INFINITY;
+    for (int t = 0; t < T; t++) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int j = 0; j < hd; j += 8)
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + j),
+                                  _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(K + (size_t)t * hd + j))), acc);
+        sc[t] = hsum(acc) * scale;
+        if (sc[t] > mx) mx = sc[t];
+    }
+    /* exp 8 at a time (v_expf, ~1e-7 relative: a scalar expf per position was a third of the kernel) */
+    int t = 0;
+    for (; t + 8 <= T; t += 8)
+        _mm256_storeu_ps(sc + t, v_expf(_mm256_sub_ps(_mm256_loadu_ps(sc + t), _mm256_set1_ps(mx))));
+    for (; t < T; t++) sc[t] = expf(sc[t] - mx);
+    float sum = 0.0f;
+    for (t = 0; t < T; t++) sum += sc[t];
+    /* one pass over V's rows, each output element summed over t in order */
+    for (int j = 0; j < hd; j += 8) _mm256_storeu_ps(oh + j, _mm256_setzero_ps());
+    for (t = 0; t < T; t++) {
+        const __m256 st = _mm256_set1_ps(sc[t]);
+        for (int j = 0; j < hd; j += 8)
+            _mm256_storeu_ps(oh + j, _mm256_fmadd_ps(st, _mm256_cvtph_ps(_mm_loadu_si128(
+                (const __m128i *)(V + (size_t)t * hd + j))), _mm256_loadu_ps(oh + j)));
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / sum);
+    for (int j = 0; j < hd; j += 8) _mm256_storeu_ps(oh + j, _mm256_mul_ps(_mm256_loadu_ps(oh + j), inv));
+}
+
+/* One token at `pos` (caches that start at the attention window's first position: the caller offsets them),
+ * q (n_heads*hd), k and v (n_kv*hd) in place; scores: n_heads * (pos+1) floats. */
+#define ATTN_PARALLEL_MIN_T 64
+int attention_decode(float *q, float *k, const float *v, uint16_t *kcache, uint16_t *vcache, int64_t capacity,
+                     int pos, const float *cos, const float *sin, int interleaved, int n_heads, int n_kv, int hd,
+                     float scale, float *out, float *scores, int n_threads) {
+    if (hd % 8) return -1;
+    rope_and_store(q, k, v, kcache, vcache, capacity, pos, cos, sin, interleaved, n_heads, n_kv, hd);
     int group = n_heads / n_kv, T = pos + 1;
     /* heads in parallel once the context is long enough to pay for the fork (each head's sums are its own: the
      * result does not depend on the thread count) */
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(n_threads) schedule(static) if (T >= ATTN_PARALLEL_MIN_T)
 #endif
-    for (int h = 0; h < n_heads; h++) {
-        float *sc = scores + (size_t)h * T;
-        const float *qh = q + (size_t)h * hd;
-        const uint16_t *K = kcache + (size_t)(h / group) * capacity * hd;
-        const uint16_t *V = vcache + (size_t)(h / group) * capacity * hd;
-        float mx = -INFINITY;
-        for (int t = 0; t < T; t++) {
-            __m256 acc = _mm256_setzero_ps();
-            for (int j = 0; j < hd; j += 8)
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + j),
-                                      _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(K + (size_t)t * hd + j))), acc);
-            sc[t] = hsum(acc) * scale;
-            if (sc[t] > mx) mx = sc[t];
-        }
-        /* exp 8 at a time (v_expf, ~1e-7 relative: a scalar expf per position was a third of the kernel) */
-        int t = 0;
-        for (; t + 8 <= T; t += 8)
-            _mm256_storeu_ps(sc + t, v_expf(_mm256_sub_ps(_mm256_loadu_ps(sc + t), _mm256_set1_ps(mx))));
-        for (; t < T; t++) sc[t] = expf(sc[t] - mx);
-        float sum = 0.0f;
-        for (t = 0; t < T; t++) sum += sc[t];
-        /* one pass over V's rows, each output element summed over t in order, as before */
-        float *oh = out + (size_t)h * hd;
-        for (int j = 0; j < hd; j += 8) _mm256_storeu_ps(oh + j, _mm256_setzero_ps());
-        for (t = 0; t < T; t++) {
-            const __m256 st = _mm256_set1_ps(sc[t]);
-            for (int j = 0; j < hd; j += 8)
-                _mm256_storeu_ps(oh + j, _mm256_fmadd_ps(st, _mm256_cvtph_ps(_mm_loadu_si128(
-                    (const __m128i *)(V + (size_t)t * hd + j))), _mm256_loadu_ps(oh + j)));
-        }
-        const __m256 inv = _mm256_set1_ps(1.0f / sum);
-        for (int j = 0; j < hd; j += 8) _mm256_storeu_ps(oh + j, _mm256_mul_ps(_mm256_loadu_ps(oh + j), inv));
-    }
+    for (int h = 0; h < n_heads; h++)
+        attend_head(q + (size_t)h * hd, kcache + (size_t)(h / group) * capacity * hd,
+                    vcache + (size_t)(h / group) * capacity * hd, T, hd, scale, scores + (size_t)h * T,
+                    out + (size_t)h * hd);
     return 0;
+}
+
+/* S tokens at positions pos0..pos0+S-1: q (S, n_heads*hd), k and v (S, n_kv*hd) in place, cos/sin (S, hd/2) the
+ * tokens' rows, window 0 (causal) or the sliding window's width; out (S, n_heads*hd). Every token's k and v are
+ * stored first, then (token, head) pairs run in parallel, each over the positions that token sees, as
+ * attention_decode would at its position. */
+int attention_batch(float *q, float *k, const float *v, uint16_t *kcache, uint16_t *vcache, int64_t capacity,
+                    int64_t pos0, int S, const float *cos, const float *sin, int interleaved, int n_heads, int n_kv,
+                    int hd, float scale, int window, float *out, int n_threads) {
+    if (hd % 8 || S < 1 || pos0 + S > capacity) return -1;
+    const int half = hd / 2, group = n_heads / n_kv;
+    for (int s = 0; s < S; s++)
+        rope_and_store(q + (size_t)s * n_heads * hd, k + (size_t)s * n_kv * hd, v + (size_t)s * n_kv * hd, kcache,
+                       vcache, capacity, pos0 + s, cos + (size_t)s * half, sin + (size_t)s * half, interleaved,
+                       n_heads, n_kv, hd);
+    int status = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(n_threads)
+#endif
+    {
+        float *sc = malloc(sizeof(float) * (size_t)(pos0 + S));
+        if (!sc) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            status = -2;
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t i = 0; i < (int64_t)S * n_heads; i++) {
+            if (!sc) continue;
+            const int s = (int)(i / n_heads), h = (int)(i % n_heads);
+            const int64_t pos = pos0 + s, lo = window && pos - window + 1 > 0 ? pos - window + 1 : 0;
+            const size_t base = ((size_t)(h / group) * capacity + lo) * hd;
+            attend_head(q + ((size_t)s * n_heads + h) * hd, kcache + base, vcache + base, (int)(pos - lo + 1), hd,
+                        scale, sc, out + ((size_t)s * n_heads + h) * hd);
+        }
+        free(sc);
+    }
+    return status;
 }
 #endif

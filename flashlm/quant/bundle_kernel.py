@@ -199,6 +199,7 @@ SIGNATURES = {
     "dequant_block_records": [_P, _I64] + [_I] * 5 + [_I64, _I64, _P, _P, _P, _I],
     "dense_ffn_i8": [_P, _I64, _I] * 3 + [_I, _I, _I, _P, _I, _P, _I],
     "attention_decode": [_P] * 5 + [_I64, _I, _P, _P, _I, _I, _I, _I, ctypes.c_float, _P, _P, _I],
+    "attention_batch": [_P] * 5 + [_I64, _I64, _I, _P, _P, _I, _I, _I, _I, ctypes.c_float, _I, _P, _I],
 }
 
 
@@ -222,7 +223,7 @@ class BundleKernel:
         if layout.group > 1 and layout.down_type not in SUPPORTED_ROW_TYPES:
             raise ValueError(f"bundle kernel: unsupported ffn_down blocks {layout.down_type.name}")
         self.layout, self.activation, self.threads = layout, activation, threads
-        self.attention_decode = self._ffn_i8 = self._block_i8 = self._dense_ffn = None
+        self.attention_decode = self.attention_batch = self._ffn_i8 = self._block_i8 = self._dense_ffn = None
         path = build_library()
         self.native = path is not None
         if self.native:
@@ -233,8 +234,9 @@ class BundleKernel:
             self._dequant_records, self._dequant_rows, self._dequant_blocks = (
                 _bind(lib, n) for n in ("dequant_records", "dequant_rows", "dequant_block_records"))
             # x86 (AVX2) builds only: None elsewhere
-            self._ffn_i8, self._block_i8, self._dense_ffn, self.attention_decode = (
-                _bind(lib, n) for n in ("bundle_ffn_i8", "bundle_ffn_block_i8", "dense_ffn_i8", "attention_decode"))
+            self._ffn_i8, self._block_i8, self._dense_ffn, self.attention_decode, self.attention_batch = (
+                _bind(lib, n) for n in ("bundle_ffn_i8", "bundle_ffn_block_i8", "dense_ffn_i8", "attention_decode",
+                                        "attention_batch"))
         g, u, dn = layout.slices()
         self._up_offset, self._down_offset = u.start, dn.start
         self.one_blas_thread = _OneBlasThread(_openblas_local_threads() if self.native else None)

@@ -196,6 +196,8 @@ class KernelOps(ArrayOps):
         keys, values, cos, sin, window = self.cache_of(i)
         if q.shape[0] == 1 and self.ex.kernel.attention_decode is not None and keys.dtype == np.float16:
             out = self._attention_decode(q, k, v, keys, values, self.start, cos, sin, window)
+        elif self.ex.kernel.attention_batch is not None and keys.dtype == np.float16:
+            out = self._attention_batch(q, k, v, keys, values, self.start, cos, sin, window)
         else:
             out = attend(self.args, q, k, v, keys, values, self.start, cos, sin, window)
         return np.ascontiguousarray(out, dtype=np.float32)
@@ -220,6 +222,23 @@ class KernelOps(ArrayOps):
         if status != 0:
             raise RuntimeError(f"attention_decode failed ({status})")
         return out[None]
+
+
+    def _attention_batch(self, q, k, v, keys, values, start: int, cos, sin, window: int) -> np.ndarray:
+        """A prompt's tokens, in C: each (token, head) as _attention_decode computes it at that token's position,
+        so a prompt gives the logits its tokens give one by one (numpy's batched products sum in an order that
+        depends on the batch's shape)."""
+        a, n = self.args, q.shape[0]
+        q, k, v = (np.ascontiguousarray(t, dtype=np.float32) for t in (q, k, v))
+        out = np.empty((n, a.n_heads * a.head_dim), np.float32)
+        c, s = (np.ascontiguousarray(t[start:start + n], dtype=np.float32) for t in (cos, sin))
+        status = self.ex.kernel.attention_batch(
+            q.ctypes.data, k.ctypes.data, v.ctypes.data, keys.ctypes.data, values.ctypes.data, keys.shape[1], start,
+            n, c.ctypes.data, s.ctypes.data, int(a.rope.interleaved), a.n_heads, a.n_kv_heads, a.head_dim,
+            a.head_dim ** -0.5, window, out.ctypes.data, self.ex.kernel.threads)
+        if status != 0:
+            raise RuntimeError(f"attention_batch failed ({status})")
+        return out
 
 
 class KernelExecutor:
