@@ -58,11 +58,11 @@ def test_teacher_forced_top1_and_perplexity_match_llama_cpp(gemma, gemma_referen
     ref = np.array(gemma_reference.scores[:N_TOKENS])
     ours = gemma.logits(ids)
     top1, ratio = _compare(ours[:513], ref[:513], ids[:513], "gemma3 513 tokens")
-    assert top1 >= TOP1_BAR and abs(ratio - 1) <= PPL_RATIO_BAR  # measured 0.9492 / 1.0017 (test_fidelity.py)
+    assert top1 >= TOP1_BAR and abs(ratio - 1) <= PPL_RATIO_BAR  # measured 0.9492-0.9531 / 1.0017-1.0077 (test_fidelity.py)
     # beyond the window: local layers see only the last 512 positions
     beyond = float((ours[512:-1].argmax(-1) == ref[512:-1].argmax(-1)).mean())
     print(f"gemma3 positions 512..{N_TOKENS - 2}: top-1 agreement {beyond:.4f}")
-    assert beyond >= TOP1_BAR  # measured 0.9679 over these 187 positions
+    assert beyond >= TOP1_BAR  # measured 0.9626-0.9786 over these 187 positions
 
 
 def _llama_cpp_builtin_template(name: str, messages: list[dict]) -> str:

@@ -214,14 +214,17 @@ def _bind(lib: ctypes.CDLL, name: str):
 class BundleKernel:
     """y += FFN(x) over the given records (addresses), in the given order."""
 
-    def __init__(self, layout, activation: str = "silu", threads: int = 1):
-        for t in (layout.gate_type, layout.up_type):
-            if t not in SUPPORTED_ROW_TYPES:
-                raise ValueError(f"bundle kernel: unsupported row type {t.name}")
-        if layout.group == 1 and layout.down_type != QT.Q8_0:
-            raise ValueError("bundle kernel: down columns must be Q8_0")
-        if layout.group > 1 and layout.down_type not in SUPPORTED_ROW_TYPES:
-            raise ValueError(f"bundle kernel: unsupported ffn_down blocks {layout.down_type.name}")
+    def __init__(self, layout=None, activation: str = "silu", threads: int = 1):
+        """layout: the records' (flash_store/format.py RecordLayout); None for row products only (a GGUF's own
+        matrices: dense_ffn, rows_matvec), where run() is not available."""
+        if layout is not None:
+            for t in (layout.gate_type, layout.up_type):
+                if t not in SUPPORTED_ROW_TYPES:
+                    raise ValueError(f"bundle kernel: unsupported row type {t.name}")
+            if layout.group == 1 and layout.down_type != QT.Q8_0:
+                raise ValueError("bundle kernel: down columns must be Q8_0")
+            if layout.group > 1 and layout.down_type not in SUPPORTED_ROW_TYPES:
+                raise ValueError(f"bundle kernel: unsupported ffn_down blocks {layout.down_type.name}")
         self.layout, self.activation, self.threads = layout, activation, threads
         self.attention_decode = self.attention_batch = self._ffn_i8 = self._block_i8 = self._dense_ffn = None
         path = build_library()
@@ -237,8 +240,10 @@ class BundleKernel:
             self._ffn_i8, self._block_i8, self._dense_ffn, self.attention_decode, self.attention_batch = (
                 _bind(lib, n) for n in ("bundle_ffn_i8", "bundle_ffn_block_i8", "dense_ffn_i8", "attention_decode",
                                         "attention_batch"))
-        g, u, dn = layout.slices()
-        self._up_offset, self._down_offset = u.start, dn.start
+        self._up_offset = self._down_offset = 0
+        if layout is not None:
+            g, u, dn = layout.slices()
+            self._up_offset, self._down_offset = u.start, dn.start
         self.one_blas_thread = _OneBlasThread(_openblas_local_threads() if self.native else None)
 
     def run(self, row_addresses: np.ndarray, x: np.ndarray, y: np.ndarray, act_out: np.ndarray | None = None,

@@ -1,8 +1,11 @@
 """read -> place -> compile: from a GGUF path to a ready Engine, keeping memory lean.
 
-Weights are repacked from the mapped file into MatMulNBits layout, handed to onnxruntime (which keeps its own
-prepacked copy), and then every transient is released: our repacked buffers, the mapped file's resident pages
-(MADV_DONTNEED; the embedding rows are paged back in on use) and the freed heap (malloc_trim).
+A flash store runs on the CPU kernels (flash_loader.py) or the GPU; a GGUF runs on the same CPU kernels over its
+own matrices (gguf_kernels.py) where they take its types, else through onnxruntime (and always with `taps`, or
+FLASHLM_GGUF_ONNX=1). For onnxruntime, weights are repacked from the mapped file into MatMulNBits layout, handed to
+onnxruntime (which keeps its own prepacked copy), and then every transient is released: our repacked buffers, the
+mapped file's resident pages (MADV_DONTNEED; the embedding rows are paged back in on use) and the freed heap
+(malloc_trim).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from flashlm.runtime.kv_cache import KVCache
 from flashlm.quant.onnx_graph import GraphBuilder
 from flashlm.models import output_matrix
 from flashlm.runtime.flash_loader import load_cuda_executor, load_flash_executor
+from flashlm.runtime.gguf_kernels import load_gguf_kernel_executor, runs_on_kernels
 from flashlm.loaders.gguf_reader import GGUFFile
 
 
@@ -127,7 +131,10 @@ def load_model(path: str, opts: LoadOptions, taps: tuple[str, ...] = (), load_to
                                          f"{shlex.quote(str(path))} -o MODEL.flash); a GGUF runs dense")
             if opts.memory_budget is not None:
                 _check_gguf_fits(f, opts.memory_budget)
-            executor, resident = _gguf_executor(f, family, args, n_ctx, threads, taps)
+            if not taps and os.environ.get("FLASHLM_GGUF_ONNX", "0") != "1" and runs_on_kernels(f, family, args):
+                executor, resident = load_gguf_kernel_executor(f, family, args, n_ctx, threads)
+            else:
+                executor, resident = _gguf_executor(f, family, args, n_ctx, threads, taps)
         _release_heap()
         if not flash and load_tokenizer is not None:
             load_tokenizer()
