@@ -120,6 +120,33 @@ def test_int8_matvec(qtype, source, S, kernel, request):
     np.testing.assert_array_equal(one, out)
 
 
+@pytest.mark.parametrize("qtype", TYPES)
+def test_gemm_equals_token_by_token(qtype, kernel):
+    """rows_gemm_i8 (prompt batches) gives every token bit for bit what rows_matvec_i8 gives it alone (the decode
+    path), for any token count (tiles of 4 and their remainders), row count (tiles of 4), thread count, an odd
+    number of 32-blocks and a column slice of the output."""
+    if qtype in (QT.Q4_K, QT.Q5_K, QT.Q6_K):
+        raw, d = synthetic_rows(qtype, 203, 512, seed=9), 512
+    else:
+        d = 544  # 17 blocks: a lone last sub-block
+        w = np.random.default_rng(9).standard_normal((203, d)).astype(np.float32)
+        w[1, :32] = 0.0
+        raw = gguf.quants.quantize(w, qtype)
+    for S in (1, 2, 5, 13, 32):
+        x = np.random.default_rng(S).standard_normal((S, d)).astype(np.float32) * 3
+        x[0, 32:64] = 0.0
+        alone = np.empty((S, len(raw)), np.float32)
+        for s in range(S):
+            assert kernel._matvec_i8(raw.ctypes.data, len(raw), raw.shape[1], int(qtype), d, x[s].ctypes.data, 1,
+                                     alone[s].ctypes.data, len(raw), 1) == 0
+        for threads in (1, 2):
+            wide = np.full((S, len(raw) + 3), np.nan, np.float32)
+            assert kernel._gemm_i8(raw.ctypes.data, len(raw), raw.shape[1], int(qtype), d, x.ctypes.data, S,
+                                   wide[:, 1:].ctypes.data, wide.shape[1], threads) == 0
+            assert np.isnan(wide[:, 0]).all() and np.isnan(wide[:, -2:]).all()
+            np.testing.assert_array_equal(wide[:, 1:1 + len(raw)], alone, err_msg=f"{qtype.name} S={S}")
+
+
 def test_int8_rejects_what_it_does_not_cover(kernel):
     raw = synthetic_rows(QT.Q4_K, 4, 512)
     x, out = np.zeros((9, 640), np.float32), np.zeros((9, 4), np.float32)
@@ -147,6 +174,22 @@ def test_fallback_builds(flags, kernel, monkeypatch):
                   len(raw), 2) == 0
         exact_err, float_err = errors(out, x, raw, qtype)
         assert exact_err < EXACT_TOL and float_err < FLOAT_TOL, (qtype.name, exact_err, float_err)
+    # rows_gemm_i8 without the AVX-512 VNNI tiles: rows_matvec_i8 over groups of tokens, the same per token (the
+    # scalar build's batches sum in their own float order, as its rows_matvec_i8's do)
+    gemm = lib.rows_gemm_i8
+    gemm.restype, gemm.argtypes = ctypes.c_int, kernel._gemm_i8.argtypes
+    raw, S = rows_for(QT.Q4_K, "synthetic", None), 11
+    x = np.random.default_rng(8).standard_normal((S, 512)).astype(np.float32)
+    alone, batch = np.empty((S, len(raw)), np.float32), np.empty((S, len(raw)), np.float32)
+    for s in range(S):
+        assert fn(raw.ctypes.data, len(raw), raw.shape[1], int(QT.Q4_K), 512, x[s].ctypes.data, 1,
+                  alone[s].ctypes.data, len(raw), 2) == 0
+    assert gemm(raw.ctypes.data, len(raw), raw.shape[1], int(QT.Q4_K), 512, x.ctypes.data, S, batch.ctypes.data,
+                len(raw), 2) == 0
+    if "-mno-avx2" in flags:
+        np.testing.assert_allclose(batch, alone, rtol=1e-5, atol=1e-5 * np.abs(alone).max())
+    else:
+        np.testing.assert_array_equal(batch, alone)
 
 
 def _records(qtype, source, request, n=300):

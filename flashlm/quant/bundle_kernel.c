@@ -483,6 +483,7 @@ int rows_matvec(const uint8_t *rows, int64_t n, int64_t row_bytes, int type, int
 
 #include "bundle_kernel_i8.c"  /* rows_matvec_i8, bundle_ffn_i8: int8 activations */
 #include "bundle_kernel_block.c"  /* bundle_ffn_block_i8, dequant_block_records: block-layout records */
+#include "bundle_kernel_gemm.c"  /* rows_gemm_i8: int8 products for prompt batches */
 
 /* Dequantize records (gate, up, down of each) into float32 (n, d) matrices: the prompt path, where a BLAS
  * matrix product over many tokens beats per-token dot products. */

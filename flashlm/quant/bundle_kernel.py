@@ -173,7 +173,6 @@ BLAS_CHUNK_NEURONS = 256  # bounds the float scratch: 3 * 256 * d floats
 INT8_ACTIVATIONS = os.environ.get("FLASHLM_INT8_ACTIVATIONS", "1") != "0"
 INT8_MAX_TOKENS = BLAS_MIN_TOKENS - 1  # up to the BLAS path: S = 5..7 ran 7-25x faster than float x (measured)
 INT8_ROW_TYPES = SUPPORTED_ROW_TYPES
-INT8_GROUP_TOKENS = 8  # rows_matvec_i8 takes up to 8 tokens per call (I8_MAX_TOKENS in bundle_kernel.c)
 # The FFN itself with int8 activations (bundle_ffn_i8), for any number of tokens; FLASHLM_FFN_INT8=0 (or
 # FLASHLM_INT8_ACTIVATIONS=0) keeps the float-x decode path and the dequantize + BLAS prompt path. Measured on
 # SmolLM2's layer 0 (1536 records, Q4_1 gate/up, Q8_0 down), AMD EPYC 2 threads, best of 15, ms per call:
@@ -194,6 +193,7 @@ SIGNATURES = {
     "bundle_ffn_block_i8": [_P, _I64] + [_I] * 5 + [_I64, _I64, _I, _P, _I, _P, _I],
     "rows_matvec": _ROWS_MATVEC,
     "rows_matvec_i8": _ROWS_MATVEC,
+    "rows_gemm_i8": _ROWS_MATVEC,
     "dequant_records": [_P, _I64, _I, _I, _I, _I64, _I64, _P, _P, _P, _I],
     "dequant_rows": [_P, _I64, _I64, _I, _I, _P, _I],
     "dequant_block_records": [_P, _I64] + [_I] * 5 + [_I64, _I64, _P, _P, _P, _I],
@@ -232,8 +232,8 @@ class BundleKernel:
         if self.native:
             lib = ctypes.CDLL(path)
             self._lib = lib
-            self._fn, self._matvec, self._matvec_i8 = (_bind(lib, n) for n in ("bundle_ffn", "rows_matvec",
-                                                                                 "rows_matvec_i8"))
+            self._fn, self._matvec, self._matvec_i8, self._gemm_i8 = (
+                _bind(lib, n) for n in ("bundle_ffn", "rows_matvec", "rows_matvec_i8", "rows_gemm_i8"))
             self._dequant_records, self._dequant_rows, self._dequant_blocks = (
                 _bind(lib, n) for n in ("dequant_records", "dequant_rows", "dequant_block_records"))
             # x86 (AVX2) builds only: None elsewhere
@@ -374,12 +374,11 @@ def rows_matvec(kernel: "BundleKernel", rows: np.ndarray, qtype: QT, x: np.ndarr
         out[...] = x @ dequantize(rows, qtype).reshape(n, d).T
         return
     if INT8_ACTIVATIONS and qtype in INT8_ROW_TYPES and S > INT8_MAX_TOKENS:
-        for s0 in range(0, S, INT8_GROUP_TOKENS):  # groups of tokens, each an int8 product over all rows
-            s1 = min(S, s0 + INT8_GROUP_TOKENS)
-            status = kernel._matvec_i8(rows.ctypes.data, n, rows.shape[1], int(qtype), d, x[s0:s1].ctypes.data,
-                                       s1 - s0, out[s0:].ctypes.data, out.strides[0] // 4, kernel.threads)
-            if status != 0:
-                raise RuntimeError(f"rows_matvec_i8 failed ({status})")
+        # a prompt's tokens in one int8 product (rows_gemm_i8: each token's sums as rows_matvec_i8 gives them)
+        status = kernel._gemm_i8(rows.ctypes.data, n, rows.shape[1], int(qtype), d, x.ctypes.data, S,
+                                 out.ctypes.data, out.strides[0] // 4, kernel.threads)
+        if status != 0:
+            raise RuntimeError(f"rows_gemm_i8 failed ({status})")
         return
     if S >= BLAS_MIN_TOKENS:
         w = np.empty((min(n, 1024), d), np.float32)  # 2.4 MB at d 576 (4096 rows: +7 MB of peak RSS, no faster)

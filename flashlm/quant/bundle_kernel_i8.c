@@ -156,6 +156,13 @@ static inline __attribute__((always_inline)) void unpack_scalar(const uint8_t *r
 #define DPBUSD(acc, u, s) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
 #endif
 
+/* v as a value the compiler cannot look through: with -ffast-math it may regroup (dd * sc) * dx differently in each
+ * inlined copy, so a K-quant scale is fixed here before it meets x's (decode dots and prompt GEMM alike). */
+static inline __attribute__((always_inline)) float opaque_f32(float v) {
+    __asm__("" : "+x"(v));
+    return v;
+}
+
 /* Sub-block sb as 32 unsigned bytes (signed w for Q8_0 without VNNI), w = f * (u - K) + m; Q6_K: *sc16 = its
  * two per-16 integer scales as 16 int16 lanes (8 each, matching maddubs's pairs). */
 static inline __attribute__((always_inline)) __m256i unpack_avx2(const uint8_t *row, int type, int sb, float *f,
@@ -195,7 +202,7 @@ static inline __attribute__((always_inline)) __m256i unpack_avx2(const uint8_t *
     case T_Q4_K: case T_Q5_K: {
         int q5 = type == T_Q5_K, j = sb % 8;
         const uint8_t *blk = row + (q5 ? 176 : 144) * (sb / 8);
-        *f = fm[0]; *m = fm[1]; *K = 0;  /* decoded once per super-block: k_quant_scales */
+        *f = opaque_f32(fm[0]); *m = fm[1]; *K = 0;  /* decoded once per super-block: k_quant_scales */
         __m256i q = _mm256_loadu_si256((const __m256i *)(blk + (q5 ? 48 : 16) + 32 * (j / 2)));
         if (j & 1) q = _mm256_srli_epi16(q, 4);
         q = _mm256_and_si256(q, _mm256_set1_epi8(15));
@@ -233,9 +240,24 @@ typedef struct {
 } xq_t;
 
 #if defined(__AVX2__) && defined(__FMA__)
-/* Sub-block sb of a row against every x_s: acc[s] += f * dx * (u . q - K * sum q) (8 int32 lanes), off[s] += m * fs. */
+/* The min terms of one (row, token): sum over sub-blocks of m[sb] * fs[sb], in one fixed order. Not inlined: one
+ * compiled copy for every caller, so the decode dots and the prompt GEMM (bundle_kernel_gemm.c) sum them alike
+ * (inlined with -ffast-math, GCC paired them differently per token count). */
+static __attribute__((noinline)) float min_dot(const float *m, const float *fs, int nb) {
+    __m256 a = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= nb; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(m + i), _mm256_loadu_ps(fs + i), a);
+    if (i < nb) {
+        const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(nb - i), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        a = _mm256_fmadd_ps(_mm256_maskload_ps(m + i, lanes), _mm256_maskload_ps(fs + i, lanes), a);
+    }
+    return hsum(a);
+}
+
+/* Sub-block sb of a row against every x_s: acc[s] += f * dx * (u . q - K * sum q) (8 int32 lanes); its min m goes
+ * to mins[sb] (min_dot adds them up). */
 static inline __attribute__((always_inline)) void sub_dots_i8(const uint8_t *row, const int type, const int S,
-                                                              const xq_t *X, int sb, __m256 *acc, float *off,
+                                                              const xq_t *X, int sb, __m256 *acc, float *mins,
                                                               const float *fm) {
     const int nsb = X->nb, has_min = type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
     float f, m;
@@ -264,18 +286,17 @@ static inline __attribute__((always_inline)) void sub_dots_i8(const uint8_t *row
         else
             dp = DPBUSD(init, u, xv);
         acc[s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), _mm256_set1_ps(f * X->dx[xi]), acc[s]);
-        if (has_min) off[s] += m * X->fs[xi];
     }
+    if (has_min) mins[sb] = m;
 }
 #endif
 
 /* res[s] = row . x_s for s < S; type and S are constants after inlining (one specialised loop per case). */
 static inline __attribute__((always_inline)) void row_dots_i8(const uint8_t *row, const int type, const int S,
                                                               const xq_t *X, float *res) {
-    float off[I8_MAX_TOKENS];
-    for (int s = 0; s < S; s++) off[s] = 0.0f;
 #if defined(__AVX2__) && defined(__FMA__)
-    const int nsb = X->nb;
+    const int nsb = X->nb, has_min = type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
+    float mins[nsb];
     __m256 acc0[I8_MAX_TOKENS], acc1[I8_MAX_TOKENS];  /* even and odd sub-blocks: two FMA dependency chains */
     for (int s = 0; s < S; s++) acc0[s] = acc1[s] = _mm256_setzero_ps();
     if (type == T_Q4_K || type == T_Q5_K || type == T_Q6_K) {  /* per super-block: its scales decoded once */
@@ -296,20 +317,23 @@ static inline __attribute__((always_inline)) void row_dots_i8(const uint8_t *row
             }
 #pragma GCC unroll 4
             for (int j = 0; j < 8; j += 2) {
-                sub_dots_i8(row, type, S, X, 8 * B + j, acc0, off, fm[j]);
-                sub_dots_i8(row, type, S, X, 8 * B + j + 1, acc1, off, fm[j + 1]);
+                sub_dots_i8(row, type, S, X, 8 * B + j, acc0, mins, fm[j]);
+                sub_dots_i8(row, type, S, X, 8 * B + j + 1, acc1, mins, fm[j + 1]);
             }
         }
     } else {
         int sb = 0;
         for (; sb + 1 < nsb; sb += 2) {
-            sub_dots_i8(row, type, S, X, sb, acc0, off, NULL);
-            sub_dots_i8(row, type, S, X, sb + 1, acc1, off, NULL);
+            sub_dots_i8(row, type, S, X, sb, acc0, mins, NULL);
+            sub_dots_i8(row, type, S, X, sb + 1, acc1, mins, NULL);
         }
-        if (sb < nsb) sub_dots_i8(row, type, S, X, sb, acc0, off, NULL);
+        if (sb < nsb) sub_dots_i8(row, type, S, X, sb, acc0, mins, NULL);
     }
-    for (int s = 0; s < S; s++) res[s] = hsum(_mm256_add_ps(acc0[s], acc1[s])) + off[s];
+    for (int s = 0; s < S; s++)
+        res[s] = hsum(_mm256_add_ps(acc0[s], acc1[s])) + (has_min ? min_dot(mins, X->fs + (size_t)s * nsb, nsb) : 0.0f);
 #else
+    float off[I8_MAX_TOKENS];
+    for (int s = 0; s < S; s++) off[s] = 0.0f;
     const int nsb = X->nb, has_min = type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
     float acc[I8_MAX_TOKENS];
     for (int s = 0; s < S; s++) acc[s] = 0.0f;
@@ -491,6 +515,10 @@ static void down_axpy_tokens(const uint8_t *const *down, float a[][DOWN_GROUP], 
     }
 }
 
+static int bundle_ffn_prompt_i8(const uint8_t *const *rows, int64_t n, int d, int gate_type, int up_type,
+                                int64_t up_offset, int64_t down_offset, int act, const float *x, int S, float *y,
+                                int n_threads, const uint8_t *mask);  /* bundle_kernel_gemm.c; -3: not built */
+
 /* mask: NULL, or (S, n) bytes: token s counts neuron i where mask[s * n + i] (sparsity over a prompt batch) */
 int bundle_ffn_i8(const uint8_t *const *rows, int64_t n, int d, int gate_type, int up_type, int64_t up_offset,
                   int64_t down_offset, int act, const float *x, int S, float *y, int n_threads,
@@ -501,6 +529,12 @@ int bundle_ffn_i8(const uint8_t *const *rows, int64_t n, int d, int gate_type, i
 #ifndef _OPENMP
     n_threads = 1;
 #endif
+    /* a prompt's gate and up products through the GEMM tiles; a ReLU model's skip most up products here */
+    if (S > I8_MAX_TOKENS && act != ACT_RELU) {
+        const int status = bundle_ffn_prompt_i8(rows, n, d, gate_type, up_type, up_offset, down_offset, act, x, S, y,
+                                                n_threads, mask);
+        if (status != -3) return status;
+    }
     const size_t sd = (size_t)S * d;
     ffn_x_t X;
     float *partial = calloc((size_t)n_threads * sd, sizeof(float));
@@ -550,34 +584,34 @@ int bundle_ffn_i8(const uint8_t *const *rows, int64_t n, int d, int gate_type, i
 #endif
 
 #ifdef HAVE_FUSED
+int rows_gemm_i8(const uint8_t *rows, int64_t n, int64_t row_bytes, int type, int d, const float *x, int S,
+                 float *out, int64_t out_stride, int n_threads);  /* bundle_kernel_gemm.c */
+
 /* ---- A resident FFN as three row products (llama.cpp's layout: ffn_gate, ffn_up (n_ff, d), ffn_down (d, n_ff)) --
- * g = gate . x, u = up . x through rows_matvec_i8 (x quantized per 32-block), a = act(g) * u in float, then
- * y += down . a with a quantized the same way (as llama.cpp quantizes ffn_down's input), tokens in groups of
- * I8_MAX_TOKENS. Used where a layer's whole FFN is in memory (a GGUF, or a .flash with no budget): each product
- * streams its matrix row by row, where the record kernels' one-block down products cost ~45% more per token
- * (SmolLM2 layer 0, AMD EPYC 2 threads: 113 -> 76 us at one token, 77 -> 58 us per token at 128). */
+ * g = gate . x, u = up . x with x quantized per 32-block, a = act(g) * u in float, then y += down . a with a
+ * quantized the same way (as llama.cpp quantizes ffn_down's input). A decode step's few tokens go through
+ * rows_matvec_i8, a prompt's through rows_gemm_i8 (the same sums per token). Used where a layer's whole FFN is in
+ * memory (a GGUF, or a .flash with no budget): each product streams its matrix row by row, where the record
+ * kernels' one-block down products cost ~45% more per token (SmolLM2 layer 0, AMD EPYC 2 threads: 113 -> 76 us at
+ * one token, 77 -> 58 us per token at 128). */
 int dense_ffn_i8(const uint8_t *gate, int64_t gate_row_bytes, int gate_type, const uint8_t *up,
                  int64_t up_row_bytes, int up_type, const uint8_t *down, int64_t down_row_bytes, int down_type,
                  int d, int n_ff, int act, const float *x, int S, float *y, int n_threads) {
     if (!row_ok(gate_type, d) || !row_ok(up_type, d) || !row_ok(down_type, n_ff) || n_ff % 8) return -1;
     if (!i8_type_ok(gate_type) || !i8_type_ok(up_type) || !i8_type_ok(down_type) || S < 1) return -3;
+    int (*const product)(const uint8_t *, int64_t, int64_t, int, int, const float *, int, float *, int64_t, int) =
+        S <= I8_MAX_TOKENS ? rows_matvec_i8 : rows_gemm_i8;
     float *g = malloc(sizeof(float) * (size_t)S * n_ff), *u = malloc(sizeof(float) * (size_t)S * n_ff);
-    float *dy = malloc(sizeof(float) * (size_t)I8_MAX_TOKENS * d);
+    float *dy = malloc(sizeof(float) * (size_t)S * d);
     int status = (g && u && dy) ? 0 : -2;
-    for (int s0 = 0; s0 < S && !status; s0 += I8_MAX_TOKENS) {
-        const int m = S - s0 < I8_MAX_TOKENS ? S - s0 : I8_MAX_TOKENS;
-        float *gs = g + (size_t)s0 * n_ff, *us = u + (size_t)s0 * n_ff;
-        status = rows_matvec_i8(gate, n_ff, gate_row_bytes, gate_type, d, x + (size_t)s0 * d, m, gs, n_ff, n_threads);
-        if (!status)
-            status = rows_matvec_i8(up, n_ff, up_row_bytes, up_type, d, x + (size_t)s0 * d, m, us, n_ff, n_threads);
-        for (size_t k = 0; k < (size_t)m * n_ff && !status; k += 8) {
-            activate_8(gs + k, act, gs + k);
-            _mm256_storeu_ps(gs + k, _mm256_mul_ps(_mm256_loadu_ps(gs + k), _mm256_loadu_ps(us + k)));
-        }
-        if (!status)
-            status = rows_matvec_i8(down, d, down_row_bytes, down_type, n_ff, gs, m, dy, d, n_threads);
-        for (size_t k = 0; k < (size_t)m * d && !status; k++) y[(size_t)s0 * d + k] += dy[k];
+    if (!status) status = product(gate, n_ff, gate_row_bytes, gate_type, d, x, S, g, n_ff, n_threads);
+    if (!status) status = product(up, n_ff, up_row_bytes, up_type, d, x, S, u, n_ff, n_threads);
+    for (size_t k = 0; k < (size_t)S * n_ff && !status; k += 8) {
+        activate_8(g + k, act, g + k);
+        _mm256_storeu_ps(g + k, _mm256_mul_ps(_mm256_loadu_ps(g + k), _mm256_loadu_ps(u + k)));
     }
+    if (!status) status = product(down, d, down_row_bytes, down_type, n_ff, g, S, dy, d, n_threads);
+    for (size_t k = 0; k < (size_t)S * d && !status; k++) y[k] += dy[k];
     free(g); free(u); free(dy);
     return status;
 }
