@@ -2,8 +2,9 @@
 
     python -m tests.golden.make_golden
 
-Stores flashlm's greedy continuation and, for the record, how many leading tokens llama.cpp's greedy
-continuation of the same prompt shares with it.
+Stores flashlm's greedy continuation, each token's margin (its logit minus the runner-up's: where it is small, a
+CPU that rounds differently may pick the other token, and test_generate compares up to there) and, for the record,
+how many leading tokens llama.cpp's greedy continuation of the same prompt shares with it.
 """
 
 import json
@@ -40,10 +41,14 @@ def main():
     for prompt, n in PROMPTS:
         responses = list(model.stream(prompt, max_tokens=n, temperature=0.0))
         tokens = [r.token for r in responses if r.token is not None and r.finish_reason != "stop"]
-        ref = llama_cpp_greedy(path, model.tokenize(prompt), len(tokens))
+        ids = model.tokenize(prompt)
+        logits = np.sort(model.logits(ids + tokens)[len(ids) - 1:len(ids) + len(tokens) - 1], axis=1)
+        margins = [round(float(m), 4) for m in logits[:, -1] - logits[:, -2]]
+        ref = llama_cpp_greedy(path, ids, len(tokens))
         shared = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), min(len(tokens), len(ref)))
         cases.append({"prompt": prompt, "max_tokens": n, "tokens": tokens,
-                      "text": "".join(r.text for r in responses), "llama_cpp_shared_prefix": shared})
+                      "text": "".join(r.text for r in responses), "margins": margins,
+                      "llama_cpp_shared_prefix": shared})
         print(f"{prompt[:30]!r}: {len(tokens)} tokens, llama.cpp agrees on the first {shared}")
     with open(os.path.join(os.path.dirname(__file__), "smollm2_greedy.json"), "w", encoding="utf-8") as f:
         json.dump({"model": os.path.basename(path), "cases": cases}, f, indent=1, ensure_ascii=False)
