@@ -119,7 +119,7 @@ def _pin_baseline(monkeypatch) -> int:
     import psutil
 
     from flashlm.flash_store import planner
-    from flashlm.runtime.model_loader import _release_heap
+    from flashlm.runtime.heap import release as _release_heap
 
     gc.collect()
     _release_heap()
@@ -137,7 +137,7 @@ def _half_model_budget(resident, flash_path) -> int:
 
     import psutil
 
-    from flashlm.runtime.model_loader import _release_heap
+    from flashlm.runtime.heap import release as _release_heap
 
     gc.collect()
     _release_heap()

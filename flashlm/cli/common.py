@@ -135,7 +135,7 @@ def model_options(f):
         click.option("-t", "--threads", type=int, default=_L.threads, show_default=True,
                      help="Compute threads (0: the available cores less those other programs keep busy at load)."),
         click.option("-b", "--batch-size", type=int, default=_L.batch_size, show_default=True,
-                     help="Prompt tokens evaluated per step."),
+                     help="Prompt tokens evaluated per step (0: 64, or 32 under --memory-budget)."),
         click.option("--memory-budget", type=str, default=None,
                      help="Cap on the whole process's memory, e.g. 150MB or 1.5GB; a bare number is MB (a .flash "
                           "model streams what does not fit)."),

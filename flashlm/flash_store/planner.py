@@ -199,7 +199,7 @@ def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: Loa
         return plan_flash(budget=opts.memory_budget, baseline=baseline, attention_bytes=attention,
                           head_bytes=head_bytes, n_layers=args.n_layers, n_ff=store.n_records,
                           record_bytes=store.record_bytes, kv_bytes_per_token=kv_per_token, n_ctx=n_ctx,
-                          batch_size=opts.batch_size, n_heads=args.n_heads, head_stream_bytes=head_stream,
+                          batch_size=opts.resolved_batch(), n_heads=args.n_heads, head_stream_bytes=head_stream,
                           head_rows=head_rows, scorer_bytes=scorer, head_streamable=not sketch, group=store.group,
                           window_rows=window)
 

@@ -606,7 +606,12 @@ int dense_ffn_i8(const uint8_t *gate, int64_t gate_row_bytes, int gate_type, con
     int status = (g && u && dy) ? 0 : -2;
     if (!status) status = product(gate, n_ff, gate_row_bytes, gate_type, d, x, S, g, n_ff, n_threads);
     if (!status) status = product(up, n_ff, up_row_bytes, up_type, d, x, S, u, n_ff, n_threads);
-    for (size_t k = 0; k < (size_t)S * n_ff && !status; k += 8) {
+    /* elementwise, so split across threads for a prompt (Gemma 3: 262k GELUs per layer at 128 tokens) */
+    const int64_t n_act = status ? 0 : (int64_t)S * n_ff;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (S > I8_MAX_TOKENS)
+#endif
+    for (int64_t k = 0; k < n_act; k += 8) {
         activate_8(g + k, act, g + k);
         _mm256_storeu_ps(g + k, _mm256_mul_ps(_mm256_loadu_ps(g + k), _mm256_loadu_ps(u + k)));
     }

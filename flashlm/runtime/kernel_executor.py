@@ -17,6 +17,7 @@ import numpy as np
 
 from flashlm.quant.weights import EmbeddingTable
 from flashlm.quant.bundle_kernel import BundleKernel, rows_matvec
+from flashlm.runtime.heap import batch_heap
 from flashlm.runtime.kv_cache import KVCache
 
 
@@ -271,7 +272,7 @@ class KernelExecutor:
         h = self.xp.asarray(self.embed.lookup(ids), dtype=np.float32)
         self.ffn.begin(n)
         ops = self.ops_class(self, start)
-        with self.compute:
+        with self.compute, batch_heap(n > 1):
             for i, w in enumerate(self.layers):
                 h = self.family.layer(ops, self.args, w, i, h)
         self.kv.n_past = start + n
@@ -281,5 +282,5 @@ class KernelExecutor:
         """Logits (len(rows), vocab) of the given rows of hidden states: the family's head."""
         ops = self.ops_class(self, self.kv.n_past)
         ops.rows = rows
-        with self.compute:
+        with self.compute, batch_heap(len(rows) > 1):
             return self.family.head(ops, self.args, self.head_stream, h)

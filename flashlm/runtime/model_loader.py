@@ -10,8 +10,6 @@ mapped file's resident pages (MADV_DONTNEED; the embedding rows are paged back i
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import mmap
 import os
 import shlex
@@ -26,6 +24,7 @@ from flashlm.flash_store.reader import is_flash_store
 from flashlm.models import read_model
 from flashlm.runtime.onnx_ops import build_head, build_segment
 from flashlm.options import LoadOptions
+from flashlm.runtime import heap
 from flashlm.runtime.executor import Engine, Executor
 from flashlm.runtime.kv_cache import KVCache
 from flashlm.quant.onnx_graph import GraphBuilder
@@ -47,30 +46,6 @@ class LoadedModel:
     load_ms: float
     resident_bytes: int  # weights handed to the compute graph, in our (packed) layout
     plan: object = None  # FlashPlan when running a flash store
-
-
-def _libc():
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-
-
-def _release_heap() -> None:
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
-def _fixed_mmap_threshold() -> None:
-    """Serve allocations of 128 KiB and up with mmap, always. glibc otherwise raises that threshold after the first
-    large free, and activation buffers then stay in the heap as a high-water mark (measured: -9 MB peak on SmolLM2
-    with a 128-token prompt). A process-wide allocation policy, set once, harmless to other code."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-8, 2)  # M_ARENA_MAX: onnxruntime's worker threads would each keep a heap arena
 
 
 HEAD_SLICE_BYTES = 8 << 20  # the output matrix is compiled in vocabulary slices of about this size
@@ -97,7 +72,7 @@ def load_model(path: str, opts: LoadOptions, taps: tuple[str, ...] = (), load_to
     those of a GGUF (so its load transients and the tokenizer do not add up in the peak)."""
     t0 = time.perf_counter()
     opts.validate()
-    _fixed_mmap_threshold()
+    heap.fixed_mmap_threshold()
     f, family, args = read_model(path)
     flash = is_flash_store(f)
 
@@ -135,13 +110,13 @@ def load_model(path: str, opts: LoadOptions, taps: tuple[str, ...] = (), load_to
                 executor, resident = load_gguf_kernel_executor(f, family, args, n_ctx, threads)
             else:
                 executor, resident = _gguf_executor(f, family, args, n_ctx, threads, taps)
-        _release_heap()
+        heap.release()
         if not flash and load_tokenizer is not None:
             load_tokenizer()
     except Exception:
         f.close()
         raise
-    engine = Engine(executor, n_ctx, plan.batch_size if plan else opts.batch_size)
+    engine = Engine(executor, n_ctx, plan.batch_size if plan else opts.resolved_batch())
     return LoadedModel(path, f, family, args, engine, n_ctx, threads, (time.perf_counter() - t0) * 1e3, resident,
                        plan)
 
