@@ -188,11 +188,24 @@ def test_block_store_refuses_sparsity(block_path):
         flashlm.load(block_path, ctx_size=256, sparsity=0.4)
 
 
-def test_auto_keeps_neuron_records_where_ffn_down_formats_differ(gemma_file, tmp_path):
-    """Gemma 3's Q4_K_M has Q6_K and Q4_K ffn_down layers: auto writes neuron records; block is refused by name."""
-    from flashlm.errors import UnsupportedModelError
-    from flashlm.flash_store.writer import _layout
+def test_ffn_down_of_differing_formats_is_requantized_to_q8_0_blocks(gemma_file):
+    """Gemma 3's Q4_K_M has Q6_K and Q4_K ffn_down layers: auto and block write records of 32 neurons whose
+    ffn_down blocks are requantized to Q8_0 (gate and up rows stay the source's bytes); neuron stays per neuron."""
+    from flashlm.flash_store import writer
+    from flashlm.quant.formats import dequantize
 
-    assert _layout(gemma_file, 18, 640, 2048, "auto").group == 1
-    with pytest.raises(UnsupportedModelError, match="Q4_K, Q6_K; use --bundle neuron"):
-        _layout(gemma_file, 18, 640, 2048, "block")
+    for bundle in ("auto", "block"):
+        layout = writer._layout(gemma_file, 18, 640, 2048, bundle)
+        assert (layout.group, layout.down_type) == (32, QT.Q8_0)
+    assert writer._layout(gemma_file, 18, 640, 2048, "neuron").group == 1
+    order = block_order(32, np.random.default_rng(0).random(2048).astype(np.float32))
+    for i in (0, 1):  # one layer of each ffn_down type
+        records, err = writer.build_bundle(gemma_file, i, layout, order)
+        assert 0 < err < 0.01  # Q8_0 of Q4_K / Q6_K values (0.57% over the model, measured)
+        gate, up, down = layout.matrices(records)
+        assert (gate == gemma_file.tensor_bytes(f"blk.{i}.ffn_gate.weight")[order]).all()
+        assert (up == gemma_file.tensor_bytes(f"blk.{i}.ffn_up.weight")[order]).all()
+        info = gemma_file.tensors[f"blk.{i}.ffn_down.weight"]
+        source = dequantize(gemma_file.tensor_bytes(info.name), info.ggml_type).reshape(640, 2048)[:, order]
+        ours = dequantize(down, QT.Q8_0).reshape(640, 2048)
+        assert np.abs(ours - source).max() <= np.abs(source).max() / 127  # half a Q8_0 step of the largest block

@@ -39,9 +39,10 @@ def info(model, model_opt, memory_budget, ctx_size, device, gpu_memory_budget, o
               help="Text whose activations order each layer's neurons hot first (default: a built-in paragraph).")
 @click.option("--no-calibration", is_flag=True, help="Keep the source neuron order (no calibration run).")
 @click.option("--bundle", type=click.Choice(["auto", "neuron", "block"]), default="auto", show_default=True,
-              help="FFN records: one per block of ffn_down's neurons (32 or 256; every byte as in the source), or one "
-                   "per neuron (down column requantized to Q8_0; needed for --sparsity). auto: block where ffn_down "
-                   "is Q4_0/Q4_1/Q8_0 in every layer and the FFN is not ReLU (sparse), else neuron.")
+              help="FFN records: one per block of ffn_down's neurons (32 or 256, as in the source; requantized to Q8_0 "
+                   "blocks of 32 where layers differ in type), or one per neuron (down column requantized to Q8_0; "
+                   "needed for --sparsity). auto: block unless the FFN is ReLU (sparse); ffn_down kept where it is "
+                   "Q4_0/Q4_1/Q8_0 in every layer, else requantized to Q8_0 blocks of 32.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
 def convert(model, model_opt, output, quant, calibration_text, no_calibration, bundle, force, verbose):
@@ -61,8 +62,12 @@ def convert(model, model_opt, output, quant, calibration_text, no_calibration, b
         return
 
     r = convert_gguf(model, output, "none" if no_calibration else calibration_text, force=force, bundle=bundle)
-    down = f"down columns requantized to {r.down_type} with {r.down_rel_rms_error:.2%} relative RMS error" \
-        if r.group == 1 else f"ffn_down blocks ({r.down_type}) as in the source"
+    if r.group == 1:
+        down = f"down columns requantized to {r.down_type} with {r.down_rel_rms_error:.2%} relative RMS error"
+    elif r.down_rel_rms_error:
+        down = f"ffn_down requantized to {r.down_type} blocks with {r.down_rel_rms_error:.2%} relative RMS error"
+    else:
+        down = f"ffn_down blocks ({r.down_type}) as in the source"
     click.echo(f"wrote {r.path}: {r.n_layers} layers, {r.record_bytes}-byte records of {r.group} neuron"
                f"{'s' if r.group > 1 else ''}, resident section {r.resident_bytes / 1e6:.1f} MB, FFN bundles "
                f"{r.bundle_bytes / 1e6:.1f} MB; {down}; calibrated on {r.calibration}")

@@ -50,6 +50,10 @@ BLOCK_DOWN_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_
 # is not the point (a dense gated FFN reads whole records anyway). SmolLM2 Q4_1: FFN 61.9 -> 49.8 MB, no
 # requantization error, CPU FFN 6.0-6.6 -> 4.2-4.5 ms per token (commit message of the block layout).
 AUTO_BLOCK_DOWN_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q8_0)
+# Other ffn_down types are requantized to Q8_0 blocks of this many neurons. Gemma 3 270M Q4_K_M (ffn_down Q4_K and
+# Q6_K) as neuron records ran a 128-token prompt at 0.53x llama.cpp and busy decode at 0.56x (its down columns
+# computed in float); as Q8_0 blocks a resident layer is three int8 row products, as in the GGUF itself.
+REQUANT_BLOCK_GROUP = 32
 
 
 def _layout(f: GGUFFile, n_layers: int, d_model: int, n_ff: int, bundle: str = "neuron") -> fmt.RecordLayout:
@@ -62,15 +66,21 @@ def _layout(f: GGUFFile, n_layers: int, d_model: int, n_ff: int, bundle: str = "
         codec_for(qt, name)
     if bundle not in BUNDLES:
         raise InvalidOptionError(f"--bundle must be one of {', '.join(BUNDLES)}, got {bundle!r}")
-    down_types = {f.tensors[_ffn_name(i, "ffn_down")].ggml_type for i in range(n_layers)}
+    down_types = {QT(f.tensors[_ffn_name(i, "ffn_down")].ggml_type) for i in range(n_layers)}
+    requantize = False  # ffn_down requantized to Q8_0 blocks of REQUANT_BLOCK_GROUP neurons
     if bundle == "auto":  # a ReLU FFN is sparse: per-neuron records, which --sparsity needs
-        bundle = "block" if len(down_types) == 1 and QT(next(iter(down_types))) in AUTO_BLOCK_DOWN_TYPES and \
-            n_ff % 32 == 0 and f.get(KEY_FFN_ACTIVATION, "silu") != "relu" else "neuron"
+        if f.get(KEY_FFN_ACTIVATION, "silu") == "relu" or n_ff % REQUANT_BLOCK_GROUP:
+            bundle = "neuron"
+        else:  # K-quants' blocks of 256 neurons: 8 records per layer of Gemma 3, too coarse to stream in part
+            bundle, requantize = "block", len(down_types) != 1 or not down_types <= set(AUTO_BLOCK_DOWN_TYPES)
     if bundle == "neuron":
         return fmt.RecordLayout(d_model, gate_type, up_type, fmt.DOWN_TYPE)
-    if len(down_types) != 1:
-        raise UnsupportedModelError(f"{f.path}: --bundle block needs one ffn_down format in every layer, found "
-                                    f"{', '.join(sorted(QT(t).name for t in down_types))}; use --bundle neuron")
+    if len(down_types) != 1 or requantize:  # e.g. Q4_K_M: Q4_K and Q6_K layers
+        if n_ff % REQUANT_BLOCK_GROUP:
+            types = ", ".join(sorted(t.name for t in down_types))
+            raise UnsupportedModelError(f"{f.path}: --bundle block: ffn_down is {types} and n_ff {n_ff} is not a "
+                                        f"multiple of {REQUANT_BLOCK_GROUP}; use --bundle neuron")
+        return fmt.RecordLayout(d_model, gate_type, up_type, fmt.DOWN_TYPE, REQUANT_BLOCK_GROUP)
     down_type = QT(down_types.pop())
     if down_type not in BLOCK_DOWN_TYPES:
         raise UnsupportedModelError(f"{f.path}: --bundle block: no kernel for ffn_down in {down_type.name}; "
@@ -88,7 +98,7 @@ def build_bundle(f: GGUFFile, i: int, layout: fmt.RecordLayout, order: np.ndarra
     gate = f.tensor_bytes(_ffn_name(i, "ffn_gate"))  # (n_ff, gate_bytes)
     up = f.tensor_bytes(_ffn_name(i, "ffn_up"))
     if layout.group > 1:
-        return _build_blocks(f, i, layout, order, gate, up), 0.0
+        return _build_blocks(f, i, layout, order, gate, up)
     down_info = f.tensors[_ffn_name(i, "ffn_down")]
     down_t = dequantize(f.tensor_bytes(down_info.name), down_info.ggml_type).T  # (n_ff, d_model), column i = row i
     down_q = gguf.quants.quantize(np.ascontiguousarray(down_t, dtype=np.float32), layout.down_type)
@@ -102,17 +112,26 @@ def build_bundle(f: GGUFFile, i: int, layout: fmt.RecordLayout, order: np.ndarra
     return records, rel_err
 
 
-def _build_blocks(f: GGUFFile, i: int, layout: fmt.RecordLayout, order: np.ndarray, gate, up) -> np.ndarray:
-    """Block layout: record k holds the G neurons order[k*G:(k+1)*G] (consecutive in the source, block_order)."""
+def _build_blocks(f: GGUFFile, i: int, layout: fmt.RecordLayout, order: np.ndarray, gate, up
+                  ) -> tuple[np.ndarray, float]:
+    """Block layout: record k holds the G neurons order[k*G:(k+1)*G] (consecutive in the source, block_order).
+    ffn_down's blocks are the source bytes, or requantized where its type is not the layout's (and the error)."""
     G, d_model = layout.group, layout.d_model
     groups = order[::G] // G
-    down = f.tensor_bytes(_ffn_name(i, "ffn_down")).reshape(d_model, -1, layout.down_block_bytes)  # (d, n_ff/G, bb)
+    info = f.tensors[_ffn_name(i, "ffn_down")]
+    down, rel_err = f.tensor_bytes(info.name), 0.0
+    if QT(info.ggml_type) != layout.down_type:
+        values = dequantize(down, info.ggml_type).reshape(d_model, -1)
+        down = gguf.quants.quantize(np.ascontiguousarray(values, dtype=np.float32), layout.down_type)
+        err = dequantize(down, layout.down_type).reshape(values.shape) - values
+        rel_err = float(np.sqrt((err ** 2).mean() / max((values ** 2).mean(), 1e-30)))
+    down = down.reshape(d_model, -1, layout.down_block_bytes)  # (d, n_ff/G, block bytes)
     records = np.zeros((len(groups), layout.record_bytes), np.uint8)
     g, u, dn = layout.slices()
     records[:, g] = gate.reshape(-1, G * layout.gate_bytes)[groups]
     records[:, u] = up.reshape(-1, G * layout.up_bytes)[groups]
     records[:, dn] = down[:, groups, :].transpose(1, 0, 2).reshape(len(groups), -1)
-    return records
+    return records, rel_err
 
 
 def copy_metadata(w: gguf.GGUFWriter, f: GGUFFile, keys=None, skip=lambda key: key.startswith("flashlm.")) -> None:
