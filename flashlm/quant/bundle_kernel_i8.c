@@ -30,6 +30,40 @@
  * -36.5 and rounded to -36): the tests check this function bit for bit against numpy float32 arithmetic. */
 #pragma GCC push_options
 #pragma GCC optimize("no-fast-math")
+#ifdef __AVX2__
+/* One 32-block in AVX2, the same IEEE operations as the scalar loop below (max of |x|, one product, round to
+ * nearest even, clamp): the same bits. The scalar loop called libm's fmaxf per value (no -ffast-math here) and
+ * was ~7% of a Gemma 3 prompt's CPU time (perf), all of it on one thread before each product's parallel region. */
+static inline void quantize_block_avx2(const float *xb, int8_t *qb, float *dx, int32_t *sums) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), lim = _mm256_set1_ps(127.0f), nlim = _mm256_set1_ps(-127.0f);
+    __m256 v[4], mx = _mm256_setzero_ps();
+    for (int k = 0; k < 4; k++) {
+        v[k] = _mm256_loadu_ps(xb + 8 * k);
+        mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[k]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float amax = _mm_cvtss_f32(m4), dd = amax * (1.0f / 127.0f), id = dd != 0.0f ? 1.0f / dd : 0.0f;
+    const __m256 idv = _mm256_set1_ps(id);
+    __m256i i[4];
+    for (int k = 0; k < 4; k++) {
+        __m256 r = _mm256_round_ps(_mm256_mul_ps(v[k], idv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        i[k] = _mm256_cvtps_epi32(_mm256_max_ps(nlim, _mm256_min_ps(lim, r)));
+    }
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+    _mm256_storeu_si256((__m256i *)qb, _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    const __m256i s0 = _mm256_add_epi32(i[0], i[1]), s1 = _mm256_add_epi32(i[2], i[3]);
+    __m128i h0 = _mm_add_epi32(_mm256_castsi256_si128(s0), _mm256_extracti128_si256(s0, 1));
+    __m128i h1 = _mm_add_epi32(_mm256_castsi256_si128(s1), _mm256_extracti128_si256(s1, 1));
+    h0 = _mm_hadd_epi32(h0, h1);  /* [s0 a, s0 b, s1 a, s1 b] */
+    h0 = _mm_hadd_epi32(h0, h0);
+    *dx = dd;
+    sums[0] = _mm_cvtsi128_si32(h0);
+    sums[1] = _mm_extract_epi32(h0, 1);
+}
+#endif
+
 int quantize_x_i8(const float *x, int S, int d, int8_t *q, float *dx, int32_t *sums) {
     if (d <= 0 || d % 32) return -1;
     int nb = d / 32;
@@ -37,6 +71,10 @@ int quantize_x_i8(const float *x, int S, int d, int8_t *q, float *dx, int32_t *s
         for (int b = 0; b < nb; b++) {
             const float *xb = x + (size_t)s * d + 32 * b;
             int8_t *qb = q + (size_t)s * d + 32 * b;
+#ifdef __AVX2__
+            quantize_block_avx2(xb, qb, dx + (size_t)s * nb + b, sums + (size_t)s * 2 * nb + 2 * b);
+            continue;
+#endif
             float amax = 0.0f;
             for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
             float dd = amax * (1.0f / 127.0f), id = dd != 0.0f ? 1.0f / dd : 0.0f;
