@@ -10,7 +10,7 @@
  *   - tiles of GEMM_ROWS rows x GEMM_TOKENS tokens: each row is unpacked once per call (not once per 8 tokens),
  *     each token's x is loaded once per row tile;
  *   - one OpenMP region per call (rows_matvec_i8 in groups of 8 tokens took 16 for a 128-token prompt: on a busy
- *     machine every region's barrier waits for a descheduled thread).
+ *     machine every region's barrier waits for a descheduled thread), its row tiles handed out dynamically.
  * Builds without AVX-512 VNNI take rows_matvec_i8 over groups of I8_MAX_TOKENS tokens (the same results). */
 
 #if defined(HAVE_FUSED) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
@@ -18,6 +18,10 @@
 #define HAVE_GEMM_I8 1
 #define GEMM_ROWS 4
 #define GEMM_TOKENS 4
+/* row tiles handed out GEMM_CHUNK at a time, to whichever thread is free: on a shared machine a thread that loses
+ * its core no longer holds the others at the region's end with a fixed half of the rows (each (row, token) result
+ * is computed alone, so the split does not change any bits) */
+#define GEMM_CHUNK 8
 
 /* GEMM_ROWS rows unpacked for the whole call: per pair p of sub-blocks, per row, 64 bytes u, the scales
  * [f_2p x8 | f_2p+1 x8], Q6_K's per-16 integer scales and its sign mask; per sub-block its min m. */
@@ -196,8 +200,8 @@ static int gemm_rows_alloc(gemm_rows_t *R, int nb) {
 }
 
 /* out[t * ts + r * rs] = row r . x_t for n rows and S tokens of quantized x (XQ: its offsets for this type), in
- * one parallel region: x's vectors are laid out first (serially, O(S * d)), then rows go in static tiles over the
- * threads with no barrier but the region's end. Returns -2 on no memory. */
+ * one parallel region: x's vectors are laid out first (serially, O(S * d)), then row tiles are handed out to the
+ * threads as they come free, with no barrier but the region's end. Returns -2 on no memory. */
 static int gemm_rows(const row_src_t *src, int64_t n, int type, const xq_t *XQ, int S, float *out, int64_t ts,
                      int64_t rs, int n_threads) {
     const int nb = XQ->nb, np = (nb + 1) / 2;
@@ -216,7 +220,7 @@ static int gemm_rows(const row_src_t *src, int64_t n, int type, const xq_t *XQ, 
         gemm_rows_t R;
         const int mine = gemm_rows_alloc(&R, nb);
 #ifdef _OPENMP
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(dynamic, GEMM_CHUNK) nowait
 #endif
         for (int64_t tile = 0; tile < tiles; tile++) {
             if (mine) continue;
