@@ -249,6 +249,7 @@ class KernelExecutor:
 
     xp = np
     ops_class = KernelOps
+    heap_batches = True  # passes of several tokens reuse heap blocks (runtime/heap.py); off under a memory budget
 
     def __init__(self, family, args, layers: list[AttentionWeights], kernel: BundleKernel, ffn: FFNSource,
                  head: OutputHead, embed: EmbeddingTable, kv: KVCache, rope: dict[str, np.ndarray], compute=None):
@@ -272,7 +273,7 @@ class KernelExecutor:
         h = self.xp.asarray(self.embed.lookup(ids), dtype=np.float32)
         self.ffn.begin(n)
         ops = self.ops_class(self, start)
-        with self.compute, batch_heap(n > 1):
+        with self.compute, batch_heap(n > 1 and self.heap_batches):
             for i, w in enumerate(self.layers):
                 h = self.family.layer(ops, self.args, w, i, h)
         self.kv.n_past = start + n
@@ -282,5 +283,5 @@ class KernelExecutor:
         """Logits (len(rows), vocab) of the given rows of hidden states: the family's head."""
         ops = self.ops_class(self, self.kv.n_past)
         ops.rows = rows
-        with self.compute, batch_heap(len(rows) > 1):
+        with self.compute, batch_heap(len(rows) > 1 and self.heap_batches):
             return self.family.head(ops, self.args, self.head_stream, h)
