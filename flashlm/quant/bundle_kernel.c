@@ -546,35 +546,62 @@ static void rope_and_store(float *q, float *k, const float *v, uint16_t *kcache,
 
 /* One head of one token: oh (hd) = softmax(qh K^T * scale) V over the T cached rows of K and V (row stride hd);
  * sc: T floats of scratch. Not inlined: one compiled copy for both callers (with -ffast-math an inlined copy may
- * be reassociated differently at each call site). */
-static __attribute__((noinline)) void attend_head(const float *qh, const uint16_t *K, const uint16_t *V, int T, int hd, float scale, float *sc,
-                        float *oh) {
-    float mx = -INFINITY;
-    for (int t = 0; t < T; t++) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int j = 0; j < hd; j += 8)
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + j),
-                                  _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(K + (size_t)t * hd + j))), acc);
-        sc[t] = hsum(acc) * scale;
-        if (sc[t] > mx) mx = sc[t];
-    }
-    /* exp 8 at a time (v_expf, ~1e-7 relative: a scalar expf per position was a third of the kernel) */
+ * be reassociated differently at each call site). Each score is one FMA chain over j in order and each output
+ * element one FMA chain over t in order; four positions' chains (QK) and eight output vectors (PV) run side by side
+ * in registers, which hides the FMA latency and keeps oh out of memory without changing any sum (Gemma 3, 128-token
+ * prompt: 18 -> 7 ms of attention, idle AMD EPYC). */
+static __attribute__((noinline)) void attend_head(const float *qh, const uint16_t *K, const uint16_t *V, int T, int hd,
+                                                  float scale, float *sc, float *oh) {
+#define KROW(r, j) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(K + (size_t)(r) * hd + (j))))
+#define VROW(r, j) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(V + (size_t)(r) * hd + (j))))
     int t = 0;
+    for (; t + 4 <= T; t += 4) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int j = 0; j < hd; j += 8) {
+            const __m256 qv = _mm256_loadu_ps(qh + j);
+            a0 = _mm256_fmadd_ps(qv, KROW(t, j), a0);
+            a1 = _mm256_fmadd_ps(qv, KROW(t + 1, j), a1);
+            a2 = _mm256_fmadd_ps(qv, KROW(t + 2, j), a2);
+            a3 = _mm256_fmadd_ps(qv, KROW(t + 3, j), a3);
+        }
+        sc[t] = hsum(a0) * scale;
+        sc[t + 1] = hsum(a1) * scale;
+        sc[t + 2] = hsum(a2) * scale;
+        sc[t + 3] = hsum(a3) * scale;
+    }
+    for (; t < T; t++) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int j = 0; j < hd; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + j), KROW(t, j), acc);
+        sc[t] = hsum(acc) * scale;
+    }
+    float mx = -INFINITY;
+    for (t = 0; t < T; t++)
+        if (sc[t] > mx) mx = sc[t];
+    /* exp 8 at a time (v_expf, ~1e-7 relative: a scalar expf per position was a third of the kernel) */
+    t = 0;
     for (; t + 8 <= T; t += 8)
         _mm256_storeu_ps(sc + t, v_expf(_mm256_sub_ps(_mm256_loadu_ps(sc + t), _mm256_set1_ps(mx))));
     for (; t < T; t++) sc[t] = expf(sc[t] - mx);
     float sum = 0.0f;
     for (t = 0; t < T; t++) sum += sc[t];
-    /* one pass over V's rows, each output element summed over t in order */
-    for (int j = 0; j < hd; j += 8) _mm256_storeu_ps(oh + j, _mm256_setzero_ps());
-    for (t = 0; t < T; t++) {
-        const __m256 st = _mm256_set1_ps(sc[t]);
-        for (int j = 0; j < hd; j += 8)
-            _mm256_storeu_ps(oh + j, _mm256_fmadd_ps(st, _mm256_cvtph_ps(_mm_loadu_si128(
-                (const __m128i *)(V + (size_t)t * hd + j))), _mm256_loadu_ps(oh + j)));
-    }
     const __m256 inv = _mm256_set1_ps(1.0f / sum);
-    for (int j = 0; j < hd; j += 8) _mm256_storeu_ps(oh + j, _mm256_mul_ps(_mm256_loadu_ps(oh + j), inv));
+    int j0 = 0;
+    for (; j0 + 64 <= hd; j0 += 64) {
+        __m256 o[8];
+        for (int k = 0; k < 8; k++) o[k] = _mm256_setzero_ps();
+        for (t = 0; t < T; t++) {
+            const __m256 st = _mm256_set1_ps(sc[t]);
+            for (int k = 0; k < 8; k++) o[k] = _mm256_fmadd_ps(st, VROW(t, j0 + 8 * k), o[k]);
+        }
+        for (int k = 0; k < 8; k++) _mm256_storeu_ps(oh + j0 + 8 * k, _mm256_mul_ps(o[k], inv));
+    }
+    for (; j0 < hd; j0 += 8) {
+        __m256 o = _mm256_setzero_ps();
+        for (t = 0; t < T; t++) o = _mm256_fmadd_ps(_mm256_set1_ps(sc[t]), VROW(t, j0), o);
+        _mm256_storeu_ps(oh + j0, _mm256_mul_ps(o, inv));
+    }
+#undef KROW
+#undef VROW
 }
 
 /* One token at `pos` (caches that start at the attention window's first position: the caller offsets them),
