@@ -1,8 +1,9 @@
 """`flashlm bench`: flashlm and llama.cpp side by side on the same GGUF, prompt and thread count.
 
-Each engine runs in its own fresh process (so its peak memory is its own), does a warm-up, then `repetitions` timed
-runs of: evaluate an n_prompt-token prompt, then n_gen greedy decode steps driven from Python in the same way for
-both engines. Medians and spreads are reported, with ratios flashlm / llama.cpp (the llama-bench pattern).
+Each engine runs in fresh processes of its own (so its peak memory is its own), one per timed repetition, the engines
+alternating: a warm-up, then one timed run of: evaluate an n_prompt-token prompt, then n_gen greedy decode steps
+driven from Python in the same way for both engines. Medians and spreads are reported, with ratios flashlm /
+llama.cpp (the llama-bench pattern).
 """
 
 from __future__ import annotations
@@ -113,24 +114,39 @@ def _spread(values: list[float]) -> str:
 BUSY_LOOP = "while True: pass"  # one CPU-bound process: what a compiler or a second program does beside the model
 
 
-def _run_engines(engines: list[str], path: str, flash: str | None, args: list[str], busy: int) -> dict:
-    """Each engine in its own process, one after the other; with `busy` CPU-bound processes running beside it
-    (started before the engine, stopped after it)."""
-    results = {}
-    for engine in engines:
-        own = flash if flash and engine == "flashlm" else path
-        hogs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(busy)]
-        try:
-            proc = subprocess.run([sys.executable, "-m", "flashlm.tools.bench", engine, own, *args],
-                                  capture_output=True, text=True)
-        finally:
-            for hog in hogs:
-                hog.kill()
-                hog.wait()
-        if proc.returncode != 0:
-            raise RuntimeError(f"{engine} benchmark failed:\n{proc.stderr[-2000:]}")
-        results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return results
+def _run_engines(engines: list[str], path: str, flash: str | None, args: list[str], reps: int, busy: int) -> dict:
+    """`reps` rounds; in each, every engine in a fresh process of its own for one timed repetition, one engine
+    after the other, with `busy` CPU-bound processes beside it (started before the engine, stopped after it).
+    Alternating the engines round by round puts a burst of load from other tenants on both sides of a ratio: run
+    all of one engine's repetitions, then the other's, and one burst moved a ratio by 20-30% (Gemma 3 decode 50
+    vs 90 tok/s in two runs a minute apart, 2026-12-03)."""
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    for _ in range(reps):
+        for engine in engines:
+            own = flash if flash and engine == "flashlm" else path
+            hogs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(busy)]
+            try:
+                proc = subprocess.run([sys.executable, "-m", "flashlm.tools.bench", engine, own, *args, "1"],
+                                      capture_output=True, text=True)
+            finally:
+                for hog in hogs:
+                    hog.kill()
+                    hog.wait()
+            if proc.returncode != 0:
+                raise RuntimeError(f"{engine} benchmark failed:\n{proc.stderr[-2000:]}")
+            runs[engine].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return {engine: _merge(r) for engine, r in runs.items()}
+
+
+def _merge(runs: list[dict]) -> dict:
+    """One engine's rounds as one result: medians of the speeds and load times, the largest peak memory."""
+    out = dict(runs[-1])
+    for key in ("prompt_tps", "decode_tps"):
+        out[f"{key}_all"] = [v for r in runs for v in r[f"{key}_all"]]
+        out[key] = statistics.median(out[f"{key}_all"])
+    out["load_ms"] = statistics.median(r["load_ms"] for r in runs)
+    out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    return out
 
 
 def _ratios(results: dict) -> dict | None:
@@ -153,8 +169,8 @@ def run_bench(path: str, n_prompt: int, n_gen: int, threads: int, reps: int, ctx
     if min(n_prompt, n_gen, reps) < 1 or threads < 0 or n_prompt + n_gen > ctx:
         raise InvalidOptionError("bench needs n_prompt, n_gen, repetitions >= 1, threads >= 0 and "
                                  "n_prompt + n_gen <= ctx")
-    args = [str(n_prompt), str(n_gen), str(threads), str(reps), str(ctx)]
-    results = _run_engines(engines, path, flash, args, 0)
+    args = [str(n_prompt), str(n_gen), str(threads), str(ctx)]
+    results = _run_engines(engines, path, flash, args, reps, 0)
     report = {"model": path, "flash": flash, "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen, "repetitions": reps,
               "engines": results}
     ratios = _ratios(results)
@@ -164,7 +180,7 @@ def run_bench(path: str, n_prompt: int, n_gen: int, threads: int, reps: int, ctx
         report["ratios"] = ratios
         report["greedy_tokens_equal"] = f"{same}/{len(a['tokens'])}"
     if busy:
-        busy_results = _run_engines(engines, path, flash, args, busy)
+        busy_results = _run_engines(engines, path, flash, args, reps, busy)
         report["busy"] = {"processes": busy, "engines": busy_results}
         if ratios:
             report["busy"]["ratios"] = _ratios(busy_results)
@@ -197,5 +213,5 @@ def run_bench(path: str, n_prompt: int, n_gen: int, threads: int, reps: int, ctx
 
 
 if __name__ == "__main__":
-    engine, path, n_prompt, n_gen, threads, reps, ctx = sys.argv[1:8]
+    engine, path, n_prompt, n_gen, threads, ctx, reps = sys.argv[1:8]
     print(json.dumps(worker(engine, path, int(n_prompt), int(n_gen), int(threads), int(reps), int(ctx))))
