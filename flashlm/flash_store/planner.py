@@ -218,9 +218,11 @@ def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: Loa
         except BudgetError:
             continue
         if p.hot_neurons == p.n_ff and p.budget_bytes is not None:
-            # the whole FFN resident: what the budget has left goes to more cached rows (fewer reads per token)
-            extra = (p.budget_bytes - p.total_bytes) // (info.nbytes // info.shape[0] + 16)
-            return sketch_plan(min(head_rows, rows + max(0, extra)))
+            # the whole FFN resident: what the budget has left goes to more cached rows (fewer reads per token),
+            # less head_rows bytes (plan_flash counts the head as rows x its bytes per row, rounded down)
+            extra = (p.budget_bytes - p.total_bytes - head_rows) // (info.nbytes // info.shape[0] + 16)
+            bigger = sketch_plan(min(head_rows, rows + extra)) if extra > 0 else p
+            return bigger if bigger.hot_neurons == bigger.n_ff else p
         if p.hot_neurons == p.n_ff or rows == STREAMING_CACHE_ROWS:
             return p
     return sketch_plan(DEFAULT_CANDIDATES)  # the budget error, if even this does not fit
