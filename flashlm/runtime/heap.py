@@ -18,7 +18,8 @@ from contextlib import contextmanager
 
 MMAP_THRESHOLD = 128 * 1024  # glibc's default before it adapts
 BATCH_MMAP_THRESHOLD = 32 << 20  # during a batch: blocks up to this size come from the heap and are reused
-M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # mallopt parameters (malloc.h)
+TRIM_THRESHOLD = 128 * 1024  # glibc's default: free memory at the heap's top beyond this goes back at once
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # mallopt parameters (malloc.h)
 
 
 def _load_libc():
@@ -58,8 +59,9 @@ def batch_heap(active: bool = True):
         return
     with _lock:
         _batches += 1
-        if _batches == 1:
+        if _batches == 1:  # and the top is kept until the pass ends (else every free at the top gives it back)
             _libc.mallopt(M_MMAP_THRESHOLD, BATCH_MMAP_THRESHOLD)
+            _libc.mallopt(M_TRIM_THRESHOLD, 2 * BATCH_MMAP_THRESHOLD)
     try:
         yield
     finally:
@@ -67,4 +69,5 @@ def batch_heap(active: bool = True):
             _batches -= 1
             if _batches == 0:
                 _libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                _libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
                 _libc.malloc_trim(0)
