@@ -27,15 +27,31 @@ int sign_scores(const uint8_t *bits, const float *scale, const int8_t *q8, const
     float total = 0.0f;
     for (int j = 0; j < d; j++) total += x[j];
 #ifdef __AVX512F__
-    int nm = d / 16;
+    /* Rows in groups of ROWS: each row's masked adds are one chain in k order (as one row alone would run them),
+     * the group's chains side by side, so the adds' latency is hidden (one chain per row was latency-bound). */
+#define ROWS 4
+    const int nm = d / 16;
+    const int64_t groups = n / ROWS;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        const uint16_t *m = (const uint16_t *)(bits + (size_t)i * nb);
-        __m512 acc = _mm512_setzero_ps();
-        for (int k = 0; k < nm; k++) acc = _mm512_mask_add_ps(acc, (__mmask16)m[k], acc, _mm512_loadu_ps(x + 16 * k));
-        out[i] = scale[i] * (2.0f * _mm512_reduce_add_ps(acc) - total) +
-                 (n_out ? s8[i] * int8_part(q8 + (size_t)i * n_out, xo, n_out) : 0.0f);
+    for (int64_t g = 0; g <= groups; g++) {
+        const int64_t i0 = g * ROWS, rows = g < groups ? ROWS : n - i0;
+        const uint16_t *m[ROWS];
+        __m512 acc[ROWS];
+        for (int r = 0; r < ROWS; r++) {
+            m[r] = (const uint16_t *)(bits + (size_t)(i0 + (r < rows ? r : 0)) * nb);
+            acc[r] = _mm512_setzero_ps();
+        }
+        for (int k = 0; k < nm; k++) {
+            const __m512 xk = _mm512_loadu_ps(x + 16 * k);
+            for (int r = 0; r < ROWS; r++) acc[r] = _mm512_mask_add_ps(acc[r], (__mmask16)m[r][k], acc[r], xk);
+        }
+        for (int r = 0; r < rows; r++) {
+            const int64_t i = i0 + r;
+            out[i] = scale[i] * (2.0f * _mm512_reduce_add_ps(acc[r]) - total) +
+                     (n_out ? s8[i] * int8_part(q8 + (size_t)i * n_out, xo, n_out) : 0.0f);
+        }
     }
+#undef ROWS
 #else
     float *table = malloc(sizeof(float) * 256 * nb);
     if (!table) return -2;
