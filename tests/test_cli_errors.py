@@ -197,3 +197,5 @@ def test_bench_json_and_flag_errors(smollm_path):
     proc = run_cli("bench", "-m", smollm_path, "-p", "60", "-n", "10", "-c", "64")
     assert_one_line_error(proc, "-p/--n-prompt", "-c/--ctx-size")
     assert "n_prompt" not in proc.stderr
+    assert_one_line_error(run_cli("bench-budget", "-m", smollm_path, "--flash", smollm_path, "-r", "0"),
+                          "-r/--repetitions")

@@ -51,12 +51,15 @@ def bench(model, n_prompt, n_gen, threads, repetitions, ctx_size, engines, flash
 @click.option("-t", "--threads", type=int, default=2, show_default=True)
 @click.option("-c", "--ctx-size", type=int, default=512, show_default=True)
 @click.option("--timeout", type=float, default=300, show_default=True, help="Seconds per engine and budget.")
+@click.option("-r", "--repetitions", type=int, default=1, show_default=True,
+              help="Runs per engine and budget, the engines alternating; the median run is reported.")
 @click.option("--plot", type=str, default="budget.png", show_default=True, help="PNG plot of tok/s vs budget.")
 @click.option("--output-head", type=click.Choice(["exact", "sketch", "auto"]), default="exact", show_default=True,
               help="flashlm's output head (see generate --help).")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--verbose", is_flag=True)
-def bench_budget(model, flash, budgets, n_gen, threads, ctx_size, timeout, plot, output_head, as_json, verbose):
+def bench_budget(model, flash, budgets, n_gen, threads, ctx_size, timeout, repetitions, plot, output_head, as_json,
+                 verbose):
     """Both engines inside the same cgroup memory limit, caches dropped before each run (needs root)."""
     from flashlm.flash_store.planner import parse_size
     from flashlm.tools.bench_budget import run_budget_bench
@@ -65,5 +68,7 @@ def bench_budget(model, flash, budgets, n_gen, threads, ctx_size, timeout, plot,
         limits = [None if b.strip().lower() == "none" else parse_size(b) for b in budgets.split(",") if b.strip()]
     except ValueError as e:
         _fail(str(e))
+    if repetitions < 1:
+        _fail(f"-r/--repetitions must be >= 1, got {repetitions}")
     run_budget_bench(_resolve_model(model), flash, limits, n_gen, threads, ctx_size, timeout, plot, as_json,
-                     output_head)
+                     output_head, repetitions)

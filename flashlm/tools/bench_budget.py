@@ -135,18 +135,30 @@ def worker(engine: str, path: str, n_gen: int, threads: int, ctx: int, budget: i
 
 
 def run_budget_bench(gguf: str, flash: str, budgets: list[int | None], n_gen: int, threads: int, ctx: int,
-                     timeout: float, plot: str | None, as_json: bool, output_head: str = "exact") -> dict:
+                     timeout: float, plot: str | None, as_json: bool, output_head: str = "exact",
+                     repetitions: int = 1) -> dict:
+    """Per budget, `repetitions` rounds of llama.cpp then flashlm (a fresh process each, caches dropped before
+    each); each engine's row is its run of median decode speed (or its first failure)."""
     rows = []
     for budget in budgets:
         row = {"budget": budget}
-        for engine, path in (("llama.cpp", gguf), ("flashlm", flash)):
-            drop_caches()
-            cmd = [sys.executable, "-m", "flashlm.tools.bench_budget", engine, path, str(n_gen), str(threads),
-                   str(ctx), str(budget or 0), output_head]
-            try:
-                row[engine] = run_limited(cmd, budget, timeout)
-            except subprocess.TimeoutExpired:
-                row[engine] = {"returncode": None, "error": f"timed out after {timeout:.0f} s"}
+        runs: dict[str, list[dict]] = {"llama.cpp": [], "flashlm": []}
+        for _ in range(repetitions):
+            for engine, path in (("llama.cpp", gguf), ("flashlm", flash)):
+                drop_caches()
+                cmd = [sys.executable, "-m", "flashlm.tools.bench_budget", engine, path, str(n_gen), str(threads),
+                       str(ctx), str(budget or 0), output_head]
+                try:
+                    runs[engine].append(run_limited(cmd, budget, timeout))
+                except subprocess.TimeoutExpired:
+                    runs[engine].append({"returncode": None, "error": f"timed out after {timeout:.0f} s"})
+        for engine, results in runs.items():
+            failed = [r for r in results if not r.get("decode_tps")]
+            if failed:
+                row[engine] = failed[0]
+                continue
+            results.sort(key=lambda r: r["decode_tps"])
+            row[engine] = dict(results[(len(results) - 1) // 2], decode_tps_all=[r["decode_tps"] for r in results])
         a, b = row["flashlm"], row["llama.cpp"]
         if a.get("decode_tps") and b.get("decode_tps"):
             row["ratio"] = a["decode_tps"] / b["decode_tps"]
