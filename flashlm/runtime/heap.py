@@ -6,7 +6,10 @@ as a high-water mark (measured: +9 MB peak RSS on SmolLM2 with a 128-token promp
 threshold at 128 KiB. But then every array of a prompt's pass of 128 KiB or more is a fresh mapping, and each of
 its pages faults in zeroed: Gemma 3's 128-token prompt took 291 ms with the threshold fixed, 149 ms with its
 buffers reused from the heap (min of 10, idle AMD EPYC, 2 threads). So a pass of several tokens serves large
-blocks from the heap and trims it when done (`batch_heap`); a decode step's arrays are under the threshold anyway.
+blocks from the heap, keeps the heap's top until it ends (M_TRIM_THRESHOLD, else each free at the top is given
+back and faulted in again), and trims the heap when done (`batch_heap`); a decode step's arrays are under the
+threshold anyway. Under a memory budget the executors leave this off (KernelExecutor.heap_batches): the plan's
+activation scratch was measured with mapped arrays.
 """
 
 from __future__ import annotations
