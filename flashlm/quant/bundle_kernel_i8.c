@@ -31,10 +31,10 @@
 #pragma GCC push_options
 #pragma GCC optimize("no-fast-math")
 #ifdef __AVX2__
-/* One 32-block in AVX2, the same IEEE operations as the scalar loop below (max of |x|, one product, round to
- * nearest even, clamp): the same bits. The scalar loop called libm's fmaxf per value (no -ffast-math here) and
- * was ~7% of a Gemma 3 prompt's CPU time (perf), all of it on one thread before each product's parallel region. */
-static inline void quantize_block_avx2(const float *xb, int8_t *qb, float *dx, int32_t *sums) {
+/* One 32-block in AVX2, the same IEEE operations as the scalar version below (max of |x|, one product, round to
+ * nearest even, clamp): the same bits. The scalar one calls libm's fmaxf per value (no -ffast-math here), which
+ * was ~7% of a Gemma 3 prompt's CPU time (perf), all on one thread before each product's parallel region. */
+static inline void quantize_block(const float *xb, int8_t *qb, float *dx, int32_t *sums) {
     const __m256 sign = _mm256_set1_ps(-0.0f), lim = _mm256_set1_ps(127.0f), nlim = _mm256_set1_ps(-127.0f);
     __m256 v[4], mx = _mm256_setzero_ps();
     for (int k = 0; k < 4; k++) {
@@ -62,33 +62,31 @@ static inline void quantize_block_avx2(const float *xb, int8_t *qb, float *dx, i
     sums[0] = _mm_cvtsi128_si32(h0);
     sums[1] = _mm_extract_epi32(h0, 1);
 }
+#else
+static inline void quantize_block(const float *xb, int8_t *qb, float *dx, int32_t *sums) {
+    float amax = 0.0f;
+    for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
+    float dd = amax * (1.0f / 127.0f), id = dd != 0.0f ? 1.0f / dd : 0.0f;
+    int32_t s0 = 0, s1 = 0;
+    for (int j = 0; j < 32; j++) {
+        float v = nearbyintf(xb[j] * id);
+        v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+        qb[j] = (int8_t)v;
+    }
+    for (int j = 0; j < 16; j++) { s0 += qb[j]; s1 += qb[j + 16]; }
+    *dx = dd;
+    sums[0] = s0;
+    sums[1] = s1;
+}
 #endif
 
 int quantize_x_i8(const float *x, int S, int d, int8_t *q, float *dx, int32_t *sums) {
     if (d <= 0 || d % 32) return -1;
     int nb = d / 32;
     for (int s = 0; s < S; s++)
-        for (int b = 0; b < nb; b++) {
-            const float *xb = x + (size_t)s * d + 32 * b;
-            int8_t *qb = q + (size_t)s * d + 32 * b;
-#ifdef __AVX2__
-            quantize_block_avx2(xb, qb, dx + (size_t)s * nb + b, sums + (size_t)s * 2 * nb + 2 * b);
-            continue;
-#endif
-            float amax = 0.0f;
-            for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
-            float dd = amax * (1.0f / 127.0f), id = dd != 0.0f ? 1.0f / dd : 0.0f;
-            int32_t s0 = 0, s1 = 0;
-            for (int j = 0; j < 32; j++) {
-                float v = nearbyintf(xb[j] * id);
-                v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
-                qb[j] = (int8_t)v;
-            }
-            for (int j = 0; j < 16; j++) { s0 += qb[j]; s1 += qb[j + 16]; }
-            dx[(size_t)s * nb + b] = dd;
-            sums[(size_t)s * 2 * nb + 2 * b] = s0;
-            sums[(size_t)s * 2 * nb + 2 * b + 1] = s1;
-        }
+        for (int b = 0; b < nb; b++)
+            quantize_block(x + (size_t)s * d + 32 * b, q + (size_t)s * d + 32 * b, dx + (size_t)s * nb + b,
+                           sums + (size_t)s * 2 * nb + 2 * b);
     return 0;
 }
 #pragma GCC pop_options

@@ -87,9 +87,7 @@ def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: 
     kv = KVCache(args.n_layers, args.n_kv_heads, args.head_dim, n_ctx, KV_DTYPE)
     embed = family.load_embedding(f, args)
     f._mmap.madvise(mmap.MADV_DONTNEED)
-    executor = KernelExecutor(family, args, layers, kernel, ffn, head, embed, kv, rope)
-    executor.heap_batches = opts.memory_budget is None  # the plan's scratch was measured with mapped temporaries
-    return executor, plan
+    return KernelExecutor(family, args, layers, kernel, ffn, head, embed, kv, rope), plan
 
 
 def load_cuda_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: LoadOptions, n_ctx: int,
@@ -138,6 +136,4 @@ def load_cuda_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: L
     kv = KVCache(args.n_layers, args.n_kv_heads, args.head_dim, n_ctx, np.float16, xp=cp)
     embed = family.load_embedding(f, args)
     f._mmap.madvise(mmap.MADV_DONTNEED)
-    executor = CudaExecutor(cp, family, args, layers, ffn, head, embed, kv, rope, plan)
-    executor.heap_batches = opts.memory_budget is None
-    return executor, host_plan
+    return CudaExecutor(cp, family, args, layers, ffn, head, embed, kv, rope, plan), host_plan

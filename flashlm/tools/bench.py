@@ -80,8 +80,8 @@ class _LlamaCpp:
 ENGINES = {"flashlm": _FlashLM, "llama.cpp": _LlamaCpp}
 
 
-def worker(engine: str, path: str, n_prompt: int, n_gen: int, threads: int, reps: int, ctx: int) -> dict:
-    """Runs in the child process; returns the measurements as a dict."""
+def worker(engine: str, path: str, n_prompt: int, n_gen: int, threads: int, ctx: int) -> dict:
+    """Runs in the child process: a warm-up, then one timed prompt and decode; returns the measurements."""
     t0 = time.perf_counter()
     e = ENGINES[engine](path, threads, ctx)
     load_ms = (time.perf_counter() - t0) * 1e3
@@ -89,22 +89,18 @@ def worker(engine: str, path: str, n_prompt: int, n_gen: int, threads: int, reps
     tok = e.prompt(ids[:16])  # warm-up
     for _ in range(4):
         tok = e.step(tok)
-    prompt_tps, decode_tps, tokens = [], [], []
-    for _ in range(reps):
-        t = time.perf_counter()
-        tok = e.prompt(ids)
-        prompt_tps.append(len(ids) / (time.perf_counter() - t))
-        out = [tok]
-        t = time.perf_counter()
-        for _ in range(n_gen - 1):
-            tok = e.step(tok)
-            out.append(tok)
-        decode_tps.append((n_gen - 1) / (time.perf_counter() - t))
-        tokens = out
+    t = time.perf_counter()
+    tok = e.prompt(ids)
+    prompt_tps = len(ids) / (time.perf_counter() - t)
+    tokens = [tok]
+    t = time.perf_counter()
+    for _ in range(n_gen - 1):
+        tok = e.step(tok)
+        tokens.append(tok)
+    decode_tps = (n_gen - 1) / (time.perf_counter() - t)
     return {"engine": engine, "load_ms": load_ms, "prompt_tokens": len(ids), "gen_tokens": n_gen,
-            "prompt_tps": statistics.median(prompt_tps), "prompt_tps_all": prompt_tps,
-            "decode_tps": statistics.median(decode_tps), "decode_tps_all": decode_tps,
-            "peak_rss_mib": peak_rss_bytes() / 2 ** 20, "tokens": tokens}
+            "prompt_tps": prompt_tps, "decode_tps": decode_tps, "peak_rss_mib": peak_rss_bytes() / 2 ** 20,
+            "tokens": tokens}
 
 
 def _spread(values: list[float]) -> str:
@@ -126,7 +122,7 @@ def _run_engines(engines: list[str], path: str, flash: str | None, args: list[st
             own = flash if flash and engine == "flashlm" else path
             hogs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(busy)]
             try:
-                proc = subprocess.run([sys.executable, "-m", "flashlm.tools.bench", engine, own, *args, "1"],
+                proc = subprocess.run([sys.executable, "-m", "flashlm.tools.bench", engine, own, *args],
                                       capture_output=True, text=True)
             finally:
                 for hog in hogs:
@@ -142,7 +138,7 @@ def _merge(runs: list[dict]) -> dict:
     """One engine's rounds as one result: medians of the speeds and load times, the largest peak memory."""
     out = dict(runs[-1])
     for key in ("prompt_tps", "decode_tps"):
-        out[f"{key}_all"] = [v for r in runs for v in r[f"{key}_all"]]
+        out[f"{key}_all"] = [r[key] for r in runs]
         out[key] = statistics.median(out[f"{key}_all"])
     out["load_ms"] = statistics.median(r["load_ms"] for r in runs)
     out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
@@ -213,5 +209,5 @@ def run_bench(path: str, n_prompt: int, n_gen: int, threads: int, reps: int, ctx
 
 
 if __name__ == "__main__":
-    engine, path, n_prompt, n_gen, threads, ctx, reps = sys.argv[1:8]
-    print(json.dumps(worker(engine, path, int(n_prompt), int(n_gen), int(threads), int(reps), int(ctx))))
+    engine, path, n_prompt, n_gen, threads, ctx = sys.argv[1:7]
+    print(json.dumps(worker(engine, path, int(n_prompt), int(n_gen), int(threads), int(ctx))))
