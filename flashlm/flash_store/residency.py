@@ -52,8 +52,9 @@ class RowCache:
         self.lookups += len(ids)
         return slots
 
-    def insert(self, ids: np.ndarray, records: np.ndarray, step: int, pin: bool = False) -> np.ndarray:
-        """Append rows (len(ids), row_bytes) for ids not cached; returns their slots."""
+    def insert(self, ids: np.ndarray, records: np.ndarray, step: int | np.ndarray, pin: bool = False) -> np.ndarray:
+        """Append rows (len(ids), row_bytes) for ids not cached; returns their slots. step: one for all, or each
+        row's own (an age to start from)."""
         n = len(ids)
         if self.num_used + n > self.capacity:
             raise MemoryError(f"row cache full ({self.num_used} + {n} > {self.capacity})")
@@ -115,12 +116,9 @@ class LRURowCache(RowCache):
             free = min(len(missing), self.capacity - self.num_used)
             victims = np.arange(self.num_used, self.num_used + free)
             self.num_used += free
+            self.last_used[victims] = step  # taken: not to be chosen again below
             if free < len(missing):
-                age = self.last_used.copy()
-                age[slots[slots >= 0]] = np.iinfo(np.int64).max  # this step's cached rows stay
-                age[victims] = np.iinfo(np.int64).max
-                need = len(missing) - free  # the least recently used (kth = need - 1: need may be all slots)
-                victims = np.concatenate([victims, np.argpartition(age, need - 1)[:need]])
+                victims = np.concatenate([victims, self._least_recent(len(missing) - free, step)])
             order = missing[np.argsort(ids[missing])]  # file order
             victims = victims[:len(order)]
             read(ids[order], [self.records[v] for v in victims])
@@ -129,3 +127,22 @@ class LRURowCache(RowCache):
             self.rows_read += len(missing)
         self.last_used[slots] = step
         return slots
+
+    def _least_recent(self, need: int, step: int) -> np.ndarray:
+        """The `need` slots used longest ago, none used at `step` (the caller's rows). The `need` smallest ages
+        all lie at or below a threshold that at least `need` ages reach, found on every STRIDE-th age first: no
+        temporary the size of the cache (under a budget each such array is a fresh mapping whose pages fault in:
+        a 29k-row cache, np.argpartition's index array and a copy of the ages, 116 page faults a token)."""
+        ages = self.last_used[:self.num_used]
+        stride = max(1, len(ages) // 1024)
+        sample = np.sort(ages[::stride])
+        j = min(len(sample) - 1, need // stride)
+        old = np.flatnonzero(ages <= min(sample[j], step - 1))
+        while len(old) < need and j < len(sample) - 1:
+            j = min(len(sample) - 1, 2 * j + 1)
+            old = np.flatnonzero(ages <= min(sample[j], step - 1))
+        if len(old) < need:
+            old = np.flatnonzero(ages < step)
+        if len(old) < need:
+            raise MemoryError(f"row cache full: {need} rows to place, {len(old)} not in use at this step")
+        return old[np.argpartition(ages[old], need - 1)[:need]] if len(old) > need else old
