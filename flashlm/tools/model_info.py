@@ -38,7 +38,7 @@ def _plan_lines(path, f, family, args, budget, ctx_size, device="cpu", gpu_budge
     opts = LoadOptions(memory_budget=budget, ctx_size=ctx_size, device=device, gpu_memory_budget=gpu_budget,
                        output_head=output_head).validate()
     kind = "neuron" if store.group == 1 else \
-        f"blocks of {store.group} neurons, ffn_down {store.layout.down_type.name} as in the source"
+        f"blocks of {store.group} neurons, ffn_down as {store.layout.down_type.name} blocks"
     head = [f"flash store   {store.record_bytes}-byte records ({kind}), calibrated on {f.get('flashlm.calibration')}"]
     if store.predictor_rank:
         from flashlm.flash_store.format import KEY_PREDICTOR
