@@ -2,7 +2,9 @@
 half-model budget, i.e. this process's runtime baseline (interpreter, libraries, tokenizer, KV cache, scratch)
 plus half of the model file. Prints one JSON line.
 
-    python -m tests.flash_budget_run MODEL.flash half|most|none[+sketch] N PROMPT...   (+sketch: output_head="sketch")
+    python -m tests.flash_budget_run MODEL.flash half|most|tight|none[+sketch] N PROMPT...   (+sketch: output_head="sketch")
+
+tight: the baseline plus 25% of the file, where part of the attention matrices must stream too.
 """
 
 import json
@@ -36,7 +38,7 @@ def main():
     path, mode, n, prompts = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
     mode, _, head = mode.partition("+")
     ctx = 512
-    shares = {"half": 0.5, "most": 0.75, "none": None}
+    shares = {"half": 0.5, "most": 0.75, "tight": 0.25, "none": None}
     budget = model_budget(path, ctx, shares[mode]) if shares[mode] else None
     m = flashlm.load(path, threads=2, ctx_size=ctx, memory_budget=budget, output_head=head or "exact")
     reader = m.engine.executor.ffn.reader
@@ -55,7 +57,8 @@ def main():
     plan = m._loaded.plan
     print(json.dumps({"budget": budget, "hot": plan.hot_neurons, "n_ff": plan.n_ff,
                       "head_resident": plan.head_resident, "head_resident_rows": plan.head_resident_rows,
-                      "head_rows": plan.head_rows, "tokens": tokens, "reads": reads,
+                      "head_rows": plan.head_rows, "attention_streamed": plan.attention_streamed, "tokens": tokens,
+                      "reads": reads,
                       "peak_bytes": peak_rss_bytes()}))
 
 

@@ -86,6 +86,26 @@ def test_planner_streams_ffn_first_then_the_head_and_refuses_the_impossible():
     assert f"{part.head_resident_rows}/200000 output rows" in part.describe()
 
 
+def test_planner_streams_attention_layers_last_and_as_few_as_fit():
+    common = dict(baseline=60_000_000, attention_bytes=16_800_000, head_bytes=30_000_000, n_layers=30, n_ff=48,
+                  record_bytes=34_560, kv_bytes_per_token=23_040, n_ctx=256, batch_size=32, n_heads=9,
+                  head_stream_bytes=10_000_000, head_rows=49_152)
+    span = 560_000  # a layer's q, k, v and o in the file
+    floor = plan_flash(budget=None, **common)
+    no_stream = floor.baseline_bytes + 16_800_000 + floor.kv_bytes + floor.scratch_bytes + 2 * (48 * 34_560 + 8192) \
+        + 10_000_000  # the smallest plan with every attention matrix resident (head streamed, no hot records)
+    with pytest.raises(BudgetError, match="smallest workable budget"):
+        plan_flash(budget=no_stream - 3_000_000, **common)  # attention cannot stream: refused
+    p = plan_flash(budget=no_stream - 3_000_000, attention_layer_bytes=span, **common)
+    assert p.attention_streamed == 8 and p.total_bytes <= p.budget_bytes  # 3 MB + two buffers of a span: 7.4 layers
+    assert p.attention_streamed_bytes == 8 * span and "attention of 8/30 layers" in p.describe()
+    assert plan_flash(budget=no_stream + 1_000_000, attention_layer_bytes=span, **common).attention_streamed == 0
+    with pytest.raises(BudgetError, match="smallest workable budget is (\\d+) MB") as e:
+        plan_flash(budget=60_000_000, attention_layer_bytes=span, **common)
+    smallest = int(e.value.args[0].split("smallest workable budget is ")[1].split()[0]) * 1_000_000
+    assert plan_flash(budget=smallest, attention_layer_bytes=span, **common).attention_streamed == 30
+
+
 def test_loading_the_kernels_keeps_subnormals():
     """-ffast-math on the link line would load crtfastmath.o, setting flush-to-zero for the whole process."""
     import ctypes

@@ -108,6 +108,18 @@ def test_half_model_budget_output_identical_to_resident(flash_path):
     assert all(len(t) == 64 for t in full["tokens"])  # the runs ignore end-of-sequence: all 64 compared
 
 
+def test_attention_streams_under_a_tight_budget_with_the_same_tokens(flash_path):
+    """Below a budget that holds every attention matrix (the baseline + 25% of the file, sketch head), the last
+    layers' attention matrices are read each pass: the tokens equal a run that keeps them all resident."""
+    tight = _run(flash_path, "tight+sketch", 24, PROMPTS[:2])
+    half = _run(flash_path, "half+sketch", 24, PROMPTS[:2])
+    print(f"tight budget {tight['budget'] / 1e6:.0f} MB: attention of {tight['attention_streamed']} layers streamed, "
+          f"peak RSS {tight['peak_bytes'] / 1e6:.0f} MB")
+    assert tight["attention_streamed"] > 0 and half["attention_streamed"] == 0
+    assert tight["peak_bytes"] <= tight["budget"]
+    assert tight["tokens"] == half["tokens"] and all(len(t) == 24 for t in half["tokens"])
+
+
 def _pin_baseline(monkeypatch) -> int:
     """Fix the planner's measured baseline at this process's RSS now (after a collection) and return it: a budget
     test that loads in this process then plans exactly the budget it computed. In a long pytest process RSS moves by

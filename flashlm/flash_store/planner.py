@@ -28,6 +28,7 @@ from flashlm.flash_store.reader import FlashStore
 from flashlm.loaders.gguf_reader import GGUFFile
 from flashlm.models import output_matrix
 from flashlm.options import LoadOptions, parse_size  # noqa: F401  (parse_size: re-exported for callers)
+from flashlm.quant.bundle_kernel import SUPPORTED_ROW_TYPES
 
 MB = 1_000_000
 # A flash store runs on the bundle kernel: attention and output matrices are held as their own GGUF bytes.
@@ -63,6 +64,8 @@ class FlashPlan:
     group: int = 1  # neurons per record (format.RecordLayout)
     sketch_cache_rows: int = 0  # output_head "sketch": rows of its exact-row cache (head_sketch.py)
     window_rows: int = 0  # records per layer the sliding window may hold beside the hot ones (residency.py)
+    attention_streamed: int = 0  # layers whose attention matrices are read from flash each forward pass (the last)
+    attention_layer_bytes: int = 0  # a layer's attention matrices as stored (the span one read covers)
 
     @property
     def head_resident(self) -> bool:
@@ -78,6 +81,10 @@ class FlashPlan:
                 + self.io_buffer_bytes + self.cache_bytes)
 
     @property
+    def attention_streamed_bytes(self) -> int:
+        return self.attention_streamed * self.attention_layer_bytes
+
+    @property
     def streamed_fraction(self) -> float:
         return 1.0 - self.hot_neurons / self.n_ff
 
@@ -85,7 +92,7 @@ class FlashPlan:
         mb = lambda n: f"{n / MB:.1f} MB"  # noqa: E731
         lines = [f"memory plan for a budget of {mb(self.budget_bytes) if self.budget_bytes else 'unlimited'}:",
                  f"  baseline (interpreter, libraries, tokenizer)  {mb(self.baseline_bytes)}",
-                 f"  {'resident attention + ' + self._head_text():<46}{mb(self.resident_bytes)}",
+                 f"  {self._resident_text():<45} {mb(self.resident_bytes)}",
                  f"  KV cache (full context)                       {mb(self.kv_bytes)}",
                  f"  {f'activation scratch (batch {self.batch_size})':<46}{mb(self.scratch_bytes)}",
                  f"  {f'FFN hot neurons {self.hot_neurons * self.group}/{self.n_ff * self.group} per layer':<46}"
@@ -97,8 +104,14 @@ class FlashPlan:
                  f"  streamed per token: {self.streamed_fraction:.0%} of the FFN "
                  f"({mb((self.n_ff - self.hot_neurons) * self.record_bytes * self.n_layers)})"
                  + ("" if self.head_resident else
-                    f" and {1 - self.head_resident_rows / self.head_rows:.0%} of the output matrix")]
+                    f" and {1 - self.head_resident_rows / self.head_rows:.0%} of the output matrix")
+                 + (f" and the attention of {self.attention_streamed}/{self.n_layers} layers "
+                    f"({mb(self.attention_streamed_bytes)})" if self.attention_streamed else "")]
         return "\n".join(lines)
+
+    def _resident_text(self) -> str:
+        layers = f" ({self.n_layers - self.attention_streamed}/{self.n_layers} layers)" if self.attention_streamed else ""
+        return f"resident attention{layers} + {self._head_text()}"
 
     def _head_text(self) -> str:
         if self.output_head == "sketch":
@@ -111,11 +124,14 @@ class FlashPlan:
 def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_bytes: int,
                n_layers: int, n_ff: int, record_bytes: int, kv_bytes_per_token: int, n_ctx: int, batch_size: int,
                n_heads: int, head_stream_bytes: int, head_rows: int, scorer_bytes: int = 0,
-               head_streamable: bool = True, group: int = 1, window_rows: int = 0) -> FlashPlan:
-    """FFN neurons stream first; only if even a fully streamed FFN does not fit, the output matrix streams too.
-    n_ff and record_bytes count records (a record holds `group` neurons). window_rows: records per layer a
-    sliding window would hold beside the hot ones: paid before hot records, as far as the budget allows (a window
-    never makes a budget unworkable)."""
+               head_streamable: bool = True, group: int = 1, window_rows: int = 0,
+               attention_layer_bytes: int = 0) -> FlashPlan:
+    """FFN neurons stream first; only if even a fully streamed FFN does not fit, the output matrix streams too, and
+    then (attention_layer_bytes > 0: a layer's attention span in the file, where the layers can stream) the
+    attention matrices of as few layers as make the plan fit, read from flash each forward pass into two buffers
+    of that span. n_ff and record_bytes count records (a record holds `group` neurons). window_rows: records per
+    layer a sliding window would hold beside the hot ones: paid before hot records, as far as the budget allows (a
+    window never makes a budget unworkable)."""
     align = max(1, HOT_ALIGN // group)
     head_row_bytes = head_bytes // head_rows
     kv = kv_bytes_per_token * n_ctx
@@ -126,19 +142,34 @@ def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_
     scratch = SCRATCH_BYTES + batch * n_ctx * n_heads * 4
     attention = attention_bytes + scorer_bytes
 
-    def plan(hot: int, head_resident: bool | int, window: int = 0) -> FlashPlan:
-        """head_resident: True (all rows), False (none) or a number of resident rows."""
-        rows = head_rows if head_resident is True else int(head_resident)
-        io = 0 if hot >= n_ff else 2 * ((n_ff - hot) * record_bytes + 2 * 4096)
-        resident = attention + rows * head_row_bytes + (0 if rows >= head_rows else head_stream_bytes)
-        return FlashPlan(budget, baseline, resident, kv, scratch, io, hot, rows, head_rows, n_ff, n_layers,
-                         record_bytes, batch, group=group, window_rows=min(window, n_ff - hot))
+    layer_bytes = attention_bytes // n_layers
+    streamed = 0  # attention layers streamed (set below, before the FFN's hot records are sized)
 
-    if budget is None or plan(n_ff, True).total_bytes <= budget:
+    def plan(hot: int, head_resident: bool | int, window: int = 0, att: int | None = None) -> FlashPlan:
+        """head_resident: True (all rows), False (none) or a number of resident rows; att: attention layers
+        streamed (default: `streamed`)."""
+        att = streamed if att is None else att
+        rows = head_rows if head_resident is True else int(head_resident)
+        io = (0 if hot >= n_ff else 2 * ((n_ff - hot) * record_bytes + 2 * 4096)) + \
+            (2 * (attention_layer_bytes + 2 * 4096) if att else 0)
+        resident = attention - att * layer_bytes + rows * head_row_bytes + (0 if rows >= head_rows else
+                                                                           head_stream_bytes)
+        return FlashPlan(budget, baseline, resident, kv, scratch, io, hot, rows, head_rows, n_ff, n_layers,
+                         record_bytes, batch, group=group, window_rows=min(window, n_ff - hot),
+                         attention_streamed=att, attention_layer_bytes=attention_layer_bytes)
+
+    def fits(p: FlashPlan) -> bool:
+        return p.total_bytes <= budget
+
+    if budget is None or fits(plan(n_ff, True)):
         return plan(n_ff, True)
-    head_resident = plan(0, True).total_bytes <= budget
-    if not head_resident and (not head_streamable or plan(0, False).total_bytes > budget):
-        smallest = plan(0, not head_streamable)
+    if not fits(plan(0, True)) and not (head_streamable and fits(plan(0, False))) and attention_layer_bytes:
+        streamed = next((att for att in range(1, n_layers + 1)
+                         if fits(plan(0, True, att=att)) or (head_streamable and fits(plan(0, False, att=att)))),
+                        0)
+    head_resident = fits(plan(0, True))
+    if not head_resident and (not head_streamable or not fits(plan(0, False))):
+        smallest = plan(0, not head_streamable, att=n_layers if attention_layer_bytes else 0)
         raise BudgetError(f"a memory budget of {budget / MB:.0f} MB cannot hold this model: the smallest workable "
                           f"budget is {-(-smallest.total_bytes // MB)} MB at a context of {n_ctx} tokens "
                           f"(baseline {baseline / MB:.0f} MB, resident {smallest.resident_bytes / MB:.0f} MB, "
@@ -157,6 +188,21 @@ def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_
 # -- a model's plan: CPU, GPU and output head placement ---------------------------------------------------
 def attention_names(family: ModuleType, i: int) -> list[str]:
     return [family.layer_name(k, i) for k in ("q", "k", "v", "o")]
+
+
+def attention_span(f: GGUFFile, family: ModuleType, i: int) -> tuple[int, int]:
+    """[start, end) of the file bytes holding layer i's q, k, v and o matrices (one read when it streams)."""
+    tensors = [f.tensors[n] for n in attention_names(family, i)]
+    return min(t.offset for t in tensors), max(t.offset + t.nbytes for t in tensors)
+
+
+def attention_streamable(f: GGUFFile, family: ModuleType, n_layers: int) -> int:
+    """The largest layer's attention span if every layer's attention matrices are in a type the row kernel takes
+    from their stored bytes (a float matrix is kept dequantized, so it cannot stream); else 0."""
+    if any(f.tensors[n].ggml_type not in SUPPORTED_ROW_TYPES for i in range(n_layers)
+           for n in attention_names(family, i)):
+        return 0
+    return max(end - start for start, end in (attention_span(f, family, i) for i in range(n_layers)))
 
 
 def window_rows(store: FlashStore, activation: str, opts: LoadOptions) -> int:
@@ -194,6 +240,7 @@ def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: Loa
     scorer = scorer_bytes(store, opts.sparsity_score) if opts.sparsity else 0
     window = window_rows(store, family.ffn_activation(args), opts)
     baseline = baseline or psutil.Process().memory_info().rss
+    span = 0 if gpu_resident else attention_streamable(f, family, args.n_layers)
 
     def plan(head_bytes: int) -> FlashPlan:
         return plan_flash(budget=opts.memory_budget, baseline=baseline, attention_bytes=attention,
@@ -201,7 +248,7 @@ def plan_for(f: GGUFFile, family: ModuleType, args, store: FlashStore, opts: Loa
                           record_bytes=store.record_bytes, kv_bytes_per_token=kv_per_token, n_ctx=n_ctx,
                           batch_size=opts.resolved_batch(), n_heads=args.n_heads, head_stream_bytes=head_stream,
                           head_rows=head_rows, scorer_bytes=scorer, head_streamable=not sketch, group=store.group,
-                          window_rows=window)
+                          window_rows=window, attention_layer_bytes=span)
 
     if not sketch:
         return replace(plan(head_bytes), output_head=opts.output_head)
@@ -246,7 +293,8 @@ def _auto_head_plan(f: GGUFFile, family: ModuleType, args, store: FlashStore, op
     row_bytes = info.nbytes // info.shape[0]
 
     def streamed(p):
-        return (p.n_ff - p.hot_neurons) * p.record_bytes * p.n_layers + (p.head_rows - p.head_resident_rows) * row_bytes
+        return ((p.n_ff - p.hot_neurons) * p.record_bytes * p.n_layers + (p.head_rows - p.head_resident_rows) * row_bytes
+                + p.attention_streamed_bytes)
 
     exact = attempt("exact")
     if gpu_resident or (exact is not None and streamed(exact) == 0):

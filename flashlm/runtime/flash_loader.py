@@ -24,7 +24,7 @@ from flashlm.quant.formats import dequantize
 from flashlm.quant.bundle_kernel import SUPPORTED_ROW_TYPES, BundleKernel
 from flashlm.runtime.kernel_executor import AttentionWeights, KernelExecutor, RowMatrix
 from flashlm.runtime.kv_cache import KVCache
-from flashlm.runtime.streaming import StreamedFFN, StreamedHead
+from flashlm.runtime.streaming import StreamedAttention, StreamedFFN, StreamedHead
 from flashlm.loaders.gguf_reader import GGUFFile, GGMLQuantizationType as QT
 from flashlm.quant.weights import require, vector
 
@@ -35,6 +35,16 @@ def _row_matrix(f: GGUFFile, name: str, bias_name: str | None) -> RowMatrix:
         return RowMatrix(np.array(f.tensor_bytes(name)), info.ggml_type, bias)
     # float matrices (F32/F16/BF16) are kept as float32 and multiplied by numpy
     return RowMatrix(dequantize(f.tensor_bytes(name), info.ggml_type).reshape(info.shape), QT.F32, bias)
+
+
+def attention_biases(f: GGUFFile, family: ModuleType, args, i: int) -> dict[str, np.ndarray]:
+    """Layer i's q, k, v biases where the file has them (Qwen2), by key."""
+    out = {}
+    for name, key in zip(attention_names(family, i), ("q", "k", "v")):
+        bias = family.layer_name(f"{key}_bias", i)
+        if bias in f.tensors:
+            out[key] = vector(f, bias, f.tensors[name].shape[0])
+    return out
 
 
 def load_attention(f: GGUFFile, family: ModuleType, args, i: int) -> AttentionWeights:
@@ -62,12 +72,15 @@ def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: 
     store = FlashStore(f, args.n_layers, args.n_ff, args.d_model)
     plan = plan_for(f, family, args, store, opts, n_ctx)
     kernel = BundleKernel(store.layout, family.ffn_activation(args), threads)
+    streamed = list(range(args.n_layers - plan.attention_streamed, args.n_layers))
     layers = []
-    for i in range(args.n_layers):
-        layers.append(load_attention(f, family, args, i))
+    for i in range(args.n_layers):  # a streamed layer's matrices come from StreamedAttention each pass
+        layers.append(None if i in streamed else load_attention(f, family, args, i))
         f._mmap.madvise(mmap.MADV_DONTNEED)  # the copies are ours; the file's pages need not stay
     reader = FlashReader(path, threads=opts.io_threads)
     try:  # a failed load-time read leaves no reader thread behind
+        attention = StreamedAttention(reader, f, family, streamed, {i: layer_norms(f, family, args, i) for i in streamed},
+                                      {i: attention_biases(f, family, args, i) for i in streamed}) if streamed else None
         info = output_matrix(f)
         norm = vector(f, family.TENSORS["output_norm"], args.d_model)
         if plan.output_head == "sketch":
@@ -87,7 +100,7 @@ def load_flash_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: 
     kv = KVCache(args.n_layers, args.n_kv_heads, args.head_dim, n_ctx, KV_DTYPE)
     embed = family.load_embedding(f, args)
     f._mmap.madvise(mmap.MADV_DONTNEED)
-    return KernelExecutor(family, args, layers, kernel, ffn, head, embed, kv, rope), plan
+    return KernelExecutor(family, args, layers, kernel, ffn, head, embed, kv, rope, attention=attention), plan
 
 
 def load_cuda_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: LoadOptions, n_ctx: int,

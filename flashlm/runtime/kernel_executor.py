@@ -251,10 +251,12 @@ class KernelExecutor:
     ops_class = KernelOps
     heap_batches = True  # passes of several tokens reuse heap blocks (runtime/heap.py); off under a memory budget
 
-    def __init__(self, family, args, layers: list[AttentionWeights], kernel: BundleKernel, ffn: FFNSource,
-                 head: OutputHead, embed: EmbeddingTable, kv: KVCache, rope: dict[str, np.ndarray], compute=None):
+    def __init__(self, family, args, layers: list[AttentionWeights | None], kernel: BundleKernel, ffn: FFNSource,
+                 head: OutputHead, embed: EmbeddingTable, kv: KVCache, rope: dict[str, np.ndarray], compute=None,
+                 attention=None):
         self.family, self.args, self.layers, self.kernel, self.ffn, self.head_stream = family, args, layers, kernel, \
             ffn, head
+        self.attention = attention  # streaming.StreamedAttention: the weights of the layers that are None above
         self.embed, self.kv, self.vocab_size = embed, kv, args.vocab_size
         self.rope = rope  # name -> table; layer i reads the pair args.rope_names(i)
         # numpy's attention products next to the OpenMP kernels take one BLAS thread (quant/bundle_kernel.py);
@@ -272,10 +274,12 @@ class KernelExecutor:
         self.kv.reserve(start + n)
         h = self.xp.asarray(self.embed.lookup(ids), dtype=np.float32)
         self.ffn.begin(n)
+        if self.attention is not None:
+            self.attention.begin()
         ops = self.ops_class(self, start)
         with self.compute, batch_heap(n > 1 and self.heap_batches):
             for i, w in enumerate(self.layers):
-                h = self.family.layer(ops, self.args, w, i, h)
+                h = self.family.layer(ops, self.args, w if w is not None else self.attention.weights(i), i, h)
         self.kv.n_past = start + n
         return h
 

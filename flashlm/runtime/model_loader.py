@@ -98,7 +98,7 @@ def load_model(path: str, opts: LoadOptions, taps: tuple[str, ...] = (), load_to
             resident = sum(m.nbytes for w in executor.layers for m in (*w.qkv, w.o))
         elif flash:
             executor, plan = load_flash_executor(path, f, family, args, opts, n_ctx, threads)
-            resident = sum(w.nbytes for w in executor.layers)
+            resident = sum(w.nbytes for w in executor.layers if w is not None)
         else:
             plan = None
             if opts.sparsity:

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 
 from flashlm.flash_store.io_engine import ALIGN, FlashReader, IOStats, aligned_buffer
-from flashlm.flash_store.planner import FlashPlan
+from flashlm.flash_store.planner import FlashPlan, attention_names, attention_span
 from flashlm.flash_store.predictor import (NeuronScorer, keep_count, page_coverage, page_runs, reads_selected, select,
                                            topk_mask)
 from flashlm.flash_store.reader import FlashStore
 from flashlm.flash_store.residency import NeuronWindowCache
 from flashlm.quant.bundle_kernel import BLAS_MIN_TOKENS, BundleKernel, dense_ffn, rows_matvec
+from flashlm.runtime.kernel_executor import AttentionWeights, RowMatrix
 
 
 @dataclass
@@ -330,6 +331,58 @@ class StreamedHead:
         except BaseException:
             self.reader.drain()  # no slice still being read into a buffer the next call reuses
             raise
+
+
+class StreamedAttention:
+    """The attention matrices of the layers a budget cannot keep (plan.attention_streamed, the last ones): each
+    forward pass reads a layer's q, k, v and o (one span of the file, planner.attention_span) into one of two
+    buffers; handing out layer i's weights issues the next streamed layer's read into the other buffer, so it
+    arrives while layer i and its FFN compute. The rows are used as stored, as resident ones are: the same
+    products, whatever streams."""
+
+    def __init__(self, reader: FlashReader, f, family, layers: list[int], norms: dict[int, dict],
+                 biases: dict[int, dict]):
+        self.reader, self.order = reader, layers
+        self.io_wait_s = 0.0
+        self.spans, self.parts = {}, {}
+        for i in layers:
+            start, end = self.spans[i] = attention_span(f, family, i)
+            self.parts[i] = [(f.tensors[n].offset - start, f.tensors[n].nbytes, f.tensors[n].shape[0],
+                              f.tensors[n].ggml_type, biases[i].get(key)) for n, key in
+                             zip(attention_names(family, i), ("q", "k", "v", "o"))]
+        self.norms = norms
+        size = max((end - start for start, end in self.spans.values()), default=0)
+        self.buffers = [aligned_buffer(size + 2 * ALIGN) for _ in range(2 if layers else 0)]
+        self._pending: dict[int, object] = {}
+
+    def _issue(self, k: int) -> None:
+        if k < len(self.order):
+            i = self.order[k]
+            start, end = self.spans[i]
+            self._pending[i] = self.reader.read(start, end - start, self.buffers[k % 2])
+
+    def begin(self) -> None:
+        """A forward pass starts: the first streamed layer's read is issued."""
+        if self._pending:  # an interrupted pass: no read may still be filling a buffer
+            self.reader.drain()
+            self._pending.clear()
+        self._issue(0)
+
+    def weights(self, i: int):
+        """Layer i's AttentionWeights, views into the buffer its read filled (valid until the read two streamed
+        layers on reuses it)."""
+        t = time.perf_counter()
+        try:
+            data = self._pending.pop(i).result()
+        except BaseException:
+            self.reader.drain()
+            self._pending.clear()
+            raise
+        self.io_wait_s += time.perf_counter() - t
+        self._issue(self.order.index(i) + 1)
+        q, k, v, o = (RowMatrix(data[a:a + n].reshape(rows, -1), qtype, bias)
+                      for a, n, rows, qtype, bias in self.parts[i])
+        return AttentionWeights([q, k, v], o, self.norms[i])
 
 
 @dataclass
