@@ -31,7 +31,12 @@ class ChatTemplateError(FlashLMError):
 
 
 class BudgetError(FlashLMError):
-    """The memory budget cannot hold what the model needs resident (the message names the smallest workable one)."""
+    """The memory budget cannot hold what the model needs resident (the message names the smallest workable one,
+    `smallest_bytes` where the planner computed it)."""
+
+    def __init__(self, message: str, smallest_bytes: int | None = None):
+        super().__init__(message)
+        self.smallest_bytes = smallest_bytes
 
 
 class StorageError(ModelFileError):

@@ -104,6 +104,7 @@ def test_planner_streams_attention_layers_last_and_as_few_as_fit():
         plan_flash(budget=60_000_000, attention_layer_bytes=span, **common)
     smallest = int(e.value.args[0].split("smallest workable budget is ")[1].split()[0]) * 1_000_000
     assert plan_flash(budget=smallest, attention_layer_bytes=span, **common).attention_streamed == 30
+    assert -(-e.value.smallest_bytes // 1_000_000) * 1_000_000 == smallest  # the figure the message names
 
 
 def test_loading_the_kernels_keeps_subnormals():

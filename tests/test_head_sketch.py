@@ -91,3 +91,31 @@ def test_sketch_head_needs_its_memory(gemma_flash):
 
     with pytest.raises(BudgetError, match="smallest workable budget"):
         flashlm.load(gemma_flash, threads=2, ctx_size=256, memory_budget="140MB", output_head="sketch")
+
+
+def test_auto_head_names_the_smaller_smallest_budget_and_it_loads_there(gemma_flash):
+    """--output-head auto under a budget neither head fits: the error names the smaller of the two heads' smallest
+    workable budgets (the sketch's alone was 163 MB where the streamed exact head works from 134), and a plan at
+    that budget exists."""
+    from flashlm.errors import BudgetError
+    from flashlm.flash_store.planner import plan_for
+    from flashlm.flash_store.reader import FlashStore
+    from flashlm.models import read_model
+    from flashlm.options import LoadOptions
+
+    f, family, args = read_model(gemma_flash)
+    store = FlashStore(f, args.n_layers, args.n_ff, args.d_model, verify=False)
+
+    def plan(budget, head):
+        opts = LoadOptions(ctx_size=512, memory_budget=budget, output_head=head).validate()
+        return plan_for(f, family, args, store, opts, 512, baseline=90_000_000)
+
+    smallest = {}
+    for head in ("exact", "sketch", "auto"):
+        with pytest.raises(BudgetError) as e:
+            plan(100_000_000, head)
+        smallest[head] = e.value.smallest_bytes
+    assert smallest["auto"] == min(smallest["exact"], smallest["sketch"]) < max(smallest["exact"], smallest["sketch"])
+    p = plan(smallest["auto"], "auto")
+    assert p.total_bytes <= smallest["auto"] and p.attention_streamed > 0
+    f.close()

@@ -173,7 +173,7 @@ def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_
         raise BudgetError(f"a memory budget of {budget / MB:.0f} MB cannot hold this model: the smallest workable "
                           f"budget is {-(-smallest.total_bytes // MB)} MB at a context of {n_ctx} tokens "
                           f"(baseline {baseline / MB:.0f} MB, resident {smallest.resident_bytes / MB:.0f} MB, "
-                          f"KV cache {kv / MB:.0f} MB; a smaller -c lowers it)")
+                          f"KV cache {kv / MB:.0f} MB; a smaller -c lowers it)", smallest.total_bytes)
     window = min(window_rows, (budget - plan(0, head_resident).total_bytes) // (n_layers * record_bytes))
     spare = budget - plan(0, head_resident, window).total_bytes + 2 * n_ff * record_bytes
     hot = min(n_ff, max(0, spare // (record_bytes * max(1, n_layers - 2))) // align * align)
@@ -301,7 +301,15 @@ def _auto_head_plan(f: GGUFFile, family: ModuleType, args, store: FlashStore, op
         return exact if exact is not None else plan("exact")  # (raises the budget error)
     sketch = attempt("sketch")
     fitting = [p for p in (exact, sketch) if p is not None]
-    return min(fitting, key=streamed) if fitting else plan("sketch")  # ties: exact; none fits: the sketch's error
+    if fitting:
+        return min(fitting, key=streamed)  # ties: exact
+    errors = []  # none fits: the error naming the smaller of the two heads' smallest workable budgets
+    for head in ("exact", "sketch"):
+        try:
+            plan(head)
+        except BudgetError as e:
+            errors.append(e)
+    raise min(errors, key=lambda e: e.smallest_bytes or 0)
 
 
 @dataclass
