@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from flashlm.quant.bundle_kernel import rows_matvec
+from flashlm.quant.bundle_kernel import address, rows_matvec
 from flashlm.quant.formats import dequantize
 from flashlm.flash_store.io_engine import ALIGN, FlashReader, aligned_buffer
 from flashlm.flash_store.residency import LRURowCache
@@ -76,9 +76,9 @@ class _SketchKernel:
         """x: the input with the outlier dimensions moved to its end (SketchHead._split)."""
         n_out = h.q8.shape[1]
         d = x.shape[0] - n_out
-        if self.fn is not None and self.fn(h.bits.ctypes.data, h.scale.ctypes.data, h.q8.ctypes.data,
-                                           h.s8.ctypes.data, n_out, len(h.scale), d, x.ctypes.data,
-                                           out.ctypes.data, threads) == 0:
+        if self.fn is not None and self.fn(address(h.bits), address(h.scale), address(h.q8),
+                                           address(h.s8), n_out, len(h.scale), d, address(x),
+                                           address(out), threads) == 0:
             return
         signs = np.unpackbits(h.bits, axis=1, bitorder="little").astype(np.float32) * 2 - 1  # numpy fallback
         np.multiply(signs @ x[:d], h.scale, out=out)

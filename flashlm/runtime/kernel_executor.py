@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from flashlm.quant.weights import EmbeddingTable
-from flashlm.quant.bundle_kernel import BundleKernel, rows_matvec
+from flashlm.quant.bundle_kernel import BundleKernel, address, rows_matvec
 from flashlm.runtime.heap import batch_heap
 from flashlm.runtime.kv_cache import KVCache
 
@@ -217,9 +217,9 @@ class KernelOps(ArrayOps):
         scores = np.empty(a.n_heads * (pos - lo + 1), np.float32)
         skip = lo * a.head_dim * keys.itemsize
         status = self.ex.kernel.attention_decode(
-            q.ctypes.data, k.ctypes.data, v.ctypes.data, keys.ctypes.data + skip, values.ctypes.data + skip,
-            keys.shape[1], pos - lo, cos[pos].ctypes.data, sin[pos].ctypes.data, int(a.rope.interleaved), a.n_heads,
-            a.n_kv_heads, a.head_dim, a.head_dim ** -0.5, out.ctypes.data, scores.ctypes.data, self.ex.kernel.threads)
+            address(q), address(k), address(v), address(keys) + skip, address(values) + skip,
+            keys.shape[1], pos - lo, address(cos[pos]), address(sin[pos]), int(a.rope.interleaved), a.n_heads,
+            a.n_kv_heads, a.head_dim, a.head_dim ** -0.5, address(out), address(scores), self.ex.kernel.threads)
         if status != 0:
             raise RuntimeError(f"attention_decode failed ({status})")
         return out[None]
@@ -234,9 +234,9 @@ class KernelOps(ArrayOps):
         out = np.empty((n, a.n_heads * a.head_dim), np.float32)
         c, s = (np.ascontiguousarray(t[start:start + n], dtype=np.float32) for t in (cos, sin))
         status = self.ex.kernel.attention_batch(
-            q.ctypes.data, k.ctypes.data, v.ctypes.data, keys.ctypes.data, values.ctypes.data, keys.shape[1], start,
-            n, c.ctypes.data, s.ctypes.data, int(a.rope.interleaved), a.n_heads, a.n_kv_heads, a.head_dim,
-            a.head_dim ** -0.5, window, out.ctypes.data, self.ex.kernel.threads)
+            address(q), address(k), address(v), address(keys), address(values), keys.shape[1], start,
+            n, address(c), address(s), int(a.rope.interleaved), a.n_heads, a.n_kv_heads, a.head_dim,
+            a.head_dim ** -0.5, window, address(out), self.ex.kernel.threads)
         if status != 0:
             raise RuntimeError(f"attention_batch failed ({status})")
         return out
