@@ -54,6 +54,7 @@ def test_sketch_head_candidates_are_exact_and_cache_evicts(gemma_flash):
     sketch = flashlm.load(gemma_flash, threads=2, ctx_size=256, output_head="sketch")
     head = sketch.engine.executor.head_stream
     head.set_cache_rows(700)
+    head.read_rank = head.candidates  # every uncached candidate read, so 7 tokens turn the cache over
     head.record = []
     io = sketch.engine.executor.ffn.stats.io  # the live counters the CLI and the benchmarks report
     before = io.snapshot()
