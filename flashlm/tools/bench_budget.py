@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -53,7 +54,11 @@ def run_limited(cmd: list[str], limit: int | None, timeout: float) -> dict:
         procs = os.path.join(group, "cgroup.procs")
         wrapper = ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *cmd]
         t = time.perf_counter()
-        proc = subprocess.run(wrapper, capture_output=True, text=True, timeout=timeout)
+        try:
+            proc = subprocess.run(wrapper, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(procs)  # the engine's own children too (a compiler), or they hold the group
+            raise
         wall = time.perf_counter() - t
         peak_name = "memory.max_usage_in_bytes" if version == "v1" else "memory.peak"
         with open(os.path.join(group, peak_name)) as f:
@@ -71,6 +76,33 @@ def run_limited(cmd: list[str], limit: int | None, timeout: float) -> dict:
                 break
             except OSError:
                 time.sleep(0.1)
+
+
+def _kill_group(procs: str) -> None:
+    """SIGKILL every process left in a cgroup (its cgroup.procs file) and wait until it is empty."""
+    for _ in range(50):
+        with open(procs) as f:
+            pids = [int(p) for p in f.read().split()]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
+def build_kernels() -> None:
+    """Compile flashlm's C kernels into the user's cache now, outside any limit. Built at first use otherwise, the
+    compiler would run inside the engine's cgroup: at 175 MB, cc1 (125 MB) beside the engine thrashed for over
+    300 s, and every run timed out."""
+    from flashlm.flash_store.head_sketch import SKETCH_SOURCE
+    from flashlm.flash_store.io_engine import AIO_SOURCE
+    from flashlm.quant.bundle_kernel import SOURCE, build_library
+
+    for source in (SOURCE, SKETCH_SOURCE, AIO_SOURCE):
+        build_library(source)
 
 
 def worker(engine: str, path: str, n_gen: int, threads: int, ctx: int, budget: int | None,
@@ -139,6 +171,7 @@ def run_budget_bench(gguf: str, flash: str, budgets: list[int | None], n_gen: in
                      repetitions: int = 1) -> dict:
     """Per budget, `repetitions` rounds of llama.cpp then flashlm (a fresh process each, caches dropped before
     each); each engine's row is its run of median decode speed (or its first failure)."""
+    build_kernels()
     rows = []
     for budget in budgets:
         row = {"budget": budget}
