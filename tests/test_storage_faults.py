@@ -50,8 +50,7 @@ def load_streaming(path: str, **kw) -> flashlm.Model:
             reader = ex.ffn.reader
             for name in ("_ahead", "_aio"):  # the faults below reach os.preadv: reads ahead and row reads go
                 if getattr(reader, name) is not None:  # through the reader threads here (Linux AIO: tests at the end)
-                    lib, ctx = getattr(reader, name)
-                    lib.aio_close(ctx)
+                    getattr(reader, name).close()
                     setattr(reader, name, None)
             return m
         m.close()
@@ -456,7 +455,7 @@ def _runs(size: int, n: int, length: int, seed: int = 1) -> list[tuple[int, int]
 def test_selective_reads_all_in_flight_give_the_files_bytes(data_file):
     """read_runs through Linux AIO (every run submitted at once) and through the reader threads: the same bytes,
     the file's; more runs than one submission holds go in batches."""
-    from flashlm.flash_store.io_engine import AIO_MAX_EVENTS
+    from flashlm.flash_store.aio import AIO_MAX_EVENTS
 
     path, data = data_file
     reader = FlashReader(path, threads=4)
@@ -534,7 +533,7 @@ def test_a_read_ahead_past_a_truncated_end_fails_naming_the_byte(data_file, tmp_
 def test_row_reads_all_in_flight_give_the_files_bytes(data_file):
     """read_rows (the sketch head's candidate rows) through Linux AIO, more rows than one submission holds, at
     unaligned offsets: the file's bytes, as through the reader threads."""
-    from flashlm.flash_store.io_engine import AIO_MAX_EVENTS
+    from flashlm.flash_store.aio import AIO_MAX_EVENTS
 
     path, data = data_file
     reader = FlashReader(path, threads=4)

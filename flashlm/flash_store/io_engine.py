@@ -19,12 +19,9 @@ PEP 475; a retry here covers wrappers that surface it).
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import functools
 import mmap
 import os
-import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -33,34 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from flashlm.errors import ModelFileError, StorageError
+from flashlm.flash_store.aio import AIO_MAX_EVENTS, AioContext
 
 ALIGN = 4096
 DIRECT_IO_ALIGN = 512  # O_DIRECT offsets must be multiples of the logical block size (512 on every disk we meet)
-AIO_MAX_EVENTS = 256  # reads in flight at once through Linux AIO (aio_reads.c); more are submitted in batches
-AIO_SOURCE = os.path.join(os.path.dirname(__file__), "aio_reads.c")
-
-
-@functools.cache
-def _load_aio():
-    """aio_reads.c through ctypes, built at first use like the bundle kernel (once per process); None off Linux,
-    without a C compiler, or with FLASHLM_AIO=0."""
-    if not sys.platform.startswith("linux") or os.environ.get("FLASHLM_AIO", "1") == "0":
-        return None
-    from flashlm.quant.bundle_kernel import build_library
-
-    path = build_library(AIO_SOURCE)
-    if path is None:
-        return None
-    lib = ctypes.CDLL(path)
-    lib.aio_open.restype, lib.aio_open.argtypes = ctypes.c_uint64, [ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
-    lib.aio_close.restype, lib.aio_close.argtypes = ctypes.c_int, [ctypes.c_uint64]
-    lib.aio_read_all.restype = ctypes.c_int
-    lib.aio_read_all.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4
-    lib.aio_submit.restype = ctypes.c_int
-    lib.aio_submit.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4
-    lib.aio_reap.restype = ctypes.c_int
-    lib.aio_reap.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-    return lib
 
 
 def aligned_buffer(nbytes: int) -> np.ndarray:
@@ -127,15 +100,8 @@ class FlashReader:
         self._ahead = None
         self._ahead_parts: dict[int, tuple] = {}  # tag -> (request, buffer, position in it, length, file offset)
         self._next_tag = 0
-        lib = _load_aio() if self.direct else None
-        if lib is not None:
-            err = ctypes.c_int(0)
-            ctx = lib.aio_open(AIO_MAX_EVENTS, ctypes.byref(err))
-            if ctx:
-                self._aio = (lib, ctx)
-            ctx = lib.aio_open(AIO_MAX_EVENTS, ctypes.byref(err))
-            if ctx:
-                self._ahead = (lib, ctx)
+        if self.direct:
+            self._aio, self._ahead = AioContext.open(), AioContext.open()
 
     def _fail(self, message: str) -> StorageError:
         error = StorageError(f"{self.path}: {message}")
@@ -255,12 +221,9 @@ class FlashReader:
                 self._row_pages[:1] = [aligned_buffer(len(offsets) * span)]
             pages = self._row_pages[0]
         dest = (pages.ctypes.data + np.arange(len(offsets), dtype=np.uint64) * np.uint64(span))
-        res = np.zeros(len(offsets), np.int64)
-        lib, ctx = self._aio
         t = time.perf_counter()
         with self._aio_lock:
-            status = lib.aio_read_all(ctx, AIO_MAX_EVENTS, self.fd, len(offsets), starts.ctypes.data,
-                                      lengths.ctypes.data, dest.ctypes.data, res.ctypes.data)
+            status, res = self._aio.read_all(self.fd, starts, lengths, dest)
         if status != 0:
             raise self._fail(f"reads at bytes {starts.min()}..{starts.max()} failed: {os.strerror(-status)}")
         lead = offsets - starts
@@ -315,17 +278,14 @@ class FlashReader:
     def _read_runs_aio(self, base: int, runs: list[tuple[int, int]], out: np.ndarray) -> None:
         """read_runs with every read submitted at once (aio_reads.c). A read that failed names its byte; one that
         came back short inside the file is finished by a positional read."""
-        lib, ctx = self._aio
         bounds = np.asarray(runs, np.int64).reshape(-1, 2)  # one conversion of page_runs' list
         starts = bounds[:, 0].copy()
         lengths = bounds[:, 1] - starts
         offsets = base + starts
         dests = (out.ctypes.data + starts).astype(np.uint64)
-        res = np.zeros(len(runs), np.int64)
         t = time.perf_counter()
         with self._aio_lock:
-            status = lib.aio_read_all(ctx, AIO_MAX_EVENTS, self.fd, len(runs), offsets.ctypes.data,
-                                      lengths.ctypes.data, dests.ctypes.data, res.ctypes.data)
+            status, res = self._aio.read_all(self.fd, offsets, lengths, dests)
         if status != 0:  # a submission or the wait failed: some buffers may be stale or still being written
             raise self._fail(f"reads at bytes {offsets[0]}..{offsets[-1] + lengths[-1]} failed: "
                              f"{os.strerror(-status)}")
@@ -423,13 +383,11 @@ class FlashReader:
         dests = (out.ctypes.data + positions).astype(np.uint64)
         tags = np.arange(self._next_tag, self._next_tag + len(positions), dtype=np.int64)
         self._next_tag += len(positions)
-        lib, ctx = self._ahead
         with self._aio_lock:
             for tag, pos, length, offset in zip(tags.tolist(), positions.tolist(), lengths.tolist(), offsets.tolist()):
                 self._ahead_parts[tag] = (request, out, pos, length, offset)
             request.remaining = len(tags)
-            submitted = lib.aio_submit(ctx, self.fd, len(tags), offsets.ctypes.data, lengths.ctypes.data,
-                                       dests.ctypes.data, tags.ctypes.data) if len(tags) else 0
+            submitted = self._ahead.submit(self.fd, offsets, lengths, dests, tags)
             for tag in tags[max(0, submitted):].tolist():  # refused by the kernel: read here, now
                 _, _, pos, length, offset = self._ahead_parts.pop(tag)
                 request.remaining -= 1
@@ -443,11 +401,10 @@ class FlashReader:
 
     def _reap_ahead(self, request: "AheadRead | None") -> None:
         """Collect read_ahead completions until `request` has all of its own (None: until none is in flight)."""
-        lib, ctx = self._ahead
         tags, res = np.zeros(AIO_MAX_EVENTS, np.int64), np.zeros(AIO_MAX_EVENTS, np.int64)
         with self._aio_lock:
             while self._ahead_parts and (request is None or request.remaining):
-                n = lib.aio_reap(ctx, 1, AIO_MAX_EVENTS, tags.ctypes.data, res.ctypes.data)
+                n = self._ahead.reap(tags, res)
                 if n < 0:  # cannot wait: buffers may still be written
                     self._ahead_parts.clear()
                     raise self._fail(f"waiting for reads failed: {os.strerror(-n)}")
@@ -485,11 +442,11 @@ class FlashReader:
             except StorageError:
                 pass
             with self._aio_lock:
-                self._ahead[0].aio_close(self._ahead[1])
+                self._ahead.close()
                 self._ahead = None
         if self._aio is not None:
             with self._aio_lock:  # no read_runs call in flight
-                self._aio[0].aio_close(self._aio[1])
+                self._aio.close()
                 self._aio = None
         for fd in (self.fd, self._buffered_fd):
             if fd >= 0:

@@ -98,7 +98,7 @@ def build_kernels() -> None:
     compiler would run inside the engine's cgroup: at 175 MB, cc1 (125 MB) beside the engine thrashed for over
     300 s, and every run timed out."""
     from flashlm.flash_store.head_sketch import SKETCH_SOURCE
-    from flashlm.flash_store.io_engine import AIO_SOURCE
+    from flashlm.flash_store.aio import AIO_SOURCE
     from flashlm.quant.bundle_kernel import SOURCE, build_library
 
     for source in (SOURCE, SKETCH_SOURCE, AIO_SOURCE):
