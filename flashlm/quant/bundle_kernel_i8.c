@@ -267,6 +267,26 @@ static inline __attribute__((always_inline)) __m256i unpack_avx2(const uint8_t *
 }
 #endif
 
+/* Q4_K / Q5_K: a super-block's 8 scales and 8 mins decoded together (ggml's 32-bit mask trick on the 12 packed
+ * bytes), as fm[j][0] = d * sc_j and fm[j][1] = -dmin * mn_j: the same products as k_scale_min's scalar loop, which
+ * took most of a Q4_K row's time (perf: scalar converts and spills around it). */
+static inline __attribute__((always_inline)) void k_scales_avx2(const uint8_t *blk, float fm[8][2]) {
+    uint32_t u[4];
+    memcpy(u, blk + 4, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);  /* mins 4..7 */
+    const uint32_t mins_lo = u[1] & 0x3f3f3f3f;                               /* mins 0..3 */
+    u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);          /* scales 4..7 */
+    u[2] = mins_lo;
+    u[0] &= 0x3f3f3f3f;                                                         /* scales 0..3 */
+    const __m128i b = _mm_loadu_si128((const __m128i *)u);
+    const __m256 sc = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(blk)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)));
+    const __m256 mn = _mm256_mul_ps(_mm256_set1_ps(-f16_to_f32(blk + 2)),
+                                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))));
+    const __m256 lo = _mm256_unpacklo_ps(sc, mn), hi = _mm256_unpackhi_ps(sc, mn);  /* pairs (sc_j, mn_j) */
+    _mm256_storeu_ps(&fm[0][0], _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(&fm[4][0], _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
 /* Quantized x: q (S, d) int8, dx (S, nb), sums (S, 2 nb) per 16, fs (S, nb) = dx * (sum of q over the block). */
 typedef struct {
     const int8_t *q;
@@ -343,13 +363,7 @@ static inline __attribute__((always_inline)) void row_dots_i8(const uint8_t *row
             if (type == T_Q6_K) {
                 for (int j = 0; j < 8; j++) fm[j][0] = f16_to_f32(blk + 208);
             } else {
-                float dd = f16_to_f32(blk), dmin = f16_to_f32(blk + 2);
-                for (int j = 0; j < 8; j++) {
-                    float sc, mn;
-                    k_scale_min(blk + 4, j, &sc, &mn);
-                    fm[j][0] = dd * sc;
-                    fm[j][1] = -dmin * mn;
-                }
+                k_scales_avx2(blk, fm);
             }
 #pragma GCC unroll 4
             for (int j = 0; j < 8; j += 2) {
