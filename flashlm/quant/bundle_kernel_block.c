@@ -60,6 +60,65 @@ static down_fn down_for(int type, int S) {
     return NULL;
 }
 
+/* One token, 32-value blocks (G = 32: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): y[r] += down_block_r . a for 8 rows at a time.
+ * down_for's path spends a whole row_dots_i8 (accumulator set-up, horizontal sum, the min terms) on each row's one
+ * block; here 8 rows' integer dot products are summed together (hadd tree) and scaled in one vector: 3.5x fewer
+ * instructions a row. The integer sums are exact; only where the float scaling rounds may differ from down_for's. */
+static inline __attribute__((always_inline)) void down_g32_s1(const uint8_t *blocks, int64_t bb, int d, int type,
+                                                              const xq_t *A, float *y) {
+    const __m256i xv = _mm256_loadu_si256((const __m256i *)A->q);
+    const __m256i init = _mm256_zextsi128_si256(_mm_cvtsi32_si128(A->kinit[0]));
+    const float dx = A->dx[0], fs = A->fs[0];
+    const int has_min = type == T_Q4_1 || type == T_Q5_1;
+    int r = 0;
+    for (; r + 8 <= d; r += 8) {
+        __m256i dp[8];
+        float f[8], m[8];
+        for (int k = 0; k < 8; k++) {
+            int K;
+            __m256i sc16;
+            const uint8_t *blk = blocks + (size_t)(r + k) * bb;
+            __m256i u = unpack_avx2(blk, type, 0, &f[k], &m[k], &K, &sc16, NULL), x = xv;
+#ifndef HAVE_VNNI
+            if (type == T_Q8_0) {  /* signed weights: |w| and x * sign(w), as sub_dots_i8 */
+                x = _mm256_sign_epi8(xv, u);
+                u = _mm256_abs_epi8(u);
+            }
+#endif
+            dp[k] = DPBUSD(K ? init : _mm256_setzero_si256(), u, x);
+        }
+        const __m256i t0 = _mm256_hadd_epi32(_mm256_hadd_epi32(dp[0], dp[1]), _mm256_hadd_epi32(dp[2], dp[3]));
+        const __m256i t1 = _mm256_hadd_epi32(_mm256_hadd_epi32(dp[4], dp[5]), _mm256_hadd_epi32(dp[6], dp[7]));
+        const __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(t0, t1, 0x20),
+                                              _mm256_permute2x128_si256(t0, t1, 0x31));  /* rows r .. r+7 */
+        const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(f), _mm256_set1_ps(dx));
+        const __m256 base = has_min ? _mm256_mul_ps(_mm256_loadu_ps(m), _mm256_set1_ps(fs)) : _mm256_setzero_ps();
+        const __m256 res = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, base);
+        _mm256_storeu_ps(y + r, _mm256_add_ps(_mm256_loadu_ps(y + r), res));
+    }
+    for (; r < d; r++) {  /* d not a multiple of 8: the rest as down_for computes them */
+        float res[1];
+        row_dots_i8(blocks + (size_t)r * bb, type, 1, A, res);
+        y[r] += res[0];
+    }
+}
+
+/* down_g32_s1 specialised per type (the type a constant in each copy); NULL where it does not apply. */
+#define DOWN_G32_FN(T) \
+    static void down_g32_##T(const uint8_t *b, int64_t bb, int d, const xq_t *A, float *y) { down_g32_s1(b, bb, d, T, A, y); }
+DOWN_G32_FN(T_Q4_0) DOWN_G32_FN(T_Q4_1) DOWN_G32_FN(T_Q5_0) DOWN_G32_FN(T_Q5_1) DOWN_G32_FN(T_Q8_0)
+
+static down_fn down_one_token_g32(int type) {
+    switch (type) {
+    case T_Q4_0: return down_g32_T_Q4_0;
+    case T_Q4_1: return down_g32_T_Q4_1;
+    case T_Q5_0: return down_g32_T_Q5_0;
+    case T_Q5_1: return down_g32_T_Q5_1;
+    case T_Q8_0: return down_g32_T_Q8_0;
+    default: return NULL;
+    }
+}
+
 int bundle_ffn_block_i8(const uint8_t *const *rows, int64_t n, int d, int gate_type, int up_type, int down_type,
                         int G, int64_t up_offset, int64_t down_offset, int act, const float *x, int S, float *y,
                         int n_threads) {
@@ -109,7 +168,9 @@ int bundle_ffn_block_i8(const uint8_t *const *rows, int64_t n, int d, int gate_t
                 quantize_x_i8(a, m, G, aq, adx, asums);
                 xq_offsets(adx, asums, mnb, Kd, afs, akinit);
                 const xq_t A = {aq, adx, afs, asums, akinit, G, anb};
-                down_for(down_type, m)(rows[i] + down_offset, bb, d, &A, ylocal + (size_t)s0 * d);
+                const down_fn fd = m == 1 && G == 32 && down_one_token_g32(down_type) ? down_one_token_g32(down_type)
+                                                                                      : down_for(down_type, m);
+                fd(rows[i] + down_offset, bb, d, &A, ylocal + (size_t)s0 * d);
             }
         }
     }
