@@ -164,16 +164,10 @@ def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_
     if budget is None or fits(plan(n_ff, True)):
         return plan(n_ff, True)
     if not fits(plan(0, True)) and not (head_streamable and fits(plan(0, False))) and attention_layer_bytes:
-        streamed = next((att for att in range(1, n_layers + 1)
-                         if fits(plan(0, True, att=att)) or (head_streamable and fits(plan(0, False, att=att)))),
-                        0)
+        streamed = _attention_to_stream(plan, fits, n_layers, head_streamable)
     head_resident = fits(plan(0, True))
     if not head_resident and (not head_streamable or not fits(plan(0, False))):
-        smallest = plan(0, not head_streamable, att=n_layers if attention_layer_bytes else 0)
-        raise BudgetError(f"a memory budget of {budget / MB:.0f} MB cannot hold this model: the smallest workable "
-                          f"budget is {-(-smallest.total_bytes // MB)} MB at a context of {n_ctx} tokens "
-                          f"(baseline {baseline / MB:.0f} MB, resident {smallest.resident_bytes / MB:.0f} MB, "
-                          f"KV cache {kv / MB:.0f} MB; a smaller -c lowers it)", smallest.total_bytes)
+        raise _too_small(plan(0, not head_streamable, att=n_layers if attention_layer_bytes else 0), n_ctx)
     window = min(window_rows, (budget - plan(0, head_resident).total_bytes) // (n_layers * record_bytes))
     spare = budget - plan(0, head_resident, window).total_bytes + 2 * n_ff * record_bytes
     hot = min(n_ff, max(0, spare // (record_bytes * max(1, n_layers - 2))) // align * align)
@@ -183,6 +177,22 @@ def plan_flash(*, budget: int | None, baseline: int, attention_bytes: int, head_
         return plan(max(0, hot), head_resident, window)
     rows = (budget - plan(n_ff, False).total_bytes) // head_row_bytes // HEAD_ROW_ALIGN * HEAD_ROW_ALIGN
     return plan(n_ff, min(max(0, rows), head_rows - 1))
+
+
+def _attention_to_stream(plan, fits, n_layers: int, head_streamable: bool) -> int:
+    """The fewest attention layers streamed (the last ones) with which a plan of no hot records fits, the output
+    matrix resident or, where it can, streamed; 0 if no number does."""
+    return next((att for att in range(1, n_layers + 1)
+                 if fits(plan(0, True, att=att)) or (head_streamable and fits(plan(0, False, att=att)))), 0)
+
+
+def _too_small(smallest: FlashPlan, n_ctx: int) -> BudgetError:
+    """The refusal of a budget below the smallest workable plan, naming that plan's total."""
+    p, mb = smallest, lambda n: f"{n / MB:.0f} MB"
+    return BudgetError(f"a memory budget of {mb(p.budget_bytes)} cannot hold this model: the smallest workable budget "
+                       f"is {-(-p.total_bytes // MB)} MB at a context of {n_ctx} tokens (baseline "
+                       f"{mb(p.baseline_bytes)}, resident {mb(p.resident_bytes)}, KV cache {mb(p.kv_bytes)}; a smaller "
+                       f"-c lowers it)", p.total_bytes)
 
 
 # -- a model's plan: CPU, GPU and output head placement ---------------------------------------------------
