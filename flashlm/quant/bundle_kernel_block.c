@@ -103,7 +103,7 @@ static inline __attribute__((always_inline)) void down_g32_s1(const uint8_t *blo
     }
 }
 
-/* down_g32_s1 specialised per type (the type a constant in each copy); NULL where it does not apply. */
+/* down_g32_s1 specialised per type (the type a constant in each copy); down_one_token_g32: NULL for other types. */
 #define DOWN_G32_FN(T) \
     static void down_g32_##T(const uint8_t *b, int64_t bb, int d, const xq_t *A, float *y) { down_g32_s1(b, bb, d, T, A, y); }
 DOWN_G32_FN(T_Q4_0) DOWN_G32_FN(T_Q4_1) DOWN_G32_FN(T_Q5_0) DOWN_G32_FN(T_Q5_1) DOWN_G32_FN(T_Q8_0)
@@ -134,6 +134,7 @@ int bundle_ffn_block_i8(const uint8_t *const *rows, int64_t n, int d, int gate_t
     const int64_t ub = (int64_t)d / block_values(up_type) * block_bytes(up_type);
     const int64_t bb = (int64_t)G / block_values(down_type) * block_bytes(down_type);
     const int Kd = i8_offset(down_type);
+    const down_fn down_one = G == 32 ? down_one_token_g32(down_type) : NULL;  /* one token's down pass, if any */
     ffn_x_t X;
     float *partial = calloc((size_t)n_threads * sd, sizeof(float));
     if (!partial || ffn_x_init(&X, x, S, d, gate_type, up_type)) { free(partial); return -2; }
@@ -168,9 +169,8 @@ int bundle_ffn_block_i8(const uint8_t *const *rows, int64_t n, int d, int gate_t
                 quantize_x_i8(a, m, G, aq, adx, asums);
                 xq_offsets(adx, asums, mnb, Kd, afs, akinit);
                 const xq_t A = {aq, adx, afs, asums, akinit, G, anb};
-                const down_fn fd = m == 1 && G == 32 && down_one_token_g32(down_type) ? down_one_token_g32(down_type)
-                                                                                      : down_for(down_type, m);
-                fd(rows[i] + down_offset, bb, d, &A, ylocal + (size_t)s0 * d);
+                (m == 1 && down_one ? down_one : down_for(down_type, m))(rows[i] + down_offset, bb, d, &A,
+                                                                           ylocal + (size_t)s0 * d);
             }
         }
     }

@@ -97,8 +97,8 @@ def build_kernels() -> None:
     """Compile flashlm's C kernels into the user's cache now, outside any limit. Built at first use otherwise, the
     compiler would run inside the engine's cgroup: at 175 MB, cc1 (125 MB) beside the engine thrashed for over
     300 s, and every run timed out."""
-    from flashlm.flash_store.head_sketch import SKETCH_SOURCE
     from flashlm.flash_store.aio import AIO_SOURCE
+    from flashlm.flash_store.head_sketch import SKETCH_SOURCE
     from flashlm.quant.bundle_kernel import SOURCE, build_library
 
     for source in (SOURCE, SKETCH_SOURCE, AIO_SOURCE):
