@@ -248,5 +248,8 @@ def generation_options(base: GenerationOptions | None = None, **overrides) -> Ge
         _check(stop is None or isinstance(stop, (str, list, tuple)),
                f"stop must be a string or a list of strings, got {stop!r}")
         overrides["stop"] = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    opts = replace(opts, sampling=replace(opts.sampling, **sampling), **overrides)
+    base_sampling = overrides.pop("sampling", opts.sampling)  # a whole SamplingOptions may be given, keys on top
+    _check(isinstance(base_sampling, SamplingOptions),
+           f"sampling must be a SamplingOptions, got {type(base_sampling).__name__}")
+    opts = replace(opts, sampling=replace(base_sampling, **sampling), **overrides)
     return opts.validate()

@@ -32,6 +32,14 @@ def test_generation_option_types(field, value):
     assert info.value.field == field
 
 
+def test_sampling_options_as_an_override():
+    # generate(..., sampling=SamplingOptions(...)) was a TypeError from dataclasses.replace; top-level keys win
+    opts = generation_options(sampling=SamplingOptions(temperature=0, top_k=5), top_k=7)
+    assert (opts.sampling.temperature, opts.sampling.top_k) == (0, 7)
+    with pytest.raises(InvalidOptionError, match="sampling"):
+        generation_options(sampling={"temperature": 0})
+
+
 @pytest.mark.parametrize("field,value", [
     ("threads", "2"), ("ctx_size", 512.0), ("batch_size", None), ("io_threads", 1.5), ("window", "0"),
     ("memory_budget", [1]), ("memory_budget", "lots"), ("verbose", "no"), ("sparsity", "half"),
