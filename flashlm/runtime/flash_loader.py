@@ -109,7 +109,8 @@ def load_cuda_executor(path: str, f: GGUFFile, family: ModuleType, args, opts: L
     opts.gpu_memory_budget, the next records pinned in host memory within opts.memory_budget, the rest streamed.
     `naive`: the baseline that copies every layer's weights to the GPU for every token."""
     from flashlm.quant.cuda_kernels import CudaKernels
-    from flashlm.runtime.cuda_executor import CudaExecutor, GpuFFN, GpuHead, GpuLayer, GpuMatrix, import_cupy
+    from flashlm.runtime.cuda_executor import CudaExecutor, GpuHead, GpuLayer, GpuMatrix, import_cupy
+    from flashlm.runtime.cuda_ffn import GpuFFN
 
     cp = import_cupy()
     cp.zeros(1)  # the CUDA context: its host memory belongs in the baseline the host plan measures

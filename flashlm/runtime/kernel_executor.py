@@ -113,7 +113,7 @@ def attend(a, q, k, v, keys, values, start: int, cos, sin, window: int, xp=np):
 
 
 class FFNSource(Protocol):
-    """A flash-store executor's FFN: runtime/streaming.py's StreamedFFN (CPU), cuda_executor.GpuFFN (CUDA)."""
+    """A flash-store executor's FFN: runtime/streaming.py's StreamedFFN (CPU), cuda_ffn.GpuFFN (CUDA)."""
 
     n_layers: int
 
