@@ -145,6 +145,26 @@ def _kernel_errors(rng) -> dict:
         records[:, dn] = down.reshape(256, n, -1).transpose(1, 0, 2).reshape(n, -1)
         check_records(f"blocks {gt.name}/{dt.name} {act}", records, layout, act)
     report["errors_exact"].update(_decode_step_errors(kk, rng))
+    # rms_norm's fused quantization (decode steps) against quantize_x on its result: the same bits
+    for residual in (None, cp.asarray(rng.standard_normal((3, 576)).astype(np.float32))):
+        quantized: list = []
+        out = kk.rms_norm(cp.asarray(rng.standard_normal((3, 576)).astype(np.float32)),
+                          cp.asarray(rng.uniform(0.5, 1.5, 576).astype(np.float32)), 1e-5, residual=residual,
+                          quantized=quantized)
+        y = out if residual is None else out[0]
+        report["quantize_equal_cpu"] &= len(quantized) == 1 and all(
+            bool((cp.asnumpy(a) == cp.asnumpy(b)).all()) for a, b in zip(quantized[0], kk.quantize(y)))
+    # attend_decode's fused quantization of its output (the o projection's input), likewise
+    from flashlm.models.base import RopeConfig
+
+    cos, sin = (cp.asarray(t) for t in RopeConfig(64, 10000.0).tables(32))
+    keys, values = (cp.asarray((rng.standard_normal((3, 32, 64)) * 0.5).astype(np.float16)) for _ in range(2))
+    q, k, v = (cp.asarray(rng.standard_normal((1, n, 64)).astype(np.float32)) for n in (9, 3, 3))
+    quantized = []
+    out = kk.attend_decode(q, k, v, keys, values, cp.asarray(np.array([20], np.int32)), cos, sin, False, 0,
+                           quantized)
+    report["quantize_equal_cpu"] &= len(quantized) == 1 and all(
+        bool((cp.asnumpy(a) == cp.asnumpy(b)).all()) for a, b in zip(quantized[0], kk.quantize(out)))
     return report
 
 

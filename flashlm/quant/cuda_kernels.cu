@@ -14,11 +14,9 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // x (S, K) float -> xq (S, K) int8, xd (S, K/32) scales, xs (S, K/32) sums of the int8 values of each block, as the
 // CPU's quantize_x_i8 computes them, bit for bit: dx = max|x| * (1/127), q = rint(x * (1/dx)) (IEEE round-to-nearest
-// operations; the module is compiled without fast math, so denormals are kept as on the CPU). One warp per block.
-extern "C" __global__ void quantize_x(const float* x, int K, int S, signed char* xq, float* xd, int* xs) {
-    int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    if (blk >= (K >> 5) * S) return;  // a whole warp: blockDim is a multiple of 32
-    float v = x[(long long)blk * 32 + lane];
+// operations; the module is compiled without fast math, so denormals are kept as on the CPU). One warp per block:
+// quantize_block is one 32-block, its lane's value v (rms_norm below quantizes its result with it too).
+__device__ __forceinline__ void quantize_block(float v, int lane, long long blk, signed char* xq, float* xd, int* xs) {
     float amax = fabsf(v);
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, o));
     float d = __fmul_rn(amax, 1.0f / 127.0f);
@@ -28,6 +26,12 @@ extern "C" __global__ void quantize_x(const float* x, int K, int S, signed char*
     int s = q;
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
     if (lane == 0) { xd[blk] = d; xs[blk] = s; }
+}
+
+extern "C" __global__ void quantize_x(const float* x, int K, int S, signed char* xq, float* xd, int* xs) {
+    int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (blk >= (K >> 5) * S) return;  // a whole warp: blockDim is a multiple of 32
+    quantize_block(x[(long long)blk * 32 + lane], lane, blk, xq, xd, xs);
 }
 
 // ---- Block formats. In GPU memory a row of nb units of 32 values is stored planar: planarize (below) rearranges the
@@ -475,9 +479,10 @@ GATE_UP(2, 2) GATE_UP(3, 3) GATE_UP(4, 4) GATE_UP(5, 5)
 // token's position is read from device memory, pos, never passed by value: one graph replays every step).
 
 // RMSNorm of rows of n: y[r] = v / sqrt(mean(v * v) + eps) * w with v = x[r] (+ res[r], then also written to total[r]:
-// the residual add fused in). One thread block per row, blockDim a multiple of 32 (<= 1024).
+// the residual add fused in). One thread block per row, blockDim a multiple of 32 (<= 1024). With xq (n a multiple of
+// 32): y also quantized as quantize_x does it (the same bits), for the products that read it: one launch, not two.
 extern "C" __global__ void rms_norm(const float* x, const float* res, const float* w, float* y, float* total, int n,
-                                    float eps) {
+                                    float eps, signed char* xq, float* xd, int* xs) {
     long long r = blockIdx.x;
     x += r * n;
     y += r * n;
@@ -500,6 +505,11 @@ extern "C" __global__ void rms_norm(const float* x, const float* res, const floa
     __syncthreads();
     float s = sqrtf(part[0] / (float)n + eps);
     for (int i = threadIdx.x; i < n; i += blockDim.x) y[i] = (res ? total[i] : x[i]) / s * w[i];
+    if (!xq) return;
+    __syncthreads();  // y's values, written by other threads
+    const int lane = threadIdx.x & 31, nb = n >> 5;
+    for (int b = threadIdx.x >> 5; b < nb; b += blockDim.x >> 5)
+        quantize_block(y[32 * b + lane], lane, r * nb + b, xq, xd, xs);
 }
 
 // RoPE of one token's q (n_heads, hd) and k (n_kv, hd) at position *pos (table rows cos/sin (positions, hd / 2);
@@ -532,11 +542,12 @@ extern "C" __global__ void rope_append(const float* q, const float* k, const flo
 
 // One token's attention, a thread block (ATT_WARPS warps) per query head: softmax(q . K[lo..pos] * scale) . V[lo..pos]
 // over its KV head's float16 cache rows, lo = max(0, pos - window + 1) in a sliding window (window 0: none). A warp
-// per cached position, lanes over pairs of dimensions (hd even, <= 256); scores (n_heads, capacity) is scratch.
+// per cached position, lanes over pairs of dimensions (hd even, <= 256); scores (n_heads, capacity) is scratch. With
+// xq, the output also quantized (the o projection's int8 input: one launch less).
 #define ATT_WARPS 4
 extern "C" __global__ void attend_decode(const float* qr, const u16* kc, const u16* vc, const int* pos, int window,
                                          int n_heads, int n_kv, int hd, long long capacity, float scale,
-                                         float* scores, float* out) {
+                                         float* scores, float* out, signed char* xq, float* xd, int* xs) {
     int h = blockIdx.x, g = h / (n_heads / n_kv), p = *pos;
     int lo = window > 0 ? max(0, p - window + 1) : 0, T = p + 1 - lo, pairs = hd >> 1;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -603,5 +614,11 @@ extern "C" __global__ void attend_decode(const float* qr, const u16* kc, const u
         #pragma unroll
         for (int w = 0; w < ATT_WARPS; w++) o += acc_s[w][i];
         out[(long long)h * hd + i] = o * inv;
+    }
+    if (!xq) return;  // with xq (hd a multiple of 32): the head's output quantized as quantize_x does it
+    __syncthreads();
+    for (int b = warp; b < (hd >> 5); b += ATT_WARPS) {
+        const long long blk = (long long)h * (hd >> 5) + b;
+        quantize_block(out[32 * blk + lane], lane, blk, xq, xd, xs);
     }
 }

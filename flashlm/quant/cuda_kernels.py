@@ -196,9 +196,10 @@ class CudaKernels:
                                                                   np.int32(k), np.int32(S), xq, xd, xs))
         return xq, xd, xs
 
-    def rms_norm(self, x, weight, eps: float, residual=None):
+    def rms_norm(self, x, weight, eps: float, residual=None, quantized: list | None = None):
         """RMSNorm over the last axis (weight's length) of x, float32; with residual: (norm(x + residual),
-        x + residual), the add fused in. One kernel."""
+        x + residual), the add fused in. One kernel. quantized: a list that gets the result's quantize() in the
+        same kernel (rows of a multiple of 32, at most MAX_S of them; otherwise left empty)."""
         cp = self.cp
         x = cp.ascontiguousarray(x, dtype=cp.float32)
         n = weight.shape[0]
@@ -206,16 +207,24 @@ class CudaKernels:
         total = cp.empty(x.shape, cp.float32) if residual is not None else None
         res = cp.ascontiguousarray(residual, dtype=cp.float32) if residual is not None else None
         null = np.uint64(0)
-        self._rms_norm((x.size // n,), (min(1024, (n + 31) // 32 * 32),), (
+        rows = x.size // n
+        q = (null, null, null)
+        if quantized is not None and n % 32 == 0 and rows <= MAX_S:
+            q = (cp.empty((rows, n), cp.int8), cp.empty((rows, n // 32), cp.float32),
+                 cp.empty((rows, n // 32), cp.int32))
+            quantized.append(q)
+        self._rms_norm((rows,), (min(1024, (n + 31) // 32 * 32),), (
             x, null if res is None else res, weight, y, null if total is None else total, np.int32(n),
-            np.float32(eps)))
+            np.float32(eps), *q))
         return y if residual is None else (y, total)
 
-    def attend_decode(self, q, k, v, keys, values, pos, cos, sin, interleaved: bool, window: int):
+    def attend_decode(self, q, k, v, keys, values, pos, cos, sin, interleaved: bool, window: int,
+                      quantized: list | None = None):
         """One token's attention (q (1, heads, hd), k and v (1, kv_heads, hd)): RoPE at position pos[0] (a device
         int32, so a captured graph replays every step), k and v appended to the float16 caches (kv_heads,
         capacity, hd) at that position, softmax attention over the cache (within the window, if any). Two
-        kernels; returns (1, heads * hd) float32."""
+        kernels; returns (1, heads * hd) float32. quantized: a list that gets the result's quantize() (hd a
+        multiple of 32; otherwise left empty)."""
         cp = self.cp
         _, n_heads, hd = q.shape
         n_kv, capacity = k.shape[1], keys.shape[1]
@@ -229,9 +238,14 @@ class CudaKernels:
         self._rope_append(((n + 255) // 256,), (256,), (
             q, k, v, pos, cos, sin, np.int32(interleaved), np.int32(n_heads), np.int32(n_kv), np.int32(hd),
             np.int64(capacity), qr, keys, values))
+        xq = (np.uint64(0),) * 3
+        if quantized is not None and hd % 32 == 0:
+            nb = n_heads * hd // 32
+            xq = (cp.empty((1, n_heads * hd), cp.int8), cp.empty((1, nb), cp.float32), cp.empty((1, nb), cp.int32))
+            quantized.append(xq)
         self._attend_decode((n_heads,), (32 * ATT_WARPS,), (
             qr, keys, values, pos, np.int32(window), np.int32(n_heads), np.int32(n_kv), np.int32(hd),
-            np.int64(capacity), np.float32(hd ** -0.5), scores, out))
+            np.int64(capacity), np.float32(hd ** -0.5), scores, out, *xq))
         return out
 
     def _grid(self, n_pairs: int) -> tuple[int]:

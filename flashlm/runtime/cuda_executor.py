@@ -99,20 +99,37 @@ class CudaOps(ArrayOps):
     device buffers (the position is read from device memory), the logits left on the GPU."""
 
     graphed = False
+    # (array, its int8 form): a norm's or one token's attention output quantized in the kernel that made it
+    # (decode steps), for the product that reads it next (qkv, the o projection, the FFN, the output matrix); held
+    # with the array itself, so no other array can take its address, and handed out once
+    _normed: tuple | None = None
 
     def norm(self, x, weight, eps: float):
-        return self.ex.kernels.rms_norm(x, weight, eps)
+        quantized: list = []
+        y = self.ex.kernels.rms_norm(x, weight, eps, quantized=quantized)
+        self._normed = (y, quantized[0]) if quantized else None
+        return y
 
     def head_norm(self, t, weight, eps: float):
         return self.ex.kernels.rms_norm(t, weight, eps)
 
     def add_norm(self, x, residual, weight, eps: float):
-        return self.ex.kernels.rms_norm(x, weight, eps, residual=residual)
+        quantized: list = []
+        y, total = self.ex.kernels.rms_norm(x, weight, eps, residual=residual, quantized=quantized)
+        self._normed = (y, quantized[0]) if quantized else None
+        return y, total
+
+    def _quantized(self, x):
+        """x's int8 form if x is the array last stored in _normed (once), else None."""
+        normed, self._normed = self._normed, None
+        return normed[1] if normed is not None and normed[0] is x else None
 
     def qkv(self, i: int, w: GpuLayer, x):
         cp = self.ex.cp
         x = cp.ascontiguousarray(x)
-        xq = self.ex.kernels.quantize(x) if x.shape[0] <= MAX_S and len(w.qkv) > 1 else None
+        xq = self._quantized(x)
+        if xq is None and x.shape[0] <= MAX_S and len(w.qkv) > 1:
+            xq = self.ex.kernels.quantize(x)
         outs = [m(x, xq) for m in w.qkv]
         return self.split_heads(outs[0] if len(outs) == 1 else cp.concatenate(outs, axis=1))
 
@@ -120,24 +137,28 @@ class CudaOps(ArrayOps):
         keys, values, cos, sin, window = self.cache_of(i)
         cp = self.ex.cp
         if q.shape[0] == 1:
-            return self.ex.kernels.attend_decode(q, k, v, keys, values, self.ex.position, cos, sin,
-                                                 self.args.rope.interleaved, window)
+            quantized: list = []
+            out = self.ex.kernels.attend_decode(q, k, v, keys, values, self.ex.position, cos, sin,
+                                                self.args.rope.interleaved, window, quantized)
+            self._normed = (out, quantized[0]) if quantized else None
+            return out
         return cp.ascontiguousarray(attend(self.args, q, k, v, keys, values, self.start, cos, sin, window, cp))
 
     def linear(self, x, matrix: GpuMatrix):
-        return matrix(x)
+        return matrix(x, self._quantized(x))
 
     def ffn(self, i: int, w, x, residual=None):
         if not self.graphed:
             return super().ffn(i, w, x, residual)
         y = residual if residual is not None else self.ex.cp.zeros((1, self.args.d_model), np.float32)
-        self.ex.ffn.run_resident(i, x, y)
+        self.ex.ffn.run_resident(i, x, y, self._quantized(x))
         return y
 
     def output(self, x, w):
         if not self.graphed:
             return super().output(x, w)
-        return w.matrix(self.ex.cp.ascontiguousarray(x[-1:]))  # one token: its logits, on the GPU
+        xq = self._quantized(x) if x.shape[0] == 1 else None
+        return w.matrix(self.ex.cp.ascontiguousarray(x[-1:]), xq)  # one token: its logits, on the GPU
 
     def softcap(self, logits, cap: float):
         if isinstance(logits, np.ndarray):

@@ -155,10 +155,11 @@ class GpuFFN:
         st.neurons_used += self.n_ff
         st.neurons_from_cache += self.host_hot
 
-    def run_resident(self, i: int, x, y) -> None:
+    def run_resident(self, i: int, x, y, xq=None) -> None:
         """y (1, d) += FFN_i(x) when every record is GPU-resident: kernel launches only (no copies, reads, events or
-        host clocks), so a decode step can be captured in a CUDA graph."""
-        xq = self.kernels.quantize(x)
+        host clocks), so a decode step can be captured in a CUDA graph. xq: quantize(x), where made already."""
+        if xq is None:
+            xq = self.kernels.quantize(x)
         self.kernels.bundle(self.gpu_records[i].data.ptr, self.gpu_hot, self.layout, self.activation, x, y, self.h,
                             xq)
 
