@@ -120,8 +120,13 @@ class Generation:
             self._call(put, e)
         finally:
             self._steps.close()
-            self._call(put, _END)
-            self._call(self._on_end)
+            self._call(self._end)
+
+    def _end(self) -> None:
+        # one loop callback: the slot is free before the request sees _END and answers (two callbacks let the loop
+        # send the answer between them, and a /health right after it found the slot still busy)
+        self._on_end()
+        self._queue.put_nowait(_END)
 
     def _call(self, fn, *args) -> None:
         try:
