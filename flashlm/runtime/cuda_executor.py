@@ -5,8 +5,9 @@ their GGUF bytes; embedding rows are looked up on the host; the FFN is tiered be
 and flash (cuda_ffn.py: GpuFFN). Kernels: quant/cuda_kernels.py. CuPy is imported only here, when `device="cuda"`
 is asked for: the CPU path never imports it.
 
-A decode step launches ~11 kernels per layer (norms with the residual add fused in, one token's RoPE + cache append
-and its attention fused, the quantized products); with everything on the GPU the whole step is one CUDA graph
+A decode step launches 8 kernels per layer of a llama (norms with the residual add fused in and their output
+quantized for the next product, one token's RoPE + cache append, its attention (output quantized too), the
+quantized products); with everything on the GPU the whole step is one CUDA graph
 (CudaExecutor), since a small model's step is otherwise bound by the host's launches, not the GPU.
 
 `naive=True` is the paper's baseline in the same code: nothing of the FFN resident anywhere, every layer's records
@@ -183,7 +184,7 @@ class CudaExecutor(KernelExecutor):
 
     A decode step (one token) with the whole model on the GPU (every FFN record and matrix resident) is one CUDA
     graph launch: the embedding row and the position are copied into fixed device buffers, the graph (captured
-    once per KV cache and its buffers, by running the family's layer and head over CudaOps) replays the ~11
+    once per KV cache and its buffers, by running the family's layer and head over CudaOps) replays the 8
     kernels of each layer, and the logits come back in one copy. Otherwise (tiers streamed from host memory or
     flash, the naive baseline, prompt batches) the ops are launched one by one."""
 
