@@ -353,6 +353,29 @@ def test_slot_pool_queue_and_429():
     asyncio.run(scenario())
 
 
+def test_generation_frees_its_slot_before_it_ends():
+    """When a request sees its generation end, the slot is already free (a /health right after the answer found it
+    busy: the release came in a second loop callback). The generation thread is slowed after each hand-over here,
+    as a preempted thread would be."""
+    from flashlm.tools.serve.app import Generation
+
+    class SlowThread(Generation):
+        def _call(self, fn, *args) -> None:
+            super()._call(fn, *args)
+            time.sleep(0.05)
+
+    async def scenario():
+        released = []
+        steps = (SimpleNamespace(text=t) for t in "ab")  # a generator: the thread closes it at the end
+        gen = SlowThread(steps, lambda: released.append(1))
+        texts = []
+        while (r := await asyncio.wait_for(gen.next(), 5)) is not None:
+            texts.append(r.text)
+        assert texts == ["a", "b"] and released == [1]
+
+    asyncio.run(scenario())
+
+
 def test_chat_without_a_template_is_a_400():
     """A model without a chat template answers chat completions with 400 (the mapping, on a stand-in model)."""
     from flashlm.errors import ChatTemplateError
