@@ -145,15 +145,18 @@ def _kernel_errors(rng) -> dict:
         records[:, dn] = down.reshape(256, n, -1).transpose(1, 0, 2).reshape(n, -1)
         check_records(f"blocks {gt.name}/{dt.name} {act}", records, layout, act)
     report["errors_exact"].update(_decode_step_errors(kk, rng))
+
+    def fused_equals_quantize(quantized: list, y) -> bool:  # a kernel's own quantization of y, bit for bit
+        return len(quantized) == 1 and all(bool((cp.asnumpy(a) == cp.asnumpy(b)).all())
+                                           for a, b in zip(quantized[0], kk.quantize(y)))
+
     # rms_norm's fused quantization (decode steps) against quantize_x on its result: the same bits
     for residual in (None, cp.asarray(rng.standard_normal((3, 576)).astype(np.float32))):
         quantized: list = []
         out = kk.rms_norm(cp.asarray(rng.standard_normal((3, 576)).astype(np.float32)),
                           cp.asarray(rng.uniform(0.5, 1.5, 576).astype(np.float32)), 1e-5, residual=residual,
                           quantized=quantized)
-        y = out if residual is None else out[0]
-        report["quantize_equal_cpu"] &= len(quantized) == 1 and all(
-            bool((cp.asnumpy(a) == cp.asnumpy(b)).all()) for a, b in zip(quantized[0], kk.quantize(y)))
+        report["quantize_equal_cpu"] &= fused_equals_quantize(quantized, out if residual is None else out[0])
     # attend_decode's fused quantization of its output (the o projection's input), likewise
     from flashlm.models.base import RopeConfig
 
@@ -163,8 +166,7 @@ def _kernel_errors(rng) -> dict:
     quantized = []
     out = kk.attend_decode(q, k, v, keys, values, cp.asarray(np.array([20], np.int32)), cos, sin, False, 0,
                            quantized)
-    report["quantize_equal_cpu"] &= len(quantized) == 1 and all(
-        bool((cp.asnumpy(a) == cp.asnumpy(b)).all()) for a, b in zip(quantized[0], kk.quantize(out)))
+    report["quantize_equal_cpu"] &= fused_equals_quantize(quantized, out)
     return report
 
 

@@ -186,15 +186,18 @@ class CudaKernels:
         self.records_to_planar(src, dst, n, layout)
         return dst
 
+    def _quantized_buffers(self, S: int, k: int) -> tuple:
+        """What quantize() returns, unfilled: int8 (S, k), scales (S, k/32), int32 block sums (S, k/32)."""
+        cp = self.cp
+        return cp.empty((S, k), cp.int8), cp.empty((S, k // 32), cp.float32), cp.empty((S, k // 32), cp.int32)
+
     def quantize(self, x) -> tuple:
         """x (S, K) float32, S <= MAX_S -> (int8 (S, K), scales (S, K/32), int32 block sums (S, K/32))."""
-        cp = self.cp
         S, k = x.shape
-        nb = k // 32
-        xq, xd, xs = cp.empty((S, k), cp.int8), cp.empty((S, nb), cp.float32), cp.empty((S, nb), cp.int32)
-        self._quantize_x(((S * nb * 32 + 255) // 256,), (256,), (cp.ascontiguousarray(x, dtype=cp.float32),
-                                                                  np.int32(k), np.int32(S), xq, xd, xs))
-        return xq, xd, xs
+        q = self._quantized_buffers(S, k)
+        x = self.cp.ascontiguousarray(x, dtype=self.cp.float32)
+        self._quantize_x(((S * (k // 32) * 32 + 255) // 256,), (256,), (x, np.int32(k), np.int32(S), *q))
+        return q
 
     def rms_norm(self, x, weight, eps: float, residual=None, quantized: list | None = None):
         """RMSNorm over the last axis (weight's length) of x, float32; with residual: (norm(x + residual),
@@ -210,8 +213,7 @@ class CudaKernels:
         rows = x.size // n
         q = (null, null, null)
         if quantized is not None and n % 32 == 0 and rows <= MAX_S:
-            q = (cp.empty((rows, n), cp.int8), cp.empty((rows, n // 32), cp.float32),
-                 cp.empty((rows, n // 32), cp.int32))
+            q = self._quantized_buffers(rows, n)
             quantized.append(q)
         self._rms_norm((rows,), (min(1024, (n + 31) // 32 * 32),), (
             x, null if res is None else res, weight, y, null if total is None else total, np.int32(n),
@@ -240,8 +242,7 @@ class CudaKernels:
             np.int64(capacity), qr, keys, values))
         xq = (np.uint64(0),) * 3
         if quantized is not None and hd % 32 == 0:
-            nb = n_heads * hd // 32
-            xq = (cp.empty((1, n_heads * hd), cp.int8), cp.empty((1, nb), cp.float32), cp.empty((1, nb), cp.int32))
+            xq = self._quantized_buffers(1, n_heads * hd)
             quantized.append(xq)
         self._attend_decode((n_heads,), (32 * ATT_WARPS,), (
             qr, keys, values, pos, np.int32(window), np.int32(n_heads), np.int32(n_kv), np.int32(hd),
