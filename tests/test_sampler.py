@@ -7,7 +7,7 @@ import pytest
 
 from flashlm.errors import InvalidOptionError
 from flashlm.options import SamplingOptions
-from flashlm.runtime.sampler import apply_repeat_penalty, filter_candidates, make_sampler
+from flashlm.runtime.sampler import TopKScratch, apply_repeat_penalty, filter_candidates, make_sampler, top_k_ids
 
 LOGITS = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05], dtype=np.float32))
 
@@ -68,3 +68,17 @@ def test_low_temperature_sharpens():
 def test_invalid_values_raise_typed_error(bad):
     with pytest.raises(InvalidOptionError):
         SamplingOptions(**bad).validate()
+
+
+def test_top_k_matches_a_full_sort_on_real_sized_logits():
+    """top_k_ids partitions a reused copy; the survivors and their order are those of a full stable sort, ties at
+    the k-th value included (the lower ids kept), over several calls on one scratch."""
+    rng = np.random.default_rng(7)
+    scratch = TopKScratch()
+    for n, k in ((49152, 40), (262144, 40), (1000, 1), (1000, 999)):
+        logits = np.round(rng.standard_normal(n) * 3, 1).astype(np.float32)  # rounded: many ties
+        ids, vals = filter_candidates(logits, top_k=k, top_p=1.0, min_p=0.0, scratch=scratch)
+        want = np.argsort(-logits, kind="stable")[:k]
+        assert list(ids) == list(want) and np.array_equal(vals, logits[want])
+    assert list(top_k_ids(np.array([1.0, 3.0, 3.0, 2.0]), 2)) == [1, 2]
+    assert list(top_k_ids(np.array([1.0, 3.0, 2.0, 3.0]), 1)) == [1, 3]  # a tie at the k-th value: both

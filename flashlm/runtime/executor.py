@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from flashlm.quant.weights import EmbeddingTable
+from flashlm.runtime.heap import ReusedArrays
 from flashlm.runtime.kv_cache import KVCache
 
 
@@ -49,7 +50,8 @@ class Executor:
         self._seqlens = np.zeros(1, np.int32)
         self._total = np.zeros((), np.int32)
         self._rows = np.zeros(1, np.int64)
-        self._last_logits = np.empty((1, vocab_size), np.float32)
+        self._last_logits = np.empty((1, vocab_size), np.float32)  # the head sessions' output, bound once
+        self.step_logits = ReusedArrays((1, vocab_size))  # what a step returns: a copy of it, reused (heap.py)
         shared = {"seqlens_k": self._ortvalue(self._seqlens), "total_len": self._ortvalue(self._total),
                   **{name: self._ortvalue(table) for name, table in rope.items()}}
         self._rope = rope  # the OrtValues above point into these tables
@@ -119,7 +121,11 @@ class Executor:
             if all_logits:
                 out[:, lo:hi] = part
         self.kv.n_past = total
-        return out if all_logits else out.copy()
+        if all_logits:
+            return out
+        step = self.step_logits.get()
+        np.copyto(step, out)
+        return step
 
 
 SCORE_LOGITS_BYTES = 3 << 19  # Engine.score: logits rows held at once (1.5 MB: 7 rows of SmolLM2, 1 of Gemma 3)

@@ -7,17 +7,21 @@ threshold at 128 KiB. But then every array of a prompt's pass of 128 KiB or more
 its pages faults in zeroed: Gemma 3's 128-token prompt took 291 ms with the threshold fixed, 149 ms with its
 buffers reused from the heap (min of 10, idle AMD EPYC, 2 threads). So a pass of several tokens serves large
 blocks from the heap, keeps the heap's top until it ends (M_TRIM_THRESHOLD, else each free at the top is given
-back and faulted in again), and trims the heap when done (`batch_heap`); a decode step's arrays are under the
-threshold anyway. Under a memory budget the executors leave this off (KernelExecutor.heap_batches): the plan's
-activation scratch was measured with mapped arrays.
+back and faulted in again), and trims the heap when done (`batch_heap`). Under a memory budget the executors leave
+this off (KernelExecutor.heap_batches): the plan's activation scratch was measured with mapped arrays. A decode
+step's arrays are under the threshold, but for its logits (0.2-1 MB), which the executors take from `ReusedArrays`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import sys
 import threading
 from contextlib import contextmanager
+from typing import Callable
+
+import numpy as np
 
 MMAP_THRESHOLD = 128 * 1024  # glibc's default before it adapts
 BATCH_MMAP_THRESHOLD = 32 << 20  # during a batch: blocks up to this size come from the heap and are reused
@@ -74,3 +78,25 @@ def batch_heap(active: bool = True):
                 _libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
                 _libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
                 _libc.malloc_trim(0)
+
+
+class ReusedArrays:
+    """Arrays of one shape handed out again once every other holder has dropped them: a decode step's logits
+    (196 KB for SmolLM2, 1 MB for Gemma 3) are over the mmap threshold, so a fresh array each token is a fresh
+    mapping whose pages all fault in zeroed. Gemma 3's CPU decode (.flash, 2 threads, AMD EPYC): 123 -> 137 tok/s
+    with its logits reused. An array still held (the caller kept the previous step's logits, or a view of them)
+    is never handed out; when all `keep` are held, get() makes one that is not kept."""
+
+    def __init__(self, shape: tuple[int, ...], dtype=np.float32, make: Callable | None = None, keep: int = 3):
+        self.shape, self.dtype, self.keep = shape, dtype, keep
+        self._make = make if make is not None else np.empty
+        self._arrays: list = []
+
+    def get(self):
+        for i in range(len(self._arrays)):
+            if sys.getrefcount(self._arrays[i]) == 2:  # the list's reference and getrefcount's argument only
+                return self._arrays[i]
+        out = self._make(self.shape, self.dtype)
+        if len(self._arrays) < self.keep:
+            self._arrays.append(out)
+        return out

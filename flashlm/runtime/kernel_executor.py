@@ -17,7 +17,7 @@ import numpy as np
 
 from flashlm.quant.weights import EmbeddingTable
 from flashlm.quant.bundle_kernel import BundleKernel, address, rows_matvec
-from flashlm.runtime.heap import batch_heap
+from flashlm.runtime.heap import ReusedArrays, batch_heap
 from flashlm.runtime.kv_cache import KVCache
 
 
@@ -177,7 +177,8 @@ class ArrayOps:
         return y
 
     def output(self, x, w):
-        out = np.empty((len(self.rows), self.args.vocab_size), np.float32)
+        out = (self.ex.step_logits.get() if len(self.rows) == 1 else
+               np.empty((len(self.rows), self.args.vocab_size), np.float32))
         w.run(x, self.rows, out)
         return out
 
@@ -258,6 +259,7 @@ class KernelExecutor:
             ffn, head
         self.attention = attention  # streaming.StreamedAttention: the weights of the layers that are None above
         self.embed, self.kv, self.vocab_size = embed, kv, args.vocab_size
+        self.step_logits = ReusedArrays((1, args.vocab_size))  # one row of logits, reused (runtime/heap.py)
         self.rope = rope  # name -> table; layer i reads the pair args.rope_names(i)
         # numpy's attention products next to the OpenMP kernels take one BLAS thread (quant/bundle_kernel.py);
         # compute: the context the layers run in where a backend needs another
