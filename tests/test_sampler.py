@@ -7,7 +7,7 @@ import pytest
 
 from flashlm.errors import InvalidOptionError
 from flashlm.options import SamplingOptions
-from flashlm.runtime.sampler import TopKScratch, apply_repeat_penalty, filter_candidates, make_sampler, top_k_ids
+from flashlm.runtime.sampler import SamplerScratch, apply_repeat_penalty, filter_candidates, make_sampler, top_k_ids
 
 LOGITS = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05], dtype=np.float32))
 
@@ -74,7 +74,7 @@ def test_top_k_matches_a_full_sort_on_real_sized_logits():
     """top_k_ids partitions a reused copy; the survivors and their order are those of a full stable sort, ties at
     the k-th value included (the lower ids kept), over several calls on one scratch."""
     rng = np.random.default_rng(7)
-    scratch = TopKScratch()
+    scratch = SamplerScratch()
     for n, k in ((49152, 40), (262144, 40), (1000, 1), (1000, 999)):
         logits = np.round(rng.standard_normal(n) * 3, 1).astype(np.float32)  # rounded: many ties
         ids, vals = filter_candidates(logits, top_k=k, top_p=1.0, min_p=0.0, scratch=scratch)
@@ -82,3 +82,14 @@ def test_top_k_matches_a_full_sort_on_real_sized_logits():
         assert list(ids) == list(want) and np.array_equal(vals, logits[want])
     assert list(top_k_ids(np.array([1.0, 3.0, 3.0, 2.0]), 2)) == [1, 2]
     assert list(top_k_ids(np.array([1.0, 3.0, 2.0, 3.0]), 1)) == [1, 3]  # a tie at the k-th value: both
+
+
+def test_repeat_penalty_in_scratch_leaves_the_logits_untouched():
+    logits = np.array([2.0, -2.0, 1.0], np.float32)
+    scratch = SamplerScratch()
+    out = apply_repeat_penalty(logits, [0, 1], penalty=2.0, last_n=64, scratch=scratch)
+    np.testing.assert_allclose(out, [1.0, -4.0, 1.0])
+    np.testing.assert_allclose(logits, [2.0, -2.0, 1.0])
+    again = apply_repeat_penalty(logits, [2], penalty=2.0, last_n=64, scratch=scratch)
+    assert again is out  # the same buffer, refilled from the logits
+    np.testing.assert_allclose(again, [2.0, -2.0, 0.5])

@@ -20,11 +20,29 @@ from flashlm.options import SamplingOptions
 Sampler = Callable[[np.ndarray, Sequence[int]], int]
 
 
-def apply_repeat_penalty(logits: np.ndarray, history: Sequence[int], penalty: float, last_n: int) -> np.ndarray:
+class SamplerScratch:
+    """Arrays of the vocabulary's size made once and reused token after token: a fresh one each token is a fresh
+    mapping whose pages fault in zeroed (runtime/heap.py)."""
+
+    def __init__(self):
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def array(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        a = self._arrays.get(name)
+        if a is None or a.shape != shape or a.dtype != dtype:
+            a = self._arrays[name] = np.empty(shape, dtype)
+        return a
+
+
+def apply_repeat_penalty(logits: np.ndarray, history: Sequence[int], penalty: float, last_n: int,
+                         scratch: SamplerScratch | None = None) -> np.ndarray:
+    """A copy of logits (in scratch where given) with the recent tokens' penalized; logits itself is untouched."""
     if penalty == 1.0 or not history or last_n == 0:
         return logits
     recent = np.unique(np.asarray(history[-last_n:] if last_n > 0 else history, dtype=np.int64))
-    logits = logits.copy()
+    out = scratch.array("penalized", logits.shape, logits.dtype) if scratch is not None else np.empty_like(logits)
+    np.copyto(out, logits)
+    logits = out
     vals = logits[recent]
     logits[recent] = np.where(vals > 0, vals / penalty, vals * penalty)
     return logits
@@ -35,25 +53,15 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-class TopKScratch:
-    """The buffers of top_k_ids, made once per vocabulary size and reused token after token."""
-
-    def __init__(self):
-        self.values = self.mask = np.empty(0)
-
-    def of(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.values.shape != logits.shape or self.values.dtype != logits.dtype:
-            self.values, self.mask = np.empty_like(logits), np.empty(logits.shape, bool)
-        return self.values, self.mask
-
-
-def top_k_ids(logits: np.ndarray, k: int, scratch: TopKScratch | None = None) -> np.ndarray:
+def top_k_ids(logits: np.ndarray, k: int, scratch: SamplerScratch | None = None) -> np.ndarray:
     """Ids of the logits >= the k-th largest (k of them, more where values tie), ascending. The k-th value comes
     from an in-place partition of a reused copy: np.argpartition(-logits) made two arrays of the vocabulary's size
     a token (3 MB for Gemma 3's 262,144), each a fresh mapping whose pages fault in zeroed (runtime/heap.py). Top-40
     of Gemma 3's logits: 1469 -> 196 us; SmolLM2's 49,152: 311 -> 35 us (AMD EPYC)."""
     n = logits.shape[0]
-    values, mask = (scratch or TopKScratch()).of(logits)
+    scratch = scratch or SamplerScratch()
+    values = scratch.array("values", logits.shape, logits.dtype)
+    mask = scratch.array("mask", logits.shape, bool)
     np.copyto(values, logits)
     values.partition(n - k)
     np.greater_equal(logits, values[n - k], out=mask)
@@ -61,7 +69,7 @@ def top_k_ids(logits: np.ndarray, k: int, scratch: TopKScratch | None = None) ->
 
 
 def filter_candidates(logits: np.ndarray, top_k: int, top_p: float, min_p: float,
-                      scratch: TopKScratch | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      scratch: SamplerScratch | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and logits that survive top-k, top-p and min-p, sorted by logit, highest first (ties: lower id
     first)."""
     n = logits.shape[0]
@@ -87,11 +95,11 @@ def filter_candidates(logits: np.ndarray, top_k: int, top_p: float, min_p: float
 def make_sampler(opts: SamplingOptions) -> Sampler:
     opts.validate()
     rng = random.Random(None if opts.seed < 0 else opts.seed)
-    scratch = TopKScratch()
+    scratch = SamplerScratch()
 
     def sample(logits: np.ndarray, history: Sequence[int]) -> int:
         logits = apply_repeat_penalty(np.asarray(logits, dtype=np.float32).reshape(-1), history,
-                                      opts.repeat_penalty, opts.repeat_last_n)
+                                      opts.repeat_penalty, opts.repeat_last_n, scratch)
         if opts.temperature == 0.0:
             return int(np.argmax(logits))
         ids, vals = filter_candidates(logits, opts.top_k, opts.top_p, opts.min_p, scratch)
