@@ -250,7 +250,6 @@ class KernelExecutor:
 
     xp = np
     ops_class = KernelOps
-    heap_batches = True  # passes of several tokens reuse heap blocks (runtime/heap.py); off under a memory budget
 
     def __init__(self, family, args, layers: list[AttentionWeights | None], kernel: BundleKernel, ffn: FFNSource,
                  head: OutputHead, embed: EmbeddingTable, kv: KVCache, rope: dict[str, np.ndarray], compute=None,
@@ -279,7 +278,7 @@ class KernelExecutor:
         if self.attention is not None:
             self.attention.begin()
         ops = self.ops_class(self, start)
-        with self.compute, batch_heap(n > 1 and self.heap_batches):
+        with self.compute, batch_heap(n > 1):
             for i, w in enumerate(self.layers):
                 h = self.family.layer(ops, self.args, w if w is not None else self.attention.weights(i), i, h)
         self.kv.n_past = start + n
@@ -289,5 +288,5 @@ class KernelExecutor:
         """Logits (len(rows), vocab) of the given rows of hidden states: the family's head."""
         ops = self.ops_class(self, self.kv.n_past)
         ops.rows = rows
-        with self.compute, batch_heap(len(rows) > 1 and self.heap_batches):
+        with self.compute, batch_heap(len(rows) > 1):
             return self.family.head(ops, self.args, self.head_stream, h)

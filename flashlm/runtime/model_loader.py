@@ -110,8 +110,6 @@ def load_model(path: str, opts: LoadOptions, taps: tuple[str, ...] = (), load_to
                 executor, resident = load_gguf_kernel_executor(f, family, args, n_ctx, threads)
             else:
                 executor, resident = _gguf_executor(f, family, args, n_ctx, threads, taps)
-        if flash:  # a planned budget: its activation scratch was measured with mapped temporaries
-            executor.heap_batches = opts.memory_budget is None
         heap.release()
         if not flash and load_tokenizer is not None:
             load_tokenizer()
