@@ -81,6 +81,16 @@ def batch_heap(active: bool = True):
                 _libc.malloc_trim(0)
 
 
+def _unshared_count() -> int:
+    """sys.getrefcount of an array that a list alone holds, read as ReusedArrays.get reads it: the count includes
+    the interpreter's own temporary references (2 on CPython 3.11), which can differ between versions."""
+    held = [np.empty(0)]
+    return sys.getrefcount(held[0])
+
+
+_UNSHARED = _unshared_count()
+
+
 class ReusedArrays:
     """Arrays of one shape handed out again once every other holder has dropped them: a decode step's logits
     (196 KB for SmolLM2, 1 MB for Gemma 3) are over the mmap threshold, so a fresh array each token is a fresh
@@ -95,7 +105,7 @@ class ReusedArrays:
 
     def get(self):
         for i in range(len(self._arrays)):
-            if sys.getrefcount(self._arrays[i]) == 2:  # the list's reference and getrefcount's argument only
+            if sys.getrefcount(self._arrays[i]) == _UNSHARED:
                 return self._arrays[i]
         out = self._make(self.shape, self.dtype)
         if len(self._arrays) < self.keep:
