@@ -111,6 +111,10 @@ class SketchHead:
         self.outliers: np.ndarray | None = None  # chosen on the first call (see _build)
         self.set_cache_rows(cache_rows)
         self._scores = np.empty(n_rows, np.float32)
+        # _top's threshold sample and mask, kept: fresh arrays of these sizes are new mappings each token
+        # (Gemma 3's 262,144 rows: 98 page faults a token)
+        self._sample = np.empty(len(range(0, n_rows, SAMPLE_STRIDE)), np.float32)
+        self._above = np.empty(n_rows, bool)
         self._gather = np.empty((GATHER_ROWS * self.candidates, row_bytes), np.uint8)
         self._sketch = _SketchKernel()
         self.record: list | None = None  # set to a list to collect each position's candidate ids (fidelity tool)
@@ -218,9 +222,11 @@ class SketchHead:
         k, n = self.candidates, self.n_rows
         if k < 16 * SAMPLE_STRIDE or 4 * k > n:  # too few sampled scores above the threshold to place it
             return np.argpartition(scores, n - k)[n - k:]
-        sample = scores[::SAMPLE_STRIDE]
+        sample = self._sample
+        np.copyto(sample, scores[::SAMPLE_STRIDE])
         j = len(sample) - max(1, k // SAMPLE_STRIDE)
-        cand = np.flatnonzero(scores >= np.partition(sample, j)[j])
+        sample.partition(j)
+        cand = np.flatnonzero(np.greater_equal(scores, sample[j], out=self._above))
         return cand if len(cand) <= self.cache_rows else np.argpartition(scores, n - k)[n - k:]
 
     def _exact(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
