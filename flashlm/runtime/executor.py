@@ -50,8 +50,7 @@ class Executor:
         self._seqlens = np.zeros(1, np.int32)
         self._total = np.zeros((), np.int32)
         self._rows = np.zeros(1, np.int64)
-        self._last_logits = np.empty((1, vocab_size), np.float32)  # the head sessions' output, bound once
-        self.step_logits = ReusedArrays((1, vocab_size))  # what a step returns: a copy of it, reused (heap.py)
+        self.step_logits = ReusedArrays((1, vocab_size))  # a step's logits, the head sessions' output (heap.py)
         shared = {"seqlens_k": self._ortvalue(self._seqlens), "total_len": self._ortvalue(self._total),
                   **{name: self._ortvalue(table) for name, table in rope.items()}}
         self._rope = rope  # the OrtValues above point into these tables
@@ -109,7 +108,7 @@ class Executor:
                 io.bind_ortvalue_output(name, self._ortvalue(self.tap_values[name]))
             sess.run_with_iobinding(io)
         hidden = values[len(self.segments) % 2]
-        out = np.empty((n, self.vocab_size), np.float32) if all_logits else self._last_logits
+        out = np.empty((n, self.vocab_size), np.float32) if all_logits else self.step_logits.get()
         self._rows[0] = n - 1
         rows = np.arange(n, dtype=np.int64) if all_logits else self._rows
         for sess, io, lo, hi in zip(self.head, self.head_io, self._head_bounds[:-1], self._head_bounds[1:]):
@@ -121,11 +120,7 @@ class Executor:
             if all_logits:
                 out[:, lo:hi] = part
         self.kv.n_past = total
-        if all_logits:
-            return out
-        step = self.step_logits.get()
-        np.copyto(step, out)
-        return step
+        return out
 
 
 SCORE_LOGITS_BYTES = 3 << 19  # Engine.score: logits rows held at once (1.5 MB: 7 rows of SmolLM2, 1 of Gemma 3)

@@ -20,7 +20,6 @@ import ctypes.util
 import sys
 import threading
 from contextlib import contextmanager
-from typing import Callable
 
 import numpy as np
 
@@ -98,16 +97,15 @@ class ReusedArrays:
     with its logits reused. An array still held (the caller kept the previous step's logits, or a view of them)
     is never handed out; when all `keep` are held, get() makes one that is not kept."""
 
-    def __init__(self, shape: tuple[int, ...], dtype=np.float32, make: Callable | None = None, keep: int = 3):
+    def __init__(self, shape: tuple[int, ...], dtype=np.float32, keep: int = 3):
         self.shape, self.dtype, self.keep = shape, dtype, keep
-        self._make = make if make is not None else np.empty
         self._arrays: list = []
 
     def get(self):
         for i in range(len(self._arrays)):
             if sys.getrefcount(self._arrays[i]) == _UNSHARED:
                 return self._arrays[i]
-        out = self._make(self.shape, self.dtype)
+        out = np.empty(self.shape, self.dtype)
         if len(self._arrays) < self.keep:
             self._arrays.append(out)
         return out
